@@ -1,0 +1,60 @@
+# SLIP queue runtime image: one Celery worker per GPU (the default command), also used for Flower and
+# the producer (`slip submit ...`). CUDA comes with the torch wheels from PyPI (Linux x86_64 wheels bundle
+# the CUDA runtime); the NVIDIA container toolkit on the host injects the driver.
+#
+#   docker build -t slip-queue .
+#   docker run --gpus device=0 -e SLIP_BROKER_URL=redis://HOST:6379/0 -v slip-store:/store -v slip-cache:/cache slip-queue
+#
+# Volumes: /store (the object store, SLIP_STORE) and /cache (model weights, SLIP_CACHE; put weights there
+# with `docker compose run --rm worker slip weights fetch vit_b`). Runs as the non-root user `slip`.
+FROM python:3.11-slim
+
+# torch pair: the default PyPI wheels are CUDA builds; pass e.g.
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 to pick another CUDA line.
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG TORCH_INDEX_URL=
+ARG SLIP_UID=1000
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# libglib2.0-0: needed by opencv-python-headless (SAM's small-region post-processing)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+
+# torch first, in its own layer: it is by far the largest and changes least often
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY slip ./slip
+COPY worker ./worker
+COPY producer ./producer
+RUN pip install . \
+ && python -c "import slip, worker, producer"
+
+# non-root user; the volume mount points are created owned by it so that fresh named volumes inherit
+# the ownership on first mount
+RUN useradd --create-home --uid "${SLIP_UID}" --shell /usr/sbin/nologin slip \
+ && mkdir -p /store /cache /data \
+ && chown slip:slip /store /cache /data
+
+ENV SLIP_STORE=/store \
+    SLIP_CACHE=/cache \
+    SLIP_DEVICE=cuda:0 \
+    SLIP_BROKER_URL=redis://redis:6379/0
+
+VOLUME ["/store", "/cache"]
+USER slip
+WORKDIR /home/slip
+
+# One worker process per container (= per GPU): models load once, after the fork, in the process that
+# uses them. SIGTERM starts Celery's warm shutdown: the running task finishes, nothing new is taken.
+STOPSIGNAL SIGTERM
+CMD ["celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "--concurrency", "1", \
+     "--hostname", "worker@%h", "--loglevel", "INFO"]

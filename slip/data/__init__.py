@@ -1,0 +1,1 @@
+"""Labelled datasets: image folders, the synthetic generator and evaluation composites."""

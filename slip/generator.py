@@ -1,0 +1,442 @@
+"""SAM's automatic mask generator, kept in tensors: the same masks as ``SamAutomaticMaskGenerator``, faster.
+
+:class:`MaskGenerator` takes exactly the keyword options of
+``segment_anything.SamAutomaticMaskGenerator`` and, for the same model, image and options, returns the
+same masks, scores and boxes in the same order. The official generator prompts SAM with a grid of
+points, upscales *every* low-resolution mask to full resolution, encodes each survivor to RLE on the
+CPU (deep-copying the RLE lists at every concatenation) and decodes the RLEs again at the end. Here:
+
+* candidates are filtered by predicted IoU on the low-resolution logits, so only survivors are
+  upscaled (upscaling is per mask, so the result is bit-identical);
+* survivors of the score and crop-edge filters keep their ``256x256`` low-resolution logits (memory per
+  candidate does not grow with the image); only the masks that pass NMS are upscaled again;
+* nothing is RLE-encoded: :meth:`MaskGenerator.generate_masks` returns ``(N, H, W) bool`` tensors on
+  the model's device, and :meth:`MaskGenerator.generate` builds RLEs only for ``*_rle`` output modes;
+* small-region post-processing (OpenCV, CPU, as in the official generator) runs on the final set only.
+
+The building blocks (point grids, crop boxes, stability score, box extraction, crop-edge test,
+small-region removal) are the official ``segment_anything.utils.amg`` functions, so semantics match.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    batch_iterator,
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops.boxes import batched_nms, box_area
+
+from slip.errors import ConfigError, DeviceOutOfMemoryError, ImageError
+from slip.types import MaskSet
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Masks of one crop that passed the score and crop-edge filters, before NMS (crop frame)."""
+
+    logits: torch.Tensor  # (K, h, w) float, SAM's low-resolution mask logits
+    iou: torch.Tensor  # (K,) float, predicted IoU
+    stability: torch.Tensor  # (K,) float, stability score
+    boxes: torch.Tensor  # (K, 4) int64, inclusive XYXY pixels in the crop
+    points: torch.Tensor  # (K, 2) float64, XY pixels of the prompt point in the crop
+
+    def select(self, index: torch.Tensor) -> "_Candidates":
+        return _Candidates(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    @staticmethod
+    def cat(parts: Sequence["_Candidates"]) -> "_Candidates":
+        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in _Candidates.__dataclass_fields__))
+
+
+class MaskGenerator:
+    """Every segment SAM finds in an image; see the module docstring.
+
+    The options are those of ``SamAutomaticMaskGenerator``, with the same defaults and meanings;
+    ``points_per_batch`` only trades speed for memory (a smaller value fixes an out-of-memory error).
+    """
+
+    def __init__(
+        self,
+        sam: Sam,
+        *,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[list[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        self._options = dict(
+            points_per_side=points_per_side, points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor, point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area, output_mode=output_mode,
+        )
+        self.point_grids = _point_grids(self._options)  # per crop layer: (P, 2) XY in [0, 1]
+        self.sam = sam
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self._transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    def params(self) -> dict:
+        """The options, JSON-serialisable (point grids as nested lists)."""
+        grids = self._options["point_grids"]
+        return self._options | {"point_grids": None if grids is None else [np.asarray(g).tolist() for g in grids]}
+
+    def replace(self, **changes: Any) -> "MaskGenerator":
+        """A generator on the same model with some options changed (e.g. a smaller ``points_per_batch``)."""
+        return MaskGenerator(self.sam, **(self._options | changes))
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """The official generator's records for an ``(H, W, 3) uint8`` RGB image, in its order.
+
+        Each record: ``segmentation`` (``(H, W) bool`` array, or an uncompressed / COCO RLE dict, per
+        ``output_mode``), ``area`` (int pixels), ``bbox`` (XYWH ints), ``predicted_iou``,
+        ``point_coords`` (``[[x, y]]`` pixels), ``stability_score``, ``crop_box`` (XYWH ints).
+        """
+        return self._records(self._run(image, None))
+
+    def generate_masks(self, image: np.ndarray, *, timings: Optional[dict[str, float]] = None) -> MaskSet:
+        """The same segments as :meth:`generate`, in the same order, as tensors on the model's device.
+
+        ``timings``, when given, accumulates seconds per stage: ``encode`` (image encoder), ``decode``
+        (prompt encoder + mask decoder), ``postprocess`` (upscaling, filters, NMS), ``small_regions``.
+        """
+        found = self._run(image, timings)
+        return replace(found, point_coords=found.point_coords.float())
+
+    # --- stages ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, image: np.ndarray, timings: Optional[dict[str, float]]) -> MaskSet:
+        """Validated, OOM-classified generation; ``point_coords`` stay float64 for the records."""
+        _check_image(image)
+        try:
+            return self._generate(image, _Clock(timings, self.device))
+        except torch.cuda.OutOfMemoryError as e:
+            raise DeviceOutOfMemoryError(
+                f"out of GPU memory while generating masks for a {image.shape[1]}x{image.shape[0]} image "
+                f"with points_per_batch={self.points_per_batch}: retry with a smaller points_per_batch"
+            ) from e
+
+    def _generate(self, image: np.ndarray, clock: "_Clock") -> MaskSet:
+        orig_size = image.shape[:2]
+        crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        # 1. the masks of every crop, moved to the full-image frame
+        parts = [self._process_crop(image, box, layer, clock) for box, layer in zip(crop_boxes, layers)]
+        found = MaskSet(*(torch.cat([getattr(p, f) for p in parts]) for f in MaskSet.__dataclass_fields__))
+        # 2. duplicates between crops: the mask from the smaller crop wins
+        if len(crop_boxes) > 1:
+            with clock("postprocess"):
+                found = found.select(self._crop_nms(found))
+        # 3. fill small holes and drop small islands (OpenCV, CPU), then NMS again
+        if self.min_mask_region_area > 0 and len(found):
+            with clock("small_regions"):
+                found = self._remove_small_regions(found)
+        return found
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, clock: "_Clock") -> MaskSet:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        # 1. the crop's image embedding
+        with clock("encode"):
+            features, input_size = self._encode(crop)
+        # 2. the crop's point grid, in batches; each batch keeps the candidates that pass the filters
+        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        parts = [
+            self._process_batch(batch, features, input_size, crop_box, image.shape[:2], clock)
+            for (batch,) in batch_iterator(self.points_per_batch, points)
+        ]
+        with clock("postprocess"):
+            cands = _Candidates.cat(parts)
+            # 3. duplicates within the crop: the higher predicted IoU wins
+            keep = batched_nms(cands.boxes.float(), cands.iou, _zeros(cands.iou), iou_threshold=self.box_nms_thresh)
+            # 4. upscale the survivors again, binarise and move them to the full-image frame
+            return self._materialise(cands.select(keep), input_size, crop_box, image.shape[:2])
+
+    def _encode(self, crop: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(1, C, h, w)`` embedding of an ``(H, W, 3) uint8`` crop and its resized ``(H, W)``."""
+        resized = torch.as_tensor(self._transform.apply_image(crop), device=self.device)
+        resized = resized.permute(2, 0, 1).contiguous()[None]
+        with self._autocast():
+            features = self.sam.image_encoder(self.sam.preprocess(resized))
+        return features, tuple(resized.shape[-2:])
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        features: torch.Tensor,
+        input_size: tuple[int, int],
+        crop_box: list[int],
+        orig_size: tuple[int, int],
+        clock: "_Clock",
+    ) -> _Candidates:
+        """Candidates from ``(B, 2)`` XY crop-pixel points: 3 masks per point, then the filters."""
+        crop_size = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
+        with clock("decode"):
+            logits, iou = self._decode(points, features, crop_size)
+        with clock("postprocess"):
+            logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
+            pts = torch.as_tensor(points, device=self.device).repeat_interleave(3, dim=0)
+            # 1. predicted IoU, on the low-resolution logits (before upscaling)
+            if self.pred_iou_thresh > 0.0:
+                logits, iou, pts = _take(iou > self.pred_iou_thresh, logits, iou, pts)
+            if len(iou) == 0:
+                return _Candidates(logits, iou, iou, torch.zeros((0, 4), dtype=torch.long, device=self.device), pts)
+            # 2. stability score, on the upscaled logits
+            masks = self._upscale(logits, input_size, crop_size)
+            stability = calculate_stability_score(masks, self.sam.mask_threshold, self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                keep = stability >= self.stability_score_thresh
+                logits, iou, pts, stability, masks = _take(keep, logits, iou, pts, stability, masks)
+            # 3. tight boxes; drop masks that touch the crop's edge (but not the image's)
+            boxes = batched_mask_to_box(masks > self.sam.mask_threshold).long()
+            near_edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+            return _Candidates(logits, iou, stability, boxes, pts).select(~near_edge)
+
+    def _decode(
+        self, points: np.ndarray, features: torch.Tensor, crop_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, h, w)`` low-resolution logits and ``(B, 3)`` predicted IoU for ``(B, 2)`` points."""
+        coords = torch.as_tensor(self._transform.apply_coords(points, crop_size), device=self.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
+        with self._autocast():
+            sparse, dense = self.sam.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+            logits, iou = self.sam.mask_decoder(
+                image_embeddings=features,
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        return logits, iou
+
+    def _materialise(
+        self, cands: _Candidates, input_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
+    ) -> MaskSet:
+        """Full-image ``MaskSet`` of the candidates that survived NMS (upscaled in chunks)."""
+        x0, y0, x1, y1 = crop_box
+        height, width = orig_size
+        masks = torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
+        if len(cands.logits):
+            masks = torch.cat([
+                uncrop_masks(self._binarise(part, input_size, (y1 - y0, x1 - x0)), crop_box, height, width)
+                for part in cands.logits.split(3 * self.points_per_batch)
+            ])
+        crop_xywh = torch.tensor([x0, y0, x1 - x0, y1 - y0], dtype=torch.float32, device=self.device)
+        return MaskSet(
+            masks=masks,
+            boxes=uncrop_boxes_xyxy(cands.boxes, crop_box).float(),
+            predicted_iou=cands.iou.float(),
+            stability_score=cands.stability.float(),
+            point_coords=uncrop_points(cands.points, crop_box),
+            crop_boxes=crop_xywh.expand(len(masks), 4).clone(),
+        )
+
+    def _upscale(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]) -> torch.Tensor:
+        """``(K, h, w)`` low-resolution logits -> ``(K, H, W)`` logits at crop resolution (SAM's own
+        upscaling, which treats each mask independently)."""
+        return self.sam.postprocess_masks(logits[:, None], input_size, crop_size)[:, 0]
+
+    def _binarise(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]) -> torch.Tensor:
+        """``(K, h, w)`` low-resolution logits -> ``(K, H, W) bool`` masks at crop resolution."""
+        return self._upscale(logits, input_size, crop_size) > self.sam.mask_threshold
+
+    def _crop_nms(self, found: MaskSet) -> torch.Tensor:
+        """Indices kept by NMS across crops, best first; the score is ``1 / crop area``."""
+        x, y, w, h = found.crop_boxes.long().unbind(1)
+        scores = 1 / box_area(torch.stack([x, y, x + w, y + h], 1))
+        return batched_nms(found.boxes, scores, _zeros(scores), iou_threshold=self.crop_nms_thresh)
+
+    def _remove_small_regions(self, found: MaskSet) -> MaskSet:
+        """Holes and islands under ``min_mask_region_area`` pixels removed; masks that changed lose
+        ties in a final NMS at ``max(box_nms_thresh, crop_nms_thresh)``."""
+        fixed, unchanged = [], []
+        for mask in found.masks.cpu().numpy():
+            mask, holes = remove_small_regions(mask, self.min_mask_region_area, mode="holes")
+            mask, islands = remove_small_regions(mask, self.min_mask_region_area, mode="islands")
+            fixed.append(mask)
+            unchanged.append(not (holes or islands))
+        masks = torch.as_tensor(np.stack(fixed))
+        new_boxes = batched_mask_to_box(masks)
+        scores = torch.as_tensor(unchanged, dtype=torch.float32)
+        nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
+        keep = batched_nms(new_boxes.float(), scores, torch.zeros(len(scores)), iou_threshold=nms_thresh)
+        boxes = torch.where(scores[:, None] > 0, found.boxes.cpu(), new_boxes.float())
+        return replace(found, masks=masks.to(self.device), boxes=boxes.to(self.device)).select(keep.to(self.device))
+
+    def _records(self, found: MaskSet) -> list[dict[str, Any]]:
+        """The official record dicts (see :meth:`generate`)."""
+        masks = found.masks.cpu().numpy()
+        segmentations: Sequence[Any] = list(masks)
+        if self.output_mode != "binary_mask":
+            segmentations = _rle_encode(masks) if self.output_mode == "uncompressed_rle" else _coco_encode(masks)
+        xyxy = found.boxes.cpu().long()
+        bbox = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).tolist()
+        fields = zip(
+            segmentations, masks.reshape(len(masks), -1).sum(1).tolist(), bbox,
+            found.predicted_iou.tolist(), found.point_coords.tolist(), found.stability_score.tolist(),
+            found.crop_boxes.cpu().long().tolist(),
+        )
+        return [
+            {"segmentation": seg, "area": area, "bbox": box, "predicted_iou": iou, "point_coords": [point],
+             "stability_score": stability, "crop_box": crop}
+            for seg, area, box, iou, point, stability, crop in fields
+        ]
+
+    def _autocast(self):
+        """Autocast to the model's dtype when it is a half precision (the official generator cannot run
+        half-precision models: its point encoding is float32)."""
+        dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Adds wall-clock seconds per stage into ``timings``; a no-op (no device syncs) when it is None."""
+
+    def __init__(self, timings: Optional[dict[str, float]], device: torch.device) -> None:
+        self.timings, self.device = timings, device
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _take(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows ``keep`` (a bool or index tensor) of each tensor."""
+    return tuple(t[keep] for t in tensors)
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    """NMS categories: one class for every box."""
+    return torch.zeros(len(like), device=like.device)
+
+
+def _check_image(image: Any) -> None:
+    """ImageError unless ``image`` is a non-empty ``(H, W, 3) uint8`` numpy array."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"expected an (H, W, 3) uint8 RGB numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(
+            f"expected an (H, W, 3) RGB image, got shape {tuple(image.shape)}: convert grayscale or RGBA "
+            "images to RGB first (slip.load_image does)"
+        )
+    if image.dtype != np.uint8:
+        raise ImageError(f"expected uint8 pixels in [0, 255], got dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f"the image is empty: shape {tuple(image.shape)}")
+
+
+def _point_grids(options: dict) -> list[np.ndarray]:
+    """Validated options -> one ``(P, 2)`` grid of XY points in ``[0, 1]`` per crop layer."""
+    o = options
+    for name in ("points_per_batch", "crop_n_points_downscale_factor"):
+        _check_int(name, o[name], minimum=1)
+    for name in ("crop_n_layers", "min_mask_region_area"):
+        _check_int(name, o[name], minimum=0)
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):
+        _check_float(name, o[name], 0.0, 1.0)
+    _check_float("stability_score_offset", o["stability_score_offset"], 0.0, math.inf)
+    if o["output_mode"] not in OUTPUT_MODES:
+        raise ConfigError(f"unknown output_mode {o['output_mode']!r}: use one of {', '.join(OUTPUT_MODES)}")
+    if (o["points_per_side"] is None) == (o["point_grids"] is None):
+        raise ConfigError("give exactly one of points_per_side and point_grids (set the other to None)")
+    if o["points_per_side"] is not None:
+        _check_int("points_per_side", o["points_per_side"], minimum=1)
+        if int(o["points_per_side"] / o["crop_n_points_downscale_factor"] ** o["crop_n_layers"]) < 1:
+            raise ConfigError("points_per_side / crop_n_points_downscale_factor**crop_n_layers must be >= 1")
+        return build_all_layer_point_grids(o["points_per_side"], o["crop_n_layers"], o["crop_n_points_downscale_factor"])
+    grids = [np.asarray(g, dtype=np.float64) for g in o["point_grids"]]
+    if len(grids) < o["crop_n_layers"] + 1:
+        raise ConfigError(f"point_grids has {len(grids)} grid(s); crop_n_layers={o['crop_n_layers']} needs {o['crop_n_layers'] + 1}")
+    for g in grids:
+        if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or not ((g >= 0) & (g <= 1)).all():
+            raise ConfigError(f"each point grid must be a non-empty (P, 2) array of XY in [0, 1], got shape {g.shape}")
+    return grids
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def _rle_encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """``(N, H, W) bool`` -> uncompressed COCO RLEs (column-major runs, first run of zeros)."""
+    n, h, w = masks.shape
+    flat = masks.transpose(0, 2, 1).reshape(n, -1)
+    rows, cols = np.nonzero(flat[:, 1:] != flat[:, :-1])
+    starts = np.searchsorted(rows, np.arange(n + 1))
+    out = []
+    for i in range(n):
+        bounds = np.concatenate([[0], cols[starts[i] : starts[i + 1]] + 1, [h * w]])
+        counts = np.diff(bounds).tolist()
+        out.append({"size": [h, w], "counts": [0] + counts if flat[i, 0] else counts})
+    return out
+
+
+def _coco_encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """``(N, H, W) bool`` -> compressed COCO RLEs with ``counts`` as a UTF-8 string."""
+    from pycocotools import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("utf-8")} for r in rles]

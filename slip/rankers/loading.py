@@ -1,0 +1,99 @@
+"""Turn a ranker spec string into a ready :class:`~slip.rankers.base.Ranker`.
+
+A ranker spec is one of:
+
+* ``tiny-random`` — a seeded, randomly initialised toy CLIP; used only when asked for by name;
+* ``synth`` — the dual encoder bundled with this package (``slip/weights/synth-clip``);
+* a directory — our own dual encoder (``config.json`` has ``"architecture": "slip-dual-encoder"``) or a
+  Hugging Face CLIP directory;
+* a Hugging Face hub id (default ``openai/clip-vit-base-patch32``), looked up in ``<cache>/hf``
+  without touching the network; ``slip weights fetch <id>`` downloads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from slip.device import resolve_device, resolve_dtype
+from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
+from slip.rankers.base import Ranker
+from slip.rankers.hf_clip import TINY_SPEC, HFClipRanker, build_tiny_clip, load_hf_clip
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+SYNTH_SPEC = "synth"
+DUAL_ENCODER_ARCH = "slip-dual-encoder"  # config.json "architecture" of our own dual encoder
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
+
+
+def load_ranker(
+    spec: str = DEFAULT_CLIP,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str = "fp32",
+    cache_dir: Path | None = None,
+) -> Ranker:
+    """A ready ranker (eval mode, on ``device``) for a spec string; see the module docstring.
+
+    Raises ``WeightsNotFoundError`` (message names the fetch / build command) when the weights are not
+    on disk, ``ConfigError`` for a bad device or dtype.
+    """
+    if not spec or not spec.strip():
+        raise ConfigError(f"empty ranker spec: use a hub id such as {DEFAULT_CLIP}, a directory, synth "
+                          f"or {TINY_SPEC}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec == TINY_SPEC:
+        model, tokenizer = build_tiny_clip()
+        return HFClipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype)
+    ranker = _load_directory(_resolve_spec(spec, cache_dir), device=dev, dtype=torch_dtype, spec=spec)
+    ranker.spec = spec
+    return ranker
+
+
+def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
+    """The directory behind a non-tiny spec string."""
+    from slip.weights import bundled_path, clip_path
+
+    if spec == SYNTH_SPEC:
+        return bundled_path("synth-clip")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(spec):
+        return clip_path(spec, cache_dir)
+    raise WeightsNotFoundError(
+        f"ranker spec {spec!r} is neither an existing directory, a Hugging Face hub id (e.g. "
+        f"{DEFAULT_CLIP}), {SYNTH_SPEC} nor {TINY_SPEC}"
+    )
+
+
+def _read_config(directory: Path) -> dict:
+    config = directory / "config.json"
+    if not directory.is_dir() or not config.is_file():
+        raise WeightsNotFoundError(
+            f"no ranker in {directory}: expected a directory with config.json (a Hugging Face CLIP "
+            f"directory or a {DUAL_ENCODER_ARCH} saved by `slip train-ranker`)"
+        )
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {config}: {e}") from e
+
+
+def _load_directory(directory: Path, *, device: torch.device, dtype: torch.dtype, spec: str) -> Ranker:
+    """Dispatch on ``config.json``: our dual encoder or a Hugging Face CLIP."""
+    config = _read_config(directory)
+    if config.get("architecture") == DUAL_ENCODER_ARCH:
+        from slip.rankers.dual_encoder import load_dual_encoder  # written by the training code
+
+        return load_dual_encoder(directory, device=device, dtype=dtype)
+    if config.get("model_type") == "clip" or "CLIPModel" in config.get("architectures", ()):
+        return load_hf_clip(directory, spec=spec, device=device, dtype=dtype)
+    raise ConfigError(
+        f"{directory / 'config.json'} describes neither a Hugging Face CLIP (model_type clip) nor a "
+        f"{DUAL_ENCODER_ARCH}; this ranker format is not supported"
+    )

@@ -1,0 +1,290 @@
+"""docker-compose.yml, Dockerfile and .dockerignore: what the deployment promises, checked without a Docker
+engine.
+
+Every structural check runs twice: on the file as PyYAML reads it (anchors and merge keys resolved, ``${VAR}``
+interpolated by the small helper below) and on the output of ``docker-compose config`` (Debian's
+``docker-compose`` package; that half is skipped only when the binary is missing). The checks tie the compose
+file to the real worker settings: every ``SLIP_*`` variable it sets must be one that ``worker.settings``
+reads, and the resolved environment must build valid :class:`worker.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+WORKER_CMD = ["celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
+              "--hostname", "worker@%h", "--loglevel", "INFO"]
+# what the tests export; nothing else from the caller's shell leaks into the interpolation
+TEST_ENV = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret"}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$`` substitution."""
+
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name, "")
+        if op == ":-":
+            return value or arg
+        if op == ":?" and not value:
+            raise ValueError(f"{name}: {arg}")
+        return value
+
+    text = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, text.replace("$$", "\0"))
+    return text.replace("\0", "$")
+
+
+def _load_pyyaml() -> dict:
+    return yaml.safe_load(_interpolate(COMPOSE.read_text(), TEST_ENV))
+
+
+def _compose_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLIP_", "FLOWER_", "REDIS_", "COMPOSE_"))}
+    env.update(TEST_ENV if extra is None else extra)
+    return env
+
+
+def _docker_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose); CI installs it")
+    return subprocess.run([exe, "-f", str(COMPOSE), "--project-directory", str(ROOT), *args],
+                          capture_output=True, text=True, timeout=60, env=_compose_env(env), cwd=ROOT)
+
+
+def _load_docker_compose() -> dict:
+    done = _docker_compose("--profile", "producer", "--profile", "multi-gpu", "config")
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+@pytest.fixture(params=["pyyaml", "docker-compose"], scope="module")
+def config(request) -> dict:
+    """The compose model, as read by PyYAML or resolved by ``docker-compose config``."""
+    return _load_pyyaml() if request.param == "pyyaml" else _load_docker_compose()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _seconds(duration) -> float:
+    """Compose duration ('11m', '1m30s', '90s', '1h', or a number of seconds) in seconds."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", str(duration))
+    assert parts and "".join(a + b for a, b in parts) == str(duration), f"bad duration {duration!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(a) * scale[b] for a, b in parts)
+
+
+def _volumes(service: dict) -> dict[str, str]:
+    """Mount target -> source for a service's volumes (short 'src:dst[:mode]' or long syntax)."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            src, dst = v.split(":")[:2]
+        else:
+            src, dst = v["source"], v["target"]
+        out[dst] = src
+    return out
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _command(service: dict) -> list[str]:
+    cmd = service.get("command")
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def _published_ports(service: dict) -> list[tuple[str, str]]:
+    out = []
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            out.append((str(p.get("published", "")), str(p["target"])))
+        else:
+            parts = str(p).split(":")
+            out.append((parts[-2] if len(parts) > 1 else "", parts[-1]))
+    return out
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def _workers(config: dict) -> dict[str, dict]:
+    return {name: s for name, s in config["services"].items() if name == "worker" or name.startswith("worker-")}
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+
+def test_redis_is_persistent_and_never_evicts(config):
+    redis = config["services"]["redis"]
+    assert str(redis["image"]).split(":")[0] == "redis" and str(redis["image"]).split(":")[1].startswith("7")
+    cmd = _command(redis)
+    assert cmd[0] == "redis-server"
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--maxmemory" in cmd, "noeviction only means something with a memory cap"
+    data = _volumes(redis)["/data"]
+    assert data in config["volumes"], "the AOF must live on a named volume"
+    test = redis["healthcheck"]["test"]
+    assert " ".join(test if isinstance(test, list) else [test]).endswith("redis-cli ping")
+
+
+def test_workers_reserve_one_distinct_gpu_each(config):
+    workers = _workers(config)
+    assert "worker" in workers
+    seen = []
+    for name, svc in workers.items():
+        devices = _gpu_devices(svc)
+        assert len(devices) == 1, name
+        dev = devices[0]
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], name
+        if name == "worker":
+            assert int(dev["count"]) == 1 and "device_ids" not in dev
+            seen.append("0")  # Docker resolves count 1 to device 0
+        else:
+            assert "count" not in dev and len(dev["device_ids"]) == 1, name
+            seen.extend(str(d) for d in dev["device_ids"])
+        assert _env(svc)["SLIP_DEVICE"] == "cuda:0", "a container sees only its own GPU, as cuda:0"
+    assert len(seen) == len(set(seen)), f"two worker services share a GPU: {seen}"
+    assert all(workers[n].get("profiles") == ["multi-gpu"] for n in workers if n != "worker")
+
+
+def test_worker_is_scalable_and_stops_gracefully(config):
+    for name, svc in _workers(config).items():
+        assert "container_name" not in svc and "ports" not in svc, f"{name} cannot be scaled"
+        assert _command(svc) == WORKER_CMD
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc["stop_signal"] == "SIGTERM"
+        grace = _seconds(svc["stop_grace_period"])
+        env = _env(svc)
+        limit = int(env["SLIP_TASK_TIME_LIMIT"])
+        assert grace > limit, f"{name}: stop_grace_period {grace} s does not cover a {limit} s task"
+        assert int(env["SLIP_VISIBILITY_TIMEOUT"]) > grace
+        assert env["SLIP_BROKER_URL"].startswith("redis://redis:6379/")
+
+
+def test_store_and_model_cache_are_shared_volumes(config):
+    workers = _workers(config)
+    producer = config["services"]["producer"]
+    for svc in [*workers.values(), producer]:
+        env, vols = _env(svc), _volumes(svc)
+        assert vols[env["SLIP_STORE"]] == "slip-store"
+    for svc in workers.values():
+        env, vols = _env(svc), _volumes(svc)
+        assert vols[env["SLIP_CACHE"]] == "model-cache"
+    assert {"slip-store", "model-cache"} <= set(config["volumes"])
+
+
+def test_flower_has_basic_auth_and_port_5555(config):
+    flower = config["services"]["flower"]
+    cmd = _command(flower)
+    assert cmd[:4] == ["celery", "-A", "worker", "flower"] and "--port=5555" in cmd
+    assert ("5555", "5555") in _published_ports(flower)
+    assert _env(flower)["FLOWER_BASIC_AUTH"] == "ops:s3cret"
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_producer_runs_once(config):
+    producer = config["services"]["producer"]
+    assert producer["profiles"] == ["producer"]
+    assert str(producer["restart"]) == "no"
+    cmd = _command(producer)
+    assert cmd[:4] == ["slip", "submit", "segment", "/data"] and "--wait" in cmd
+    assert cmd[cmd.index("--prompt") + 1].strip()
+    assert "/data" in _volumes(producer)
+
+
+def test_compose_env_builds_valid_worker_settings(config):
+    from worker.settings import Settings
+
+    known = set(re.findall(r'"(SLIP_[A-Z_]+)"', (ROOT / "worker" / "settings.py").read_text()))
+    for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
+        env = _env(svc)
+        unknown = {k for k in env if k.startswith("SLIP_")} - known
+        assert not unknown, f"{name} sets variables worker.settings never reads: {unknown}"
+        settings = Settings.from_env(env)
+        assert settings.store == "/store" and str(settings.cache_dir) == "/cache"
+
+
+def test_docker_compose_requires_flower_credentials():
+    done = _docker_compose("config", "-q", env={})
+    assert done.returncode != 0
+    assert "FLOWER_USER" in done.stderr and "FLOWER_PASSWORD" in done.stderr
+    with pytest.raises(ValueError, match="FLOWER_USER"):
+        _interpolate(COMPOSE.read_text(), {})
+
+
+def test_docker_compose_config_is_valid_for_every_profile():
+    for profiles in ([], ["producer"], ["multi-gpu"], ["producer", "multi-gpu"]):
+        args = [a for p in profiles for a in ("--profile", p)]
+        done = _docker_compose(*args, "config", "--services")
+        assert done.returncode == 0, done.stderr
+        assert {"redis", "worker", "flower"} <= set(done.stdout.split())
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_project_and_runs_a_worker_as_non_root():
+    import json
+
+    steps = _dockerfile()
+    assert steps[0][0] == "FROM"
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    assert "pip install ." in runs and "torch==" in runs
+    assert "useradd" in runs
+    users = [arg for op, arg in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the worker must not run as root"
+    volumes = json.loads(next(arg for op, arg in steps if op == "VOLUME"))
+    assert {"/store", "/cache"} <= set(volumes)
+    env = " ".join(arg for op, arg in steps if op == "ENV")
+    assert "SLIP_STORE=/store" in env and "SLIP_CACHE=/cache" in env
+    cmd = json.loads(next(arg for op, arg in reversed(steps) if op == "CMD"))
+    assert cmd == WORKER_CMD
+    copied = {arg.split()[0] for op, arg in steps if op == "COPY"}
+    assert {"slip", "worker", "producer", "pyproject.toml"} <= copied
+    for path in copied:
+        assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
+
+
+def test_dockerignore_keeps_the_context_small():
+    patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "tests", "slip-store"} <= patterns
+    copied = {arg.split()[0] for op, arg in _dockerfile() if op == "COPY"}
+    assert not copied & patterns, "the Dockerfile copies something .dockerignore excludes"

@@ -1,0 +1,192 @@
+"""Job payloads (pydantic): what a producer sends, what a task returns, what the ledger holds.
+
+Everything here travels as JSON (Celery is configured for JSON only) and stays small: image bytes,
+masks and embeddings live in the object store and only their keys appear in these records.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slip.errors import ConfigError, InputError, PromptError
+from worker.store import digest, result_prefix, validate_key
+
+MAX_PROMPT_CHARS = 300  # same limit as slip.pipeline.validate_prompts
+MAX_PROMPTS = 32  # prompts per request
+MAX_ITEMS_PER_TASK = 64  # K, images per segment task
+DEFAULT_MAX_PIXELS = 64_000_000  # images above this many pixels are refused (decompression bombs)
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class SegmentParams(BaseModel):
+    """Output-changing parameters of a segment request (all part of the result key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    points_per_side: int = Field(32, ge=1, le=256)  # SAM point grid side
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)  # SAM predicted-IoU threshold
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)  # SAM stability-score threshold
+    filters: str = "containment"  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"
+    crop_background: Literal["black", "gray", "blur", "none"] = "black"  # segment crop background
+    crop_padding: float = Field(0.0, ge=0.0, le=2.0)  # crop padding, fraction of the box side
+    square: bool = True  # pad crops to a square before resizing
+    top_k: int = Field(5, ge=1, le=100)  # candidates listed per prompt
+    threshold: Optional[float] = Field(None, ge=-1.0, le=1.0)  # similarity below = "no match"
+    one_to_one: bool = False  # Hungarian assignment: prompts never share a segment
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # refuse larger images
+
+    def generator_kwargs(self) -> dict:
+        """Keyword arguments for ``slip.MaskGenerator`` (points_per_batch comes from the worker)."""
+        return {
+            "points_per_side": self.points_per_side,
+            "pred_iou_thresh": self.pred_iou_thresh,
+            "stability_score_thresh": self.stability_score_thresh,
+        }
+
+    def proposal_identity(self, sam: str) -> dict:
+        """What the prompt-independent proposals depend on."""
+        return {"sam": sam, "generator": self.generator_kwargs(), "filters": self.filters}
+
+    def embedding_identity(self, clip: str) -> dict:
+        """What the crop embeddings depend on (besides the proposals)."""
+        return {
+            "clip": clip,
+            "crop": {"background": self.crop_background, "padding": self.crop_padding, "square": self.square},
+        }
+
+
+class Item(BaseModel):
+    """One image of a job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0)  # position in the job's manifest
+    image_key: str  # inputs/<sha256>.<ext>
+    image_sha: str = Field(pattern=r"^[0-9a-f]{64}$")  # sha256 of the image bytes
+    name: str = ""  # where the producer found it (path), for reports only
+
+    @field_validator("image_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        validate_key(value)
+        if not value.startswith("inputs/"):
+            raise ValueError(f"image key {value!r} is not under inputs/")
+        return value
+
+
+class SegmentSpec(BaseModel):
+    """Prompts, models and parameters shared by every item of a job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: tuple[str, ...] = Field(min_length=1, max_length=MAX_PROMPTS)
+    sam: str = Field(min_length=1)  # SAM spec the result must come from
+    clip: str = Field(min_length=1)  # ranker spec the result must come from
+    params: SegmentParams = SegmentParams()
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts(cls, value: object) -> tuple[str, ...]:
+        return clean_prompts(value)
+
+    def request_digest(self) -> str:
+        """sha256 over prompts, models and parameters: the second level of the result key."""
+        return digest({"prompts": list(self.prompts), "sam": self.sam, "clip": self.clip, "params": self.params.model_dump()})
+
+    def result_key(self, item: Item) -> str:
+        """``results/<image sha256>/<request digest>``: where the item's files go."""
+        return result_prefix(item.image_sha, self.request_digest())
+
+
+class SegmentRequest(BaseModel):
+    """The argument of one ``slip.segment`` task: K images, one spec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID.pattern)
+    items: tuple[Item, ...] = Field(min_length=1, max_length=MAX_ITEMS_PER_TASK)
+    spec: SegmentSpec
+    points_per_batch: Optional[int] = Field(None, ge=1)  # runtime override (halved after an OOM)
+
+    @staticmethod
+    def parse(data: object) -> "SegmentRequest":
+        """Validate a task payload; ValidationError becomes an InputError subclass."""
+        return parse_model(SegmentRequest, data)
+
+
+class ItemRecord(BaseModel):
+    """What a task reports for one image (small: keys, scores, timings)."""
+
+    index: int
+    result_key: str
+    status: Literal["done", "skipped", "failed"]  # skipped = the result already existed
+    proposals: Literal["computed", "cached", "none"] = "none"  # where the SAM proposals came from
+    segments: int = 0  # proposals after filtering
+    scores: list[Optional[float]] = []  # similarity of the match of each prompt (None = no segments)
+    matches: list[Optional[int]] = []  # chosen segment of each prompt (None = no match)
+    timings_s: dict[str, float] = {}  # stage -> seconds
+    reason: Optional[str] = None  # failure reason
+    error: Optional[str] = None  # failure class name
+
+
+class SegmentResponse(BaseModel):
+    """The return value of a ``slip.segment`` task."""
+
+    job_id: str
+    task_id: str
+    worker: str
+    items: list[ItemRecord]
+
+
+class JobManifest(BaseModel):
+    """The ledger of a job, ``jobs/<job id>/manifest.json``."""
+
+    job_id: str = Field(pattern=JOB_ID.pattern)
+    kind: Literal["segment"] = "segment"
+    created: str  # ISO 8601 UTC
+    spec: SegmentSpec
+    batch_size: int = Field(ge=1, le=MAX_ITEMS_PER_TASK)  # K, images per task
+    items: tuple[Item, ...]
+
+
+class TaskRecord(BaseModel):
+    """``jobs/<job id>/tasks/<task id>.json``: which items one enqueued task carries."""
+
+    task_id: str
+    items: list[int]  # item indices
+    attempt: int = 0  # 0 = first submit, n = n-th `slip retry`
+    enqueued: str  # ISO 8601 UTC
+
+
+def clean_prompts(value: object) -> tuple[str, ...]:
+    """Prompts stripped; PromptError when none, blank or longer than MAX_PROMPT_CHARS."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PromptError("no prompt given: pass at least one --prompt TEXT")
+    cleaned = []
+    for raw in value:
+        text = str(raw).strip()
+        if not text:
+            raise PromptError(f"empty prompt {raw!r}: a prompt must contain text")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise PromptError(f"prompt of {len(text)} characters is too long (limit {MAX_PROMPT_CHARS})")
+        cleaned.append(text)
+    return tuple(cleaned)
+
+
+def parse_model(model: type[BaseModel], data: object):
+    """``model.model_validate(data)`` with pydantic errors turned into SLIP errors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, InputError):
+                raise cause from e
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid {model.__name__}: {where}: {first['msg']}") from e
