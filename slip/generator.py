@@ -317,7 +317,7 @@ class MaskGenerator:
         xyxy = found.boxes.cpu().long()
         bbox = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).tolist()
         fields = zip(
-            segmentations, masks.reshape(len(masks), -1).sum(1).tolist(), bbox,
+            segmentations, masks.sum((1, 2)).tolist(), bbox,
             found.predicted_iou.tolist(), found.point_coords.tolist(), found.stability_score.tolist(),
             found.crop_boxes.cpu().long().tolist(),
         )
@@ -330,7 +330,7 @@ class MaskGenerator:
     def _autocast(self):
         """Autocast to the model's dtype when it is a half precision (the official generator cannot run
         half-precision models: its point encoding is float32)."""
-        dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        dtype = self.sam.pixel_mean.dtype  # load_sam casts every floating tensor
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 

@@ -2,7 +2,8 @@
 
 Files per image (``render_outputs``), ``i`` being the prompt's index:
 
-* ``segments.json`` — every candidate segment as COCO RLE with bbox (XYWH), area, SAM scores and its
+* ``segments.json`` — every candidate segment as COCO RLE with bbox (XYWH as SAM writes it: ``w = x_max - x_min``
+  over inclusive pixel indices), area, SAM scores and its
   similarity to each prompt, the match of each prompt, the filter statistics and all parameters;
 * ``mask_<i>.png`` — the chosen mask, mode ``L`` (0 / 255), image size (all black for no match);
 * ``overlay_<i>.png`` — the image with the chosen mask highlighted, prompt and score written on it.

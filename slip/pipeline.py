@@ -7,6 +7,7 @@ depend only on the image and the models, ``rank`` only on the embeddings and the
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -20,6 +21,7 @@ from slip.filters import apply_filters, default_filters
 from slip.generator import MaskGenerator
 from slip.rankers.base import Ranker
 from slip.ranking import rank
+from slip.ranking import validate_prompts as check_prompts
 from slip.types import Match, Proposals, SlipResult
 
 MAX_PROMPT_CHARS = 300
@@ -27,14 +29,8 @@ MAX_PROMPT_CHARS = 300
 
 def validate_prompts(prompts: Sequence[str]) -> tuple[str, ...]:
     """Prompts stripped of surrounding blanks; PromptError when none, blank or too long."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise PromptError("no prompt given: pass at least one --prompt TEXT")
-    cleaned = tuple(str(p).strip() for p in prompts)
-    for raw, p in zip(prompts, cleaned):
-        if not p:
-            raise PromptError(f"empty prompt {raw!r}: a prompt must contain text")
+    cleaned = tuple(p.strip() for p in check_prompts([prompts] if isinstance(prompts, str) else prompts))
+    for p in cleaned:
         if len(p) > MAX_PROMPT_CHARS:
             raise PromptError(f"prompt of {len(p)} characters is too long (limit {MAX_PROMPT_CHARS})")
     return cleaned
@@ -91,7 +87,7 @@ class SLIP:
         return {
             "generator": self.generator.params(),
             "filters": [{"name": f.name, **f.params()} for f in self.filters],
-            "crop": self.crop.to_json(),
+            "crop": asdict(self.crop),
             "top_k": self.top_k,
             "threshold": self.threshold,
             "one_to_one": self.one_to_one,
@@ -103,7 +99,7 @@ class SLIP:
         timer = timer or _Timer()
         # 1. every segment SAM finds
         with timer.stage("sam", self.device):
-            masks = self.generator.generate_masks(image)
+            masks = self.generator.generate_masks(image, timings=timer.seconds)
         # 2. remove duplicates, background and contained segments
         with timer.stage("filters", self.device):
             kept, stats = apply_filters(masks, self.filters)

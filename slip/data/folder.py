@@ -154,7 +154,7 @@ def load_rgb(path: Path) -> np.ndarray:
                 im = im.convert("RGBA")
                 flat = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
                 im = Image.alpha_composite(flat, im)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 

@@ -1,0 +1,188 @@
+"""Judge-free scoring of a ranker on 2x2 composites: the paper's protocol, corrected.
+
+For every composite **each** of its 4 class captions is queried (the paper's notebook scored only the
+last query of each composite). A query is correct when the chosen segment lies mostly (more than
+``IN_TILE`` of its area) inside the tile of the prompted class. With ground-truth object masks
+(synthetic data) the IoU of the chosen segment with the prompted object is reported too, and
+``iou50_accuracy`` counts queries whose chosen segment has IoU > 0.5 with it.
+
+Every composite is scored twice from one similarity matrix: plain argmax per prompt
+(``one_to_one=False``) and with the Hungarian one-to-one assignment (``one_to_one=True``).
+
+Proposals are either the oracle segments (:func:`slip.data.composites.oracle_segments`), which
+isolate the ranker as the paper intended, or any ``proposer(image) -> MaskSet`` (e.g. SAM + filters:
+``lambda im: slip_pipeline.propose(im).segments``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from slip.crops import CropConfig, crop_segments
+from slip.data.composites import Composite, oracle_segments
+from slip.data.dataset import maskset_from_masks
+from slip.rankers.base import Ranker
+from slip.ranking import rank
+from slip.types import MaskSet
+
+IN_TILE = 0.5  # a chosen segment must have more than this fraction of its area in the prompted tile
+MODES = ("plain", "one_to_one")
+Proposer = Callable[[np.ndarray], MaskSet]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The outcome of one prompt on one composite under one assignment mode."""
+
+    composite: int  # composite index
+    prompt: str  # the query text (the class caption)
+    class_name: str  # display name of the prompted class
+    tile: int  # tile of the prompted class (0..3)
+    mode: str  # "plain" (argmax per prompt) or "one_to_one" (Hungarian)
+    chosen: int | None  # index of the chosen segment among the proposals; None = no segment
+    chosen_kind: str | None  # oracle segment kind ("object", "background", "partial"), "proposal" otherwise
+    in_tile: float  # fraction of the chosen segment's area inside the prompted tile (0 without a choice)
+    correct: bool  # in_tile > IN_TILE
+    iou: float | None  # IoU of the chosen segment with the prompted object (ground-truth masks only)
+    score: float | None  # cosine similarity of the chosen segment and the prompt
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> "QueryResult":
+        return QueryResult(**data)
+
+
+@dataclass(frozen=True)
+class CompositeEval:
+    """Everything scored on one composite: its proposals and the 4 x 2 query results."""
+
+    composite: Composite
+    masks: np.ndarray  # (N, H, W) bool proposals
+    kinds: tuple[str, ...]  # kind of each proposal
+    similarity: np.ndarray  # (N, 4) float32, proposals x prompts (tile order)
+    results: tuple[QueryResult, ...]  # 4 queries x 2 modes, plain first
+
+
+class TextCache:
+    """Encodes each distinct prompt once for a ranker."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker = ranker
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        if missing:
+            self._rows.update(zip(missing, self.ranker.encode_texts(missing).float()))
+        return torch.stack([self._rows[p] for p in prompts])
+
+
+def evaluate_composite(composite: Composite, ranker: Ranker, *, proposer: Proposer | None = None,
+                       crop: CropConfig = CropConfig(), oracle_seed: int = 0, texts: TextCache | None = None) -> CompositeEval:
+    """Propose, embed, and score all 4 prompts of ``composite`` in both modes."""
+    # 1. proposals: the oracle's known segments, or the proposer's (SAM) segments
+    if proposer is None:
+        oracle = oracle_segments(composite, seed=oracle_seed)
+        masks, kinds = oracle.masks, oracle.kinds
+        segments = maskset_from_masks(torch.from_numpy(masks))
+    else:
+        segments = proposer(composite.image)
+        masks = segments.masks.cpu().numpy()
+        kinds = ("proposal",) * len(masks)
+    # 2. one crop per segment -> unit-norm image embeddings; prompts -> text embeddings
+    if len(segments):
+        pixels = crop_segments(composite.image, segments, crop, ranker.image_size)
+        image_emb = ranker.encode_images(pixels).float()
+    else:
+        image_emb = torch.zeros((0, 1))
+    text_emb = (texts or TextCache(ranker))(composite.prompts)
+    if not len(segments):
+        image_emb = torch.zeros((0, text_emb.shape[1]))
+    # 3. choose per prompt (plain, one-to-one) and judge each choice against the tiles
+    results, similarity = [], None
+    for mode in MODES:
+        similarity, matches = rank(image_emb, text_emb.to(image_emb.device), composite.prompts, top_k=0,
+                                   one_to_one=mode == "one_to_one")
+        results += [_judge(composite, masks, kinds, tile, m.index, m.score, mode) for tile, m in enumerate(matches)]
+    return CompositeEval(composite, masks, tuple(kinds), similarity.numpy(), tuple(results))
+
+
+def _judge(composite: Composite, masks: np.ndarray, kinds: Sequence[str], tile: int, index: int | None,
+           score: float | None, mode: str) -> QueryResult:
+    """Score one choice: fraction inside the prompted tile, and IoU with the prompted object."""
+    in_tile, iou = 0.0, None
+    if index is not None:
+        chosen = masks[index]
+        area = int(chosen.sum())
+        x0, y0, x1, y1 = composite.tile_boxes[tile]
+        in_tile = float(chosen[y0:y1, x0:x1].sum()) / area if area else 0.0
+    if composite.object_masks is not None:
+        iou = 0.0 if index is None else _iou(masks[index], composite.object_masks[tile])
+    return QueryResult(
+        composite=composite.index, prompt=composite.prompts[tile], class_name=composite.class_names[tile],
+        tile=tile, mode=mode, chosen=index, chosen_kind=None if index is None else kinds[index],
+        in_tile=in_tile, correct=in_tile > IN_TILE, iou=iou, score=score,
+    )
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 0.0
+
+
+def evaluate(ranker: Ranker, composites: Iterable[Composite], *, proposer: Proposer | None = None,
+             crop: CropConfig = CropConfig(), oracle_seed: int = 0, progress: bool = False,
+             keep: Callable[[CompositeEval], None] | None = None) -> list[QueryResult]:
+    """Score every composite; returns all query results (4 per composite and mode).
+
+    ``keep`` sees each :class:`CompositeEval` (e.g. to collect gallery items) before it is dropped.
+    """
+    texts = TextCache(ranker)
+    results: list[QueryResult] = []
+    for composite in tqdm(composites, desc="evaluate", unit="composite", disable=not progress):
+        done = evaluate_composite(composite, ranker, proposer=proposer, crop=crop, oracle_seed=oracle_seed, texts=texts)
+        results.extend(done.results)
+        if keep is not None:
+            keep(done)
+    return results
+
+
+def summarize(results: Iterable[QueryResult]) -> dict:
+    """Per mode: composites, queries, correct, accuracy, per-class accuracy, mean IoU, kinds chosen.
+
+    Accepts results from any number of chunks (fan-out); counts add up, so the order does not matter.
+    """
+    out = {}
+    results = list(results)
+    for mode in MODES:
+        rows = [r for r in results if r.mode == mode]
+        per_class: dict[str, dict] = {}
+        for r in rows:
+            entry = per_class.setdefault(r.class_name, {"queries": 0, "correct": 0})
+            entry["queries"] += 1
+            entry["correct"] += int(r.correct)
+        for entry in per_class.values():
+            entry["accuracy"] = entry["correct"] / entry["queries"]
+        ious = [r.iou for r in rows if r.iou is not None]
+        kinds: dict[str, int] = {}
+        for r in rows:
+            kinds[str(r.chosen_kind)] = kinds.get(str(r.chosen_kind), 0) + 1
+        correct = sum(r.correct for r in rows)
+        out[mode] = {
+            "composites": len({r.composite for r in rows}),
+            "queries": len(rows),
+            "correct": correct,
+            "accuracy": correct / len(rows) if rows else 0.0,
+            "per_class": dict(sorted(per_class.items())),
+            "mean_iou": float(np.mean(ious)) if ious else None,
+            "iou50_accuracy": float(np.mean([i > 0.5 for i in ious])) if ious else None,
+            "chosen_kinds": dict(sorted(kinds.items())),
+        }
+    return out

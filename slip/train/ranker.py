@@ -1,0 +1,230 @@
+"""Fine-tune a ranker on a labelled image folder: the SLIP paper's recipe.
+
+Recipe (paper, "Training"): seeded 80/20 split by image; captions ``{name}``; batch 64; the dual
+encoder's loss :func:`~slip.train.contrastive.paper_clip_loss` (temperature 1, soft targets,
+symmetric cross-entropy); AdamW with parameter groups (image backbone ``image_lr``, text encoder
+``text_lr``, projection heads ``lr`` with weight decay); ``ReduceLROnPlateau(factor 0.9, patience 5)``
+on the validation loss; the best-validation checkpoint is kept. A Hugging Face CLIP goes through the
+same data path with CLIP's symmetric loss (:func:`~slip.train.contrastive.symmetric_clip_loss`).
+
+Output directory (a ranker: ``--clip OUT`` loads it)::
+
+    OUT/config.json, model.safetensors, tokenizer files   best-validation checkpoint
+    OUT/curve.json   {"epochs": [{"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}], "best_epoch", ...}
+    OUT/curve.png    loss per epoch (matplotlib)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from slip.data.dataset import CaptionDataset, caption_tokens
+from slip.data.folder import LabelledFolder, scan_folder, split_records
+from slip.device import resolve_device
+from slip.errors import ConfigError, DatasetError
+from slip.rankers.dual_encoder import DualEncoderConfig, build_dual_encoder
+from slip.train.trainees import Trainee, clip_trainee, dual_encoder_trainee, trainee_from_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a ranker is trained (the model itself is a DualEncoderConfig or a spec to fine-tune)."""
+
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 64  # image-caption pairs per step (the paper: 64)
+    lr: float = 1e-3  # projection heads (and CLIP's projections + logit scale): the grid's learning rate
+    image_lr: float = 1e-4  # image backbone learning rate
+    text_lr: float = 1e-5  # text encoder learning rate
+    weight_decay: float = 1e-3  # AdamW weight decay of the projection heads (encoders: 0, as in the recipe)
+    plateau_factor: float = 0.9  # ReduceLROnPlateau factor, on the validation loss
+    plateau_patience: int = 5  # ReduceLROnPlateau patience, epochs
+    val_fraction: float = 0.2  # held-out share of each class's images
+    split_seed: int = 0  # seeds the train/val split (evaluation composites use the same held-out images)
+    seed: int = 0  # seeds initialisation, shuffling and augmentation
+    segment_view_prob: float = 0.5  # images with masks: probability of the cut-out (segment crop) view
+    caption_template: str = "{name}"  # caption of a class; the paper found "{name}" best
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    max_steps_per_epoch: int | None = None  # cap on steps per epoch (smoke tests); None = the whole split
+    progress: bool = True  # tqdm progress bars on stderr
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
+        for name in ("lr", "image_lr", "text_lr"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite learning rate >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    out: Path  # the checkpoint directory (best validation loss)
+    best_epoch: int  # 1-based epoch of the kept checkpoint
+    best_val_loss: float  # its validation loss
+    history: list[dict] = field(default_factory=list)  # one record per epoch (as in curve.json)
+    seconds: float = 0.0  # wall-clock training time
+
+
+def train_ranker(dataset: str | Path, out: str | Path, *, model: DualEncoderConfig | None = None,
+                 init: str | None = None, config: TrainConfig = TrainConfig(), cache_dir: Path | None = None,
+                 on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train on the image folder ``dataset`` and write the best checkpoint + curves to ``out``.
+
+    ``init`` fine-tunes an existing ranker (a Hugging Face CLIP hub id or directory, ``tiny-random``,
+    or one of our dual-encoder directories); otherwise a new dual encoder is built from ``model``.
+    ``on_epoch`` receives each epoch's record (e.g. to report progress to a queue).
+    """
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    folder = scan_folder(dataset, caption_template=config.caption_template)
+    train_records, val_records = split_records(folder.records, val_fraction=config.val_fraction, seed=config.split_seed)
+    if not val_records or len(train_records) < config.batch_size // 2:
+        raise DatasetError(f"{folder.root} has {len(folder.records)} images: too few to train with batch size "
+                           f"{config.batch_size} and a validation split")
+    torch.manual_seed(config.seed)
+    trainee = _trainee(model, init, config, cache_dir)
+    trainee.module.to(device)
+    image_size = trainee.image_size
+    train_loader = _loader(CaptionDataset(train_records, image_size=image_size, segment_view_prob=config.segment_view_prob,
+                                          random=True, seed=config.seed), config, shuffle=True)
+    val_loader = _loader(CaptionDataset(val_records, image_size=image_size, segment_view_prob=config.segment_view_prob,
+                                        random=False), config, shuffle=False)
+    tokens = caption_tokens(trainee.tokenizer, folder.captions, trainee.max_text_tokens)
+    optimizer = torch.optim.AdamW(trainee.param_groups(lr=config.lr, image_lr=config.image_lr, text_lr=config.text_lr,
+                                                       weight_decay=config.weight_decay), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    best = (0, math.inf)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        train_loader.dataset.set_epoch(epoch)
+        # 1. one pass over the training split
+        train_loss = _run_epoch(trainee, train_loader, tokens, device, optimizer, config, f"epoch {epoch}/{config.epochs}")
+        # 2. validation loss and caption-retrieval accuracy on the held-out split
+        val_loss, val_acc = _validate(trainee, val_loader, tokens, device)
+        scheduler.step(val_loss)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                  "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(record)
+        # 3. keep the best-validation checkpoint; curves every epoch
+        if val_loss < best[1]:
+            best = (epoch, val_loss)
+            trainee.save(out, training=_training_meta(folder, config, epoch, val_loss))
+        write_curve(out, history, best_epoch=best[0])
+        log.info("epoch %d: train %.4f val %.4f acc %.3f", epoch, train_loss, val_loss, val_acc)
+        if on_epoch is not None:
+            on_epoch(record)
+    return TrainResult(out=out, best_epoch=best[0], best_val_loss=best[1], history=history,
+                       seconds=time.perf_counter() - started)
+
+
+def _trainee(model: DualEncoderConfig | None, init: str | None, config: TrainConfig, cache_dir: Path | None) -> Trainee:
+    if init is not None and model is not None:
+        raise ConfigError("give either a new dual-encoder configuration or a ranker to fine-tune (--init), not both")
+    if init is not None:
+        return trainee_from_spec(init, cache_dir=cache_dir)
+    built, tokenizer, origin = build_dual_encoder(model or DualEncoderConfig(), cache_dir=cache_dir, seed=config.seed)
+    return dual_encoder_trainee(built, tokenizer, init=origin)
+
+
+def _loader(dataset: CaptionDataset, config: TrainConfig, *, shuffle: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(config.seed)
+    drop_last = shuffle and len(dataset) > config.batch_size
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=config.num_workers, generator=generator, persistent_workers=False)
+
+
+def _run_epoch(trainee: Trainee, loader: DataLoader, tokens, device, optimizer, config: TrainConfig, desc: str) -> float:
+    trainee.module.train()
+    ids, mask = tokens
+    total, count = 0.0, 0
+    steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    bar = tqdm(total=steps, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    for step, (pixels, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        loss = trainee.loss(pixels.to(device), ids[labels].to(device), mask[labels].to(device), labels.to(device))
+        if not torch.isfinite(loss):
+            raise ConfigError(f"training diverged at {desc}, step {step + 1} (loss {loss.item()}): lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _validate(trainee: Trainee, loader: DataLoader, tokens, device) -> tuple[float, float]:
+    """Mean validation loss (batches as in training) and top-1 image -> class-caption accuracy."""
+    trainee.module.eval()
+    ids, mask = tokens
+    class_text = torch.nn.functional.normalize(trainee.text_features(ids.to(device), mask.to(device)), dim=-1)
+    total, count, hits = 0.0, 0, 0
+    for pixels, labels in loader:
+        pixels, labels = pixels.to(device), labels.to(device)
+        image = trainee.image_features(pixels)
+        text = trainee.text_features(ids[labels.cpu()].to(device), mask[labels.cpu()].to(device))
+        if len(labels) > 1:
+            total += trainee.loss_from_features(image, text, labels).item() * len(labels)
+            count += len(labels)
+        hits += int((torch.nn.functional.normalize(image, dim=-1) @ class_text.T).argmax(1).eq(labels).sum())
+    return total / max(count, 1), hits / max(len(loader.dataset), 1)
+
+
+def _training_meta(folder: LabelledFolder, config: TrainConfig, epoch: int, val_loss: float) -> dict:
+    return {"dataset": str(folder.root), "classes": list(folder.class_names), "captions": list(folder.captions),
+            "config": asdict(config), "best_epoch": epoch, "best_val_loss": val_loss}
+
+
+def write_curve(out: Path, history: list[dict], *, best_epoch: int) -> None:
+    """``curve.json`` and ``curve.png`` (train / validation loss per epoch, best epoch marked)."""
+    (out / "curve.json").write_text(json.dumps({"epochs": history, "best_epoch": best_epoch}, indent=2))
+    plot_curve(history, out / "curve.png", best_epoch=best_epoch)
+
+
+def plot_curve(history: list[dict], path: Path, *, best_epoch: int | None = None, title: str = "ranker training") -> None:
+    """Loss per epoch as a PNG (matplotlib, Agg backend; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation loss")
+    if best_epoch:
+        ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["TrainConfig", "TrainResult", "clip_trainee", "plot_curve", "train_ranker", "write_curve"]

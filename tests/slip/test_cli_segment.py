@@ -1,0 +1,105 @@
+"""``slip segment``: the files it writes, and a one-line error with an exit code for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from slip.cli import app
+from slip.outputs import decode_rle
+
+TINY = ["--sam", "tiny-random", "--clip", "tiny-random", "--device", "cpu", "--points-per-side", "4",
+        "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--filters", "min_area:4"]
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(60, 80), (90, 50)]):
+        array = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+        array[h // 4 : h // 2, w // 4 : w // 2] = (255, 0, 0)
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["segment", *args])
+
+
+def test_writes_masks_overlays_and_rle(images, tmp_path):
+    out = tmp_path / "out"
+    result = run(*map(str, images), "--prompt", "red box", "--prompt", "noise", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    for path in images:
+        size = Image.open(path).size
+        folder = out / path.stem
+        doc = json.loads((folder / "segments.json").read_text())
+        assert doc["prompts"] == ["red box", "noise"]
+        masks = decode_rle([s["segmentation"] for s in doc["segments"]], size[1], size[0])
+        assert len(masks) == len(doc["segments"]) > 0
+        for i, match in enumerate(doc["matches"]):
+            png = Image.open(folder / f"mask_{i}.png")
+            assert png.size == size
+            assert np.array_equal(np.asarray(png) > 0, masks[match["segment"]])
+            assert Image.open(folder / f"overlay_{i}.png").size == size
+            segment = doc["segments"][match["segment"]]
+            assert segment["area"] == int(masks[match["segment"]].sum())
+            x, y, w, h = segment["bbox"]
+            ys, xs = np.nonzero(masks[match["segment"]])
+            # SAM's convention: XYWH with w = x_max - x_min (inclusive pixel indices)
+            assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max(), ys.max())
+
+
+def test_missing_file_is_one_line_exit_2(tmp_path):
+    result = run(str(tmp_path / "nope.png"), "--prompt", "x", "--out", str(tmp_path / "o"), *TINY)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: no such file: {tmp_path / 'nope.png'}"]
+
+
+def test_unreadable_image_fails_alone(images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    out = tmp_path / "out"
+    result = run(str(bad), str(images[0]), "--prompt", "x", "--out", str(out), *TINY)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.png" in errors[0]
+    assert (out / images[0].stem / "segments.json").is_file()
+    assert not (out / "bad").exists()
+
+
+def test_empty_prompt_exit_2(images, tmp_path):
+    result = run(str(images[0]), "--prompt", "  ", "--out", str(tmp_path / "o"), *TINY)
+    assert result.exit_code == 2
+    assert "empty or blank" in result.output
+
+
+def test_missing_weights_say_how_to_fetch(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIP_CACHE", str(tmp_path / "cache"))
+    args = [str(images[0]), "--prompt", "x", "--out", str(tmp_path / "o"), "--sam", "vit_b", "--clip", "tiny-random"]
+    result = run(*args, "--device", "cpu")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "slip weights fetch vit_b" in lines[0] and "SLIP_CACHE" in lines[0]
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed entry point, as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "segment", str(tmp_path / "missing.jpg"), "--prompt", "x",
+         "--out", str(tmp_path / "o"), "--sam", "tiny-random", "--clip", "tiny-random"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'missing.jpg'}"]
