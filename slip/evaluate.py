@@ -16,7 +16,11 @@ isolate the ranker as the paper intended, or any ``proposer(image) -> MaskSet`` 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -24,8 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from slip.crops import CropConfig, crop_segments
-from slip.data.composites import Composite, oracle_segments
+from slip.data.composites import Composite, CompositeSource, oracle_segments
 from slip.data.dataset import maskset_from_masks
+from slip.data.folder import scan_folder, split_records
+from slip.errors import ConfigError
 from slip.rankers.base import Ranker
 from slip.ranking import rank
 from slip.types import MaskSet
@@ -186,3 +192,96 @@ def summarize(results: Iterable[QueryResult]) -> dict:
             "chosen_kinds": dict(sorted(kinds.items())),
         }
     return out
+
+
+# --- several rankers on one dataset (slip evaluate-local) ---------------------------------------------
+
+
+@dataclass
+class RankerRun:
+    """One ranker's evaluation: summary, training curve (when its directory has one), gallery."""
+
+    spec: str  # the ranker spec string
+    summary: dict  # summarize() of its query results
+    curve: dict | None = None  # curve.json of the ranker's directory, if any
+    gallery: list = field(default_factory=list)  # slip.report.GalleryItem of the first composites
+    seconds: float = 0.0  # wall-clock evaluation time
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec, "summary": self.summary, "curve": self.curve, "seconds": round(self.seconds, 2)}
+
+
+def composite_source(dataset: str | Path, *, seed: int = 0, split_seed: int = 0, caption_template: str = "{name}",
+                     tile_size: int = 128, val_fraction: float = 0.2) -> CompositeSource:
+    """The seeded composites over the held-out split of ``dataset`` (the split training used)."""
+    folder = scan_folder(dataset, caption_template=caption_template)
+    _, val = split_records(folder.records, val_fraction=val_fraction, seed=split_seed)
+    return CompositeSource(folder, val, seed=seed, tile_size=tile_size)
+
+
+def sam_proposer(sam: str, *, device: str = "auto", cache_dir: Path | None = None, generator: dict | None = None,
+                 filters: str = "containment") -> Proposer:
+    """SAM's automatic masks after the annotation filters, memoised per composite image."""
+    from slip.filters import apply_filters, parse_filters
+    from slip.generator import MaskGenerator
+    from slip.sam import load_sam
+
+    mask_generator = MaskGenerator(load_sam(sam, device=device, cache_dir=cache_dir), **(generator or {}))
+    chain = parse_filters(filters)
+    memo: dict[bytes, MaskSet] = {}
+
+    def propose(image: np.ndarray) -> MaskSet:
+        key = hashlib.sha1(image.tobytes()).digest()
+        if key not in memo:
+            memo[key] = apply_filters(mask_generator.generate_masks(image), chain)[0].to("cpu")
+        return memo[key]
+
+    return propose
+
+
+def evaluate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: int = 200, seed: int = 0,
+                     split_seed: int = 0, caption_template: str = "{name}", tile_size: int = 128,
+                     proposals: str = "oracle", sam: str = "synth", device: str = "auto",
+                     cache_dir: Path | None = None, progress: bool = False, gallery: int = 6) -> list[RankerRun]:
+    """Score each ranker spec on the same ``composites`` seeded composites; see :func:`evaluate`."""
+    from slip.rankers.loading import load_ranker
+    from slip.report import gallery_item
+
+    if proposals not in ("oracle", "sam"):
+        raise ConfigError(f"proposals must be oracle or sam, got {proposals!r}")
+    if composites < 1:
+        raise ConfigError(f"need at least 1 composite, got {composites}")
+    source = composite_source(dataset, seed=seed, split_seed=split_seed, caption_template=caption_template,
+                              tile_size=tile_size)
+    items = source.take(composites)
+    proposer = sam_proposer(sam, device=device, cache_dir=cache_dir) if proposals == "sam" else None
+    runs = []
+    for spec in specs:
+        start = time.perf_counter()
+        ranker = load_ranker(spec, device=device, cache_dir=cache_dir)
+        kept: list = []
+        keep = (lambda ev: kept.append(gallery_item(ev, ranker=spec)) if len(kept) < gallery else None)
+        results = evaluate(ranker, items, proposer=proposer, progress=progress, keep=keep)
+        runs.append(RankerRun(spec=spec, summary=summarize(results), curve=_curve_of(spec), gallery=kept,
+                              seconds=time.perf_counter() - start))
+    return runs
+
+
+def _curve_of(spec: str) -> dict | None:
+    path = Path(spec) / "curve.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def format_table(runs: Sequence[RankerRun]) -> str:
+    """A plain-text accuracy table: one row per ranker (and the paper's reference rows)."""
+    head = f"{'ranker':<44} {'queries':>7} {'accuracy':>9} {'1-to-1':>8} {'mean IoU':>9}"
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        plain, one = run.summary["plain"], run.summary["one_to_one"]
+        iou = "-" if plain["mean_iou"] is None else f"{plain['mean_iou']:.3f}"
+        name = run.spec if len(run.spec) <= 44 else "..." + run.spec[-41:]
+        lines.append(f"{name:<44} {plain['queries']:>7} {plain['accuracy']:>8.1%} {one['accuracy']:>7.1%} {iou:>9}")
+    return "\n".join(lines)

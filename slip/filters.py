@@ -49,7 +49,8 @@ def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     O(N·H·W) time, computed from the masks themselves (never trusts stale ``MaskSet.boxes``).
     """
     n, h, w = masks.shape
-    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    as_bytes = masks.view(torch.uint8)  # amax over uint8 is ~2x faster than any() over bool on CPU
+    rows, cols = as_bytes.amax(2) > 0, as_bytes.amax(1) > 0  # (N, H), (N, W)
     y1 = rows.int().argmax(1)
     y2 = h - 1 - rows.flip(1).int().argmax(1)
     x1 = cols.int().argmax(1)
@@ -82,28 +83,32 @@ def candidate_pairs(boxes: torch.Tensor) -> torch.Tensor:
 def pairwise_intersections(masks: torch.Tensor) -> torch.Tensor:
     """``(N, H, W) bool`` -> ``(N, N) int64`` CPU matrix of pixel intersections; the diagonal is the areas.
 
-    Complexity: O(N·H·W) for boxes and areas, O(N²) box tests, then for each mask ``i`` one batched
-    AND over the candidates ``C_i`` whose (larger) boxes overlap its box, cropped to ``box_i``:
-    O(Σ_i |C_i|·|box_i|). That is O(N²·H·W) only when every box covers the whole image (the
-    brute-force bound); SAM's proposals are mostly small and far apart, so it is usually far less.
-    Works on any device: the counts are computed where the masks live.
+    Complexity: two O(N·H·W) reductions for the tight boxes, O(N²) box tests, then for each mask
+    ``i`` one batched AND+count over ``i`` itself and the candidates ``C_i`` whose (larger) boxes
+    overlap its box, cropped to ``box_i``: O(Σ_i (1 + |C_i|)·|box_i|). That reaches the brute-force
+    O(N²·H·W) only when every box covers the whole image; SAM's proposals are mostly small and far
+    apart, so it is usually far less. Works on any device: the counts are computed where the masks live.
     """
     n = masks.shape[0]
     inter = torch.zeros((n, n), dtype=torch.long)
-    if n == 0:
-        return inter
-    inter[torch.arange(n), torch.arange(n)] = masks.flatten(1).sum(1).cpu()
     boxes = tight_boxes(masks).cpu()
     pairs = candidate_pairs(boxes)
-    for i in torch.unique(pairs[:, 0]).tolist():
-        others = pairs[pairs[:, 0] == i, 1]
+    firsts, seconds, counts = [], [], []  # counts stay on the device until the end: one sync, not N
+    for i in range(n):
         x1, y1, x2, y2 = boxes[i].tolist()
-        window = masks[:, y1 : y2 + 1, x1 : x2 + 1]  # a view; only candidates are gathered below
+        if x2 < x1:
+            continue  # empty mask: area 0, intersects nothing
+        rows = torch.cat([torch.tensor([i]), pairs[pairs[:, 0] == i, 1]])  # i itself gives its area
+        window = masks[:, y1 : y2 + 1, x1 : x2 + 1]  # a view; only these rows are gathered below
         chunk = max(1, _CHUNK_PIXELS // window[0].numel())
-        for part in others.split(chunk):
-            counts = (window[part.to(masks.device)] & window[i]).flatten(1).sum(1).cpu()
-            inter[i, part] = counts
-            inter[part, i] = counts
+        for part in rows.split(chunk):
+            counts.append((window[part.to(masks.device)] & window[i]).flatten(1).sum(1))
+            firsts.append(torch.full_like(part, i))
+            seconds.append(part)
+    if counts:
+        i, j, c = torch.cat(firsts), torch.cat(seconds), torch.cat(counts).cpu()
+        inter[i, j] = c
+        inter[j, i] = c
     return inter
 
 
@@ -126,6 +131,12 @@ class Containment:
     segment lies inside it by the same measure (the parent goes, the part stays).
     ``drop_largest``: afterwards the largest surviving segment is dropped as the background.
     Without ``drop_largest`` the filter is idempotent; with it, a second pass drops the next largest.
+
+    The authors' notebook (``filter_annotations`` then ``pop(0)``) differs in two details: there a
+    segment already dropped can still drop smaller ones, and equal-area segments never drop each other
+    (so exact duplicates both survive); here only kept segments count and ties go to the lower index.
+    Beware: with ``keep="parent"`` a whole-image proposal contains every object, so all of them go and
+    then it goes as background, leaving nothing; use ``keep="child"`` for proposals that include one.
     """
 
     threshold: float = 0.8  # fraction of the smaller segment's area that must lie inside the other

@@ -193,7 +193,7 @@ class MaskGenerator:
         with clock("postprocess"):
             cands = _Candidates.cat(parts)
             # 3. duplicates within the crop: the higher predicted IoU wins
-            keep = batched_nms(cands.boxes.float(), cands.iou, _zeros(cands.iou), iou_threshold=self.box_nms_thresh)
+            keep = batched_nms(cands.boxes.float(), cands.iou.float(), _zeros(cands.iou), iou_threshold=self.box_nms_thresh)
             # 4. upscale the survivors again, binarise and move them to the full-image frame
             return self._materialise(cands.select(keep), input_size, crop_box, image.shape[:2])
 

@@ -119,7 +119,7 @@ def _decode(image: Image.Image, name: str) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
             image = ImageOps.exif_transpose(image)
-            return np.ascontiguousarray(_to_rgb(image))
+            return np.array(_to_rgb(image), dtype=np.uint8, order="C", copy=True)  # writable, owned
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

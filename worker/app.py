@@ -21,7 +21,7 @@ import os
 import signal
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from slip.errors import SlipError
 from worker.resources import MODEL_QUEUE, ResourceHolder
@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=True,  # Flower
         task_send_sent_event=True,  # Flower sees queued tasks too
         task_track_started=True,  # STARTED state: `slip status` tells running from queued
-        task_queues=tuple(Queue(name, routing_key=name) for name in QUEUES),
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
         task_default_queue=MODEL_QUEUE,
         task_routes=ROUTES,
         worker_direct=True,  # a queue per worker, for targeted health checks

@@ -12,12 +12,12 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slip.errors import ConfigError, InputError, PromptError
+from slip.images import DEFAULT_MAX_PIXELS
+from slip.pipeline import validate_prompts
 from worker.store import digest, result_prefix, validate_key
 
-MAX_PROMPT_CHARS = 300  # same limit as slip.pipeline.validate_prompts
 MAX_PROMPTS = 32  # prompts per request
 MAX_ITEMS_PER_TASK = 64  # K, images per segment task
-DEFAULT_MAX_PIXELS = 64_000_000  # images above this many pixels are refused (decompression bombs)
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -29,6 +29,7 @@ class SegmentParams(BaseModel):
     points_per_side: int = Field(32, ge=1, le=256)  # SAM point grid side
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)  # SAM predicted-IoU threshold
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)  # SAM stability-score threshold
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)  # SAM box NMS IoU (1.0 = no NMS)
     filters: str = "containment"  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"
     crop_background: Literal["black", "gray", "blur", "none"] = "black"  # segment crop background
     crop_padding: float = Field(0.0, ge=0.0, le=2.0)  # crop padding, fraction of the box side
@@ -44,6 +45,7 @@ class SegmentParams(BaseModel):
             "points_per_side": self.points_per_side,
             "pred_iou_thresh": self.pred_iou_thresh,
             "stability_score_thresh": self.stability_score_thresh,
+            "box_nms_thresh": self.box_nms_thresh,
         }
 
     def proposal_identity(self, sam: str) -> dict:
@@ -162,20 +164,10 @@ class TaskRecord(BaseModel):
 
 
 def clean_prompts(value: object) -> tuple[str, ...]:
-    """Prompts stripped; PromptError when none, blank or longer than MAX_PROMPT_CHARS."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise PromptError("no prompt given: pass at least one --prompt TEXT")
-    cleaned = []
-    for raw in value:
-        text = str(raw).strip()
-        if not text:
-            raise PromptError(f"empty prompt {raw!r}: a prompt must contain text")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise PromptError(f"prompt of {len(text)} characters is too long (limit {MAX_PROMPT_CHARS})")
-        cleaned.append(text)
-    return tuple(cleaned)
+    """Prompts stripped; PromptError when none, blank or too long (``slip.pipeline`` rules)."""
+    if not isinstance(value, (str, list, tuple)):
+        raise PromptError(f"prompts must be a list of strings, got {type(value).__name__}")
+    return validate_prompts(value)
 
 
 def parse_model(model: type[BaseModel], data: object):

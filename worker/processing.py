@@ -31,10 +31,7 @@ from worker.proposals import (
     save_proposals,
 )
 from worker.resources import WorkerResources
-from worker.store import Store
-
-RESULT_FILE = "segments.json"  # commit marker of a result folder
-ERROR_FILE = "error.json"  # written instead when the image failed
+from worker.store import ERROR_FILE, RESULT_FILE, Store
 
 
 class StageTimer:
@@ -83,7 +80,7 @@ def process_item(res: WorkerResources, spec: SegmentSpec, item: Item, *, points_
     # 1. the image, from the store
     with timer.stage("read_input"):
         data = _read_input(res.store, item)
-    with timer.stage("decode"):
+    with timer.stage("decode_image"):
         image = load_image(data, max_pixels=spec.params.max_pixels)
     pipeline = res.pipeline(spec.params, points_per_batch=points_per_batch)
     # 2. prompt-independent work: proposals and crop embeddings, cached in the store

@@ -45,6 +45,8 @@ from slip.errors import InvalidKeyError, ObjectNotFoundError, StoreError
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 MAX_KEY_CHARS = 1024
 OBJECT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}  # whole-object PUT is atomic
+RESULT_FILE = "segments.json"  # commit marker of a result folder (written last)
+ERROR_FILE = "error.json"  # written instead when the image failed
 IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"}
 
 

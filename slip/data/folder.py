@@ -7,7 +7,8 @@ Layout (the Kaggle "Pokemon Generation One" dataset works as is; so does :mod:`s
     ROOT/classes.json                          optional: display names {"classes": [{"name", "dir"}]}
 
 Files named ``*.mask.png`` are masks, never images. Display names come from ``classes.json`` when it
-exists, otherwise from the directory name (``"Mr_Mime"`` / ``"MrMime"`` -> ``"Mr Mime"``).
+exists (which also fixes the label order), otherwise from the directory name (``"Mr_Mime"`` /
+``"MrMime"`` -> ``"Mr Mime"``) with labels in alphabetical order of the directories.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class LabelledFolder:
     root: Path  # the dataset directory
     class_names: tuple[str, ...]  # display names, index = label
     class_dirs: tuple[str, ...]  # directory names, same order
-    records: tuple[ImageRecord, ...]  # every image, sorted by (class dir, file name)
+    records: tuple[ImageRecord, ...]  # every image, by class (label order), then file name
     caption_template: str = "{name}"  # caption of class c: template.format(name=class_names[c])
 
     @property
@@ -76,15 +77,17 @@ def check_template(template: str) -> str:
 
 
 def _display_names(root: Path, dirs: list[str]) -> dict[str, str]:
+    """Class dir -> display name, ordered as in ``classes.json`` (when present), then alphabetically."""
     manifest = root / "classes.json"
     names = {d: clean_class_name(d) for d in dirs}
-    if manifest.is_file():
-        try:
-            entries = json.loads(manifest.read_text())["classes"]
-            names.update({e["dir"]: e["name"] for e in entries if e["dir"] in names})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{manifest} is malformed ({e}); fix or delete it") from e
-    return names
+    if not manifest.is_file():
+        return names
+    try:
+        entries = [e for e in json.loads(manifest.read_text())["classes"] if e["dir"] in names]
+        listed = {e["dir"]: str(e["name"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{manifest} is malformed ({e}); fix or delete it") from e
+    return {**listed, **{d: n for d, n in names.items() if d not in listed}}
 
 
 def _is_image(path: Path) -> bool:
@@ -103,6 +106,7 @@ def scan_folder(root: str | Path, *, caption_template: str = "{name}") -> Labell
     if len(dirs) < 2:
         raise DatasetError(f"{root} has {len(dirs)} class directories with images; a labelled dataset needs at least 2")
     names = _display_names(root, dirs)
+    dirs = list(names)
     records = []
     for label, d in enumerate(dirs):
         for path in files[d]:

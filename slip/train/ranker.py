@@ -59,6 +59,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     max_steps_per_epoch: int | None = None  # cap on steps per epoch (smoke tests); None = the whole split
     progress: bool = True  # tqdm progress bars on stderr
+    save_initial: bool = False  # also save the untrained starting point to OUT/initial (a baseline to evaluate)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -104,13 +105,15 @@ def train_ranker(dataset: str | Path, out: str | Path, *, model: DualEncoderConf
                                           random=True, seed=config.seed), config, shuffle=True)
     val_loader = _loader(CaptionDataset(val_records, image_size=image_size, segment_view_prob=config.segment_view_prob,
                                         random=False), config, shuffle=False)
-    tokens = caption_tokens(trainee.tokenizer, folder.captions, trainee.max_text_tokens)
+    tokens = tuple(t.to(device) for t in caption_tokens(trainee.tokenizer, folder.captions, trainee.max_text_tokens))
     optimizer = torch.optim.AdamW(trainee.param_groups(lr=config.lr, image_lr=config.image_lr, text_lr=config.text_lr,
                                                        weight_decay=config.weight_decay), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.save_initial:
+        trainee.save(out / "initial", training=_training_meta(folder, config, 0, math.nan))
     history: list[dict] = []
     best = (0, math.inf)
     for epoch in range(1, config.epochs + 1):
@@ -161,7 +164,7 @@ def _run_epoch(trainee: Trainee, loader: DataLoader, tokens, device, optimizer, 
     for step, (pixels, labels) in enumerate(loader):
         if step >= steps:
             break
-        loss = trainee.loss(pixels.to(device), ids[labels].to(device), mask[labels].to(device), labels.to(device))
+        loss = trainee.loss(pixels.to(device), labels.to(device), ids, mask)
         if not torch.isfinite(loss):
             raise ConfigError(f"training diverged at {desc}, step {step + 1} (loss {loss.item()}): lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -180,16 +183,17 @@ def _validate(trainee: Trainee, loader: DataLoader, tokens, device) -> tuple[flo
     """Mean validation loss (batches as in training) and top-1 image -> class-caption accuracy."""
     trainee.module.eval()
     ids, mask = tokens
-    class_text = torch.nn.functional.normalize(trainee.text_features(ids.to(device), mask.to(device)), dim=-1)
+    class_text = trainee.text_features(ids, mask)  # (C, D), eval mode: a caption's features do not vary
+    class_unit = torch.nn.functional.normalize(class_text, dim=-1)
     total, count, hits = 0.0, 0, 0
     for pixels, labels in loader:
         pixels, labels = pixels.to(device), labels.to(device)
         image = trainee.image_features(pixels)
-        text = trainee.text_features(ids[labels.cpu()].to(device), mask[labels.cpu()].to(device))
+        text = class_text[labels]
         if len(labels) > 1:
             total += trainee.loss_from_features(image, text, labels).item() * len(labels)
             count += len(labels)
-        hits += int((torch.nn.functional.normalize(image, dim=-1) @ class_text.T).argmax(1).eq(labels).sum())
+        hits += int((torch.nn.functional.normalize(image, dim=-1) @ class_unit.T).argmax(1).eq(labels).sum())
     return total / max(count, 1), hits / max(len(loader.dataset), 1)
 
 

@@ -46,10 +46,19 @@ class Trainee:
         """AdamW parameter groups; empty groups are dropped, the heads' group is last."""
         return [g for g in self.groups(lr, image_lr, text_lr, weight_decay) if g["params"]]
 
-    def loss(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             labels: torch.Tensor) -> torch.Tensor:
-        """Scalar loss of one batch of image-caption pairs."""
-        return self.loss_from_features(self.image_features(pixels), self.text_features(input_ids, attention_mask), labels)
+    def caption_features(self, labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` features of the captions of ``labels`` given every class's tokens ``(C, T)``.
+
+        Each distinct caption in the batch goes through the text encoder once (captions repeat: one per
+        class), then rows are gathered; gradients reach the encoder exactly as with duplicated rows.
+        """
+        unique, inverse = labels.unique(return_inverse=True)
+        return self.text_features(input_ids[unique], attention_mask[unique])[inverse]
+
+    def loss(self, pixels: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of a batch: ``pixels (B, 3, S, S)``, ``labels (B,)``, class tokens ``(C, T)``."""
+        return self.loss_from_features(self.image_features(pixels), self.caption_features(labels, input_ids, attention_mask), labels)
 
 
 def dual_encoder_trainee(model: DualEncoder, tokenizer, *, init: dict | None = None) -> Trainee:

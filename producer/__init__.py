@@ -1,0 +1,1 @@
+"""The SLIP queue producer: the Python client (:mod:`producer.client`) and the ``slip`` CLI."""

@@ -1,0 +1,5 @@
+"""``python -m producer`` = the ``slip`` console command."""
+
+from producer.cli import main
+
+main()

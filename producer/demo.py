@@ -1,0 +1,215 @@
+"""``slip demo``: the whole queue on one machine, end to end.
+
+1. make sure Redis answers (start a local ``redis-server`` when the broker is local and none runs);
+2. start a worker subprocess (``celery -A worker worker -Q gpu,cpu``) with the chosen models and wait
+   until it reports healthy;
+3. generate N images of synthetic scenes (``slip.data.synth``) and submit them with two prompts;
+4. wait with a progress bar; write ``results.coco.json``, ``results.jsonl`` and ``gallery.html``
+   (overlays embedded as base64, so the file is self-contained) under ``--out``;
+5. stop the worker cleanly and say which models were used and how to switch to official weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import typer
+from PIL import Image
+
+from slip.errors import TransientError, WeightsNotFoundError
+from slip.sam import TINY_SPEC
+
+DEMO_PROMPTS = ("circle", "star")  # two classes drawn in every scene, among distractors
+DISTRACTORS = ("square", "triangle", "heart", "hexagon")
+TINY_PARAMS = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}
+WORKER_START_S = 180.0  # how long the worker may take to load its models
+
+
+def default_models() -> tuple[str, str, str]:
+    """``(sam, clip, why)``: the bundled synth models when built, else tiny-random, said plainly."""
+    from slip.weights import bundled_path
+
+    try:
+        bundled_path("synth-sam")
+        bundled_path("synth-clip")
+        return "synth", "synth", "the bundled synthetic-world models"
+    except WeightsNotFoundError as e:
+        return TINY_SPEC, TINY_SPEC, f"tiny-random models (random weights: the masks mean nothing), because {e}"
+
+
+def generate_images(folder: Path, count: int, *, seed: int = 0, size: int = 256) -> list[Path]:
+    """``count`` PNG scenes, each with a circle, a star and one distractor."""
+    from slip.data.synth import render_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        names = [DISTRACTORS[i % len(DISTRACTORS)], *DEMO_PROMPTS]
+        image, _ = render_scene(names, rng, size=size)
+        path = folder / f"scene_{i:04d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def ensure_redis(broker_url: str) -> str | None:
+    """None when Redis answers; otherwise start a local one (returns a note) or raise TransientError."""
+    import redis
+
+    def answers() -> bool:
+        try:
+            return bool(redis.Redis.from_url(broker_url, socket_connect_timeout=1).ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            return False
+
+    if answers():
+        return None
+    url = urlparse(broker_url)
+    server = shutil.which("redis-server")
+    if url.hostname not in ("127.0.0.1", "localhost") or server is None:
+        raise TransientError(f"cannot reach Redis at {broker_url}: start it with `redis-server --daemonize yes`")
+    port = url.port or 6379
+    subprocess.run([server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+                   check=True, stdout=subprocess.DEVNULL)
+    for _ in range(50):
+        if answers():
+            return f"started redis-server on 127.0.0.1:{port} (it keeps running; stop it with `redis-cli -p {port} shutdown`)"
+        time.sleep(0.1)
+    raise TransientError(f"started redis-server on port {port}, but it does not answer")
+
+
+def start_worker(env: dict[str, str], name: str, log_path: Path) -> subprocess.Popen:
+    """``celery -A worker worker -Q gpu,cpu -P solo`` as a subprocess, logging to ``log_path``."""
+    import worker
+
+    root = str(Path(worker.__file__).resolve().parent.parent)
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "-P", "solo",
+               "-n", name, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_worker(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Warm shutdown (SIGTERM: finish the current task), SIGKILL if it does not end in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_healthy(client, process: subprocess.Popen, name: str, log_path: Path, timeout_s: float) -> dict:
+    """The worker's health report, or TransientError with the end of its log."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            return client.health(name, timeout_s=5.0)
+        except CeleryTimeout:
+            continue
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:] if log_path.exists() else []
+    stop_worker(process)
+    raise TransientError(f"the demo worker did not become healthy (log {log_path}): " + " | ".join(tail))
+
+
+def write_gallery(client, job_id: str, out: Path) -> Path:
+    """``gallery.html``: every overlay of the job, embedded as base64 PNG, with prompt and score."""
+    import json
+
+    status = client.status(job_id)
+    prompts = status.manifest.spec.prompts
+    cards, failures = [], []
+    for line in client.results(job_id, format="jsonl").splitlines():
+        record = json.loads(line)
+        if record["state"] != "done":
+            failures.append(f"<li>{html.escape(record['name'])}: {html.escape(str(record.get('reason')))}</li>")
+            continue
+        for match in record["matches"]:
+            data = base64.b64encode(client.store.get_bytes(match["overlay_key"])).decode()
+            score = "no match" if match["score"] is None else f"{match['score']:.3f}"
+            cards.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="overlay">'
+                f"<figcaption>{html.escape(Path(record['name']).name)}<br><b>{html.escape(match['prompt'])}</b>: "
+                f"segment {match['segment']}, score {score}</figcaption></figure>"
+            )
+    spec = status.manifest.spec
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>SLIP demo {job_id}</title>
+<style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;margin:6px;width:260px}}
+img{{width:256px;image-rendering:pixelated;border:1px solid #ccc}} figcaption{{font-size:12px}}</style></head>
+<body><h1>SLIP demo: job {job_id}</h1>
+<p>Models: SAM <code>{html.escape(spec.sam)}</code>, ranker <code>{html.escape(spec.clip)}</code>.
+Prompts: {', '.join(html.escape(p) for p in prompts)}. {status.counts['done']} images done,
+{status.counts['failed']} failed.</p>
+{''.join(cards)}
+{'<h2>Failed</h2><ul>' + ''.join(failures) + '</ul>' if failures else ''}
+</body></html>
+"""
+    path = out / "gallery.html"
+    path.write_text(page)
+    return path
+
+
+def run_demo(*, out: Path, images: int, sam: str | None, clip: str | None, timeout_s: float, env: dict[str, str]) -> int:
+    """The demo (see the module docstring); returns the exit code."""
+    from producer.cli import _print_summary
+    from producer.client import QueueClient
+    from producer.progress import job_progress
+    from worker.settings import Settings
+
+    default_sam, default_clip, why = default_models()
+    sam, clip = sam or default_sam, clip or default_clip
+    why = why if (sam, clip) == (default_sam, default_clip) else "as asked for"
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(env, SLIP_SAM=sam, SLIP_CLIP=clip, SLIP_STORE=str((out / "store").resolve()))
+    settings = Settings.from_env(env)
+    note = ensure_redis(settings.broker_url)
+    if note:
+        typer.echo(note)
+    client = QueueClient(settings)
+    typer.echo(f"demo: models: SAM {sam}, ranker {clip} ({why})")
+    name = f"demo-{os.getpid()}@{socket.gethostname()}"
+    log_path = out / "worker.log"
+    worker = start_worker(env, name, log_path)
+    try:
+        report = wait_healthy(client, worker, name, log_path, WORKER_START_S)
+        typer.echo(f"demo: worker {name} ready on {report['device']} (pid {report['pid']}, models loaded in {report['load_seconds']} s)")
+        paths = generate_images(out / "images", images)
+        params = TINY_PARAMS if TINY_SPEC in (sam, clip) else {}
+        job_id = client.submit_segment(paths, DEMO_PROMPTS, params, batch_size=4,
+                                       on_job=lambda j: typer.echo(f"demo: submitted {len(paths)} images as job {j}"))
+        with job_progress(job_id) as progress:
+            status = client.wait(job_id, timeout_s=timeout_s, on_progress=progress)
+    finally:
+        stop_worker(worker)
+    (out / "results.coco.json").write_text(client.results(job_id, format="coco"))
+    (out / "results.jsonl").write_text(client.results(job_id, format="jsonl"))
+    gallery = write_gallery(client, job_id, out)
+    code = _print_summary(status)
+    typer.echo(f"demo: wrote {out / 'results.coco.json'}, {out / 'results.jsonl'} and {gallery}; store in {out / 'store'}")
+    typer.echo(f"demo: models used: SAM {sam}, ranker {clip}. For official weights: `slip weights fetch vit_b` and "
+               f"`slip weights fetch openai/clip-vit-base-patch32`, then `slip demo --sam vit_b --clip "
+               f"openai/clip-vit-base-patch32` (workers: SLIP_SAM / SLIP_CLIP).")
+    return code

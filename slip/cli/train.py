@@ -1,0 +1,99 @@
+"""``slip train-ranker`` and ``slip evaluate-local``: fine-tune a ranker and score it, no queue involved.
+
+The lead's app mounts these functions as commands (``app.command("train-ranker")(train_ranker)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from slip.cli.common import cache_dir_from_env, user_errors
+from slip.rankers.dual_encoder import MINILM_ALIASES
+
+
+def _logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def train_ranker(
+    dataset: Path = typer.Argument(..., help="Labelled image folder: one sub-directory per class."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory (best validation loss) + curve.json/png."),
+    image_backbone: str = typer.Option("resnet50", help="timm image backbone (pooled features)."),
+    text_encoder: str = typer.Option("distilbert-base-uncased", help="HF hub id | DIR | minilm (offline, pretrained) | tiny-random."),
+    text_pooling: Optional[str] = typer.Option(None, help="cls | mean; default: mean for MiniLM, cls otherwise."),
+    proj_dim: int = typer.Option(128, help="Projection dimension (the paper's grid: 128, 512)."),
+    image_size: int = typer.Option(224, help="Crop side in pixels the image backbone sees."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the projection heads (the grid's lr)."),
+    image_lr: float = typer.Option(1e-4, help="Learning rate of the image backbone."),
+    text_lr: float = typer.Option(1e-5, help="Learning rate of the text encoder."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    batch_size: int = typer.Option(64, help="Image-caption pairs per step."),
+    caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
+    segment_view_prob: float = typer.Option(0.5, help="Share of cut-out segment views for images with masks."),
+    init: Optional[str] = typer.Option(None, help="Fine-tune this ranker instead (HF CLIP id/DIR, dual-encoder DIR, tiny-random)."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even when pretrained weights are on disk."),
+    save_initial: bool = typer.Option(False, help="Also save the untrained starting point to OUT/initial."),
+    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation."),
+    split_seed: int = typer.Option(0, help="Seed of the 80/20 train/validation split."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+) -> None:
+    """Fine-tune a ranker on DATASET with the SLIP paper's recipe; the best checkpoint loads with --clip OUT."""
+    from slip.rankers.dual_encoder import DualEncoderConfig
+    from slip.train.ranker import TrainConfig
+    from slip.train.ranker import train_ranker as run
+
+    _logging(quiet)
+    with user_errors():
+        model = None
+        if init is None:
+            pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
+            model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder, text_pooling=pooling,
+                                      proj_dim=proj_dim, image_size=image_size, pretrained=not no_pretrained)
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
+                             seed=seed, split_seed=split_seed, caption_template=caption_template,
+                             segment_view_prob=segment_view_prob, device=device, progress=not quiet,
+                             save_initial=save_initial)
+        result = run(dataset, out, model=model, init=init, config=config, cache_dir=cache_dir_from_env())
+    typer.echo(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}/{epochs} "
+               f"({result.seconds:.0f} s); checkpoint: {result.out} (use --clip {result.out})")
+
+
+def evaluate_local(
+    dataset: Path = typer.Argument(..., help="Labelled image folder (the held-out 20 % are composited)."),
+    ranker: List[str] = typer.Option(..., "--ranker", "-r", help="Ranker spec to score; repeat to compare."),
+    composites: int = typer.Option(200, help="Number of 2x2 composites (4 queries each)."),
+    seed: int = typer.Option(0, help="Composite seed."),
+    split_seed: int = typer.Option(0, help="Seed of the train/validation split (as in training)."),
+    caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
+    tile_size: int = typer.Option(128, help="Side of each composite tile in pixels."),
+    proposals: str = typer.Option("oracle", help="oracle (known segments + distractors) | sam (SAM + filters)."),
+    sam: str = typer.Option("synth", help="SAM spec for --proposals sam."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary per ranker as JSON here."),
+    report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Score rankers judge-free on seeded 2x2 composites: every class of every composite is queried."""
+    from slip.evaluate import evaluate_rankers, format_table
+
+    _logging(quiet)
+    with user_errors():
+        runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed,
+                                caption_template=caption_template, tile_size=tile_size, proposals=proposals,
+                                sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet)
+        typer.echo(format_table(runs))
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps([r.to_json() for r in runs], indent=2))
+        if report is not None:
+            from slip.report import report_from_runs
+
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(report_from_runs(runs))
+            typer.echo(f"report: {report}")

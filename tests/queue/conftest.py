@@ -1,0 +1,80 @@
+"""Fixtures for the queue tests: Redis db 15, a temporary store, one session worker, a client.
+
+Helpers (``start_worker``, ``wait_worker_ready``, ``stop_worker``, ``queue_env``, ``run_cli``,
+``make_images``) live in ``queue_helpers.py`` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+
+from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
+    REDIS_HOST,
+    REDIS_PORT,
+    SESSION_DB,
+    TINY_CLI_ARGS,
+    TINY_PARAMS,
+    flush,
+    job_id_from,
+    make_images,
+    node_name,
+    queue_env,
+    redis_url,
+    run_cli,
+    start_worker,
+    stop_worker,
+    wait_worker_ready,
+)
+
+
+# --- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_alive() -> None:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: run `bash scripts/setup.sh` ({e})")
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slip-store")
+
+
+@pytest.fixture(scope="session")
+def session_env(redis_alive, session_store) -> dict[str, str]:
+    return queue_env(session_store, db=SESSION_DB)
+
+
+@pytest.fixture(scope="session")
+def worker(session_env, tmp_path_factory) -> Iterator[dict]:
+    """One prefork worker (concurrency 1) for the session: ``{"process", "env", "log", "health", "node"}``."""
+    flush(SESSION_DB)
+    log = tmp_path_factory.mktemp("worker-logs") / "w1.log"
+    process = start_worker(session_env, ("gpu", "cpu"), "w1", log_path=log)
+    try:
+        health = wait_worker_ready(session_env, "w1", process=process)
+    except RuntimeError as e:
+        stop_worker(process, timeout_s=5)
+        pytest.fail(f"{e}\n--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
+    yield {"process": process, "env": session_env, "log": log, "health": health, "node": node_name("w1")}
+    stop_worker(process)
+    flush(SESSION_DB)
+
+
+@pytest.fixture(scope="session")
+def client(worker):
+    """A QueueClient on the session worker's broker and store."""
+    from producer.client import QueueClient
+    from worker.settings import Settings
+
+    return QueueClient(Settings.from_env(worker["env"]))

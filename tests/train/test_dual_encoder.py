@@ -1,0 +1,111 @@
+"""The paper's dual encoder: the Ranker protocol, checkpoint round trips, honest initialisation."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from slip.errors import WeightsNotFoundError
+from slip.rankers.base import Ranker
+from slip.rankers.dual_encoder import (
+    ARCHITECTURE,
+    DualEncoderConfig,
+    DualEncoderRanker,
+    ProjectionHead,
+    build_dual_encoder,
+    load_dual_encoder,
+    save_dual_encoder,
+)
+from slip.rankers.loading import load_ranker
+
+TEXTS = ["circle", "letter A", "a small red fish"]
+
+
+def test_ranker_protocol_shapes_and_unit_norm(tiny_config):
+    model, tokenizer, init = build_dual_encoder(tiny_config)
+    ranker = DualEncoderRanker(model, tokenizer, spec="test")
+    assert isinstance(ranker, Ranker) and ranker.image_size == 32 and ranker.device.type == "cpu"
+    images = ranker.encode_images(torch.rand(5, 3, 40, 40))  # other sizes are resized
+    texts = ranker.encode_texts(TEXTS)
+    assert images.shape == (5, 16) and texts.shape == (3, 16)
+    assert torch.allclose(images.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(texts.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert init == {"image": "random", "text": "random (tiny-random)"}
+
+
+def test_projection_head_is_the_papers():
+    head = ProjectionHead(8, 4, dropout=0.0).eval()
+    x = torch.randn(3, 8)
+    p = head.projection(x)
+    expected = head.layer_norm(head.fc(torch.nn.functional.gelu(p)) + p)
+    assert torch.allclose(head(x), expected)
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path, tiny_config):
+    model, tokenizer, init = build_dual_encoder(tiny_config, seed=3)
+    with torch.no_grad():  # move the heads away from their init so a silent re-init would be caught
+        for p in model.head_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    original = DualEncoderRanker(model, tokenizer, spec="orig")
+    pixels = torch.rand(4, 3, 32, 32)
+    save_dual_encoder(model, tokenizer, tmp_path / "ckpt", init=init, training={"note": "test"})
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["architecture"] == ARCHITECTURE and meta["config"]["proj_dim"] == 16
+    for loaded in (load_dual_encoder(tmp_path / "ckpt", device="cpu"), load_ranker(str(tmp_path / "ckpt"), device="cpu")):
+        assert isinstance(loaded, DualEncoderRanker)
+        assert torch.allclose(loaded.encode_images(pixels), original.encode_images(pixels), atol=1e-6)
+        assert torch.allclose(loaded.encode_texts(TEXTS), original.encode_texts(TEXTS), atol=1e-6)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path, tiny_config):
+    model, tokenizer, _ = build_dual_encoder(tiny_config)
+    save_dual_encoder(model, tokenizer, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match="model.safetensors"):
+        load_dual_encoder(tmp_path / "ckpt", device="cpu")
+
+
+def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny_config, caplog):
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    (tmp_path / "timm").mkdir()
+    save_file(state, str(tmp_path / "timm" / "test_resnet.safetensors"))
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained": True})
+    model, _, init = build_dual_encoder(config, cache_dir=tmp_path, seed=123)
+    assert init["image"] == f"pretrained: {tmp_path / 'timm' / 'test_resnet.safetensors'}"
+    for k, v in model.image_encoder.state_dict().items():
+        if k in state:
+            assert torch.equal(v, state[k]), k
+
+
+def test_missing_pretrained_weights_are_announced_not_silent(tmp_path, tiny_config, caplog):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained": True})
+    with caplog.at_level(logging.WARNING):
+        _, _, init = build_dual_encoder(config, cache_dir=tmp_path)
+    assert init["image"] == "random"
+    assert any("RANDOM init" in r.message and "test_resnet" in r.message for r in caplog.records)
+
+
+def test_unknown_uncached_text_encoder_names_the_fetch_command(tmp_path, tiny_config):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "someone/unknown-text-model"})
+    with pytest.raises(WeightsNotFoundError, match="slip weights fetch someone/unknown-text-model"):
+        build_dual_encoder(config, cache_dir=tmp_path)
+
+
+def test_minilm_loads_pretrained_offline(tiny_config):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "minilm", "pretrained": True})
+    model, tokenizer, init = build_dual_encoder(config)
+    assert init["text"].startswith("pretrained: ") and model.text_dim == 384
+    ranker = DualEncoderRanker(model, tokenizer, spec="m")
+    sims = ranker.model.text_encoder  # the pretrained encoder separates unrelated words
+    tokens = tokenizer(["cat", "kitten", "lightning"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = sims(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1)
+    pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2]
