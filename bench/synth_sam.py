@@ -12,8 +12,11 @@ Every image goes through the automatic mask generator (``slip.MaskGenerator``, o
 ``--min-area`` visible pixels scores the best IoU of any generated mask. Printed, and written to
 ``bench/results/synth_sam.json``.
 
-    python bench/synth_sam.py                      # the bundled model (--sam synth), its generator.json
-    python bench/synth_sam.py --sam OUT --points-per-side 16 --pred-iou-thresh 0.8
+    python -m bench.synth_sam                      # the bundled model (--sam synth), its generator.json
+    python -m bench.synth_sam --sam OUT --points-per-side 16 --pred-iou-thresh 0.8
+
+(Run it as a module: ``bench/queue.py`` would shadow the standard library's ``queue`` for
+``python bench/synth_sam.py``.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from slip.data.composites import CompositeSource
 from slip.data.folder import scan_folder
 from slip.data.synth import CLASS_NAMES, generate_dataset, render_scene
 from slip.sam import load_sam
+from slip.train.sam import read_generator_params
 from slip.weights import bundled_path
 
 RESULTS = Path(__file__).parent / "results" / "synth_sam.json"
@@ -53,12 +57,9 @@ def held_out_images(seed: int, composites: int, scenes: int, workdir: Path) -> l
 
 
 def generator_params(spec: str, overrides: dict) -> dict:
-    """AMG options: the checkpoint's ``generator.json`` (if any), then defaults, then ``overrides``."""
+    """AMG options: defaults, then the checkpoint's ``generator.json`` (if any), then ``overrides``."""
     path = bundled_path("synth-sam") if spec == "synth" else Path(spec)
-    stored = path / "generator.json" if path.is_dir() else path.parent / "generator.json"
-    params = dict(AMG_DEFAULTS)
-    if stored.is_file():
-        params.update(json.loads(stored.read_text()))
+    params = {**AMG_DEFAULTS, **read_generator_params(path)}
     params.update({k: v for k, v in overrides.items() if v is not None})
     return params
 

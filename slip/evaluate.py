@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -56,6 +56,7 @@ class QueryResult:
     correct: bool  # in_tile > IN_TILE
     iou: float | None  # IoU of the chosen segment with the prompted object (ground-truth masks only)
     score: float | None  # cosine similarity of the chosen segment and the prompt
+    judge_correct: bool | None = None  # the classifier judge names the prompted class (paper's scoring); None = no judge
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,8 +92,13 @@ class TextCache:
 
 
 def evaluate_composite(composite: Composite, ranker: Ranker, *, proposer: Proposer | None = None,
-                       crop: CropConfig = CropConfig(), oracle_seed: int = 0, texts: TextCache | None = None) -> CompositeEval:
-    """Propose, embed, and score all 4 prompts of ``composite`` in both modes."""
+                       crop: CropConfig = CropConfig(), oracle_seed: int = 0, texts: TextCache | None = None,
+                       judge=None) -> CompositeEval:
+    """Propose, embed, and score all 4 prompts of ``composite`` in both modes.
+
+    ``judge`` (a :class:`slip.train.judge.Judge`) also scores each choice as the paper did: correct
+    when the judge classifies the chosen segment's crop as the prompted class.
+    """
     # 1. proposals: the oracle's known segments, or the proposer's (SAM) segments
     if proposer is None:
         oracle = oracle_segments(composite, seed=oracle_seed)
@@ -102,25 +108,35 @@ def evaluate_composite(composite: Composite, ranker: Ranker, *, proposer: Propos
         segments = proposer(composite.image)
         masks = segments.masks.cpu().numpy()
         kinds = ("proposal",) * len(masks)
-    # 2. one crop per segment -> unit-norm image embeddings; prompts -> text embeddings
-    if len(segments):
-        pixels = crop_segments(composite.image, segments, crop, ranker.image_size)
-        image_emb = ranker.encode_images(pixels).float()
-    else:
-        image_emb = torch.zeros((0, 1))
+    # 2. prompts -> text embeddings; one crop per segment -> unit-norm image embeddings
     text_emb = (texts or TextCache(ranker))(composite.prompts)
-    if not len(segments):
-        image_emb = torch.zeros((0, text_emb.shape[1]))
+    if len(segments):
+        image_emb = ranker.encode_images(crop_segments(composite.image, segments, crop, ranker.image_size)).float()
+    else:
+        image_emb = torch.zeros((0, text_emb.shape[1]), device=text_emb.device)
     # 3. choose per prompt (plain, one-to-one) and judge each choice against the tiles
     results, similarity = [], None
     for mode in MODES:
         similarity, matches = rank(image_emb, text_emb.to(image_emb.device), composite.prompts, top_k=0,
                                    one_to_one=mode == "one_to_one")
-        results += [_judge(composite, masks, kinds, tile, m.index, m.score, mode) for tile, m in enumerate(matches)]
+        results += [_score_choice(composite, masks, kinds, tile, m.index, m.score, mode) for tile, m in enumerate(matches)]
+    if judge is not None:
+        results = _classifier_judge(judge, composite, segments, crop, results)
     return CompositeEval(composite, masks, tuple(kinds), similarity.numpy(), tuple(results))
 
 
-def _judge(composite: Composite, masks: np.ndarray, kinds: Sequence[str], tile: int, index: int | None,
+def _classifier_judge(judge, composite: Composite, segments: MaskSet, crop: CropConfig,
+                      results: list[QueryResult]) -> list[QueryResult]:
+    """Fill ``judge_correct``: the judge's label of the chosen segment's crop equals the prompted class."""
+    chosen = sorted({r.chosen for r in results if r.chosen is not None})
+    labels = {}
+    if chosen:
+        pixels = crop_segments(composite.image, segments.select(torch.tensor(chosen)), crop, judge.image_size)
+        labels = dict(zip(chosen, (judge.class_names[i] for i in judge.classify(pixels).tolist())))
+    return [replace(r, judge_correct=r.chosen is not None and labels[r.chosen] == r.class_name) for r in results]
+
+
+def _score_choice(composite: Composite, masks: np.ndarray, kinds: Sequence[str], tile: int, index: int | None,
            score: float | None, mode: str) -> QueryResult:
     """Score one choice: fraction inside the prompted tile, and IoU with the prompted object."""
     in_tile, iou = 0.0, None
@@ -145,7 +161,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate(ranker: Ranker, composites: Iterable[Composite], *, proposer: Proposer | None = None,
              crop: CropConfig = CropConfig(), oracle_seed: int = 0, progress: bool = False,
-             keep: Callable[[CompositeEval], None] | None = None) -> list[QueryResult]:
+             keep: Callable[[CompositeEval], None] | None = None, judge=None) -> list[QueryResult]:
     """Score every composite; returns all query results (4 per composite and mode).
 
     ``keep`` sees each :class:`CompositeEval` (e.g. to collect gallery items) before it is dropped.
@@ -153,7 +169,8 @@ def evaluate(ranker: Ranker, composites: Iterable[Composite], *, proposer: Propo
     texts = TextCache(ranker)
     results: list[QueryResult] = []
     for composite in tqdm(composites, desc="evaluate", unit="composite", disable=not progress):
-        done = evaluate_composite(composite, ranker, proposer=proposer, crop=crop, oracle_seed=oracle_seed, texts=texts)
+        done = evaluate_composite(composite, ranker, proposer=proposer, crop=crop, oracle_seed=oracle_seed, texts=texts,
+                                  judge=judge)
         results.extend(done.results)
         if keep is not None:
             keep(done)
@@ -181,6 +198,7 @@ def summarize(results: Iterable[QueryResult]) -> dict:
         for r in rows:
             kinds[str(r.chosen_kind)] = kinds.get(str(r.chosen_kind), 0) + 1
         correct = sum(r.correct for r in rows)
+        judged = [r.judge_correct for r in rows if r.judge_correct is not None]
         out[mode] = {
             "composites": len({r.composite for r in rows}),
             "queries": len(rows),
@@ -190,6 +208,7 @@ def summarize(results: Iterable[QueryResult]) -> dict:
             "mean_iou": float(np.mean(ious)) if ious else None,
             "iou50_accuracy": float(np.mean([i > 0.5 for i in ious])) if ious else None,
             "chosen_kinds": dict(sorted(kinds.items())),
+            "judge_accuracy": float(np.mean(judged)) if judged else None,
         }
     return out
 
@@ -219,14 +238,18 @@ def composite_source(dataset: str | Path, *, seed: int = 0, split_seed: int = 0,
     return CompositeSource(folder, val, seed=seed, tile_size=tile_size)
 
 
-def sam_proposer(sam: str, *, device: str = "auto", cache_dir: Path | None = None, generator: dict | None = None,
+def sam_proposer(sam, *, device: str = "auto", cache_dir: Path | None = None, generator: dict | None = None,
                  filters: str = "containment") -> Proposer:
-    """SAM's automatic masks after the annotation filters, memoised per composite image."""
+    """SAM's automatic masks after the annotation filters, memoised per composite image.
+
+    ``sam``: a SAM spec string (loaded here) or an already loaded ``segment_anything`` model.
+    """
     from slip.filters import apply_filters, parse_filters
     from slip.generator import MaskGenerator
     from slip.sam import load_sam
 
-    mask_generator = MaskGenerator(load_sam(sam, device=device, cache_dir=cache_dir), **(generator or {}))
+    model = load_sam(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
+    mask_generator = MaskGenerator(model, **(generator or {}))
     chain = parse_filters(filters)
     memo: dict[bytes, MaskSet] = {}
 
@@ -242,8 +265,14 @@ def sam_proposer(sam: str, *, device: str = "auto", cache_dir: Path | None = Non
 def evaluate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: int = 200, seed: int = 0,
                      split_seed: int = 0, caption_template: str = "{name}", tile_size: int = 128,
                      proposals: str = "oracle", sam: str = "synth", device: str = "auto",
-                     cache_dir: Path | None = None, progress: bool = False, gallery: int = 6) -> list[RankerRun]:
-    """Score each ranker spec on the same ``composites`` seeded composites; see :func:`evaluate`."""
+                     cache_dir: Path | None = None, progress: bool = False, gallery: int = 6,
+                     judge: str | Path | None = None, generator: dict | None = None,
+                     filters: str = "containment") -> list[RankerRun]:
+    """Score each ranker spec on the same ``composites`` seeded composites; see :func:`evaluate`.
+
+    ``judge``: a directory written by ``slip train-judge``; adds the paper's classifier-judged accuracy.
+    ``generator`` (MaskGenerator keyword overrides) and ``filters`` apply to ``proposals="sam"``.
+    """
     from slip.rankers.loading import load_ranker
     from slip.report import gallery_item
 
@@ -254,14 +283,20 @@ def evaluate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: i
     source = composite_source(dataset, seed=seed, split_seed=split_seed, caption_template=caption_template,
                               tile_size=tile_size)
     items = source.take(composites)
-    proposer = sam_proposer(sam, device=device, cache_dir=cache_dir) if proposals == "sam" else None
+    proposer = None
+    if proposals == "sam":
+        proposer = sam_proposer(sam, device=device, cache_dir=cache_dir, generator=generator, filters=filters)
+    if judge is not None:
+        from slip.train.judge import load_judge
+
+        judge = load_judge(judge, device=device)
     runs = []
     for spec in specs:
         start = time.perf_counter()
         ranker = load_ranker(spec, device=device, cache_dir=cache_dir)
         kept: list = []
         keep = (lambda ev: kept.append(gallery_item(ev, ranker=spec)) if len(kept) < gallery else None)
-        results = evaluate(ranker, items, proposer=proposer, progress=progress, keep=keep)
+        results = evaluate(ranker, items, proposer=proposer, progress=progress, keep=keep, judge=judge)
         runs.append(RankerRun(spec=spec, summary=summarize(results), curve=_curve_of(spec), gallery=kept,
                               seconds=time.perf_counter() - start))
     return runs
@@ -277,11 +312,15 @@ def _curve_of(spec: str) -> dict | None:
 
 def format_table(runs: Sequence[RankerRun]) -> str:
     """A plain-text accuracy table: one row per ranker (and the paper's reference rows)."""
-    head = f"{'ranker':<44} {'queries':>7} {'accuracy':>9} {'1-to-1':>8} {'mean IoU':>9}"
+    judged = any(run.summary["plain"].get("judge_accuracy") is not None for run in runs)
+    head = f"{'ranker':<44} {'queries':>7} {'accuracy':>9} {'1-to-1':>8} {'mean IoU':>9}" + (f" {'judge':>7}" if judged else "")
     lines = [head, "-" * len(head)]
     for run in runs:
         plain, one = run.summary["plain"], run.summary["one_to_one"]
         iou = "-" if plain["mean_iou"] is None else f"{plain['mean_iou']:.3f}"
         name = run.spec if len(run.spec) <= 44 else "..." + run.spec[-41:]
-        lines.append(f"{name:<44} {plain['queries']:>7} {plain['accuracy']:>8.1%} {one['accuracy']:>7.1%} {iou:>9}")
+        row = f"{name:<44} {plain['queries']:>7} {plain['accuracy']:>8.1%} {one['accuracy']:>7.1%} {iou:>9}"
+        if judged:
+            row += f" {plain['judge_accuracy']:>6.1%}" if plain.get("judge_accuracy") is not None else f" {'-':>7}"
+        lines.append(row)
     return "\n".join(lines)

@@ -65,7 +65,8 @@ class _Candidates:
 
     @staticmethod
     def cat(parts: Sequence["_Candidates"]) -> "_Candidates":
-        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in _Candidates.__dataclass_fields__))
+        fields = _Candidates.__dataclass_fields__
+        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
 class MaskGenerator:
@@ -193,7 +194,7 @@ class MaskGenerator:
         with clock("postprocess"):
             cands = _Candidates.cat(parts)
             # 3. duplicates within the crop: the higher predicted IoU wins
-            keep = batched_nms(cands.boxes.float(), cands.iou.float(), _zeros(cands.iou), iou_threshold=self.box_nms_thresh)
+            keep = batched_nms(cands.boxes.float(), cands.iou.float(), _zeros(cands.iou), self.box_nms_thresh)
             # 4. upscale the survivors again, binarise and move them to the full-image frame
             return self._materialise(cands.select(keep), input_size, crop_box, image.shape[:2])
 
@@ -225,7 +226,8 @@ class MaskGenerator:
             if self.pred_iou_thresh > 0.0:
                 logits, iou, pts = _take(iou > self.pred_iou_thresh, logits, iou, pts)
             if len(iou) == 0:
-                return _Candidates(logits, iou, iou, torch.zeros((0, 4), dtype=torch.long, device=self.device), pts)
+                no_boxes = torch.zeros((0, 4), dtype=torch.long, device=self.device)
+                return _Candidates(logits, iou, iou.new_zeros(0), no_boxes, pts)
             # 2. stability score, on the upscaled logits
             masks = self._upscale(logits, input_size, crop_size)
             stability = calculate_stability_score(masks, self.sam.mask_threshold, self.stability_score_offset)
@@ -244,7 +246,8 @@ class MaskGenerator:
         coords = torch.as_tensor(self._transform.apply_coords(points, crop_size), device=self.device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
         with self._autocast():
-            sparse, dense = self.sam.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
+            prompts = (coords[:, None, :], labels[:, None])
+            sparse, dense = self.sam.prompt_encoder(points=prompts, boxes=None, masks=None)
             logits, iou = self.sam.mask_decoder(
                 image_embeddings=features,
                 image_pe=self.sam.prompt_encoder.get_dense_pe(),
@@ -260,12 +263,11 @@ class MaskGenerator:
         """Full-image ``MaskSet`` of the candidates that survived NMS (upscaled in chunks)."""
         x0, y0, x1, y1 = crop_box
         height, width = orig_size
-        masks = torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
-        if len(cands.logits):
-            masks = torch.cat([
-                uncrop_masks(self._binarise(part, input_size, (y1 - y0, x1 - x0)), crop_box, height, width)
-                for part in cands.logits.split(3 * self.points_per_batch)
-            ])
+        chunks = [torch.zeros((0, height, width), dtype=torch.bool, device=self.device)]
+        for part in cands.logits.split(3 * self.points_per_batch) if len(cands.logits) else ():
+            binary = self._upscale(part, input_size, (y1 - y0, x1 - x0)) > self.sam.mask_threshold
+            chunks.append(uncrop_masks(binary, crop_box, height, width))
+        masks = torch.cat(chunks)
         crop_xywh = torch.tensor([x0, y0, x1 - x0, y1 - y0], dtype=torch.float32, device=self.device)
         return MaskSet(
             masks=masks,
@@ -276,14 +278,11 @@ class MaskGenerator:
             crop_boxes=crop_xywh.expand(len(masks), 4).clone(),
         )
 
-    def _upscale(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]) -> torch.Tensor:
+    def _upscale(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]
+                 ) -> torch.Tensor:
         """``(K, h, w)`` low-resolution logits -> ``(K, H, W)`` logits at crop resolution (SAM's own
         upscaling, which treats each mask independently)."""
         return self.sam.postprocess_masks(logits[:, None], input_size, crop_size)[:, 0]
-
-    def _binarise(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]) -> torch.Tensor:
-        """``(K, h, w)`` low-resolution logits -> ``(K, H, W) bool`` masks at crop resolution."""
-        return self._upscale(logits, input_size, crop_size) > self.sam.mask_threshold
 
     def _crop_nms(self, found: MaskSet) -> torch.Tensor:
         """Indices kept by NMS across crops, best first; the score is ``1 / crop area``."""
@@ -306,14 +305,16 @@ class MaskGenerator:
         nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
         keep = batched_nms(new_boxes.float(), scores, torch.zeros(len(scores)), iou_threshold=nms_thresh)
         boxes = torch.where(scores[:, None] > 0, found.boxes.cpu(), new_boxes.float())
-        return replace(found, masks=masks.to(self.device), boxes=boxes.to(self.device)).select(keep.to(self.device))
+        fixed_set = replace(found, masks=masks.to(self.device), boxes=boxes.to(self.device))
+        return fixed_set.select(keep.to(self.device))
 
     def _records(self, found: MaskSet) -> list[dict[str, Any]]:
         """The official record dicts (see :meth:`generate`)."""
         masks = found.masks.cpu().numpy()
         segmentations: Sequence[Any] = list(masks)
         if self.output_mode != "binary_mask":
-            segmentations = _rle_encode(masks) if self.output_mode == "uncompressed_rle" else _coco_encode(masks)
+            encode = _rle_encode if self.output_mode == "uncompressed_rle" else _coco_encode
+            segmentations = encode(masks)
         xyxy = found.boxes.cpu().long()
         bbox = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).tolist()
         fields = zip(
@@ -387,8 +388,9 @@ def _point_grids(options: dict) -> list[np.ndarray]:
         _check_int(name, o[name], minimum=1)
     for name in ("crop_n_layers", "min_mask_region_area"):
         _check_int(name, o[name], minimum=0)
-    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
         _check_float(name, o[name], 0.0, 1.0)
+    _check_float("crop_overlap_ratio", o["crop_overlap_ratio"], 0.0, 1.0)
     _check_float("stability_score_offset", o["stability_score_offset"], 0.0, math.inf)
     if o["output_mode"] not in OUTPUT_MODES:
         raise ConfigError(f"unknown output_mode {o['output_mode']!r}: use one of {', '.join(OUTPUT_MODES)}")
@@ -398,13 +400,18 @@ def _point_grids(options: dict) -> list[np.ndarray]:
         _check_int("points_per_side", o["points_per_side"], minimum=1)
         if int(o["points_per_side"] / o["crop_n_points_downscale_factor"] ** o["crop_n_layers"]) < 1:
             raise ConfigError("points_per_side / crop_n_points_downscale_factor**crop_n_layers must be >= 1")
-        return build_all_layer_point_grids(o["points_per_side"], o["crop_n_layers"], o["crop_n_points_downscale_factor"])
+        return build_all_layer_point_grids(
+            o["points_per_side"], o["crop_n_layers"], o["crop_n_points_downscale_factor"]
+        )
     grids = [np.asarray(g, dtype=np.float64) for g in o["point_grids"]]
     if len(grids) < o["crop_n_layers"] + 1:
-        raise ConfigError(f"point_grids has {len(grids)} grid(s); crop_n_layers={o['crop_n_layers']} needs {o['crop_n_layers'] + 1}")
+        raise ConfigError(
+            f"point_grids has {len(grids)} grid(s); crop_n_layers={o['crop_n_layers']} "
+            f"needs {o['crop_n_layers'] + 1}, one per crop layer"
+        )
     for g in grids:
         if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or not ((g >= 0) & (g <= 1)).all():
-            raise ConfigError(f"each point grid must be a non-empty (P, 2) array of XY in [0, 1], got shape {g.shape}")
+            raise ConfigError(f"each point grid must be a non-empty (P, 2) array of XY in [0, 1]; got {g.shape}")
     return grids
 
 

@@ -111,14 +111,15 @@ def _accuracy_section(evals: Sequence[dict]) -> str:
         iou = "–" if plain.get("mean_iou") is None else f"{plain['mean_iou']:.3f}"
         rows.append(f"<tr><td>{html.escape(e['ranker'])}</td><td>{plain['composites']}</td><td>{plain['queries']}</td>"
                     f"<td>{_pct(plain['accuracy'])}</td><td>{_pct(one['accuracy'])}</td><td>{iou}</td>"
-                    f"<td>{_pct(plain.get('iou50_accuracy'))}</td></tr>")
-    refs = "".join(f'<tr class="ref"><td>paper: {html.escape(n)}</td><td>–</td><td>–</td><td>{v}</td><td>–</td><td>–</td><td>–</td></tr>'
-                   for n, v in PAPER_TABLE_2)
+                    f"<td>{_pct(plain.get('iou50_accuracy'))}</td><td>{_pct(plain.get('judge_accuracy'))}</td></tr>")
+    refs = "".join(f'<tr class="ref"><td>paper: {html.escape(n)}</td><td>–</td><td>–</td><td>–</td><td>–</td><td>–</td>'
+                   f"<td>–</td><td>{v}</td></tr>" for n, v in PAPER_TABLE_2)
     table = ("<table><tr><th>ranker</th><th>composites</th><th>queries</th><th>accuracy</th><th>one-to-one</th>"
-             f"<th>mean IoU</th><th>IoU&gt;0.5</th></tr>{''.join(rows)}{refs}</table>")
+             f"<th>mean IoU</th><th>IoU&gt;0.5</th><th>judge</th></tr>{''.join(rows)}{refs}</table>")
     note = ('<p class="note">Judge-free: a query is correct when the chosen segment lies mostly (&gt;50% of its area) in '
-            "the tile of the prompted class; all 4 classes of every composite are queried. The paper's figures used a "
-            "ResNet-18 classifier as judge and are shown for reference only.</p>")
+            "the tile of the prompted class; all 4 classes of every composite are queried. <i>judge</i>: the paper's scoring, "
+            "a ResNet-18 classifier (<code>slip train-judge</code>) names the chosen segment. The paper's figures "
+            "(classifier judge, its own data) are shown for reference only.</p>")
     return "<h2>Accuracy</h2>" + table + note + _per_class_section(evals)
 
 
@@ -140,10 +141,11 @@ def _grid_section(grid: Sequence[dict]) -> str:
     finite = [g for g in grid if g.get("val_loss") is not None]
     best = min(finite, key=lambda g: g["val_loss"]) if finite else None
     rows = []
-    for g in sorted(grid, key=lambda g: (g["lr"], g["proj_dim"])):
+    for g in sorted(grid, key=lambda g: (g["lr"], g["proj_dim"] or 0)):
         mark = g is best
         loss = "failed" if g.get("val_loss") is None else f"{g['val_loss']:.4f}"
-        rows.append(f'<tr class="{"best" if mark else ""}"><td>{g["lr"]:g}</td><td>{g["proj_dim"]}</td><td>{loss}'
+        dim = "–" if g["proj_dim"] is None else g["proj_dim"]
+        rows.append(f'<tr class="{"best" if mark else ""}"><td>{g["lr"]:g}</td><td>{dim}</td><td>{loss}'
                     f'{" ★ best" if mark else ""}</td></tr>')
     return ("<h2>Grid search</h2><table><tr><th>learning rate</th><th>projection dim</th><th>validation loss</th></tr>"
             f"{''.join(rows)}</table>")

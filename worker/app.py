@@ -26,6 +26,7 @@ from kombu import Exchange, Queue
 from slip.errors import SlipError
 from worker.resources import MODEL_QUEUE, ResourceHolder
 from worker.settings import Settings
+from worker.store import Store
 
 log = logging.getLogger("slip.worker")
 
@@ -55,7 +56,13 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,  # ack after the task ran: a crash mid-task leaves the message queued
         task_reject_on_worker_lost=True,  # a killed pool process puts its task back on the queue
         worker_prefetch_multiplier=1,  # a worker reserves one message per process, no hoarding
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_concurrency=1,  # one pool process = one copy of the models per GPU (--concurrency overrides)
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # look for messages of dead workers often, not once per 10 visibility timeouts
+            "unacked_restore_throttle": 1,
+            "unacked_restore_interval": max(1.0, settings.visibility_timeout_s / 4),
+        },
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.soft_time_limit_s,
         result_expires=settings.result_expires_s,
@@ -67,7 +74,9 @@ def create_app(settings: Settings) -> Celery:
         task_routes=ROUTES,
         worker_direct=True,  # a queue per worker, for targeted health checks
         broker_connection_retry_on_startup=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,  # its ack could not arrive anyway
+        # on a broker blip let the running task finish: its result lands in the store, the unacked
+        # message comes back after the visibility timeout and the rerun skips the finished images
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=True,
     )
     app.slip_settings = settings
@@ -87,6 +96,9 @@ def connect_worker_signals(app: Celery) -> None:
     @signals.worker_init.connect(weak=False)
     def _remember_main_pid(sender=None, **_):
         holder.main_pid = os.getpid()
+        removed = Store(app.slip_settings.store).remove_stale_temporaries(app.slip_settings.task_time_limit_s)
+        if removed:
+            log.warning("removed %d temporary file(s) left by a killed writer", removed)
 
     @signals.worker_process_init.connect(weak=False)
     def _load(sender=None, **_):

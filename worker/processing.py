@@ -96,7 +96,8 @@ def process_item(res: WorkerResources, spec: SegmentSpec, item: Item, *, points_
         timings=timer.seconds,
     )
     # 4. the same files as `slip segment`, segments.json last
-    files = render_outputs(image, result, spec.prompts, params_record(spec, points_per_batch or res.settings.points_per_batch))
+    params = params_record(spec, points_per_batch or res.settings.points_per_batch) | {"pipeline": pipeline.params()}
+    files = render_outputs(image, result, spec.prompts, params)
     prefix = spec.result_key(item)
     with timer.stage("write_result"):
         write_result(res.store, prefix, files)

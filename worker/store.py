@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from typing import Any
 
@@ -189,6 +190,22 @@ class Store:
                 self.fs.rm_file(path)
         except OSError as e:
             raise StoreError(f"cannot delete {key!r} from store {self.url}: {e}") from e
+
+    def remove_stale_temporaries(self, older_than_s: float) -> int:
+        """Delete temporary files a killed writer left behind (``.tmp-*`` older than ``older_than_s``
+        seconds, so a live writer's file is never touched); returns how many were removed."""
+        if not self.fs.exists(self.root):
+            return 0
+        now, removed = time.time(), 0
+        for path, info in self.fs.find(self.root, detail=True).items():
+            if not path.rsplit("/", 1)[-1].startswith(".tmp-"):
+                continue
+            mtime = info.get("mtime") or info.get("created") or now
+            mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+            if now - mtime > older_than_s:
+                self.fs.rm_file(path)
+                removed += 1
+        return removed
 
     def _put_local(self, path: str, data: bytes) -> None:
         folder, name = os.path.split(path)

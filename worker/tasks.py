@@ -165,7 +165,11 @@ def _retry_or_give_up(task, res: WorkerResources, r: _Retry) -> dict:
     if retries < res.settings.max_retries:
         countdown = res.settings.retry_backoff_s * (2**retries)
         log.warning("task %s: %s; retry %d/%d in %.1f s", task.request.id, r.cause, retries + 1, res.settings.max_retries, countdown)
-        raise task.retry(exc=r.cause, countdown=countdown, kwargs={"request": r.request.model_dump(mode="json")})
+        items = r.request.items
+        raise task.retry(exc=r.cause, countdown=countdown, max_retries=res.settings.max_retries,
+                         kwargs={"request": r.request.model_dump(mode="json")},
+                         kwargsrepr=f"job={r.request.job_id} items={items[0].index}..{items[-1].index} ({len(items)}) "
+                                    f"retry={retries + 1} points_per_batch={r.request.points_per_batch}")
     reason = f"gave up after {retries} retries: {type(r.cause).__name__}: {r.cause}"
     records: list[ItemRecord] = []
     _fail_unfinished(res, r.request, records, reason, type(r.cause).__name__,

@@ -1,4 +1,5 @@
-"""``slip train-ranker`` and ``slip evaluate-local``: fine-tune a ranker and score it, no queue involved.
+"""``slip train-ranker``, ``slip train-judge`` and ``slip evaluate-local``: fine-tune a ranker, train the
+paper's classifier judge, score rankers — no queue involved.
 
 The lead's app mounts these functions as commands (``app.command("train-ranker")(train_ranker)``).
 """
@@ -20,6 +21,13 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _threads(count: int | None) -> None:
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
+
+
 def train_ranker(
     dataset: Path = typer.Argument(..., help="Labelled image folder: one sub-directory per class."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory (best validation loss) + curve.json/png."),
@@ -36,11 +44,15 @@ def train_ranker(
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
     segment_view_prob: float = typer.Option(0.5, help="Share of cut-out segment views for images with masks."),
     init: Optional[str] = typer.Option(None, help="Fine-tune this ranker instead (HF CLIP id/DIR, dual-encoder DIR, tiny-random)."),
-    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random init even when pretrained weights are on disk."),
+    pretrained_image: bool = typer.Option(True, "--pretrained-image/--random-image",
+                                          help="Start the image backbone from pretrained weights when they are on disk."),
+    pretrained_text: bool = typer.Option(True, "--pretrained-text/--random-text",
+                                         help="Start the text encoder from pretrained weights when they are on disk."),
     save_initial: bool = typer.Option(False, help="Also save the untrained starting point to OUT/initial."),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation."),
     split_seed: int = typer.Option(0, help="Seed of the 80/20 train/validation split."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ) -> None:
     """Fine-tune a ranker on DATASET with the SLIP paper's recipe; the best checkpoint loads with --clip OUT."""
@@ -49,12 +61,14 @@ def train_ranker(
     from slip.train.ranker import train_ranker as run
 
     _logging(quiet)
+    _threads(threads)
     with user_errors():
         model = None
         if init is None:
             pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
             model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder, text_pooling=pooling,
-                                      proj_dim=proj_dim, image_size=image_size, pretrained=not no_pretrained)
+                                      proj_dim=proj_dim, image_size=image_size, pretrained_image=pretrained_image,
+                                      pretrained_text=pretrained_text)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
                              seed=seed, split_seed=split_seed, caption_template=caption_template,
                              segment_view_prob=segment_view_prob, device=device, progress=not quiet,
@@ -76,6 +90,7 @@ def evaluate_local(
     sam: str = typer.Option("synth", help="SAM spec for --proposals sam."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary per ranker as JSON here."),
     report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
+    judge: Optional[Path] = typer.Option(None, help="Also score with this classifier judge (slip train-judge)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -86,7 +101,8 @@ def evaluate_local(
     with user_errors():
         runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed,
                                 caption_template=caption_template, tile_size=tile_size, proposals=proposals,
-                                sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet)
+                                sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet,
+                                judge=judge)
         typer.echo(format_table(runs))
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,3 +113,28 @@ def evaluate_local(
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(report_from_runs(runs))
             typer.echo(f"report: {report}")
+
+
+def train_judge(
+    dataset: Path = typer.Argument(..., help="Labelled image folder: one sub-directory per class."),
+    out: Path = typer.Option(..., "--out", "-o", help="Judge directory (config.json + model.safetensors)."),
+    backbone: str = typer.Option("resnet18", help="timm classifier (the paper: ResNet-18)."),
+    image_size: int = typer.Option(64, help="Crop side in pixels."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    seed: int = typer.Option(0, help="Training seed."),
+    split_seed: int = typer.Option(0, help="80/20 split seed: use the ranker's, so the judge never sees test images."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train the paper's classifier judge (random init, offline) and report its held-out accuracy."""
+    from slip.train.judge import JudgeConfig
+    from slip.train.judge import train_judge as run
+
+    _logging(quiet)
+    with user_errors():
+        config = JudgeConfig(backbone=backbone, image_size=image_size, epochs=epochs, lr=lr, seed=seed,
+                             split_seed=split_seed, device=device, progress=not quiet)
+        judge = run(dataset, out, config=config)
+    typer.echo(f"judge held-out accuracy {judge.val_accuracy:.1%} ({len(judge.class_names)} classes); saved to {out} "
+               f"(use --judge {out})")

@@ -46,6 +46,10 @@ def train_sam(
                                 "in slip/weights/synth-sam (loads with --sam synth)."),
     seed: int = typer.Option(0, help="Seed of the split, initialisation, scenes and prompts."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: one per core; on a busy shared "
+                                          "machine 1 avoids oversubscription)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast for forward passes "
+                                        "(default: on for --bundle; fast on CPUs with AVX512-BF16/AMX)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or per-epoch lines."),
 ) -> None:
     """Train a SAM on DATASET's instance masks: prompts from the ground truth, focal + dice + IoU loss."""
@@ -53,6 +57,10 @@ def train_sam(
 
     from slip.train import sam as training
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(threads, 1))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if out is None and not bundle:
         fail("give --out DIR for the checkpoint (or --bundle to rebuild the bundled synth-sam)")
@@ -63,7 +71,7 @@ def train_sam(
         prompts = config.prompts
         if background_points is not None:
             prompts = replace(prompts, background_fraction=background_points)
-        changes = {"epochs": epochs, "scenes_per_epoch": scenes_per_epoch, "batch_images": batch_images,
+        changes = {"bf16": bf16, "epochs": epochs, "scenes_per_epoch": scenes_per_epoch, "batch_images": batch_images,
                    "prompts_per_image": prompts_per_image, "lr": lr}
         if lr is None and arch is not None and not bundle:
             changes["lr"] = training.SCRATCH_LR

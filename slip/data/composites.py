@@ -4,9 +4,9 @@ Composite ``i`` of a :class:`CompositeSource` depends only on ``(seed, i)`` and 
 so any worker can rebuild any composite from the dataset path, the split seed and the index.
 
 Oracle proposals (:func:`oracle_segments`) are the known segments of a composite: per tile the object
-(its ground-truth mask for synthetic data, the whole tile otherwise) plus distractors — a background
-patch and a partial (half) object — so a ranker is tested on picking the right segment among
-plausible wrong ones, without SAM in the loop.
+(its ground-truth mask for synthetic data, the whole tile otherwise) plus distractors — an irregular
+background blob and a partial (half) object — so a ranker is tested on picking the right segment
+among plausible wrong ones, without SAM in the loop.
 """
 
 from __future__ import annotations
@@ -143,13 +143,15 @@ def oracle_segments(composite: Composite, *, seed: int = 0, distractors: bool = 
 
 
 def _background_patch(composite: Composite, k: int, obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random rectangle of tile ``k`` (40-70 % of its side), minus the object when it is not the tile."""
+    """An irregular blob of tile ``k`` (30-60 % of it, like a SAM background segment), minus the object
+    when the object is not the whole tile. Not a rectangle: a square patch would look like a square."""
     x0, y0, x1, y1 = composite.tile_boxes[k]
     t = int(x1 - x0)
-    side = int(t * rng.uniform(0.4, 0.7))
-    px, py = x0 + int(rng.integers(0, t - side + 1)), y0 + int(rng.integers(0, t - side + 1))
+    low = (rng.uniform(size=(4, 4)) * 255).astype(np.uint8)
+    field = np.asarray(Image.fromarray(low).resize((t, t), Image.BICUBIC), np.float32)
+    blob = field >= np.quantile(field, 1.0 - rng.uniform(0.3, 0.6))
     patch = np.zeros_like(obj)
-    patch[py : py + side, px : px + side] = True
+    patch[y0:y1, x0:x1] = blob
     whole_tile = obj.sum() >= t * t
     return patch if whole_tile else patch & ~obj
 

@@ -53,7 +53,8 @@ class DualEncoderConfig:
     dropout: float = 0.1  # dropout inside the projection heads
     image_size: int = 224  # side in pixels of the square crops the image backbone sees
     max_text_tokens: int = 32  # captions are truncated to this many tokens
-    pretrained: bool = True  # start from pretrained backbone weights when they are on disk (else random, logged)
+    pretrained_image: bool = True  # start the image backbone from pretrained weights when on disk (else random, logged)
+    pretrained_text: bool = True  # start the text encoder from pretrained weights when on disk (else random, logged)
 
     def __post_init__(self) -> None:
         if self.text_pooling not in POOLINGS:
@@ -67,6 +68,8 @@ class DualEncoderConfig:
     @staticmethod
     def from_json(data: dict) -> "DualEncoderConfig":
         known = {f.name for f in fields(DualEncoderConfig)}
+        if "pretrained" in data:  # one flag for both parts, as a shorthand
+            data = {"pretrained_image": data["pretrained"], "pretrained_text": data["pretrained"], **data}
         return DualEncoderConfig(**{k: v for k, v in data.items() if k in known})
 
 
@@ -206,14 +209,14 @@ def _image_backbone(config: DualEncoderConfig, cache_dir: Path | None):
     name = config.image_backbone
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm image backbone {name!r} (e.g. resnet50, resnet18, test_resnet)")
-    weights = _local_timm_weights(name, cache_dir) if config.pretrained else None
+    weights = _local_timm_weights(name, cache_dir) if config.pretrained_image else None
     if weights is not None:
         model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(weights)})
         init = f"pretrained: {weights}"
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0)
         init = "random"
-        if config.pretrained:
+        if config.pretrained_image:
             log.warning("image backbone %r: no pretrained weights on disk (looked for %s and the Hugging Face cache); "
                         "starting from RANDOM init", name, _timm_cache_dir(cache_dir) / f"{name}.safetensors")
     data = timm.data.resolve_data_config({}, model=model)
@@ -262,7 +265,7 @@ def _text_encoder(config: DualEncoderConfig, cache_dir: Path | None):
         return _random_known_text_encoder(spec, config, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        if config.pretrained:
+        if config.pretrained_text:
             return AutoModel.from_pretrained(str(directory), local_files_only=True), tokenizer, f"pretrained: {directory}"
         return AutoModel.from_config(AutoConfig.from_pretrained(str(directory))), tokenizer, "random"
     except (OSError, ValueError) as e:
@@ -288,12 +291,20 @@ def _text_directory(spec: str, cache_dir: Path | None) -> Path | None:
     return None
 
 
-# architectures we can build without any downloaded file (uncased WordPiece vocab = MiniLM's vocab.txt)
-_KNOWN_TEXT = {
-    "distilbert-base-uncased": lambda vocab: __import__("transformers").DistilBertConfig(vocab_size=vocab),
-    "distilbert/distilbert-base-uncased": lambda vocab: __import__("transformers").DistilBertConfig(vocab_size=vocab),
-    "bert-base-uncased": lambda vocab: __import__("transformers").BertConfig(vocab_size=vocab),
-}
+# architectures buildable without any downloaded file (their uncased WordPiece vocab = MiniLM's vocab.txt)
+_DISTILBERT_IDS = ("distilbert-base-uncased", "distilbert/distilbert-base-uncased")
+_BERT_IDS = ("bert-base-uncased", "google-bert/bert-base-uncased")
+
+
+def _known_text_config(spec: str, vocab_size: int):
+    """The transformers config of a well-known uncased text encoder, or None."""
+    from transformers import BertConfig, DistilBertConfig
+
+    if spec in _DISTILBERT_IDS:
+        return DistilBertConfig(vocab_size=vocab_size)
+    if spec in _BERT_IDS:
+        return BertConfig(vocab_size=vocab_size)
+    return None
 
 
 def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: Path | None):
@@ -301,17 +312,17 @@ def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: 
 
     from slip.weights import hf_cache
 
-    if spec not in _KNOWN_TEXT:
+    if spec not in _DISTILBERT_IDS + _BERT_IDS:
         raise WeightsNotFoundError(
             f"text encoder {spec!r} is not on disk (looked in {hf_cache(cache_dir)} and the default Hugging Face "
             f"cache): fetch it with `slip weights fetch {spec}` (cache dir from $SLIP_CACHE), pass a local directory, "
             "or use --text-encoder minilm (offline, pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))  # the same uncased WordPiece vocabulary
-    if config.pretrained:
+    if config.pretrained_text:
         log.warning("text encoder %r: no pretrained weights on disk (looked in %s and the default Hugging Face cache; "
                     "fetch with `slip weights fetch %s`); starting from RANDOM init. --text-encoder minilm is a "
                     "pretrained text encoder that works offline", spec, hf_cache(cache_dir), spec)
-    return AutoModel.from_config(_KNOWN_TEXT[spec](len(tokenizer))), tokenizer, "random"
+    return AutoModel.from_config(_known_text_config(spec, len(tokenizer))), tokenizer, "random"
 
 
 # --- saving and loading ---------------------------------------------------------------------------------

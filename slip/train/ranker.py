@@ -91,6 +91,46 @@ def train_ranker(dataset: str | Path, out: str | Path, *, model: DualEncoderConf
     ``on_epoch`` receives each epoch's record (e.g. to report progress to a queue).
     """
     started = time.perf_counter()
+    run = _prepare(dataset, model, init, config, cache_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.save_initial:
+        run.trainee.save(out / "initial", training=_training_meta(run.folder, config, 0, None))
+    history: list[dict] = []
+    best = (0, math.inf)
+    for epoch in range(1, config.epochs + 1):
+        # 1. train one epoch, validate, step the plateau scheduler
+        record = _epoch(run, epoch, config)
+        history.append(record)
+        # 2. keep the best-validation checkpoint; curves every epoch
+        if record["val_loss"] < best[1]:
+            best = (epoch, record["val_loss"])
+            run.trainee.save(out, training=_training_meta(run.folder, config, epoch, record["val_loss"]))
+        write_curve(out, history, best_epoch=best[0])
+        log.info("epoch %d: train %.4f val %.4f acc %.3f", epoch, record["train_loss"], record["val_loss"],
+                 record["val_accuracy"])
+        if on_epoch is not None:
+            on_epoch(record)
+    return TrainResult(out=out, best_epoch=best[0], best_val_loss=best[1], history=history,
+                       seconds=time.perf_counter() - started)
+
+
+@dataclass
+class _Run:
+    """Everything one training run works with."""
+
+    folder: LabelledFolder
+    trainee: Trainee
+    device: torch.device
+    train_loader: DataLoader
+    val_loader: DataLoader
+    tokens: tuple[torch.Tensor, torch.Tensor]  # every class caption: (input_ids, attention_mask), (C, T)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+def _prepare(dataset, model, init, config: TrainConfig, cache_dir) -> _Run:
+    """Scan and split the dataset, build the model, the loaders, the optimiser and the scheduler."""
     device = resolve_device(config.device)
     folder = scan_folder(dataset, caption_template=config.caption_template)
     train_records, val_records = split_records(folder.records, val_fraction=config.val_fraction, seed=config.split_seed)
@@ -100,43 +140,27 @@ def train_ranker(dataset: str | Path, out: str | Path, *, model: DualEncoderConf
     torch.manual_seed(config.seed)
     trainee = _trainee(model, init, config, cache_dir)
     trainee.module.to(device)
-    image_size = trainee.image_size
-    train_loader = _loader(CaptionDataset(train_records, image_size=image_size, segment_view_prob=config.segment_view_prob,
-                                          random=True, seed=config.seed), config, shuffle=True)
-    val_loader = _loader(CaptionDataset(val_records, image_size=image_size, segment_view_prob=config.segment_view_prob,
-                                        random=False), config, shuffle=False)
+    views = {"image_size": trainee.image_size, "segment_view_prob": config.segment_view_prob}
+    train_loader = _loader(CaptionDataset(train_records, **views, random=True, seed=config.seed), config, shuffle=True)
+    val_loader = _loader(CaptionDataset(val_records, **views, random=False), config, shuffle=False)
     tokens = tuple(t.to(device) for t in caption_tokens(trainee.tokenizer, folder.captions, trainee.max_text_tokens))
     optimizer = torch.optim.AdamW(trainee.param_groups(lr=config.lr, image_lr=config.image_lr, text_lr=config.text_lr,
                                                        weight_decay=config.weight_decay), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.save_initial:
-        trainee.save(out / "initial", training=_training_meta(folder, config, 0, math.nan))
-    history: list[dict] = []
-    best = (0, math.inf)
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        train_loader.dataset.set_epoch(epoch)
-        # 1. one pass over the training split
-        train_loss = _run_epoch(trainee, train_loader, tokens, device, optimizer, config, f"epoch {epoch}/{config.epochs}")
-        # 2. validation loss and caption-retrieval accuracy on the held-out split
-        val_loss, val_acc = _validate(trainee, val_loader, tokens, device)
-        scheduler.step(val_loss)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                  "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
-        history.append(record)
-        # 3. keep the best-validation checkpoint; curves every epoch
-        if val_loss < best[1]:
-            best = (epoch, val_loss)
-            trainee.save(out, training=_training_meta(folder, config, epoch, val_loss))
-        write_curve(out, history, best_epoch=best[0])
-        log.info("epoch %d: train %.4f val %.4f acc %.3f", epoch, train_loss, val_loss, val_acc)
-        if on_epoch is not None:
-            on_epoch(record)
-    return TrainResult(out=out, best_epoch=best[0], best_val_loss=best[1], history=history,
-                       seconds=time.perf_counter() - started)
+    return _Run(folder, trainee, device, train_loader, val_loader, tokens, optimizer, scheduler)
+
+
+def _epoch(run: _Run, epoch: int, config: TrainConfig) -> dict:
+    """One epoch: training pass, validation, scheduler step; the epoch's record."""
+    t0 = time.perf_counter()
+    run.train_loader.dataset.set_epoch(epoch)
+    train_loss = _run_epoch(run.trainee, run.train_loader, run.tokens, run.device, run.optimizer, config,
+                            f"epoch {epoch}/{config.epochs}")
+    val_loss, val_acc = _validate(run.trainee, run.val_loader, run.tokens, run.device)
+    run.scheduler.step(val_loss)
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+            "lr": run.optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _trainee(model: DualEncoderConfig | None, init: str | None, config: TrainConfig, cache_dir: Path | None) -> Trainee:
@@ -197,7 +221,7 @@ def _validate(trainee: Trainee, loader: DataLoader, tokens, device) -> tuple[flo
     return total / max(count, 1), hits / max(len(loader.dataset), 1)
 
 
-def _training_meta(folder: LabelledFolder, config: TrainConfig, epoch: int, val_loss: float) -> dict:
+def _training_meta(folder: LabelledFolder, config: TrainConfig, epoch: int, val_loss: float | None) -> dict:
     return {"dataset": str(folder.root), "classes": list(folder.class_names), "captions": list(folder.captions),
             "config": asdict(config), "best_epoch": epoch, "best_val_loss": val_loss}
 

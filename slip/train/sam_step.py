@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
 
-from slip.train.sam_data import InstanceImage, Prompt
+from slip.errors import DatasetError
+from slip.train.sam_data import (
+    InstanceBank,
+    InstanceImage,
+    Prompt,
+    PromptConfig,
+    SceneConfig,
+    build_scene,
+    letterbox,
+    sample_prompts,
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,15 @@ def collate(scenes: Sequence[InstanceImage], prompts: Sequence[Sequence[Prompt]]
     )
 
 
-def predict(sam: Sam, batch: PromptBatch, *, train_image_encoder: bool) -> StepOutput:
-    """Batched forward of all prompts; gradients flow into the image encoder only when asked."""
+def predict(sam: Sam, batch: PromptBatch, *, train_image_encoder: bool, bf16: bool = False) -> StepOutput:
+    """Batched forward of all prompts; gradients flow into the image encoder only when asked.
+    ``bf16`` runs the modules under bfloat16 autocast; the outputs are float32 either way."""
+    with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = _forward(sam, batch, train_image_encoder)
+    return StepOutput(*(t.float() for t in (out.point_logits, out.point_iou, out.box_logits, out.box_iou)))
+
+
+def _forward(sam: Sam, batch: PromptBatch, train_image_encoder: bool) -> StepOutput:
     x = torch.stack([sam.preprocess(image) for image in batch.images])
     with torch.set_grad_enabled(train_image_encoder and torch.is_grad_enabled()):
         embeddings = sam.image_encoder(x)  # (B, C, g, g)
@@ -197,3 +214,46 @@ def chosen_iou(out: StepOutput, batch: PromptBatch, *, size: int) -> tuple[torch
     point = mask_iou(resize_logits(point_logits, size), targets[:n])[:, 0]
     box = mask_iou(resize_logits(out.box_logits, size), targets[n:])[:, 0]
     return point, box
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+def validation_batches(bank: InstanceBank, scenes: SceneConfig, *, count: int, batch_images: int,
+                       seed: int) -> list[PromptBatch]:
+    """Fixed (seeded) validation scenes with one point and one unjittered box prompt per object.
+    Plain scene recipes (no composites or pastes) use the first ``count`` bank images as they are."""
+    rng = np.random.default_rng([seed, 10_000])
+    if scenes.composite_prob == 0 and scenes.max_pastes == 0:
+        built = [letterbox(bank[i], scenes.size) for i in range(min(count, len(bank)))]
+    else:
+        built = [build_scene(bank, rng, scenes) for _ in range(count)]
+    points = PromptConfig(point_fraction=1.0, background_fraction=0.0)
+    boxes = PromptConfig(point_fraction=0.0, background_fraction=0.0, box_jitter=0.0)
+    batches = []
+    for i in range(0, len(built), batch_images):
+        chunk = [s for s in built[i : i + batch_images] if len(s.masks)]
+        if chunk:
+            batches.append(collate(chunk, [sample_prompts(s, len(s.masks), rng, points)
+                                           + sample_prompts(s, len(s.masks), rng, boxes) for s in chunk]))
+    if not batches:
+        raise DatasetError(f"no validation scene of {bank.name} holds an object")
+    return batches
+
+
+@torch.no_grad()
+def evaluate(sam: Sam, batches: Sequence[PromptBatch], device: torch.device, *, size: int,
+             weights: LossWeights) -> dict:
+    """Validation loss and mIoU (at ``size`` pixels) of the mask SAM would return: for points the
+    output with the highest predicted IoU, for boxes the single output. Runs in float32."""
+    sam.eval()
+    losses, point_ious, box_ious = [], [], []
+    for batch in batches:
+        batch = batch.to(device)
+        out = predict(sam, batch, train_image_encoder=False)
+        loss, _ = batch_loss(out, batch, size=size, weights=weights)
+        point, box = chosen_iou(out, batch, size=size)
+        losses.append(float(loss)), point_ious.append(point.cpu()), box_ious.append(box.cpu())
+    point_all, box_all = torch.cat(point_ious), torch.cat(box_ious)
+    return {"val_loss": float(np.mean(losses)), "val_miou": float(torch.cat([point_all, box_all]).mean()),
+            "val_point_miou": float(point_all.mean()), "val_box_miou": float(box_all.mean())}

@@ -55,6 +55,7 @@ def queue_env(store: Path, *, db: int = SESSION_DB, port: int = REDIS_PORT, **ov
         SLIP_TASK_TIME_LIMIT="120",
         SLIP_VISIBILITY_TIMEOUT="150",
         SLIP_RETRY_BACKOFF="0.5",
+        SLIP_MAX_RETRIES="2",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",

@@ -78,7 +78,7 @@ def test_every_result_is_present_and_valid(batch, client, worker):
     assert matched > 0, "the tiny-random settings must produce segments, or this test checks nothing"
 
 
-def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, tmp_path):
+def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, client, tmp_path):
     out = tmp_path / "coco.json"
     proc = invoke_cli(["results", batch["job"], "--format", "coco", "--out", str(out)], worker["env"])
     assert proc.exit_code == 0, proc.stderr
@@ -96,7 +96,9 @@ def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, tmp_path):
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(records) == 22 and all(r["state"] == "done" and len(r["matches"]) == 2 for r in records)
     proc = invoke_cli(["status", batch["job"], "--json"], worker["env"])
-    assert json.loads(proc.stdout) == {"job_id": batch["job"], "total": 22, "done": 22, "failed": 0, "pending": 0, "lost": 0}
+    summary = {"job_id": batch["job"], "total": 22, "done": 22, "failed": 0, "pending": 0, "lost": 0}
+    assert json.loads(proc.stdout) == summary
+    assert client.app.send_task("slip.reconcile", args=[batch["job"]]).get(timeout=60) == summary  # the cpu task
 
 
 def test_resubmit_skips_done_work(batch, worker, client):
@@ -173,3 +175,21 @@ def test_backpressure_bounds_outstanding_tasks(worker, client, tmp_path):
     assert max(observed) <= max_in_flight
     assert len(task_records(client.store, job)) == 6
     assert client.wait(job, timeout_s=120).counts["done"] == 6
+
+
+def test_transient_store_failure_retries_then_gives_up_and_slip_retry_recovers(worker, client, tmp_path):
+    manifest = client.create_job(make_images(tmp_path, 1, seed=12), ["a red box"], TINY_PARAMS)
+    item = manifest.items[0]
+    blocker = store_root(worker) / "proposals" / item.image_sha
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"a file where the proposals folder must go: every write under it fails")
+    client.enqueue(manifest, manifest.items, attempt=0)
+    status = client.wait(manifest.job_id, timeout_s=120)
+    (state,) = status.items
+    assert state.state == "failed" and not state.permanent, state
+    assert state.reason.startswith("gave up after 2 retries: StoreError"), state.reason
+    log = worker["log"].read_text()
+    assert len(re.findall(rf"slip\.segment\[{state.task_id}\] retry", log)) == 2, "retried with backoff, twice"
+    blocker.unlink()
+    assert client.retry(manifest.job_id) == 1
+    assert client.wait(manifest.job_id, timeout_s=120).counts == {"done": 1, "failed": 0, "pending": 0, "lost": 0}

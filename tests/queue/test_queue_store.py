@@ -126,6 +126,7 @@ def test_celery_app_configuration():
     conf = create_app(Settings.from_env({"SLIP_TASK_TIME_LIMIT": "60", "SLIP_VISIBILITY_TIMEOUT": "90"})).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.worker_concurrency == 1, "one model copy per GPU unless asked"
     assert conf.broker_transport_options["visibility_timeout"] == 90 > conf.task_time_limit == 60
     assert conf.task_soft_time_limit < conf.task_time_limit and conf.result_expires
     assert conf.worker_send_task_events and conf.task_send_sent_event

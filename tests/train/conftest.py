@@ -18,7 +18,7 @@ def synth_dir(tmp_path_factory):
 def tiny_config() -> DualEncoderConfig:
     """timm's test_resnet + a 2-layer random DistilBERT, 32 px crops: seconds to train on a CPU."""
     return DualEncoderConfig(image_backbone="test_resnet", text_encoder="tiny-random", text_pooling="mean",
-                             image_size=32, proj_dim=16, pretrained=False)
+                             image_size=32, proj_dim=16, pretrained_image=False, pretrained_text=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

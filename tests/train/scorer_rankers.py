@@ -55,3 +55,14 @@ class ConstantRanker:
 
     def encode_texts(self, texts) -> torch.Tensor:
         return torch.ones(len(texts), 4) / 2
+
+
+class ColourJudge:
+    """A classifier judge that names the colour nearest to a crop's mean non-black colour."""
+
+    image_size = 16
+    class_names = tuple(sorted(COLOURS))
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        colours = torch.nn.functional.normalize(torch.tensor([COLOURS[n] for n in self.class_names]), dim=-1)
+        return (ColourRanker().encode_images(pixels) @ colours.T).argmax(1)

@@ -75,7 +75,7 @@ def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     (tmp_path / "timm").mkdir()
     save_file(state, str(tmp_path / "timm" / "test_resnet.safetensors"))
-    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained": True})
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained_image": True})
     model, _, init = build_dual_encoder(config, cache_dir=tmp_path, seed=123)
     assert init["image"] == f"pretrained: {tmp_path / 'timm' / 'test_resnet.safetensors'}"
     for k, v in model.image_encoder.state_dict().items():
@@ -84,7 +84,7 @@ def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny
 
 
 def test_missing_pretrained_weights_are_announced_not_silent(tmp_path, tiny_config, caplog):
-    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained": True})
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained_image": True})
     with caplog.at_level(logging.WARNING):
         _, _, init = build_dual_encoder(config, cache_dir=tmp_path)
     assert init["image"] == "random"
@@ -98,7 +98,7 @@ def test_unknown_uncached_text_encoder_names_the_fetch_command(tmp_path, tiny_co
 
 
 def test_minilm_loads_pretrained_offline(tiny_config):
-    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "minilm", "pretrained": True})
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "minilm", "pretrained_text": True})
     model, tokenizer, init = build_dual_encoder(config)
     assert init["text"].startswith("pretrained: ") and model.text_dim == 384
     ranker = DualEncoderRanker(model, tokenizer, spec="m")

@@ -100,3 +100,13 @@ def test_summaries_of_chunks_add_up(synth_source):
     whole = summarize(evaluate(ConstantRanker(), synth_source.take(8)))
     assert summarize(a + b) == whole
     assert summarize(b + a) == whole
+
+
+def test_sam_proposals_go_through_the_mask_generator_and_filters(synth_dir):
+    from slip.evaluate import evaluate_rankers
+
+    tiny = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    run = evaluate_rankers(synth_dir, ["tiny-random"], composites=2, tile_size=32, proposals="sam", sam="tiny-random",
+                           device="cpu", generator=tiny, filters="none", gallery=0)[0]
+    plain = run.summary["plain"]
+    assert plain["queries"] == 8 and set(plain["chosen_kinds"]) == {"proposal"}

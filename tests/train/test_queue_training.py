@@ -1,0 +1,109 @@
+"""Training and evaluation through the real queue: Redis db 12, one real Celery worker process.
+
+The evaluation job's aggregate must equal the same evaluation run locally (same seeded composites, the
+same seeded tiny-random CLIP): chunks fanned out, results written by the worker, summed by the producer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
+from queue_helpers import (  # noqa: E402
+    REDIS_HOST,
+    REDIS_PORT,
+    flush,
+    invoke_cli,
+    job_id_from,
+    queue_env,
+    start_worker,
+    stop_worker,
+    wait_worker_ready,
+)
+
+from slip.data.synth import generate_dataset  # noqa: E402
+from slip.evaluate import evaluate_rankers  # noqa: E402
+from slip.rankers.dual_encoder import DualEncoderRanker  # noqa: E402
+from slip.rankers.loading import load_ranker  # noqa: E402
+
+DB = 12  # this module's own Redis db (the queue tests use 13-15)
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def train_worker(tmp_path_factory):
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: start redis-server ({e})")
+    finally:
+        client.close()
+    flush(DB)
+    store = tmp_path_factory.mktemp("train-store")
+    env = queue_env(store, db=DB, SLIP_CACHE=str(tmp_path_factory.mktemp("train-cache")))
+    log = tmp_path_factory.mktemp("train-logs") / "trainer.log"
+    process = start_worker(env, ("gpu", "cpu"), "trainer", log_path=log)
+    try:
+        wait_worker_ready(env, "trainer", process=process)
+    except RuntimeError as e:
+        stop_worker(process, timeout_s=5)
+        pytest.fail(f"{e}\n--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
+    yield {"env": env, "store": store, "log": log}
+    stop_worker(process)
+    flush(DB)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("qsynth") / "ds", classes=6, per_class=10, size=40, seed=0)
+
+
+def _run(args, env):
+    done = invoke_cli(args, env)
+    assert done.exit_code == 0, done.output
+    return done.stdout
+
+
+def test_evaluation_through_a_worker_aggregates_like_a_local_run(train_worker, dataset):
+    env, store = train_worker["env"], train_worker["store"]
+    out = _run(["submit", "evaluate", str(dataset), "--ranker", "tiny-random", "--composites", "7", "--chunk", "3",
+                "--tile-size", "32", "--gallery", "4", "--wait"], env)
+    job = job_id_from(out)
+    assert "tiny-random" in out and "7/7" in out
+    chunks = sorted((store / "jobs" / job / "eval" / "0").glob("*.json"))
+    assert [p.name for p in chunks] == ["0.json", "1.json", "2.json"]  # 3 + 3 + 1 composites
+    stored = [json.loads(p.read_text()) for p in chunks]
+    assert [len(c["results"]) for c in stored] == [24, 24, 8]  # 4 queries x 2 modes per composite
+    assert [len(c["gallery"]) for c in stored] == [3, 1, 0]
+    queued = json.loads((store / "jobs" / job / "evaluation.json").read_text())[0]["summary"]
+    local = evaluate_rankers(dataset, ["tiny-random"], composites=7, tile_size=32, device="cpu")[0].summary
+    assert queued == local
+    assert queued["plain"]["queries"] == 28 and sum(v["queries"] for v in queued["plain"]["per_class"].values()) == 28
+
+
+def test_grid_search_through_a_worker_then_evaluate_and_report(train_worker, dataset, tmp_path):
+    env = train_worker["env"]
+    best = tmp_path / "best"
+    out = _run(["submit", "train", str(dataset), "--grid", "lr=1e-3,1e-2", "--grid", "proj_dim=8,16",
+                "--image-backbone", "test_resnet", "--text-encoder", "tiny-random", "--image-size", "32",
+                "--epochs", "1", "--batch-size", "8", "--wait", "--out", str(best)], env)
+    train_job = job_id_from(out)
+    table = [line for line in out.splitlines()[1:] if line.strip() and line.strip()[0].isdigit()]
+    assert len(table) == 4 and sum("<- best" in line for line in table) == 1
+    ranker = load_ranker(str(best), device="cpu")
+    assert isinstance(ranker, DualEncoderRanker) and ranker.image_size == 32
+    out = _run(["submit", "evaluate", str(dataset), "--ranker", f"job:{train_job}", "--ranker", str(best),
+                "--composites", "4", "--chunk", "2", "--tile-size", "32", "--wait"], env)
+    eval_job = job_id_from(out)
+    rows = json.loads((train_worker["store"] / "jobs" / eval_job / "evaluation.json").read_text())
+    assert rows[0]["summary"] == rows[1]["summary"]  # the best cell, addressed two ways
+    page = tmp_path / "report.html"
+    _run(["report", train_job, eval_job, "--out", str(page)], env)
+    html = page.read_text()
+    assert html.count("<tr class=\"best\">") == 1 and "Training curves" in html and "Gallery" in html
