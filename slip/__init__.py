@@ -1,41 +1,49 @@
-"""SLIP (SAM + CLIP): text-prompted object segmentation. The model library; it knows nothing of queues."""
+"""SLIP (SAM + CLIP): text-prompted object segmentation. The model library; it knows nothing of queues.
 
-from slip.config import SlipConfig, build_slip
-from slip.crops import CropConfig, crop_segments
-from slip.errors import SlipError
-from slip.filters import Containment, Dedup, Disjoint, MinArea, apply_filters, default_filters, parse_filters
-from slip.generator import MaskGenerator
-from slip.images import load_image
-from slip.pipeline import SLIP
-from slip.rankers.base import Ranker
-from slip.rankers.loading import load_ranker
-from slip.ranking import rank
-from slip.sam import load_sam
-from slip.types import FilterStat, Match, MaskSet, Proposals, SlipResult
+Names are re-exported lazily (PEP 562), so ``import slip.errors`` or a light CLI command does not pay
+for importing torch, transformers and timm.
+"""
 
-__all__ = [
-    "SLIP",
-    "Containment",
-    "CropConfig",
-    "Dedup",
-    "Disjoint",
-    "FilterStat",
-    "MaskGenerator",
-    "MaskSet",
-    "Match",
-    "MinArea",
-    "Proposals",
-    "Ranker",
-    "SlipConfig",
-    "SlipError",
-    "SlipResult",
-    "apply_filters",
-    "build_slip",
-    "crop_segments",
-    "default_filters",
-    "load_image",
-    "load_ranker",
-    "load_sam",
-    "parse_filters",
-    "rank",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SlipConfig": "slip.config",
+    "build_slip": "slip.config",
+    "CropConfig": "slip.crops",
+    "crop_segments": "slip.crops",
+    "SlipError": "slip.errors",
+    "Containment": "slip.filters",
+    "Dedup": "slip.filters",
+    "Disjoint": "slip.filters",
+    "MinArea": "slip.filters",
+    "apply_filters": "slip.filters",
+    "default_filters": "slip.filters",
+    "parse_filters": "slip.filters",
+    "MaskGenerator": "slip.generator",
+    "load_image": "slip.images",
+    "SLIP": "slip.pipeline",
+    "Ranker": "slip.rankers.base",
+    "load_ranker": "slip.rankers.loading",
+    "rank": "slip.ranking",
+    "load_sam": "slip.sam",
+    "FilterStat": "slip.types",
+    "Match": "slip.types",
+    "MaskSet": "slip.types",
+    "Proposals": "slip.types",
+    "SlipResult": "slip.types",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'slip' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
