@@ -11,6 +11,7 @@ The bundled model is rebuilt by (seeded; about 20 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -80,6 +81,8 @@ def train_sam(
                          half=half or config.half, seed=seed, device=device, progress=not quiet)
         target = out if out is not None else training.BUNDLE_DIR
         work = target.with_name(f".{target.name}.partial") if bundle else target
+        if bundle and work.exists():
+            shutil.rmtree(work)  # a previous run that did not finish
         result = training.train_sam(dataset, work, start=sam, arch=arch, coco=coco, config=config,
                                     cache_dir=cache_dir_from_env())
         if bundle:

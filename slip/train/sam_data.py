@@ -46,6 +46,7 @@ class SceneConfig:
     composite_prob: float = 0.5  # chance the base is a 2x2 composite of 4 bank images (else one image)
     max_pastes: int = 3  # cut-out objects pasted on the base, uniform in 0..max_pastes
     paste_scale: tuple[float, float] = (0.15, 0.45)  # pasted object's longer side / scene side
+    near_prob: float = 0.0  # chance a paste lands on an earlier object's box (touching / occluding it)
     min_area: int = 24  # pixels; instances with less visible area are dropped
 
 
@@ -171,7 +172,10 @@ def build_scene(bank: InstanceBank, rng: np.random.Generator, config: SceneConfi
     image, masks = scene.image.copy(), list(scene.masks)
     # 2. cut-out objects pasted on top; earlier masks lose what a paste covers
     for _ in range(int(rng.integers(0, config.max_pastes + 1))):
-        placed = _paste(image, bank[int(rng.integers(len(bank)))], rng, config, scene.valid)
+        near = None
+        if masks and config.near_prob and rng.uniform() < config.near_prob:
+            near = masks[int(rng.integers(len(masks)))]
+        placed = _paste(image, bank[int(rng.integers(len(bank)))], rng, config, scene.valid, near)
         if placed is not None:
             masks = [m & ~placed for m in masks] + [placed]
     kept = [m for m in masks if m.sum() >= config.min_area]
@@ -196,8 +200,9 @@ def _composite(items: Sequence[InstanceImage], size: int) -> InstanceImage:
 
 
 def _paste(image: np.ndarray, item: InstanceImage, rng: np.random.Generator, config: SceneConfig,
-           valid: tuple[int, int]) -> np.ndarray | None:
-    """Alpha-blend one random instance of ``item`` into ``image`` (in place); its ``(S, S)`` mask."""
+           valid: tuple[int, int], near: np.ndarray | None = None) -> np.ndarray | None:
+    """Alpha-blend one random instance of ``item`` into ``image`` (in place); its ``(S, S)`` mask.
+    With ``near`` (a mask), the paste's centre falls inside that mask's box."""
     if not len(item.masks):
         return None
     mask = item.masks[int(rng.integers(len(item.masks)))]
@@ -213,6 +218,10 @@ def _paste(image: np.ndarray, item: InstanceImage, rng: np.random.Generator, con
     alpha = np.asarray(Image.fromarray(mask[y0:y1, x0:x1].astype(np.float32)).resize((w, h), Image.BILINEAR))
     alpha = alpha.clip(0, 1)[..., None]
     x, y = int(rng.integers(0, valid[1] - w + 1)), int(rng.integers(0, valid[0] - h + 1))
+    if near is not None and near.any():
+        ny, nx = np.nonzero(near)
+        x = int(np.clip(rng.integers(nx.min(), nx.max() + 1) - w // 2, 0, valid[1] - w))
+        y = int(np.clip(rng.integers(ny.min(), ny.max() + 1) - h // 2, 0, valid[0] - h))
     region = image[y : y + h, x : x + w].astype(np.float32)
     image[y : y + h, x : x + w] = (region * (1 - alpha) + rgb * alpha + 0.5).astype(np.uint8)
     placed = np.zeros(image.shape[:2], bool)

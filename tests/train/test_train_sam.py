@@ -73,7 +73,7 @@ def _batch(seed: int = 0, size: int = 128):
 
     bank = InstanceBank(items, name="test")
     scenes = [build_scene(bank, rng, SceneConfig(size=size, composite_prob=1.0)) for _ in range(2)]
-    prompts = [sample_prompts(s, 6, rng, PromptConfig(point_fraction=0.5, background_fraction=0.2)) for s in scenes]
+    prompts = [sample_prompts(s, 6, rng, PromptConfig(point_fraction=0.5, background_fraction=0.3)) for s in scenes]
     return collate(scenes, prompts)
 
 
@@ -344,7 +344,7 @@ def test_bundled_synth_sam_segments_held_out_objects_from_one_point():
     predictor = SamPredictor(load_sam("synth", device="cpu"))
     rng = np.random.default_rng([4242, 1])
     ious = []
-    for _ in range(6):
+    for _ in range(10):
         names = [str(n) for n in rng.choice(CLASS_NAMES, size=3, replace=False)]
         image, masks = render_scene(names, rng, 256)
         predictor.set_image(image)
@@ -355,5 +355,5 @@ def test_bundled_synth_sam_segments_held_out_objects_from_one_point():
             pred, scores, _ = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]))
             best = pred[int(np.argmax(scores))]
             ious.append((best & mask).sum() / (best | mask).sum())
-    assert len(ious) >= 12
-    assert float(np.mean(ious)) > 0.7, ious
+    assert len(ious) >= 20
+    assert float(np.mean(ious)) > 0.65, ious  # measured 0.78; random weights 0.04
