@@ -24,8 +24,7 @@ from typing import Iterator, Optional
 import typer
 
 from slip.cli import app
-from slip.cli.common import EXIT_PARTIAL, fail
-from slip.errors import SlipError
+from slip.cli.common import EXIT_PARTIAL, fail, user_errors
 
 submit_app = typer.Typer(help="Submit jobs to the queue (Redis + Celery workers).", no_args_is_help=True)
 
@@ -38,9 +37,8 @@ def queue_errors() -> Iterator[None]:
     from kombu.exceptions import OperationalError
 
     try:
-        yield
-    except SlipError as e:
-        fail(str(e))
+        with user_errors():
+            yield
     except (redis.exceptions.ConnectionError, OperationalError) as e:
         url = os.environ.get("SLIP_BROKER_URL", "redis://127.0.0.1:6379/0")
         fail(f"cannot reach Redis at {url}: start it with `redis-server --daemonize yes` ({e})")
