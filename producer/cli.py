@@ -27,6 +27,9 @@ from slip.cli import app
 from slip.cli.common import EXIT_PARTIAL, fail, user_errors
 
 submit_app = typer.Typer(help="Submit jobs to the queue (Redis + Celery workers).", no_args_is_help=True)
+# SAM options left unset take the worker SAM's generator.json value, else segment_anything's default
+RECOMMENDED_HELP = ("default: the worker SAM's recommended value (generator.json beside the checkpoint), "
+                    "else SAM's default")
 
 
 @contextmanager
@@ -83,13 +86,15 @@ def submit_segment(
     wait: bool = typer.Option(False, "--wait", help="Show progress and wait until every image is finished."),
     batch_size: int = typer.Option(4, "--batch-size", "-k", min=1, max=64, help="Images per task (K)."),
     max_in_flight: int = typer.Option(32, "--max-in-flight", "-m", min=1, help="Tasks outstanding at once (M)."),
-    sam: Optional[str] = typer.Option(None, help="SAM spec the workers must serve [default: $SLIP_SAM or vit_b]."),
-    clip: Optional[str] = typer.Option(None, help="Ranker spec the workers must serve [default: $SLIP_CLIP]."),
-    points_per_side: int = typer.Option(32, help="SAM point grid side."),
-    pred_iou_thresh: float = typer.Option(0.88, help="SAM predicted-IoU threshold."),
-    stability_score_thresh: float = typer.Option(0.95, help="SAM stability-score threshold."),
-    box_nms_thresh: float = typer.Option(0.7, help="SAM box NMS IoU threshold."),
-    filters: str = typer.Option("containment", help="Filter chain, e.g. 'containment:0.8,min_area:50' or 'none'."),
+    sam: Optional[str] = typer.Option(None, help="SAM spec the workers must serve (default: $SLIP_SAM or vit_b)."),
+    clip: Optional[str] = typer.Option(None, help="Ranker spec the workers must serve (default: $SLIP_CLIP)."),
+    points_per_side: Optional[int] = typer.Option(None, help=f"SAM point grid side; {RECOMMENDED_HELP} 32."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, help=f"SAM predicted-IoU threshold; {RECOMMENDED_HELP} 0.88."),
+    stability_score_thresh: Optional[float] = typer.Option(None, help=f"SAM stability-score threshold; {RECOMMENDED_HELP} 0.95."),
+    box_nms_thresh: Optional[float] = typer.Option(None, help=f"SAM box NMS IoU threshold; {RECOMMENDED_HELP} 0.7."),
+    filters: Optional[str] = typer.Option(None, help="Filter chain, e.g. 'containment:0.8,min_area:50' or 'none'; "
+                                          "default: the worker SAM's recommended chain (filters.json beside the "
+                                          "checkpoint), else the paper's 'containment'."),
     crop_background: str = typer.Option("black", help="Background of segment crops: black | gray | blur | none."),
     crop_padding: float = typer.Option(0.0, help="Crop padding as a fraction of the box side."),
     square: bool = typer.Option(True, "--square/--no-square", help="Pad crops to a square before resizing."),
@@ -141,7 +146,7 @@ def status(
 def results(
     job: str = typer.Argument(..., help="Job id."),
     format: str = typer.Option("jsonl", "--format", "-f", help="jsonl (one record per image) | coco."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: stdout]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: stdout)."),
 ) -> None:
     """Write a job's results: JSON Lines per image, or one COCO annotation file for the batch."""
     with queue_errors():
@@ -179,8 +184,8 @@ def retry(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where results and the gallery go."),
     images: int = typer.Option(24, "--images", "-n", min=1, max=10_000, help="Generated images to segment."),
-    sam: Optional[str] = typer.Option(None, help="SAM spec for the demo worker [default: synth if built, else tiny-random]."),
-    clip: Optional[str] = typer.Option(None, help="Ranker spec for the demo worker [default: like --sam]."),
+    sam: Optional[str] = typer.Option(None, help="SAM spec for the demo worker (default: synth if built, else tiny-random)."),
+    clip: Optional[str] = typer.Option(None, help="Ranker spec for the demo worker (default: like --sam)."),
     timeout: float = typer.Option(900.0, help="Give up after this many seconds."),
 ) -> None:
     """Run the whole queue locally: a worker, a batch of generated images, progress, results, a gallery."""

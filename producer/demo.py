@@ -34,6 +34,11 @@ DEMO_PROMPTS = ("circle", "star")  # two classes drawn in every scene, among dis
 DISTRACTORS = ("square", "triangle", "heart", "hexagon")
 TINY_PARAMS = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}
 WORKER_START_S = 180.0  # how long the worker may take to load its models
+BUNDLED_NOTE = ("the small models bundled with slip (synth-sam 3.8 MB, synth-clip 5 MB), trained only on the "
+                "synthetic world of shapes and icons: they segment these scenes, not photographs")
+OFFICIAL_HOWTO = ("for real images use the official weights: `slip weights fetch vit_b` and `slip weights fetch "
+                  "openai/clip-vit-base-patch32`, then `slip demo --sam vit_b --clip openai/clip-vit-base-patch32` "
+                  "(workers: SLIP_SAM / SLIP_CLIP)")
 
 
 def default_models() -> tuple[str, str, str]:
@@ -43,21 +48,28 @@ def default_models() -> tuple[str, str, str]:
     try:
         bundled_path("synth-sam")
         bundled_path("synth-clip")
-        return "synth", "synth", "the bundled synthetic-world models"
+        return "synth", "synth", BUNDLED_NOTE
     except WeightsNotFoundError as e:
         return TINY_SPEC, TINY_SPEC, f"tiny-random models (random weights: the masks mean nothing), because {e}"
 
 
-def generate_images(folder: Path, count: int, *, seed: int = 0, size: int = 256) -> list[Path]:
-    """``count`` PNG scenes, each with a circle, a star and one distractor."""
+def demo_scene(index: int, *, seed: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scene ``index``: ``(image (size, size, 3) uint8, masks (3, size, size) bool, class names)`` of one
+    distractor, a circle and a star (seeded; the ground truth a demo result can be checked against)."""
     from slip.data.synth import render_scene
 
+    rng = np.random.default_rng([seed, index])
+    names = [DISTRACTORS[index % len(DISTRACTORS)], *DEMO_PROMPTS]
+    image, masks = render_scene(names, rng, size=size)
+    return image, masks, names
+
+
+def generate_images(folder: Path, count: int, *, seed: int = 0, size: int = 256) -> list[Path]:
+    """``count`` PNG scenes (:func:`demo_scene`), each with a circle, a star and one distractor."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        names = [DISTRACTORS[i % len(DISTRACTORS)], *DEMO_PROMPTS]
-        image, _ = render_scene(names, rng, size=size)
+        image, _, _ = demo_scene(i, seed=seed, size=size)
         path = folder / f"scene_{i:04d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)
@@ -134,7 +146,7 @@ def wait_healthy(client, process: subprocess.Popen, name: str, log_path: Path, t
     raise TransientError(f"the demo worker did not become healthy (log {log_path}): " + " | ".join(tail))
 
 
-def write_gallery(client, job_id: str, out: Path) -> Path:
+def write_gallery(client, job_id: str, out: Path, *, note: str = "") -> Path:
     """``gallery.html``: every overlay of the job, embedded as base64 PNG, with prompt and score."""
     import json
 
@@ -160,7 +172,8 @@ def write_gallery(client, job_id: str, out: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;margin:6px;width:260px}}
 img{{width:256px;image-rendering:pixelated;border:1px solid #ccc}} figcaption{{font-size:12px}}</style></head>
 <body><h1>SLIP demo: job {job_id}</h1>
-<p>Models: SAM <code>{html.escape(spec.sam)}</code>, ranker <code>{html.escape(spec.clip)}</code>.
+<p>Models: SAM <code>{html.escape(spec.sam)}</code>, ranker <code>{html.escape(spec.clip)}</code>
+({html.escape(note)}).
 Prompts: {', '.join(html.escape(p) for p in prompts)}. {status.counts['done']} images done,
 {status.counts['failed']} failed.</p>
 {''.join(cards)}
@@ -206,10 +219,8 @@ def run_demo(*, out: Path, images: int, sam: str | None, clip: str | None, timeo
         stop_worker(worker)
     (out / "results.coco.json").write_text(client.results(job_id, format="coco"))
     (out / "results.jsonl").write_text(client.results(job_id, format="jsonl"))
-    gallery = write_gallery(client, job_id, out)
+    gallery = write_gallery(client, job_id, out, note=f"{why}; {OFFICIAL_HOWTO}")
     code = _print_summary(status)
     typer.echo(f"demo: wrote {out / 'results.coco.json'}, {out / 'results.jsonl'} and {gallery}; store in {out / 'store'}")
-    typer.echo(f"demo: models used: SAM {sam}, ranker {clip}. For official weights: `slip weights fetch vit_b` and "
-               f"`slip weights fetch openai/clip-vit-base-patch32`, then `slip demo --sam vit_b --clip "
-               f"openai/clip-vit-base-patch32` (workers: SLIP_SAM / SLIP_CLIP).")
+    typer.echo(f"demo: models used: SAM {sam}, ranker {clip} ({why}); {OFFICIAL_HOWTO}.")
     return code

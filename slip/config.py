@@ -10,7 +10,7 @@ from slip.filters import parse_filters
 from slip.generator import MaskGenerator
 from slip.pipeline import SLIP
 from slip.rankers.loading import DEFAULT_CLIP, load_ranker
-from slip.sam import load_sam
+from slip.sam import load_sam, recommended_filters, recommended_generator_params, resolve_filters
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,10 @@ class SlipConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (half precisions on GPU only)
     cache_dir: Path | None = None  # weights cache ($SLIP_CACHE); None = ~/.cache/slip
-    generator: dict = field(default_factory=dict)  # MaskGenerator keyword overrides
-    filters: str = "containment"  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"
+    generator: dict = field(default_factory=dict)  # MaskGenerator keyword overrides; they win over the
+    # checkpoint's generator.json, which wins over SAM's defaults
+    filters: str | None = None  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"; None = the
+    # checkpoint's filters.json chain, else the paper's "containment"
     crop: CropConfig = CropConfig()  # how segments are cropped for the ranker
     top_k: int = 5  # candidates listed per prompt
     threshold: float | None = None  # below this similarity a prompt gets "no match"
@@ -38,13 +40,17 @@ class SlipConfig:
 
 
 def build_slip(config: SlipConfig) -> SLIP:
-    """Load both models once and assemble the pipeline."""
+    """Load both models once and assemble the pipeline; generator options are SAM's defaults, overridden
+    by the checkpoint's generator.json, overridden by ``config.generator``; the filter chain is the paper's
+    ``containment``, overridden by the checkpoint's filters.json, overridden by ``config.filters``."""
+    recommended = recommended_generator_params(config.sam, cache_dir=config.cache_dir)
+    filters = resolve_filters(config.filters, recommended_filters(config.sam, cache_dir=config.cache_dir))
     sam = load_sam(config.sam, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
     ranker = load_ranker(config.clip, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
     return SLIP(
-        MaskGenerator(sam, **config.generator),
+        MaskGenerator(sam, **{**recommended, **config.generator}),
         ranker,
-        filters=parse_filters(config.filters),
+        filters=parse_filters(filters),
         crop=config.crop,
         top_k=config.top_k,
         threshold=config.threshold,

@@ -239,18 +239,30 @@ def composite_source(dataset: str | Path, *, seed: int = 0, split_seed: int = 0,
 
 
 def sam_proposer(sam, *, device: str = "auto", cache_dir: Path | None = None, generator: dict | None = None,
-                 filters: str = "containment") -> Proposer:
+                 recommended: dict | None = None, filters: str | None = None,
+                 recommended_filters: str | None = None) -> Proposer:
     """SAM's automatic masks after the annotation filters, memoised per composite image.
 
     ``sam``: a SAM spec string (loaded here) or an already loaded ``segment_anything`` model.
+    ``recommended`` / ``recommended_filters``: the checkpoint's generator.json options / filters.json chain;
+    None looks them up for a spec string (:func:`slip.sam.recommended_generator_params`,
+    :func:`slip.sam.recommended_filters`) and means none for a loaded model.
+    Generator options: SAM's defaults < ``recommended`` < ``generator`` (explicit overrides).
+    Filter chain: the paper's ``containment`` < ``recommended_filters`` < ``filters`` (explicit).
     """
     from slip.filters import apply_filters, parse_filters
     from slip.generator import MaskGenerator
-    from slip.sam import load_sam
+    from slip.sam import load_sam, recommended_generator_params, resolve_filters
+    from slip.sam import recommended_filters as filters_of
 
-    model = load_sam(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
-    mask_generator = MaskGenerator(model, **(generator or {}))
-    chain = parse_filters(filters)
+    if isinstance(sam, str):
+        if recommended is None:
+            recommended = recommended_generator_params(sam, cache_dir=cache_dir)
+        if recommended_filters is None:
+            recommended_filters = filters_of(sam, cache_dir=cache_dir)
+        sam = load_sam(sam, device=device, cache_dir=cache_dir)
+    mask_generator = MaskGenerator(sam, **{**(recommended or {}), **(generator or {})})
+    chain = parse_filters(resolve_filters(filters, recommended_filters))
     memo: dict[bytes, MaskSet] = {}
 
     def propose(image: np.ndarray) -> MaskSet:
@@ -267,11 +279,12 @@ def evaluate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: i
                      proposals: str = "oracle", sam: str = "synth", device: str = "auto",
                      cache_dir: Path | None = None, progress: bool = False, gallery: int = 6,
                      judge: str | Path | None = None, generator: dict | None = None,
-                     filters: str = "containment") -> list[RankerRun]:
+                     filters: str | None = None) -> list[RankerRun]:
     """Score each ranker spec on the same ``composites`` seeded composites; see :func:`evaluate`.
 
     ``judge``: a directory written by ``slip train-judge``; adds the paper's classifier-judged accuracy.
-    ``generator`` (MaskGenerator keyword overrides) and ``filters`` apply to ``proposals="sam"``.
+    ``generator`` (MaskGenerator keyword overrides, over the SAM's generator.json) and ``filters`` (the filter
+    chain; None = the SAM's filters.json chain, else the paper's ``containment``) apply to ``proposals="sam"``.
     """
     from slip.rankers.loading import load_ranker
     from slip.report import gallery_item

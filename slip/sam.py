@@ -8,6 +8,10 @@ A SAM spec string is one of:
   ``config.json`` beside it), or to a directory holding ``config.json`` + ``model.safetensors``;
 * ``tiny-random`` — a seeded, randomly initialised toy SAM for tests and offline plumbing. Its masks
   mean nothing; it is used only when asked for by name.
+
+A checkpoint may come with recommended :class:`slip.generator.MaskGenerator` options in a
+``generator.json`` beside it (:func:`recommended_generator_params`), and a recommended annotation filter
+chain in a ``filters.json`` beside it (:func:`recommended_filters`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ OFFICIAL_TYPES = ("vit_h", "vit_l", "vit_b")
 TINY_SPEC = "tiny-random"
 SYNTH_SPEC = "synth"
 BUNDLED_DIR = Path(__file__).parent / "weights"
+GENERATOR_FILE = "generator.json"  # recommended MaskGenerator options (a JSON object), beside a checkpoint
+FILTERS_FILE = "filters.json"  # recommended filter chain, {"filters": "<chain>", "why": "<sentence>"}, beside it
+PAPER_FILTERS = "containment"  # the SLIP paper's filter chain: used when neither the user nor the checkpoint says
 
 
 @dataclass(frozen=True)
@@ -239,3 +246,89 @@ def load_sam(
     else:
         sam, _ = load_sam_checkpoint(_resolve_spec(spec, cache_dir))
     return sam.to(device=dev, dtype=torch_dtype).eval()
+
+
+def read_generator_params(checkpoint: Path) -> dict:
+    """The recommended generator options stored beside a checkpoint (file or directory); ``{}`` if none.
+
+    The options are returned as written (see :func:`recommended_generator_params` for the checked form)."""
+    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / GENERATOR_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of MaskGenerator options, not {type(data).__name__}")
+    return data
+
+
+def recommended_generator_params(spec: str, *, cache_dir: Path | None = None) -> dict:
+    """The :class:`~slip.generator.MaskGenerator` options recommended for the SAM ``spec``: the
+    ``generator.json`` beside its checkpoint, ``{}`` for ``tiny-random`` and checkpoints without one.
+
+    Precedence wherever a generator is built: SAM's defaults < the checkpoint's generator.json < options
+    the user gives explicitly, i.e. ``MaskGenerator(sam, **{**recommended, **explicit})``.
+    Raises ConfigError naming the file when a key is not a MaskGenerator option.
+    """
+    if spec == TINY_SPEC:
+        return {}
+    checkpoint = _resolve_spec(spec, cache_dir)
+    params = read_generator_params(checkpoint)
+    known = mask_generator_defaults()
+    for key in params:
+        if key not in known:
+            path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / GENERATOR_FILE
+            raise ConfigError(
+                f"{path}: {key!r} is not a MaskGenerator option (expected some of {', '.join(sorted(known))})"
+            )
+    return params
+
+
+def mask_generator_defaults() -> dict:
+    """``MaskGenerator``'s own keyword defaults (SAM's), option name -> value."""
+    import inspect
+
+    from slip.generator import MaskGenerator  # imported here: the generator builds on this module's models
+
+    params = inspect.signature(MaskGenerator).parameters
+    return {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def recommended_filters(spec: str, *, cache_dir: Path | None = None) -> str | None:
+    """The annotation filter chain recommended for the SAM ``spec`` (a :func:`slip.filters.parse_filters`
+    string): the ``filters`` entry of the ``filters.json`` beside its checkpoint, written as
+    ``{"filters": "<chain>", "why": "<one sentence>"}``; None for ``tiny-random`` and checkpoints without one.
+
+    Precedence wherever a filter chain is chosen (:func:`resolve_filters`): the paper's default
+    ``containment`` < the checkpoint's filters.json < the chain the user gives explicitly.
+    Raises ConfigError naming the file when it is malformed or its chain does not parse.
+    """
+    from slip.filters import parse_filters  # imported here: the filters build on the masks, not on this module
+
+    if spec == TINY_SPEC:
+        return None
+    checkpoint = _resolve_spec(spec, cache_dir)
+    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / FILTERS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("filters"), str) or set(data) - {"filters", "why"}:
+        raise ConfigError(f'{path} must hold {{"filters": "<filter chain>", "why": "<reason>"}}, got {data!r}')
+    try:
+        parse_filters(data["filters"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: bad filter chain {data['filters']!r}: {e}") from e
+    return data["filters"]
+
+
+def resolve_filters(explicit: str | None, recommended: str | None) -> str:
+    """The filter chain to use: ``explicit`` (the user's) if given, else ``recommended`` (the checkpoint's
+    filters.json, :func:`recommended_filters`), else the paper's :data:`PAPER_FILTERS`."""
+    if explicit is not None:
+        return explicit
+    return PAPER_FILTERS if recommended is None else recommended

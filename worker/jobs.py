@@ -19,18 +19,26 @@ from worker.store import digest, result_prefix, validate_key
 MAX_PROMPTS = 32  # prompts per request
 MAX_ITEMS_PER_TASK = 64  # K, images per segment task
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+GENERATOR_FIELDS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")  # SAM options
 
 
 class SegmentParams(BaseModel):
-    """Output-changing parameters of a segment request (all part of the result key)."""
+    """Output-changing parameters of a segment request (all part of the result key).
+
+    The SAM options default to None: the worker SAM's recommended value (the generator.json beside its
+    checkpoint), else SAM's own default; see :meth:`generator_options`. ``filters`` likewise defaults to
+    None: the worker SAM's recommended chain (its filters.json), else the paper's ``containment``; see
+    :meth:`filter_chain`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    points_per_side: int = Field(32, ge=1, le=256)  # SAM point grid side
-    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)  # SAM predicted-IoU threshold
-    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)  # SAM stability-score threshold
-    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)  # SAM box NMS IoU (1.0 = no NMS)
-    filters: str = "containment"  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"
+    points_per_side: Optional[int] = Field(None, ge=1, le=256)  # SAM point grid side; SAM default 32
+    pred_iou_thresh: Optional[float] = Field(None, ge=0.0, le=1.0)  # SAM predicted-IoU threshold; default 0.88
+    stability_score_thresh: Optional[float] = Field(None, ge=0.0, le=1.0)  # SAM stability threshold; default 0.95
+    box_nms_thresh: Optional[float] = Field(None, ge=0.0, le=1.0)  # SAM box NMS IoU (1.0 = no NMS); default 0.7
+    filters: Optional[str] = None  # filter chain, e.g. "containment:0.8,min_area:50,disjoint"; None = the
+    # worker SAM's filters.json chain, else "containment"
     crop_background: Literal["black", "gray", "blur", "none"] = "black"  # segment crop background
     crop_padding: float = Field(0.0, ge=0.0, le=2.0)  # crop padding, fraction of the box side
     square: bool = True  # pad crops to a square before resizing
@@ -40,17 +48,35 @@ class SegmentParams(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # refuse larger images
 
     def generator_kwargs(self) -> dict:
-        """Keyword arguments for ``slip.MaskGenerator`` (points_per_batch comes from the worker)."""
-        return {
-            "points_per_side": self.points_per_side,
-            "pred_iou_thresh": self.pred_iou_thresh,
-            "stability_score_thresh": self.stability_score_thresh,
-            "box_nms_thresh": self.box_nms_thresh,
-        }
+        """The ``slip.MaskGenerator`` keyword arguments given explicitly (the options left None are absent)."""
+        given = {name: getattr(self, name) for name in GENERATOR_FIELDS}
+        return {name: value for name, value in given.items() if value is not None}
 
-    def proposal_identity(self, sam: str) -> dict:
-        """What the prompt-independent proposals depend on."""
-        return {"sam": sam, "generator": self.generator_kwargs(), "filters": self.filters}
+    def generator_options(self, recommended: dict) -> dict:
+        """Every output-changing ``slip.MaskGenerator`` option, resolved: SAM's defaults < ``recommended``
+        (the worker SAM's generator.json) < the options given here. ``points_per_batch`` is left out: it
+        comes from the worker and changes speed, not output."""
+        from slip.sam import mask_generator_defaults
+
+        options = {**mask_generator_defaults(), **recommended, **self.generator_kwargs()}
+        options.pop("points_per_batch", None)
+        return options
+
+    def filter_chain(self, recommended: str | None) -> str:
+        """The filter chain to run, resolved: the paper's ``containment`` < ``recommended`` (the worker SAM's
+        filters.json) < the chain given here."""
+        from slip.sam import resolve_filters
+
+        return resolve_filters(self.filters, recommended)
+
+    def proposal_identity(self, sam: str, generator: dict, filters: str) -> dict:
+        """What the prompt-independent proposals depend on: ``generator`` from :meth:`generator_options`, the
+        chain ``filters`` from :meth:`filter_chain`, recorded as each filter's resolved parameters (so two
+        spellings of one chain share proposals and two different chains never do)."""
+        from slip.filters import parse_filters
+
+        chain = [{"name": f.name, **f.params()} for f in parse_filters(filters)]
+        return {"sam": sam, "generator": generator, "filters": chain}
 
     def embedding_identity(self, clip: str) -> dict:
         """What the crop embeddings depend on (besides the proposals)."""

@@ -21,7 +21,7 @@ from slip.errors import ImageError, ObjectNotFoundError
 from slip.images import load_image
 from slip.outputs import render_outputs
 from slip.types import SlipResult
-from worker.jobs import Item, ItemRecord, SegmentSpec
+from worker.jobs import GENERATOR_FIELDS, Item, ItemRecord, SegmentSpec
 from worker.proposals import (
     embeddings_key,
     load_embeddings,
@@ -83,9 +83,12 @@ def process_item(res: WorkerResources, spec: SegmentSpec, item: Item, *, points_
     with timer.stage("decode_image"):
         image = load_image(data, max_pixels=spec.params.max_pixels)
     pipeline = res.pipeline(spec.params, points_per_batch=points_per_batch)
+    generator = res.generator_options(spec.params)  # resolved: they and the chain name the cached proposals
+    filters = res.filter_chain(spec.params)
     # 2. prompt-independent work: proposals and crop embeddings, cached in the store
-    proposals, source = _proposals(res.store, pipeline, spec, item, image, timer)
-    embeddings = _embeddings(res.store, pipeline, spec, item, image, proposals, timer, fresh=source == "computed")
+    proposals, source = _proposals(res.store, pipeline, spec, item, image, timer, generator, filters)
+    embeddings = _embeddings(res.store, pipeline, spec, item, image, proposals, timer, generator, filters,
+                             fresh=source == "computed")
     # 3. prompt-dependent work: one text encode and a matrix product
     similarity, matches = pipeline.rank(embeddings, spec.prompts, timer)
     result = SlipResult(
@@ -96,7 +99,8 @@ def process_item(res: WorkerResources, spec: SegmentSpec, item: Item, *, points_
         timings=timer.seconds,
     )
     # 4. the same files as `slip segment`, segments.json last
-    params = params_record(spec, points_per_batch or res.settings.points_per_batch) | {"pipeline": pipeline.params()}
+    params = params_record(spec, points_per_batch or res.settings.points_per_batch, generator, filters)
+    params["pipeline"] = pipeline.params()
     files = render_outputs(image, result, spec.prompts, params)
     prefix = spec.result_key(item)
     with timer.stage("write_result"):
@@ -113,12 +117,16 @@ def process_item(res: WorkerResources, spec: SegmentSpec, item: Item, *, points_
     )
 
 
-def params_record(spec: SegmentSpec, points_per_batch: int) -> dict:
-    """Every setting behind a result, recorded in its segments.json."""
+def params_record(spec: SegmentSpec, points_per_batch: int, generator: dict, filters: str) -> dict:
+    """Every setting behind a result, recorded in its segments.json; the SAM options and the filter chain
+    as resolved (``generator``: ``WorkerResources.generator_options``, ``filters``:
+    ``WorkerResources.filter_chain``), not as requested."""
     return {
         "sam": spec.sam,
         "clip": spec.clip,
         **spec.params.model_dump(),
+        **{name: generator[name] for name in GENERATOR_FIELDS},
+        "filters": filters,
         "points_per_batch": points_per_batch,
         "request_digest": spec.request_digest(),
     }
@@ -162,22 +170,23 @@ def _read_input(store: Store, item: Item) -> bytes:
         raise ImageError(f"input {item.image_key} ({item.name}) is missing from the store: submit it again") from e
 
 
-def _proposals(store, pipeline, spec, item, image, timer):
+def _proposals(store, pipeline, spec, item, image, timer, generator, filters):
     """Filtered SAM proposals from the cache, or computed and cached; and which of the two."""
-    key = proposals_key(spec, item)
+    key = proposals_key(spec, item, generator, filters)
     if store.exists(key):
         with timer.stage("load_proposals"):
             return load_proposals(store, key), "cached"
     proposals = pipeline.propose(image, timer)
     with timer.stage("save_proposals"):
-        save_proposals(store, key, proposals, spec.params.proposal_identity(spec.sam))
+        save_proposals(store, key, proposals, spec.params.proposal_identity(spec.sam, generator, filters))
     return proposals, "computed"
 
 
-def _embeddings(store, pipeline, spec, item, image, proposals, timer, *, fresh: bool) -> torch.Tensor:
+def _embeddings(store, pipeline, spec, item, image, proposals, timer, generator, filters, *,
+                fresh: bool) -> torch.Tensor:
     """``(N, D)`` crop embeddings from the cache, or computed and cached (always when ``fresh``:
     newly computed proposals must not be paired with embeddings cached for an earlier copy)."""
-    key = embeddings_key(spec, item)
+    key = embeddings_key(spec, item, generator, filters)
     if not fresh and store.exists(key):
         with timer.stage("load_embeddings"):
             cached = load_embeddings(store, key, pipeline.device)

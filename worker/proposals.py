@@ -1,7 +1,9 @@
 """The proposals cache: "segment once, query many".
 
-SAM's filtered proposals depend on the image, the SAM spec, the generator parameters and the filters,
-never on the prompt; the crop embeddings depend on those plus the ranker spec and the crop settings.
+SAM's filtered proposals depend on the image, the SAM spec, the resolved generator options (SAM's
+defaults < the SAM's generator.json < the request's options; ``SegmentParams.generator_options``) and
+the resolved filter chain (``containment`` < the SAM's filters.json < the request's chain;
+``SegmentParams.filter_chain``), never on the prompt; the crop embeddings depend on those plus the ranker spec and the crop settings.
 Both are kept in the store (layout in :mod:`worker.store`)::
 
     proposals/<image sha256>/<proposal digest>/segments.json
@@ -34,15 +36,17 @@ FORMAT_VERSION = 1
 SEGMENTS_FILE = "segments.json"
 
 
-def proposals_key(spec: SegmentSpec, item: Item) -> str:
-    """``proposals/<sha>/<digest>/segments.json`` of ``item`` under ``spec``'s SAM and generator."""
-    prefix = proposals_prefix(item.image_sha, digest(spec.params.proposal_identity(spec.sam)))
+def proposals_key(spec: SegmentSpec, item: Item, generator: dict, filters: str) -> str:
+    """``proposals/<sha>/<digest>/segments.json`` of ``item`` under ``spec``'s SAM, the resolved generator
+    options ``generator`` (``WorkerResources.generator_options``) and the resolved filter chain ``filters``
+    (``WorkerResources.filter_chain``)."""
+    prefix = proposals_prefix(item.image_sha, digest(spec.params.proposal_identity(spec.sam, generator, filters)))
     return f"{prefix}/{SEGMENTS_FILE}"
 
 
-def embeddings_key(spec: SegmentSpec, item: Item) -> str:
+def embeddings_key(spec: SegmentSpec, item: Item, generator: dict, filters: str) -> str:
     """``.../embeddings/<digest>.safetensors`` beside the proposals, for ``spec``'s ranker and crops."""
-    folder = proposals_key(spec, item).rsplit("/", 1)[0]
+    folder = proposals_key(spec, item, generator, filters).rsplit("/", 1)[0]
     return validate_key(f"{folder}/embeddings/{digest(spec.params.embedding_identity(spec.clip))}.safetensors")
 
 

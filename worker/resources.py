@@ -43,6 +43,8 @@ class WorkerResources:
     sam: Any | None  # segment_anything Sam, warm on settings.device; None on a cpu-only worker
     ranker: Any | None  # slip Ranker, warm; None on a cpu-only worker
     load_seconds: float  # time spent loading both models
+    recommended_generator: dict = field(default_factory=dict)  # the SAM's generator.json options ({} if none)
+    recommended_filters: str | None = None  # the SAM's filters.json chain (None if none)
     pid: int = field(default_factory=os.getpid)
     hostname: str = field(default_factory=socket.gethostname)
     _pipelines: OrderedDict = field(default_factory=OrderedDict)
@@ -51,8 +53,20 @@ class WorkerResources:
     def models_loaded(self) -> bool:
         return self.sam is not None and self.ranker is not None
 
+    def generator_options(self, params: SegmentParams) -> dict:
+        """The resolved generator options of ``params`` on this worker's SAM (see
+        :meth:`SegmentParams.generator_options`); they name the proposals in the cache."""
+        return params.generator_options(self.recommended_generator)
+
+    def filter_chain(self, params: SegmentParams) -> str:
+        """The resolved filter chain of ``params`` on this worker's SAM (see :meth:`SegmentParams.filter_chain`);
+        it names the proposals in the cache, with :meth:`generator_options`."""
+        return params.filter_chain(self.recommended_filters)
+
     def pipeline(self, params: SegmentParams, *, points_per_batch: int | None = None):
-        """A ``slip.SLIP`` for ``params`` over the warm models (assembling one costs no model load)."""
+        """A ``slip.SLIP`` for ``params`` over the warm models (assembling one costs no model load); the
+        generator options are SAM's defaults < the SAM's generator.json < the options ``params`` gives, and
+        the filter chain is ``containment`` < the SAM's filters.json < the chain ``params`` gives."""
         from slip.crops import CropConfig
         from slip.filters import parse_filters
         from slip.generator import MaskGenerator
@@ -64,9 +78,9 @@ class WorkerResources:
         key = (params.model_dump_json(), ppb)
         if key not in self._pipelines:
             self._pipelines[key] = SLIP(
-                MaskGenerator(self.sam, points_per_batch=ppb, **params.generator_kwargs()),
+                MaskGenerator(self.sam, points_per_batch=ppb, **self.generator_options(params)),
                 self.ranker,
-                filters=parse_filters(params.filters),
+                filters=parse_filters(self.filter_chain(params)),
                 crop=CropConfig(background=params.crop_background, padding=params.crop_padding, square=params.square),
                 top_k=params.top_k,
                 threshold=params.threshold,
@@ -94,6 +108,8 @@ class WorkerResources:
             "store": self.settings.store,
             "max_deliveries": self.settings.max_deliveries,
             "points_per_batch": self.settings.points_per_batch,
+            "recommended_generator": self.recommended_generator,
+            "recommended_filters": self.recommended_filters,
         }
 
     def close(self) -> None:
@@ -101,21 +117,26 @@ class WorkerResources:
 
 
 def load_resources(settings: Settings, *, load_models: bool) -> WorkerResources:
-    """Open the store and Redis, and (when ``load_models``) load SAM and the ranker onto the device."""
+    """Open the store and Redis, and (when ``load_models``) load SAM, its recommended generator options
+    and filter chain, and the ranker onto the device."""
     store = Store(settings.store)
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
     sam = ranker = None
+    recommended: dict = {}
+    filters: str | None = None
     start = time.perf_counter()
     if load_models:
         from slip.rankers.loading import load_ranker
-        from slip.sam import load_sam
+        from slip.sam import load_sam, recommended_filters, recommended_generator_params
 
         common = {"device": settings.device, "dtype": settings.dtype, "cache_dir": settings.cache_dir}
         sam = load_sam(settings.sam, **common)
+        recommended = recommended_generator_params(settings.sam, cache_dir=settings.cache_dir)
+        filters = recommended_filters(settings.sam, cache_dir=settings.cache_dir)
         ranker = load_ranker(settings.clip, **common)
     return WorkerResources(
         settings=settings, store=store, redis=client, sam=sam, ranker=ranker,
-        load_seconds=time.perf_counter() - start,
+        load_seconds=time.perf_counter() - start, recommended_generator=recommended, recommended_filters=filters,
     )
 
 

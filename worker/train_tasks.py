@@ -263,8 +263,11 @@ def run_evaluate(res, req: EvaluateRequest) -> dict:
     proposer = None
     if req.proposals == "sam":
         sam = req.sam or res.settings.sam
-        proposer = sam_proposer(res.sam if (res.sam is not None and sam == res.settings.sam) else sam,
-                                device=res.settings.device, cache_dir=res.settings.cache_dir)
+        warm_sam = res.sam is not None and sam == res.settings.sam
+        proposer = sam_proposer(res.sam if warm_sam else sam, device=res.settings.device,
+                                cache_dir=res.settings.cache_dir,
+                                recommended=res.recommended_generator if warm_sam else None,
+                                recommended_filters=res.recommended_filters if warm_sam else None)
     judge = None
     if req.judge:
         from slip.train.judge import load_judge

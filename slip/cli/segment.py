@@ -16,6 +16,10 @@ from slip.outputs import render_outputs
 from slip.pipeline import validate_prompts
 from slip.rankers.loading import DEFAULT_CLIP
 
+# SAM options left unset take the checkpoint's generator.json value, else segment_anything's default
+RECOMMENDED_HELP = ("default: the SAM's recommended value (generator.json beside the checkpoint), "
+                    "else SAM's default")
+
 
 def _output_dirs(images: list[Path], out: Path) -> list[Path]:
     """One output folder per image, named after its stem (``name-2`` on a clash)."""
@@ -26,6 +30,11 @@ def _output_dirs(images: list[Path], out: Path) -> list[Path]:
         suffix = "" if seen[path.stem] == 1 else f"-{seen[path.stem]}"
         dirs.append(out / f"{path.stem}{suffix}")
     return dirs
+
+
+def _given(**options) -> dict:
+    """The options the user set (None = not given)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _write(folder: Path, files: dict[str, bytes]) -> None:
@@ -42,13 +51,15 @@ def segment(
     clip: str = typer.Option(DEFAULT_CLIP, help="Ranker spec: HF hub id | DIR | synth | tiny-random."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (half precision on GPU only)."),
-    filters: str = typer.Option("containment", help="Filter chain, e.g. 'containment:0.8,min_area:50,disjoint'."),
+    filters: Optional[str] = typer.Option(None, help="Filter chain, e.g. 'containment:0.8,min_area:50,disjoint' or "
+                                          "'none'; default: the SAM's recommended chain (filters.json beside the "
+                                          "checkpoint), else the paper's 'containment'."),
     crop_background: str = typer.Option("black", help="Background of segment crops: black | gray | blur | none."),
     crop_padding: float = typer.Option(0.0, help="Crop padding as a fraction of the box side."),
     square: bool = typer.Option(True, "--square/--no-square", help="Pad crops to a square before resizing."),
-    points_per_side: int = typer.Option(32, help="SAM point grid side."),
-    pred_iou_thresh: float = typer.Option(0.88, help="SAM predicted-IoU threshold."),
-    stability_score_thresh: float = typer.Option(0.95, help="SAM stability-score threshold."),
+    points_per_side: Optional[int] = typer.Option(None, help=f"SAM point grid side; {RECOMMENDED_HELP} 32."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, help=f"SAM predicted-IoU threshold; {RECOMMENDED_HELP} 0.88."),
+    stability_score_thresh: Optional[float] = typer.Option(None, help=f"SAM stability-score threshold; {RECOMMENDED_HELP} 0.95."),
     top_k: int = typer.Option(5, help="Candidates listed per prompt."),
     threshold: Optional[float] = typer.Option(None, help="Similarity below which a prompt gets 'no match'."),
     one_to_one: bool = typer.Option(False, help="One-to-one assignment: prompts never share a segment."),
@@ -66,12 +77,12 @@ def segment(
             device=device,
             dtype=dtype,
             cache_dir=cache_dir_from_env(),
-            generator={
-                "points_per_side": points_per_side,
-                "pred_iou_thresh": pred_iou_thresh,
-                "stability_score_thresh": stability_score_thresh,
-            },
-            filters=filters,
+            generator=_given(  # explicit options win over the checkpoint's generator.json
+                points_per_side=points_per_side,
+                pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh,
+            ),
+            filters=filters,  # an explicit chain wins over the checkpoint's filters.json
             crop=CropConfig(background=crop_background, padding=crop_padding, square=square),
             top_k=top_k,
             threshold=threshold,

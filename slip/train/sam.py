@@ -37,7 +37,18 @@ from tqdm.auto import tqdm
 from slip.data.folder import scan_folder, split_records
 from slip.device import resolve_device
 from slip.errors import ConfigError, DatasetError
-from slip.sam import BUNDLED_DIR, OFFICIAL_TYPES, SAM_ARCHS, SamArch, build_sam, load_sam, save_sam
+from slip.sam import (  # GENERATOR_FILE and read_generator_params are re-exported for older imports
+    BUNDLED_DIR,
+    FILTERS_FILE,
+    GENERATOR_FILE,
+    OFFICIAL_TYPES,
+    SAM_ARCHS,
+    SamArch,
+    build_sam,
+    load_sam,
+    read_generator_params,
+    save_sam,
+)
 from slip.train.sam_data import (
     PLAIN_SCENES,
     InstanceBank,
@@ -136,8 +147,14 @@ SYNTH_SAM_GENERATOR = {
     "stability_score_offset": 0.25,
     "box_nms_thresh": 0.7,
 }
+# filters.json for synth-sam: it proposes no background segment on synthetic scenes, so the paper's containment
+# (which drops the largest segment as background) would drop an object; measured on held-out 2x2 composites.
+SYNTH_SAM_FILTERS = {
+    "filters": "containment:drop_largest=false",
+    "why": "synth-sam proposes no background segment on synthetic scenes, so dropping the largest segment as "
+           "background would drop an object (held-out 2x2 composites: 69% -> 91% full-SLIP accuracy)",
+}
 BUNDLE_DIR = BUNDLED_DIR / SYNTH_SAM_NAME  # slip/weights/synth-sam
-GENERATOR_FILE = "generator.json"  # recommended generator options, beside a checkpoint
 REBUILD_COMMAND = ("slip data synth --classes 27 --per-class 60 --size 128 --seed 0 --out data/synth && "
                    "slip train-sam data/synth --bundle")
 
@@ -339,25 +356,15 @@ def _meta(dataset, coco, start, arch: SamArch, config: SamTrainConfig, record: d
 
 def install_bundle(work: Path, target: Path = BUNDLE_DIR) -> Path:
     """Move a finished training directory into place as the bundled synth-sam (replacing the old one),
-    adding the recommended generator options."""
+    adding the recommended generator options and filter chain."""
     (work / GENERATOR_FILE).write_text(json.dumps(SYNTH_SAM_GENERATOR, indent=2))
+    (work / FILTERS_FILE).write_text(json.dumps(SYNTH_SAM_FILTERS, indent=2) + "\n")
     meta = json.loads((work / "training.json").read_text())
     (work / "training.json").write_text(json.dumps({"rebuild": REBUILD_COMMAND, **meta}, indent=2))
     if target.exists():
         shutil.rmtree(target)
     work.rename(target)
     return target
-
-
-def read_generator_params(checkpoint: Path) -> dict:
-    """The recommended generator options stored beside a checkpoint (file or directory); ``{}`` if none."""
-    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / GENERATOR_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text()))
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
 
 def write_curve(out: Path, history: list[dict], *, best_epoch: int) -> None:
@@ -385,5 +392,5 @@ def write_curve(out: Path, history: list[dict], *, best_epoch: int) -> None:
     plt.close(fig)
 
 
-__all__ = ["ARCHS", "BUNDLE_DIR", "SCRATCH_LR", "SYNTH_SAM_ARCH", "SYNTH_SAM_GENERATOR", "SYNTH_SAM_RECIPE",
-           "install_bundle", "read_generator_params", "SamTrainConfig", "SamTrainResult", "arch_of", "train_sam", "write_curve"]
+__all__ = ["ARCHS", "BUNDLE_DIR", "GENERATOR_FILE", "SCRATCH_LR", "SYNTH_SAM_ARCH", "SYNTH_SAM_FILTERS",
+           "SYNTH_SAM_GENERATOR", "SYNTH_SAM_RECIPE", "install_bundle", "read_generator_params", "SamTrainConfig", "SamTrainResult", "arch_of", "train_sam", "write_curve"]

@@ -67,7 +67,8 @@ def dual_encoder_trainee(model: DualEncoder, tokenizer, *, init: dict | None = N
     def groups(lr, image_lr, text_lr, weight_decay):
         return [
             {"params": list(model.image_encoder.parameters()), "lr": image_lr, "weight_decay": 0.0, "name": "image"},
-            {"params": list(model.text_encoder.parameters()), "lr": text_lr, "weight_decay": 0.0, "name": "text"},
+            {"params": [p for p in model.text_encoder.parameters() if p.requires_grad], "lr": text_lr,
+             "weight_decay": 0.0, "name": "text"},  # empty (dropped) when the text encoder is frozen
             {"params": model.head_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "heads"},
         ]
 

@@ -138,12 +138,13 @@ def test_request_keys_are_deterministic():
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64)
     spec = SegmentSpec(prompts=[" a cat "], sam="vit_b", clip="c")
     assert spec.prompts == ("a cat",)
-    same = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=32))
+    same = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=5, points_per_side=None))
     assert spec.result_key(item) == same.result_key(item) == f"results/{'a' * 64}/{spec.request_digest()}"
     others = [SegmentSpec(prompts=["a dog"], sam="vit_b", clip="c"), SegmentSpec(prompts=["a cat"], sam="vit_l", clip="c"),
               SegmentSpec(prompts=["a cat"], sam="vit_b", clip="d"),
-              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=3))]
-    assert len({spec.request_digest(), *(o.request_digest() for o in others)}) == 5
+              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=3)),
+              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=32))]
+    assert len({spec.request_digest(), *(o.request_digest() for o in others)}) == 6
     for bad in ([], [""], ["   "], ["x" * 301]):
         with pytest.raises(PromptError):
             SegmentSpec(prompts=bad, sam="vit_b", clip="c")

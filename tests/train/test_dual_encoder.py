@@ -109,3 +109,68 @@ def test_minilm_loads_pretrained_offline(tiny_config):
     mask = tokens["attention_mask"].unsqueeze(-1)
     pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2]
+
+
+def _frozen_minilm(tiny_config) -> DualEncoderConfig:
+    return DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "minilm", "pretrained_text": True,
+                                "freeze_text": True})
+
+
+def test_frozen_text_encoder_gets_no_gradient_and_stays_in_eval_mode(tiny_config):
+    from slip.train.trainees import dual_encoder_trainee
+
+    model, tokenizer, init = build_dual_encoder(_frozen_minilm(tiny_config))
+    trainee = dual_encoder_trainee(model, tokenizer, init=init)
+    groups = trainee.param_groups(lr=1e-3, image_lr=1e-3, text_lr=1e-3, weight_decay=0.0)
+    assert [g["name"] for g in groups] == ["image", "heads"]  # no text group: nothing of it is optimised
+    model.train()
+    assert model.image_encoder.training and not model.text_encoder.training
+    ids = tokenizer(["circle", "square"], padding=True, return_tensors="pt")
+    loss = trainee.loss(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), ids["input_ids"], ids["attention_mask"])
+    loss.backward()
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_projection.parameters())
+
+
+def test_frozen_minilm_is_referenced_not_stored_and_loads_back_identically(tmp_path, tiny_config):
+    from safetensors.torch import load_file
+
+    model, tokenizer, init = build_dual_encoder(_frozen_minilm(tiny_config), seed=5)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    original = DualEncoderRanker(model, tokenizer, spec="orig")
+    save_dual_encoder(model, tokenizer, tmp_path / "ckpt", init=init, half=True)
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert stored and not any(k.startswith("text_encoder.") for k in stored)
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["text_weights"]["source"] == "minilm" and len(meta["text_weights"]["sha256"]) == 64
+    loaded = load_ranker(str(tmp_path / "ckpt"), device="cpu")
+    pixels = torch.rand(3, 3, 32, 32)
+    # float16 storage: image embeddings agree to fp16 precision, text embeddings (MiniLM itself + heads) too
+    assert torch.allclose(loaded.encode_images(pixels), original.encode_images(pixels), atol=5e-3)
+    assert torch.allclose(loaded.encode_texts(TEXTS), original.encode_texts(TEXTS), atol=5e-3)
+
+
+def test_referenced_text_encoder_with_another_digest_is_refused(tmp_path, tiny_config):
+    from slip.errors import WeightsError
+
+    model, tokenizer, init = build_dual_encoder(_frozen_minilm(tiny_config))
+    save_dual_encoder(model, tokenizer, tmp_path / "ckpt", init=init)
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["text_weights"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="SHA-256 0000.*retrain"):
+        load_ranker(str(tmp_path / "ckpt"), device="cpu")
+
+
+def test_a_trained_text_encoder_is_stored(tmp_path, tiny_config):
+    from safetensors.torch import load_file
+
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "minilm", "pretrained_text": True})
+    model, tokenizer, _ = build_dual_encoder(config)
+    save_dual_encoder(model, tokenizer, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["text_weights"] is None
+    assert any(k.startswith("text_encoder.") for k in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
