@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the held-out dataset and its composites")
     p.add_argument("--per-class", type=int, default=25, help="held-out images per class (20 %% go to composites)")
     p.add_argument("--composites", type=int, default=200)
-    p.add_argument("--filters", default="containment", help="annotation filters on SAM's masks")
+    p.add_argument("--filters", default=None, help="annotation filters on SAM's masks (default: the SAM's filters.json, else containment)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--report", type=Path, default=None, help="HTML report path (default: in the work directory)")
     p.add_argument("--out", type=Path, default=RESULTS)

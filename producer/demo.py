@@ -3,7 +3,7 @@
 1. make sure Redis answers (start a local ``redis-server`` when the broker is local and none runs);
 2. start a worker subprocess (``celery -A worker worker -Q gpu,cpu``) with the chosen models and wait
    until it reports healthy;
-3. generate N images of synthetic scenes (``slip.data.synth``) and submit them with two prompts;
+3. generate N synthetic 2x2 composites (a circle, a star, two distractors) and submit them with two prompts;
 4. wait with a progress bar; write ``results.coco.json``, ``results.jsonl`` and ``gallery.html``
    (overlays embedded as base64, so the file is self-contained) under ``--out``;
 5. stop the worker cleanly and say which models were used and how to switch to official weights.
@@ -31,7 +31,7 @@ from slip.errors import TransientError, WeightsNotFoundError
 from slip.sam import TINY_SPEC
 
 DEMO_PROMPTS = ("circle", "star")  # two classes drawn in every scene, among distractors
-DISTRACTORS = ("square", "triangle", "heart", "hexagon")
+DISTRACTORS = ("square", "triangle", "heart", "hexagon", "cat", "fish", "tree", "house", "arrow", "mushroom")
 TINY_PARAMS = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}
 WORKER_START_S = 180.0  # how long the worker may take to load its models
 BUNDLED_NOTE = ("the small models bundled with slip (synth-sam 3.8 MB, synth-clip 5 MB), trained only on the "
@@ -53,23 +53,29 @@ def default_models() -> tuple[str, str, str]:
         return TINY_SPEC, TINY_SPEC, f"tiny-random models (random weights: the masks mean nothing), because {e}"
 
 
-def demo_scene(index: int, *, seed: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Scene ``index``: ``(image (size, size, 3) uint8, masks (3, size, size) bool, class names)`` of one
-    distractor, a circle and a star (seeded; the ground truth a demo result can be checked against)."""
-    from slip.data.synth import render_scene
+def demo_scene(index: int, *, seed: int = 0, tile: int = 128) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scene ``index``, a 2x2 composite as in the SLIP paper's evaluation: a circle, a star and two
+    distractors, one per tile in a seeded order. Returns ``(image (2 tile, 2 tile, 3) uint8, masks
+    (4, 2 tile, 2 tile) bool, class names)``: the ground truth a demo result can be checked against."""
+    from slip.data.synth import render_object
 
     rng = np.random.default_rng([seed, index])
-    names = [DISTRACTORS[index % len(DISTRACTORS)], *DEMO_PROMPTS]
-    image, masks = render_scene(names, rng, size=size)
+    distractors = [str(d) for d in rng.choice(DISTRACTORS, size=2, replace=False)]
+    names = [str(n) for n in rng.permutation([*DEMO_PROMPTS, *distractors])]
+    image = np.zeros((2 * tile, 2 * tile, 3), np.uint8)
+    masks = np.zeros((4, 2 * tile, 2 * tile), bool)
+    for k, name in enumerate(names):
+        y, x = (k // 2) * tile, (k % 2) * tile
+        image[y : y + tile, x : x + tile], masks[k, y : y + tile, x : x + tile] = render_object(name, rng, tile)
     return image, masks, names
 
 
 def generate_images(folder: Path, count: int, *, seed: int = 0, size: int = 256) -> list[Path]:
-    """``count`` PNG scenes (:func:`demo_scene`), each with a circle, a star and one distractor."""
+    """``count`` PNG scenes (:func:`demo_scene`): 2x2 composites of a circle, a star and two distractors."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        image, _, _ = demo_scene(i, seed=seed, size=size)
+        image, _, _ = demo_scene(i, seed=seed, tile=size // 2)
         path = folder / f"scene_{i:04d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)

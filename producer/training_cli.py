@@ -382,8 +382,11 @@ def report(
 
 def register(submit_app: typer.Typer, app: typer.Typer) -> None:
     """Add training commands to ``slip submit`` (``submit_app``) and to ``slip`` (``app``)."""
+    from producer.train_sam_cli import submit_train_sam
+
     submit_app.command("train")(submit_train)
     submit_app.command("evaluate")(submit_evaluate)
+    submit_app.command("train-sam")(submit_train_sam)
     app.command("report")(report)
 
 

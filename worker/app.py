@@ -30,7 +30,7 @@ from worker.store import Store
 
 log = logging.getLogger("slip.worker")
 
-TASK_MODULES = ("worker.tasks", "worker.train_tasks")  # the second is optional (training helper)
+TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # the last two: training
 QUEUES = ("gpu", "cpu")
 ROUTES = {
     "slip.segment": {"queue": "gpu"},
@@ -41,7 +41,7 @@ ROUTES = {
 
 
 def task_modules() -> list[str]:
-    """Task modules that exist in this checkout (``worker.train_tasks`` is added by the training work)."""
+    """Task modules that exist in this checkout (the training modules are optional)."""
     return [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
 
 

@@ -90,24 +90,29 @@ def dataset_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
 
 
-def directory_manifest(root: Path) -> dict:
-    """``{"files": [{"path", "sha256", "size"}]}`` of every file under ``root``; its digest names it."""
+def directory_manifest(root: Path, *, extra: dict[str, Path] | None = None) -> dict:
+    """``{"files": [{"path", "sha256", "size"}]}`` of every file under ``root``, plus the files ``extra``
+    places at the relative paths it names (replacing a file of ``root`` at that path); its digest names it."""
+    sources = {path.relative_to(root).as_posix(): path for path in dataset_files(root)}  # sorted by Path
+    sources.update({rel: path for rel, path in sorted((extra or {}).items())})
     files = []
-    for path in dataset_files(root):
+    for rel, path in sources.items():
         data = path.read_bytes()
-        files.append({"path": path.relative_to(root).as_posix(), "sha256": sha256_bytes(data), "size": len(data)})
+        files.append({"path": rel, "sha256": sha256_bytes(data), "size": len(data)})
     if not files:
         raise DatasetError(f"{root} holds no files")
     return {"files": files}
 
 
-def upload_directory(store: Store, root: Path, *, kind: str = "datasets") -> str:
-    """Upload ``root`` content-addressed; returns the manifest digest (skips what is already there)."""
-    manifest = directory_manifest(root)
+def upload_directory(store: Store, root: Path, *, kind: str = "datasets", extra: dict[str, Path] | None = None) -> str:
+    """Upload ``root`` (and ``extra``, see :func:`directory_manifest`) content-addressed; returns the
+    manifest digest (skips what is already there)."""
+    manifest = directory_manifest(root, extra=extra)
+    sources = {**{e["path"]: root / e["path"] for e in manifest["files"]}, **(extra or {})}
     for entry in manifest["files"]:
         blob = f"{kind}/blobs/{entry['sha256']}"
         if not store.exists(blob):
-            store.put_bytes(blob, (root / entry["path"]).read_bytes())
+            store.put_bytes(blob, sources[entry["path"]].read_bytes())
     key = digest(manifest)
     if not store.exists(f"{kind}/{key}/manifest.json"):
         store.put_json(f"{kind}/{key}/manifest.json", manifest)

@@ -40,6 +40,8 @@ def train_ranker(
     lr: float = typer.Option(1e-3, help="Learning rate of the projection heads (the grid's lr)."),
     image_lr: float = typer.Option(1e-4, help="Learning rate of the image backbone."),
     text_lr: float = typer.Option(1e-5, help="Learning rate of the text encoder."),
+    loss: str = typer.Option("paper", help="Dual-encoder loss: paper (temperature 1, soft targets) | clip (unit "
+                             "norm, learnt temperature)."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch_size: int = typer.Option(64, help="Image-caption pairs per step."),
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
@@ -90,7 +92,7 @@ def train_ranker(
             config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
                                  seed=seed, split_seed=split_seed, caption_template=caption_template,
                                  segment_view_prob=segment_view_prob, device=device, progress=not quiet,
-                                 save_initial=save_initial)
+                                 save_initial=save_initial, loss=loss)
         result = run(dataset, out, model=model, init=init, config=config, cache_dir=cache_dir_from_env())
         target = synth_clip.install_bundle(result.out) if bundle else result.out
     typer.echo(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}/{config.epochs} "

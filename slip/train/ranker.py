@@ -33,7 +33,7 @@ from slip.data.folder import LabelledFolder, scan_folder, split_records
 from slip.device import resolve_device
 from slip.errors import ConfigError, DatasetError
 from slip.rankers.dual_encoder import DualEncoderConfig, build_dual_encoder
-from slip.train.trainees import Trainee, clip_trainee, dual_encoder_trainee, trainee_from_spec
+from slip.train.trainees import LOSSES, Trainee, clip_trainee, dual_encoder_trainee, trainee_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, shuffling and augmentation
     segment_view_prob: float = 0.5  # images with masks: probability of the cut-out (segment crop) view
     caption_template: str = "{name}"  # caption of a class; the paper found "{name}" best
+    loss: str = "paper"  # dual encoder: "paper" (temperature 1, soft targets) | "clip" (unit norm, learnt temperature)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     max_steps_per_epoch: int | None = None  # cap on steps per epoch (smoke tests); None = the whole split
@@ -64,6 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         for name in ("lr", "image_lr", "text_lr"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -167,9 +170,9 @@ def _trainee(model: DualEncoderConfig | None, init: str | None, config: TrainCon
     if init is not None and model is not None:
         raise ConfigError("give either a new dual-encoder configuration or a ranker to fine-tune (--init), not both")
     if init is not None:
-        return trainee_from_spec(init, cache_dir=cache_dir)
+        return trainee_from_spec(init, cache_dir=cache_dir, loss=config.loss)
     built, tokenizer, origin = build_dual_encoder(model or DualEncoderConfig(), cache_dir=cache_dir, seed=config.seed)
-    return dual_encoder_trainee(built, tokenizer, init=origin)
+    return dual_encoder_trainee(built, tokenizer, init=origin, loss=config.loss)
 
 
 def _loader(dataset: CaptionDataset, config: TrainConfig, *, shuffle: bool) -> DataLoader:

@@ -152,7 +152,7 @@ SYNTH_SAM_GENERATOR = {
 SYNTH_SAM_FILTERS = {
     "filters": "containment:drop_largest=false",
     "why": "synth-sam proposes no background segment on synthetic scenes, so dropping the largest segment as "
-           "background would drop an object (held-out 2x2 composites: 69% -> 91% full-SLIP accuracy)",
+           "background would drop an object (held-out 2x2 composites: 71% -> 93% full-SLIP accuracy)",
 }
 BUNDLE_DIR = BUNDLED_DIR / SYNTH_SAM_NAME  # slip/weights/synth-sam
 REBUILD_COMMAND = ("slip data synth --classes 27 --per-class 60 --size 128 --seed 0 --out data/synth && "

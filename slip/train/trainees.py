@@ -12,6 +12,7 @@ and its checkpoint format:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,11 +62,35 @@ class Trainee:
         return self.loss_from_features(self.image_features(pixels), self.caption_features(labels, input_ids, attention_mask), labels)
 
 
-def dual_encoder_trainee(model: DualEncoder, tokenizer, *, init: dict | None = None) -> Trainee:
-    """The paper's dual encoder with the paper's loss (temperature 1, soft targets)."""
+LOSSES = ("paper", "clip")  # the dual encoder's training losses
+
+
+class LogitScale(nn.Module):
+    """CLIP's learnt temperature, ``exp(logit_scale)``: a training-only parameter, never saved (rankers
+    compare unit-norm embeddings, where a common scale does not change any ranking)."""
+
+    def __init__(self, initial: float = 1 / 0.07) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(initial)))
+
+
+def dual_encoder_trainee(model: DualEncoder, tokenizer, *, init: dict | None = None, loss: str = "paper") -> Trainee:
+    """The paper's dual encoder with the paper's loss (temperature 1, soft targets), or with CLIP's
+    (``loss="clip"``: unit-norm embeddings, learnt temperature, targets spread over same-class pairs)."""
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown dual-encoder loss {loss!r}: use one of {', '.join(LOSSES)}")
+    scale = LogitScale() if loss == "clip" else None
+    module = nn.ModuleDict({"model": model, "scale": scale}) if scale is not None else model
+
+    def loss_from_features(image, text, labels):
+        if scale is None:
+            return paper_clip_loss(image, text)
+        return symmetric_clip_loss(image, text, scale.logit_scale, labels)
 
     def groups(lr, image_lr, text_lr, weight_decay):
-        return [
+        learnt_scale = [] if scale is None else [{"params": [scale.logit_scale], "lr": lr, "weight_decay": 0.0,
+                                                  "name": "logit_scale"}]
+        return learnt_scale + [
             {"params": list(model.image_encoder.parameters()), "lr": image_lr, "weight_decay": 0.0, "name": "image"},
             {"params": [p for p in model.text_encoder.parameters() if p.requires_grad], "lr": text_lr,
              "weight_decay": 0.0, "name": "text"},  # empty (dropped) when the text encoder is frozen
@@ -73,13 +98,13 @@ def dual_encoder_trainee(model: DualEncoder, tokenizer, *, init: dict | None = N
         ]
 
     return Trainee(
-        module=model,
+        module=module,
         tokenizer=tokenizer,
         image_size=model.config.image_size,
         max_text_tokens=model.config.max_text_tokens,
         image_features=model.image_features,
         text_features=model.text_features,
-        loss_from_features=lambda image, text, labels: paper_clip_loss(image, text),
+        loss_from_features=loss_from_features,
         groups=groups,
         save=lambda directory, *, training: save_dual_encoder(model, tokenizer, directory, init=init, training=training),
         as_ranker=lambda spec: DualEncoderRanker(model, tokenizer, spec=spec, device=next(model.parameters()).device),
@@ -139,14 +164,16 @@ def _tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def trainee_from_spec(spec: str, *, cache_dir: Path | None = None) -> Trainee:
-    """Fine-tune an existing ranker: a dual-encoder directory, a HF CLIP (hub id / directory) or tiny-random."""
+def trainee_from_spec(spec: str, *, cache_dir: Path | None = None, loss: str = "paper") -> Trainee:
+    """Fine-tune an existing ranker: a dual-encoder directory, a HF CLIP (hub id / directory) or tiny-random.
+
+    ``loss`` applies to a dual encoder; a Hugging Face CLIP always trains with CLIP's own loss."""
     from slip.rankers.hf_clip import HFClipRanker
     from slip.rankers.loading import load_ranker
 
     ranker = load_ranker(spec, device="cpu", cache_dir=cache_dir)
     if isinstance(ranker, DualEncoderRanker):
-        return dual_encoder_trainee(ranker.model, ranker.tokenizer, init={"from": spec})
+        return dual_encoder_trainee(ranker.model, ranker.tokenizer, init={"from": spec}, loss=loss)
     if isinstance(ranker, HFClipRanker):
         return clip_trainee(ranker)
     raise ConfigError(f"ranker {spec!r} ({type(ranker).__name__}) cannot be fine-tuned: use a Hugging Face CLIP "

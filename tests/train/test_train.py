@@ -29,17 +29,18 @@ def test_paper_loss_prefers_aligned_pairs():
         image, image.flip(0), torch.tensor(2.0), labels)
 
 
-def test_training_steps_lower_the_loss_on_a_tiny_dataset(synth_dir, tiny_config):
+@pytest.mark.parametrize("loss", ["paper", "clip"])
+def test_training_steps_lower_the_loss_on_a_tiny_dataset(synth_dir, tiny_config, loss):
     folder = scan_folder(synth_dir)
     model, tokenizer, _ = build_dual_encoder(tiny_config, seed=0)
-    trainee = dual_encoder_trainee(model, tokenizer)
+    trainee = dual_encoder_trainee(model, tokenizer, loss=loss)
     data = CaptionDataset(folder.records[::3], image_size=32, segment_view_prob=0.5, random=False)
     pixels = torch.stack([data[i][0] for i in range(len(data))])
     labels = torch.tensor([data[i][1] for i in range(len(data))])
     ids, mask = caption_tokens(tokenizer, folder.captions, 16)
     optimizer = torch.optim.AdamW(trainee.param_groups(lr=1e-2, image_lr=1e-3, text_lr=1e-3, weight_decay=1e-3))
     torch.manual_seed(0)  # dropout masks of the training steps
-    model.train()  # batch statistics in BatchNorm; the same dropout masks for both measurements
+    trainee.module.train()  # batch statistics in BatchNorm; the same dropout masks for both measurements
 
     def measure() -> float:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -63,6 +64,19 @@ def test_param_groups_follow_the_recipe(tiny_config):
         ("image", 1e-4, 0.0), ("text", 1e-5, 0.0), ("heads", 1e-3, 1e-3)]
     n_params = sum(p.numel() for g in groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_clip_loss_learns_its_temperature_but_saves_the_plain_checkpoint(tmp_path, tiny_config):
+    model, tokenizer, _ = build_dual_encoder(tiny_config)
+    trainee = dual_encoder_trainee(model, tokenizer, loss="clip")
+    groups = trainee.param_groups(lr=1e-3, image_lr=1e-4, text_lr=1e-5, weight_decay=1e-3)
+    assert [g["name"] for g in groups] == ["logit_scale", "image", "text", "heads"]
+    trainee.save(tmp_path / "ckpt", training={})
+    assert isinstance(load_ranker(str(tmp_path / "ckpt"), device="cpu"), DualEncoderRanker)
+    with pytest.raises(ConfigError, match="loss"):
+        dual_encoder_trainee(model, tokenizer, loss="hinge")
+    with pytest.raises(ConfigError, match="loss"):
+        TrainConfig(loss="hinge")
 
 
 def test_train_ranker_writes_best_checkpoint_and_curves(tmp_path, synth_dir, tiny_config):

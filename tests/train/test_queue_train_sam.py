@@ -1,0 +1,211 @@
+"""SAM training through the real queue: Redis db 9, one real Celery worker process, the ``slip`` CLI.
+
+A tiny-random SAM is trained for seconds on a tiny synthetic mask folder (and on a COCO file that lives
+outside its image directory); the checkpoint must land in the store, load with ``slip.sam.load_sam`` and
+carry on from where it stopped when a second job starts from ``job:<id>``. Bad requests fail once, with
+the reason, and leave nothing queued.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
+from queue_helpers import (  # noqa: E402
+    REDIS_HOST,
+    REDIS_PORT,
+    flush,
+    invoke_cli,
+    job_id_from,
+    queue_env,
+    start_worker,
+    stop_worker,
+    wait_worker_ready,
+)
+
+from slip.data.synth import generate_dataset, render_object  # noqa: E402
+from slip.sam import SAM_ARCHS, load_sam  # noqa: E402
+from slip.train.sam import arch_of  # noqa: E402
+
+DB = 9  # this module's own Redis db (queue tests use 10-15, test_queue_training 12)
+FAST = ["--epochs", "2", "--scenes-per-epoch", "8", "--batch-images", "4", "--prompts-per-image", "4",
+        "--val-scenes", "4", "--val-fraction", "0.25"]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sam_worker(tmp_path_factory):
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: start redis-server ({e})")
+    finally:
+        client.close()
+    flush(DB)
+    store = tmp_path_factory.mktemp("sam-store")
+    env = queue_env(store, db=DB, SLIP_CACHE=str(tmp_path_factory.mktemp("sam-cache")))
+    log = tmp_path_factory.mktemp("sam-logs") / "sam-trainer.log"
+    process = start_worker(env, ("gpu", "cpu"), "sam-trainer", log_path=log)
+    try:
+        wait_worker_ready(env, "sam-trainer", process=process)
+    except RuntimeError as e:
+        stop_worker(process, timeout_s=5)
+        pytest.fail(f"{e}\n--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
+    yield {"env": env, "store": store, "log": log}
+    stop_worker(process)
+    flush(DB)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 classes x 4 images of 32 px, with masks."""
+    return generate_dataset(tmp_path_factory.mktemp("sam-synth") / "ds", classes=3, per_class=4, size=32, seed=0)
+
+
+def _run(args, env):
+    done = invoke_cli(args, env)
+    assert done.exit_code == 0, done.output
+    return done.stdout
+
+
+def _summary(store: Path, job: str) -> dict:
+    return json.loads((store / "jobs" / job / "result.json").read_text())
+
+
+def _coco(root: Path) -> tuple[Path, Path]:
+    """4 images of 64x48 px with one RLE-annotated object each; the annotation file beside the images."""
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i, name in enumerate(["circle", "star", "fish", "house"]):
+        canvas = np.full((48, 64, 3), 30 + 40 * i, np.uint8)
+        blob, mask = render_object(name, rng, 32)
+        canvas[8:40, 16:48][mask] = blob[mask]
+        full = np.zeros((48, 64), bool)
+        full[8:40, 16:48] = mask
+        Image.fromarray(canvas).save(root / "images" / f"{i}.png")
+        rle = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 48, "width": 64})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "area": float(full.sum()),
+                            "bbox": [16, 8, 32, 32], "segmentation": {**rle, "counts": rle["counts"].decode("ascii")}})
+    ann = root / "annotations" / "instances.json"
+    ann.parent.mkdir()
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "x"}]}))
+    return root / "images", ann
+
+
+def test_train_sam_job_stores_a_loadable_checkpoint_and_a_second_job_continues_it(sam_worker, dataset, tmp_path):
+    env, store = sam_worker["env"], sam_worker["store"]
+    copy = tmp_path / "sam-copy"
+    out = _run(["submit", "train-sam", str(dataset), "--arch", "tiny-random", *FAST, "--wait", "--out", str(copy)], env)
+    job = job_id_from(out)
+    summary = _summary(store, job)
+    # the summary: every epoch, the best one, where the checkpoint is
+    assert summary["epochs"] == 2 and [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert all("train_loss" in h for h in summary["history"][1:])
+    best = max(summary["history"][1:], key=lambda h: h["val_miou"])
+    assert summary["best_epoch"] == best["epoch"] and summary["best_val_miou"] == best["val_miou"]
+    assert 0.0 <= summary["best_val_miou"] <= 1.0 and summary["arch"] == "tiny-random"
+    assert summary["store_prefix"] == f"models/sam/{job}" and summary["worker"].startswith("sam-trainer@")
+    assert f"{summary['best_val_miou']:.4f}" in out and f"models/sam/{job}" in out and f"job:{job}" in out
+    # the checkpoint directory in the store, and its copy
+    stored = store / "models" / "sam" / job
+    assert {"sam.pth", "config.json", "curve.json", "curve.png", "training.json"} <= {p.name for p in stored.iterdir()}
+    assert sorted(summary["files"]) == sorted(p.name for p in stored.iterdir())
+    assert json.loads((stored / "curve.json").read_text())["epochs"] == summary["history"]
+    sam = load_sam(str(copy), device="cpu")
+    assert arch_of(sam) == SAM_ARCHS["tiny-random"]
+    in_store = load_sam(str(stored), device="cpu").state_dict()
+    assert all(torch.equal(v, in_store[k]) for k, v in sam.state_dict().items())
+    # a second job fine-tunes the first one's checkpoint: its starting point is the first one's best epoch
+    out = _run(["submit", "train-sam", str(dataset), "--sam", f"job:{job}", *FAST, "--epochs", "1", "--wait"], env)
+    second = _summary(store, job_id_from(out))
+    assert second["request"]["sam"] == f"store:models/sam/{job}" and second["arch"] == "tiny-random"
+    assert second["start_val_miou"] == pytest.approx(summary["best_val_miou"], abs=1e-5)
+
+
+def test_coco_file_outside_the_image_directory_travels_with_the_upload(sam_worker, tmp_path):
+    env, store = sam_worker["env"], sam_worker["store"]
+    images, ann = _coco(tmp_path / "coco")
+    out = _run(["submit", "train-sam", str(images), "--coco", str(ann), "--sam", "tiny-random", *FAST,
+                "--epochs", "1", "--batch-images", "2", "--wait"], env)
+    summary = _summary(store, job_id_from(out))
+    assert summary["request"]["coco"] == "_coco/annotations.json" and summary["best_epoch"] == 1
+    manifest = json.loads((store / "datasets" / summary["request"]["dataset"] / "manifest.json").read_text())
+    assert sorted(f["path"] for f in manifest["files"]) == ["0.png", "1.png", "2.png", "3.png", "_coco/annotations.json"]
+    assert (store / "models" / "sam" / summary["job_id"] / "sam.pth").is_file()
+
+
+def test_bad_options_fail_before_anything_is_uploaded(sam_worker, dataset):
+    env, store = sam_worker["env"], sam_worker["store"]
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for args, message in [(["--sam", "tiny-random", "--arch", "tiny-random"], "exactly one"),
+                          ([], "exactly one"),
+                          (["--arch", "vit_z"], "unknown SAM architecture"),
+                          (["--arch", "tiny-random", "--epochs", "0"], "epochs"),
+                          (["--sam", "job:nope"], "has no checkpoint")]:
+        done = invoke_cli(["submit", "train-sam", str(dataset), *args], env)
+        assert done.exit_code == 2, (args, done.output)
+        assert message in done.stderr and "Traceback" not in done.output and done.stderr.count("\n") == 1
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+def test_bad_requests_fail_once_on_the_worker_with_the_reason(sam_worker):
+    from producer.client import QueueClient
+    from worker.settings import Settings
+
+    client = QueueClient(Settings.from_env(sam_worker["env"]))
+    base = {"job_id": "badsam", "dataset": "0" * 64, "epochs": 1}
+    sent = {
+        "both": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "sam": "tiny-random",
+                                                                            "arch": "tiny-random"}}),
+        "missing dataset": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "arch": "tiny-random"}}),
+        "unknown field": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "arch": "tiny-random",
+                                                                                     "lr_schedule": "x"}}),
+    }
+    expected = {"both": ("ConfigError", "exactly one"), "missing dataset": ("DatasetError", "is not in store"),
+                "unknown field": ("ConfigError", "lr_schedule")}
+    for name, result in sent.items():
+        result.get(timeout=60, propagate=False)
+        assert result.state == "FAILURE", name
+        kind, text = expected[name]
+        assert type(result.result).__name__ == kind and text in str(result.result), (name, result.result)
+    time.sleep(1.0)  # nothing comes back: not queued again, not held unacknowledged, not retried
+    broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+    try:
+        assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 0
+    finally:
+        broker.close()
+    log = sam_worker["log"].read_text(errors="replace")
+    for result in sent.values():
+        assert log.count(f"slip.train_sam[{result.id}] received") == 1 and f"[{result.id}] retry" not in log
+
+
+def test_progress_is_reported_per_epoch(sam_worker, dataset):
+    from producer.client import QueueClient
+    from worker.settings import Settings
+
+    env, store = sam_worker["env"], sam_worker["store"]
+    job = job_id_from(_run(["submit", "train-sam", str(dataset), "--arch", "tiny-random", *FAST, "--epochs", "5"], env))
+    task_id = json.loads((store / "jobs" / job / "training.json").read_text())["task_ids"][0]
+    result = QueueClient(Settings.from_env(env)).app.AsyncResult(task_id)
+    seen, deadline = [], time.monotonic() + 60
+    while result.state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+        if result.state == "PROGRESS" and isinstance(result.info, dict):
+            seen.append(result.info)
+        time.sleep(0.02)
+    assert result.state == "SUCCESS", result.info
+    assert seen and all(i["job_id"] == job and i["epochs"] == 5 and 1 <= i["epoch"] <= 5 for i in seen)
+    history = _summary(store, job)["history"]
+    assert all(i["val_miou"] == history[i["epoch"]]["val_miou"] for i in seen)
