@@ -35,7 +35,7 @@ import torch
 from slip.data.synth import CLASS_NAMES, generate_dataset
 from slip.evaluate import evaluate_rankers, format_table
 from slip.report import report_from_runs
-from slip.sam import recommended_generator_params
+from slip.sam import recommended_filters, recommended_generator_params, resolve_filters
 
 RESULTS = Path(__file__).parent / "results" / "slip_synth.json"
 
@@ -79,6 +79,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "generator": recommended_generator_params(a.sam),
+        "filters": resolve_filters(a.filters, recommended_filters(a.sam)),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "oracle": runs["oracle"].to_json(),
         "sam": runs["sam"].to_json(),

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import redis
@@ -176,3 +177,33 @@ def invoke_cli(args: Sequence[str], env: dict[str, str]):
     slip_env = {k: v for k, v in env.items() if k.startswith("SLIP_")}
     cleared = {k: None for k in os.environ if k.startswith("SLIP_") and k not in slip_env}
     return CliRunner().invoke(app, list(args), env={**cleared, **slip_env}, catch_exceptions=True)
+
+
+@contextmanager
+def module_worker(tmp_path_factory, *, db: int, name: str) -> Iterator[dict]:
+    """A real worker (queues gpu + cpu, tiny-random models) on Redis ``db`` with its own store and cache,
+    for one test module: ``{"env", "store", "log"}``; ``db`` is flushed before and after."""
+    import pytest
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: start redis-server ({e})")
+    finally:
+        client.close()
+    flush(db)
+    store = tmp_path_factory.mktemp(f"{name}-store")
+    env = queue_env(store, db=db, SLIP_CACHE=str(tmp_path_factory.mktemp(f"{name}-cache")))
+    log = tmp_path_factory.mktemp(f"{name}-logs") / f"{name}.log"
+    process = start_worker(env, ("gpu", "cpu"), name, log_path=log)
+    try:
+        wait_worker_ready(env, name, process=process)
+    except RuntimeError as e:
+        stop_worker(process, timeout_s=5)
+        pytest.fail(f"{e}\n--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
+    try:
+        yield {"env": env, "store": store, "log": log}
+    finally:
+        stop_worker(process)
+        flush(db)

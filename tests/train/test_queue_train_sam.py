@@ -24,13 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
 from queue_helpers import (  # noqa: E402
     REDIS_HOST,
     REDIS_PORT,
-    flush,
     invoke_cli,
     job_id_from,
-    queue_env,
-    start_worker,
-    stop_worker,
-    wait_worker_ready,
+    module_worker,
 )
 
 from slip.data.synth import generate_dataset, render_object  # noqa: E402
@@ -45,26 +41,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def sam_worker(tmp_path_factory):
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as e:
-        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: start redis-server ({e})")
-    finally:
-        client.close()
-    flush(DB)
-    store = tmp_path_factory.mktemp("sam-store")
-    env = queue_env(store, db=DB, SLIP_CACHE=str(tmp_path_factory.mktemp("sam-cache")))
-    log = tmp_path_factory.mktemp("sam-logs") / "sam-trainer.log"
-    process = start_worker(env, ("gpu", "cpu"), "sam-trainer", log_path=log)
-    try:
-        wait_worker_ready(env, "sam-trainer", process=process)
-    except RuntimeError as e:
-        stop_worker(process, timeout_s=5)
-        pytest.fail(f"{e}\n--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
-    yield {"env": env, "store": store, "log": log}
-    stop_worker(process)
-    flush(DB)
+    with module_worker(tmp_path_factory, db=DB, name="sam-trainer") as worker:
+        yield worker
 
 
 @pytest.fixture(scope="module")
