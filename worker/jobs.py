@@ -78,6 +78,19 @@ class SegmentParams(BaseModel):
         chain = [{"name": f.name, **f.params()} for f in parse_filters(filters)]
         return {"sam": sam, "generator": generator, "filters": chain}
 
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: Optional[str]) -> Optional[str]:
+        """A bad chain is refused when the job is built (producer side), not first by a worker."""
+        if value is not None:
+            from slip.filters import parse_filters
+
+            try:
+                parse_filters(value)
+            except ConfigError as e:
+                raise ValueError(str(e)) from e
+        return value
+
     def embedding_identity(self, clip: str) -> dict:
         """What the crop embeddings depend on (besides the proposals)."""
         return {

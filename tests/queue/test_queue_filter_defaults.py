@@ -129,3 +129,17 @@ def test_queue_evaluation_with_the_warm_sam_uses_its_recommended_chain(resources
     assert any(c is not None for c in chosen(resources))
     # control: a recommended chain that drops every segment leaves nothing to choose from
     assert all(c is None for c in chosen(replace(resources, recommended_filters="min_area:100000")))
+
+
+def test_a_bad_filter_chain_is_refused_at_submit_and_nothing_is_uploaded(tmp_path):
+    from queue_helpers import run_cli
+
+    with pytest.raises(ValueError, match="keep must be 'parent' or 'child'"):
+        SegmentParams(filters="containment:keep=sideways")
+    store = tmp_path / "store"
+    (image,) = make_images(tmp_path / "images", 1)
+    proc = run_cli(["submit", "segment", str(image), "--prompt", "disc", "--filters", "containment:keep=sideways"],
+                   queue_env(store, db=11))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "keep must be 'parent' or 'child'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not store.exists() or not any(store.rglob("*.*"))
