@@ -18,7 +18,6 @@ from typing import Optional
 import typer
 
 from slip.errors import InputError, ObjectNotFoundError
-from worker.store import job_prefix
 
 
 def _start_spec(client, spec: str) -> str:
@@ -83,9 +82,9 @@ def submit_train_sam(
     """Train a SAM on the workers (one task on the gpu queue); prints the job id (then, with --wait, the result)."""
     from producer.cli import queue_errors
     from producer.client import new_job_id, utc_now
-    from producer.training_cli import _client, _ledger_key, _send, _wait
+    from producer.training_cli import _client, _enqueue, _wait
     from worker.jobs import parse_model
-    from worker.train_sam_task import SamTrainRequest
+    from worker.train_sam_task import SamTrainRequest, result_key, sam_prefix
 
     with queue_errors():
         fields = dict(epochs=epochs, lr=lr, batch_images=batch_images, prompts_per_image=prompts_per_image,
@@ -106,14 +105,12 @@ def submit_train_sam(
         ledger = {"kind": "train-sam", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "coco_path": str(coco) if coco else None,
                   "requests": [request.model_dump(mode="json")], "task_ids": []}
-        client.store.put_json(_ledger_key(job_id), ledger)
-        ledger["task_ids"].append(_send(client, "slip.train_sam", request.model_dump(mode="json"),
-                                        f"job={job_id} sam={sam or arch} epochs={epochs}"))
-        client.store.put_json(_ledger_key(job_id), ledger)
+        _enqueue(client, ledger, "slip.train_sam", ledger["requests"],
+                 lambda _: f"job={job_id} sam={sam or arch} epochs={epochs}")
         typer.echo(job_id)
         if not wait:
             typer.echo(f"when the worker finishes: the checkpoint in store {client.store.url} under "
-                       f"models/sam/{job_id}/, the summary in {job_prefix(job_id)}/result.json", err=True)
+                       f"{sam_prefix(job_id)}/, the summary in {result_key(job_id)}", err=True)
             return
         states = _wait(client, ledger["task_ids"], label=f"train-sam {job_id}", units=[epochs], timeout=timeout,
                        detail=_describe_epoch)
@@ -121,7 +118,7 @@ def submit_train_sam(
         if state != "SUCCESS":
             typer.echo(f"job {job_id}: {_unfinished(client, job_id, ledger['task_ids'][0], state, timeout)}", err=True)
             raise typer.Exit(1)
-        summary = client.store.get_json(f"{job_prefix(job_id)}/result.json")
+        summary = client.store.get_json(result_key(job_id))
         typer.echo(format_summary(summary, client.store))
         if out is not None:
             _copy_out(client, summary["store_prefix"], out)
@@ -134,7 +131,9 @@ def _unfinished(client, job_id: str, task_id: str, state: str, timeout: Optional
         return f"SAM training failed: {type(error).__name__}: {error}"
     if state == "REVOKED":
         return "SAM training was revoked"
-    return f"still {state.lower()} after {timeout} s; the summary will be in {job_prefix(job_id)}/result.json"
+    from worker.train_sam_task import result_key
+
+    return f"still {state.lower()} after {timeout} s; the summary will be in {result_key(job_id)}"
 
 
 def _describe_epoch(info: dict) -> str:

@@ -13,7 +13,6 @@ directory (uploaded to the store), ``store:<prefix>`` or ``job:<train job id>`` 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 import uuid
@@ -71,6 +70,16 @@ def _send(client, name: str, request: dict, describe: str) -> str:
     client.app.backend.store_result(task_id, None, "SENT")
     client.app.send_task(name, kwargs={"request": request}, task_id=task_id, kwargsrepr=describe)
     return task_id
+
+
+def _enqueue(client, ledger: dict, task: str, requests: list[dict], describe: Callable[[int], str]) -> list[str]:
+    """Write the job's ``ledger``, send one ``task`` per request (``describe(i)`` labels request ``i`` in the
+    logs), record the task ids in the ledger and write it again; returns the task ids."""
+    client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
+    for i, request in enumerate(requests):
+        ledger["task_ids"].append(_send(client, task, request, describe(i)))
+    client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
+    return ledger["task_ids"]
 
 
 def _wait(client, task_ids: list[str], *, label: str, units: list[int], timeout: Optional[float],
@@ -176,11 +185,8 @@ def submit_train(
         ledger = {"kind": "train", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "cells": cells, "requests": [r.model_dump(mode="json") for r in requests],
                   "task_ids": []}
-        client.store.put_json(_ledger_key(job_id), ledger)
-        for r in requests:
-            ledger["task_ids"].append(_send(client, "slip.train", r.model_dump(mode="json"),
-                                            f"job={job_id} cell={r.cell} {cells[r.cell]}"))
-        client.store.put_json(_ledger_key(job_id), ledger)
+        _enqueue(client, ledger, "slip.train", ledger["requests"],
+                 lambda i: f"job={job_id} cell={requests[i].cell} {cells[requests[i].cell]}")
         typer.echo(job_id)
         if not wait:
             return
@@ -280,11 +286,9 @@ def submit_evaluate(
         ledger = {"kind": "evaluate", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "rankers": list(ranker), "specs": specs, "composites": composites,
                   "requests": [q.model_dump(mode="json") for q in requests], "task_ids": []}
-        client.store.put_json(_ledger_key(job_id), ledger)
-        for q in requests:
-            ledger["task_ids"].append(_send(client, "slip.evaluate", q.model_dump(mode="json"),
-                                            f"job={job_id} ranker={q.ranker_index} composites={q.start}..{q.stop - 1}"))
-        client.store.put_json(_ledger_key(job_id), ledger)
+        _enqueue(client, ledger, "slip.evaluate", ledger["requests"],
+                 lambda i: f"job={job_id} ranker={requests[i].ranker_index} "
+                           f"composites={requests[i].start}..{requests[i].stop - 1}")
         typer.echo(job_id)
         if not wait:
             return

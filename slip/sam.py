@@ -248,17 +248,27 @@ def load_sam(
     return sam.to(device=dev, dtype=torch_dtype).eval()
 
 
+def _beside(checkpoint: Path, name: str) -> Path:
+    """The file ``name`` beside a checkpoint: inside it when it is a directory, else in its folder."""
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
+
+
+def _read_json(path: Path):
+    """The parsed JSON of a recommendation file; ConfigError naming it when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
 def read_generator_params(checkpoint: Path) -> dict:
     """The recommended generator options stored beside a checkpoint (file or directory); ``{}`` if none.
 
     The options are returned as written (see :func:`recommended_generator_params` for the checked form)."""
-    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / GENERATOR_FILE
+    path = _beside(checkpoint, GENERATOR_FILE)
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object of MaskGenerator options, not {type(data).__name__}")
     return data
@@ -279,9 +289,8 @@ def recommended_generator_params(spec: str, *, cache_dir: Path | None = None) ->
     known = mask_generator_defaults()
     for key in params:
         if key not in known:
-            path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / GENERATOR_FILE
             raise ConfigError(
-                f"{path}: {key!r} is not a MaskGenerator option (expected some of {', '.join(sorted(known))})"
+                f"{_beside(checkpoint, GENERATOR_FILE)}: {key!r} is not a MaskGenerator option (expected some of {', '.join(sorted(known))})"
             )
     return params
 
@@ -310,13 +319,10 @@ def recommended_filters(spec: str, *, cache_dir: Path | None = None) -> str | No
     if spec == TINY_SPEC:
         return None
     checkpoint = _resolve_spec(spec, cache_dir)
-    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / FILTERS_FILE
+    path = _beside(checkpoint, FILTERS_FILE)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("filters"), str) or set(data) - {"filters", "why"}:
         raise ConfigError(f'{path} must hold {{"filters": "<filter chain>", "why": "<reason>"}}, got {data!r}')
     try:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import redis
 
 from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
     REDIS_HOST,
@@ -24,6 +23,7 @@ from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
     node_name,
     queue_env,
     redis_url,
+    require_redis,
     run_cli,
     start_worker,
     stop_worker,
@@ -36,13 +36,7 @@ from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
 
 @pytest.fixture(scope="session")
 def redis_alive() -> None:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as e:
-        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: run `bash scripts/setup.sh` ({e})")
-    finally:
-        client.close()
+    require_redis()
 
 
 @pytest.fixture(scope="session")

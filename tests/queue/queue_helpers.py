@@ -179,19 +179,26 @@ def invoke_cli(args: Sequence[str], env: dict[str, str]):
     return CliRunner().invoke(app, list(args), env={**cleared, **slip_env}, catch_exceptions=True)
 
 
-@contextmanager
-def module_worker(tmp_path_factory, *, db: int, name: str) -> Iterator[dict]:
-    """A real worker (queues gpu + cpu, tiny-random models) on Redis ``db`` with its own store and cache,
-    for one test module: ``{"env", "store", "log"}``; ``db`` is flushed before and after."""
+def require_redis() -> None:
+    """Fail the test (not error out) with the set-up command when Redis does not answer."""
     import pytest
 
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2)
     try:
         client.ping()
     except redis.exceptions.ConnectionError as e:
-        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: start redis-server ({e})")
+        pytest.fail(f"Redis does not answer on {REDIS_HOST}:{REDIS_PORT}: run `bash scripts/setup.sh` ({e})")
     finally:
         client.close()
+
+
+@contextmanager
+def module_worker(tmp_path_factory, *, db: int, name: str) -> Iterator[dict]:
+    """A real worker (queues gpu + cpu, tiny-random models) on Redis ``db`` with its own store and cache,
+    for one test module: ``{"env", "store", "log"}``; ``db`` is flushed before and after."""
+    import pytest
+
+    require_redis()
     flush(db)
     store = tmp_path_factory.mktemp(f"{name}-store")
     env = queue_env(store, db=db, SLIP_CACHE=str(tmp_path_factory.mktemp(f"{name}-cache")))
