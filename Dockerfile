@@ -4,9 +4,12 @@
 #
 #   docker build -t slip-queue .
 #   docker run --gpus device=0 -e SLIP_BROKER_URL=redis://HOST:6379/0 -v slip-store:/store -v slip-cache:/cache slip-queue
+#   docker run ... -e SLIP_STORE=s3://bucket/slip -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY \
+#       -e AWS_DEFAULT_REGION [-e AWS_ENDPOINT_URL=https://minio.example:9000] slip-queue      # S3 store
 #
-# Volumes: /store (the object store, SLIP_STORE) and /cache (model weights, SLIP_CACHE; put weights there
-# with `docker compose run --rm worker slip weights fetch vit_b`). Runs as the non-root user `slip`.
+# Volumes: /store (the object store, SLIP_STORE, unless it is s3://...) and /cache (model weights, SLIP_CACHE;
+# put weights there with `docker compose run --rm worker slip weights fetch vit_b`). Runs as the non-root
+# user `slip`.
 FROM python:3.11-slim
 
 # torch pair: the default PyPI wheels are CUDA builds; pass e.g.
@@ -35,8 +38,10 @@ COPY pyproject.toml README.md ./
 COPY slip ./slip
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install . \
- && python -c "import slip, worker, producer"
+# the s3 extra (s3fs) lets SLIP_STORE be s3://bucket/prefix: AWS S3 or any S3-compatible store through
+# AWS_ENDPOINT_URL; credentials come from the AWS_* variables or an instance role, never from the image
+RUN pip install ".[s3]" \
+ && python -c "import slip, worker, producer, s3fs"
 
 # non-root user; the volume mount points are created owned by it so that fresh named volumes inherit
 # the ownership on first mount

@@ -1,61 +1,49 @@
-"""The queue's Python client: submit images, follow a job, collect results, retry what was lost.
+"""The queue's Python client: submit images and leave, follow a job, export results, re-run failures.
 
 >>> client = QueueClient(Settings.from_env(os.environ))
->>> job = client.submit_segment(["photos/"], ["a red car"])
->>> client.wait(job); client.results(job, format="coco")
+>>> job = client.submit_segment(["photos/"], ["a red car"])   # returns once the cluster has the job
+>>> client.wait(job); list(client.export_items(job))
 
-``submit_segment`` uploads each image into the store once (content-addressed), writes the job's
-manifest (the ledger), then enqueues tasks of K images while keeping at most M tasks outstanding
-(backpressure: 100k images never sit in Redis at once). Images whose result is already in the store are
-not enqueued, so re-running a submit after a crash loses nothing and redoes nothing.
+``submit_segment`` uploads each image into the store once (content-addressed, so a re-run uploads only
+what is missing), writes the job's manifest, registers the job with the cluster (Redis) and sends its
+first chunks. From then on the workers feed the job themselves (:mod:`worker.feeder`): the producer
+machine can be switched off. ``status`` reads one listing of the job's completion records plus one Redis
+round trip, whatever the job's size.
 """
 
 from __future__ import annotations
 
-import glob
-import secrets
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import redis
-from celery import Celery
-from celery.utils.nodenames import worker_direct
-from kombu.exceptions import OperationalError
+import secrets
 
-from slip.errors import InputError, TransientError
-from worker.app import create_app
-from worker.jobs import Item, JobManifest, SegmentParams, SegmentRequest, SegmentSpec, TaskRecord
-from worker.ledger import IN_FLIGHT, SENT, JobStatus, load_manifest, reconcile, task_records, task_states
+from slip.errors import BrokerError, InputError, StoreError
+from slip.inputs import expand_paths, relative_names, submitted_root
+from worker.board import REDIS_ERRORS, JobBoard, connect
+from worker.broker import MODEL_QUEUE, holdings
+from worker.feeder import Feeder
+from worker.jobs import Item, JobManifest, SegmentParams, SegmentSpec, parse_model
+from worker.ledger import (
+    JobStatus,
+    chunk_letters,
+    chunk_records,
+    iter_items,
+    job_status,
+    load_manifest,
+    write_job,
+)
 from worker.settings import Settings
-from worker.store import ERROR_FILE, RESULT_FILE, IMAGE_EXTENSIONS, Store, input_key, job_prefix, sha256_bytes
-from producer.export import coco_document, jsonl_records
+from worker.store import Store, input_key, sha256_bytes
 
-GLOB_CHARS = set("*?[")
 DEFAULT_BATCH = 4  # K: images per task
-DEFAULT_IN_FLIGHT = 32  # M: tasks outstanding at once
-Progress = Callable[[dict], None]  # called with {"total", "done", "failed", "pending", "lost", "queued"}
-
-
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files from files, directories (recursive, image extensions only) and glob patterns, in order."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p) and not _hidden(p, path))
-        elif GLOB_CHARS & set(str(raw)):
-            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        else:
-            raise InputError(f"no such file or directory: {raw}")
-        if not files:
-            raise InputError(f"no images found in {raw} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        found.extend(files)
-    return list(dict.fromkeys(p.resolve() for p in found))
+DEFAULT_IN_FLIGHT = 32  # M: chunks in flight at once, per job
+UPLOAD_THREADS = 8  # parallel uploads (object stores answer each PUT in tens of ms)
+Progress = Callable[[JobStatus], None]
 
 
 def new_job_id() -> str:
@@ -68,31 +56,38 @@ def utc_now() -> str:
 
 
 class QueueClient:
-    """Talks to Redis (Celery) and the object store on behalf of a producer."""
+    """Talks to Redis and the object store on behalf of a producer (keyword-only injections for tests)."""
 
-    def __init__(self, settings: Settings, *, app: Celery | None = None, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, *, app=None, store: Store | None = None) -> None:
+        from worker.app import create_app
+
         self.settings = settings
         self.app = app or create_app(settings)
         self.store = store or Store(settings.store)
+        self.board = JobBoard(connect(settings.broker_url))
+        self.feeder = Feeder(board=self.board, store=self.store, publish=self.app.slip_resources.publish,
+                             settings=settings, broker=lambda: holdings(self.board.r, (MODEL_QUEUE,)))
 
     # --- connectivity -------------------------------------------------------------------------------
 
     def check_broker(self, timeout_s: float = 3.0) -> None:
-        """TransientError with a how-to when Redis does not answer."""
+        """BrokerError with a how-to when Redis does not answer."""
         client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
         try:
             client.ping()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-            raise TransientError(
-                f"cannot reach Redis at {self.settings.broker_url}: start it with "
-                f"`redis-server --daemonize yes` (or `bash scripts/setup.sh`), or point SLIP_BROKER_URL at it"
+        except (*REDIS_ERRORS, redis.exceptions.RedisError) as e:
+            raise BrokerError(
+                f"cannot reach Redis at {self.settings.broker_url}: start it with `redis-server --daemonize yes` "
+                f"(or `bash scripts/setup.sh`), or point SLIP_BROKER_URL at it"
             ) from e
         finally:
             client.close()
 
     def health(self, worker: str | None = None, *, timeout_s: float = 30.0) -> dict:
         """The health report of one worker (by node name, e.g. ``w1@host``) or of whichever answers."""
-        options = {"queue": worker_direct(worker)} if worker else {}
+        from celery.utils.nodenames import worker_direct
+
+        options = {"queue": worker_direct(worker)} if worker else {"queue": "cpu"}
         result = self.app.send_task("slip.health", **options)
         try:
             return result.get(timeout=timeout_s)
@@ -102,158 +97,162 @@ class QueueClient:
     # --- submit ---------------------------------------------------------------------------------------
 
     def upload(self, paths: Sequence[Path]) -> list[Item]:
-        """Store each file under ``inputs/<sha256>.<ext>`` (skipped when already there)."""
-        items = []
-        for index, path in enumerate(paths):
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise InputError(f"cannot read {path}: {e.strerror or e}") from e
-            sha = sha256_bytes(data)
-            key = input_key(sha, path.suffix)
-            if not self.store.exists(key):
-                self.store.put_bytes(key, data)
-            items.append(Item(index=index, image_key=key, image_sha=sha, name=str(path)))
-        return items
+        """Store each file under ``inputs/<sha256>.<ext>`` (skipped when already there), in parallel; items
+        named by their path relative to the submitted root."""
+        names = relative_names(paths)
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            keys = list(pool.map(self._upload_one, paths))
+        return [Item(index=i, image_key=key, image_sha=sha, name=name)
+                for i, ((key, sha), name) in enumerate(zip(keys, names))]
+
+    def _upload_one(self, path: Path) -> tuple[str, str]:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+        sha = sha256_bytes(data)
+        key = input_key(sha, path.suffix)
+        if not self.store.exists(key):
+            self.store.put_bytes(key, data)
+        return key, sha
 
     def create_job(
         self, paths: Iterable[str | Path], prompts: Sequence[str], params: SegmentParams | dict | None = None,
         *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
     ) -> JobManifest:
-        """Validate, upload and write the manifest; nothing is enqueued yet."""
-        params = params if isinstance(params, SegmentParams) else SegmentParams.model_validate(params or {})
-        spec = SegmentSpec(prompts=prompts, sam=sam or self.settings.sam, clip=clip or self.settings.clip, params=params)
-        items = self.upload(expand_paths(paths))
-        manifest = JobManifest(job_id=new_job_id(), created=utc_now(), spec=spec, batch_size=batch_size, items=tuple(items))
-        self.store.put_json(f"{job_prefix(manifest.job_id)}/manifest.json", manifest.model_dump(mode="json"))
+        """Validate, upload and write the manifest (pages first); nothing is sent yet."""
+        params = params if isinstance(params, SegmentParams) else parse_model(SegmentParams, params or {})
+        spec = parse_model(SegmentSpec, {"prompts": list(prompts), "sam": sam or self.settings.sam,
+                                         "clip": clip or self.settings.clip, "params": params})
+        if not 1 <= batch_size <= 64:
+            raise InputError(f"batch size must be between 1 and 64 images per task, got {batch_size}")
+        files = expand_paths(paths)
+        items = self.upload(files)
+        manifest = JobManifest(job_id=new_job_id(), created=utc_now(), spec=spec, batch_size=batch_size,
+                               total=len(items), page_size=JobManifest.page_size_for(batch_size),
+                               root=str(submitted_root(files)))
+        write_job(self.store, manifest, items)
         return manifest
 
     def submit_segment(
         self, paths: Iterable[str | Path], prompts: Sequence[str], params: SegmentParams | dict | None = None,
         *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
         max_in_flight: int = DEFAULT_IN_FLIGHT, on_job: Callable[[str], None] | None = None,
-        on_progress: Progress | None = None,
     ) -> str:
-        """Submit a segment job and return its id once every image is enqueued (or already done)."""
+        """Upload, write the manifest, hand the job to the cluster and send its first chunks; the job id.
+        Returns without waiting: the workers keep ``max_in_flight`` chunks in flight until the job is done."""
+        if max_in_flight < 1:
+            raise InputError(f"max in-flight chunks must be at least 1, got {max_in_flight}")
         self.check_broker()
         manifest = self.create_job(paths, prompts, params, sam=sam, clip=clip, batch_size=batch_size)
         if on_job:
             on_job(manifest.job_id)
-        todo = [item for item in manifest.items if not self._done(manifest, item)]
-        self.enqueue(manifest, todo, attempt=0, max_in_flight=max_in_flight, on_progress=on_progress)
+        self.board.register(manifest.job_id, chunks=manifest.chunks, window=max_in_flight)
+        self.feeder.feed(manifest.job_id)  # the first window now; the workers' ticker does the rest
         return manifest.job_id
-
-    def enqueue(
-        self, manifest: JobManifest, items: Sequence[Item], *, attempt: int, max_in_flight: int = DEFAULT_IN_FLIGHT,
-        on_progress: Progress | None = None,
-    ) -> int:
-        """Send ``items`` in tasks of ``manifest.batch_size``, at most ``max_in_flight`` outstanding."""
-        if max_in_flight < 1:
-            raise InputError(f"max in-flight tasks must be at least 1, got {max_in_flight}")
-        outstanding: list[str] = []
-        finished = len(manifest.items) - len(items)
-        sizes: dict[str, int] = {}
-        for start in range(0, len(items), manifest.batch_size):
-            while len(outstanding) >= max_in_flight:
-                states = task_states(self.app, outstanding)
-                still = [t for t in outstanding if states[t] in IN_FLIGHT]
-                finished += sum(sizes.pop(t) for t in outstanding if t not in still)
-                outstanding = still
-                if on_progress:
-                    on_progress({"total": len(manifest.items), "finished": finished, "queued": start})
-                if len(outstanding) >= max_in_flight:
-                    time.sleep(0.2)
-            chunk = items[start : start + manifest.batch_size]
-            task_id = self._send(manifest, chunk, attempt)
-            outstanding.append(task_id)
-            sizes[task_id] = len(chunk)
-        return len(items)
-
-    def _send(self, manifest: JobManifest, chunk: Sequence[Item], attempt: int) -> str:
-        """Ledger first (SENT state + task record), then the message: a crash in between is 'lost'."""
-        task_id = str(uuid.uuid4())
-        request = SegmentRequest(job_id=manifest.job_id, items=tuple(chunk), spec=manifest.spec)
-        record = TaskRecord(task_id=task_id, items=[i.index for i in chunk], attempt=attempt, enqueued=utc_now())
-        try:
-            self.app.backend.store_result(task_id, None, SENT)
-            self.store.put_json(f"{job_prefix(manifest.job_id)}/tasks/{task_id}.json", record.model_dump(mode="json"))
-            self.app.send_task(
-                "slip.segment",
-                kwargs={"request": request.model_dump(mode="json")},
-                task_id=task_id,
-                kwargsrepr=_describe(manifest, chunk),
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0},
-            )
-        except (OperationalError, redis.exceptions.ConnectionError) as e:
-            raise TransientError(
-                f"lost Redis at {self.settings.broker_url} while enqueueing job {manifest.job_id}: {e}; "
-                f"run `slip retry {manifest.job_id}` once it is back"
-            ) from e
-        return task_id
-
-    def _done(self, manifest: JobManifest, item: Item) -> bool:
-        """True when the item's result exists; a stale error.json is cleared so the item runs again."""
-        prefix = manifest.spec.result_key(item)
-        if self.store.exists(f"{prefix}/{RESULT_FILE}"):
-            return True
-        self.store.delete(f"{prefix}/{ERROR_FILE}")
-        return False
 
     # --- follow ---------------------------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobStatus:
-        """Every item's state, reconciled from the manifest, the store and Redis."""
-        return reconcile(self.store, self.app, load_manifest(self.store, job_id))
+        """Counts by state: one manifest read, one listing of the completion records, one Redis round trip."""
+        manifest = load_manifest(self.store, job_id)
+        letters = chunk_letters(self.store, job_id)
+        view = self.board.view(job_id)
+        return job_status(manifest, letters, active=view.active, running=set(view.running),
+                          sent=set(view.sent) | set(view.retry))
 
-    def wait(self, job_id: str, *, timeout_s: float | None = None, on_progress: Progress | None = None) -> JobStatus:
-        """Poll :meth:`status` until nothing is pending (or ``timeout_s`` passes); the last status."""
-        start = time.monotonic()
+    def wait(self, job_id: str, *, timeout_s: float | None = None, on_progress: Progress | None = None,
+             on_trouble: Callable[[Exception], None] | None = None, poll_s: float = 1.0) -> JobStatus:
+        """Poll :meth:`status` until the job is finished (or ``timeout_s`` passes); rides out Redis and store
+        outages (``on_trouble`` hears of each failed poll). Returns the last status read."""
+        start, last = time.monotonic(), None
         while True:
-            t0 = time.monotonic()
-            status = self.status(job_id)
-            if on_progress:
-                on_progress({"total": len(status.items), **status.counts})
-            if status.finished or (timeout_s is not None and time.monotonic() - start > timeout_s):
-                return status
-            time.sleep(max(0.25, 2 * (time.monotonic() - t0)))  # slower polls for huge jobs
+            try:
+                last = self.status(job_id)
+                if on_progress:
+                    on_progress(last)
+                if last.finished:
+                    return last
+            except (BrokerError, StoreError, *REDIS_ERRORS) as e:
+                if on_trouble:
+                    on_trouble(e)
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                if last is None:
+                    raise BrokerError(f"job {job_id}: no status could be read in {timeout_s} s (Redis or the store away)")
+                return last
+            time.sleep(poll_s)
 
-    def retry(self, job_id: str, *, max_in_flight: int = DEFAULT_IN_FLIGHT) -> int:
-        """Re-enqueue lost items and non-permanent failures; returns how many."""
+    def failures(self, status: JobStatus, *, limit: int = 20) -> list[tuple[int, str, str]]:
+        """``(index, name, reason)`` of up to ``limit`` failed images (reads their chunks' records only)."""
+        chunks = [c for c, letters in sorted(status.letters.items()) if letters.strip("d")]
+        found: list[tuple[int, str]] = []
+        for record in chunk_records(self.store, status.manifest.job_id, chunks):
+            found += [(o.index, o.reason or "") for o in record.items if o.state == "failed"]
+            if len(found) >= limit:
+                break
+        names = self._names(status.manifest, {i for i, _ in found[:limit]})
+        return [(i, names.get(i, ""), reason) for i, reason in found[:limit]]
+
+    def retry(self, job_id: str) -> int:
+        """Re-run the job's failed images on purpose (their chunks are sent again); how many images."""
         self.check_broker()
         status = self.status(job_id)
-        manifest = status.manifest
-        picked = {s.index for s in status.items if s.state == "lost" or (s.state == "failed" and not s.permanent)}
-        items = [item for item in manifest.items if item.index in picked]
-        for item in items:
-            self.store.delete(f"{manifest.spec.result_key(item)}/{ERROR_FILE}")
-        attempt = 1 + max((r.attempt for r in task_records(self.store, job_id)), default=0)
-        return self.enqueue(manifest, items, attempt=attempt, max_in_flight=max_in_flight)
+        chunks = [c for c, letters in status.letters.items() if letters.strip("d")]
+        if chunks:
+            self.board.register(job_id, chunks=status.manifest.chunks, window=self.board.view(job_id).window)
+            self.board.reopen(job_id, chunks)
+            self.feeder.feed(job_id)
+        return sum(len(status.letters[c].replace("d", "")) for c in chunks)
 
     # --- results --------------------------------------------------------------------------------------
 
-    def results(self, job_id: str, *, format: str = "jsonl") -> str:
-        """``jsonl``: one JSON record per image; ``coco``: a COCO annotation file for the whole job."""
-        status = self.status(job_id)
-        if format == "jsonl":
-            return jsonl_records(self.store, status)
-        if format == "coco":
-            import json
+    def export_items(self, job_id: str):
+        """Every image of the job as a ``producer.exports.ExportItem``, in index order, streamed (one manifest
+        page and one completion record in memory at a time)."""
+        from producer.exports import ExportItem
 
-            return json.dumps(coco_document(self.store, status))
-        raise InputError(f"unknown results format {format!r}: use jsonl or coco")
+        manifest = load_manifest(self.store, job_id)
+        outcomes = self._outcomes(job_id)
+        for item in iter_items(self.store, manifest):
+            outcome = outcomes.get(item.index)
+            state = "pending" if outcome is None else outcome.state
+            doc = self._result_doc(outcome.result_key) if state == "done" else None
+            yield ExportItem(index=item.index, name=item.name, state=state, doc=doc,
+                             reason=None if outcome is None else outcome.reason,
+                             image=lambda key=item.image_key: self.store.get_bytes(key))
+
+    def _outcomes(self, job_id: str) -> "_Outcomes":
+        return _Outcomes(chunk_records(self.store, job_id))
+
+    def _result_doc(self, prefix: str) -> dict:
+        return self.store.get_json(f"{prefix}/segments.json")
+
+    def _names(self, manifest: JobManifest, indices: set[int]) -> dict[int, str]:
+        names = {}
+        for item in iter_items(self.store, manifest):
+            if item.index in indices:
+                names[item.index] = item.name
+                if len(names) == len(indices):
+                    break
+        return names
 
 
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+class _Outcomes:
+    """Item outcomes by index, read lazily from completion records in chunk order (streamed): ask for
+    indices in increasing order."""
 
+    def __init__(self, records: Iterator) -> None:
+        self._records = records
+        self._current: dict = {}
+        self._exhausted = False
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _describe(manifest: JobManifest, chunk: Sequence[Item]) -> str:
-    """Short task description for Flower (the full payload stays in the message)."""
-    prompts = ", ".join(manifest.spec.prompts)
-    prompts = prompts if len(prompts) <= 60 else prompts[:57] + "..."
-    return f"job={manifest.job_id} items={chunk[0].index}..{chunk[-1].index} ({len(chunk)}) prompts=[{prompts}]"
+    def get(self, index: int):
+        while index not in self._current:
+            if (self._current and min(self._current) > index) or self._exhausted:
+                return None  # its chunk has no record (yet)
+            record = next(self._records, None)
+            if record is None:
+                self._exhausted = True
+                return None
+            self._current = {o.index: o for o in record.items}
+        return self._current[index]

@@ -1,18 +1,17 @@
 """``slip demo``: the whole queue on one machine, end to end.
 
 1. make sure Redis answers (start a local ``redis-server`` when the broker is local and none runs);
-2. start a worker subprocess (``celery -A worker worker -Q gpu,cpu``) with the chosen models and wait
-   until it reports healthy;
+2. start a worker subprocess (``celery -A worker worker -Q gpu,cpu``) with the chosen models (by default
+   the bundled synthetic-world pair; the demo refuses to run, naming the build command, when they are
+   missing: it never falls back to random weights) and wait until it reports healthy;
 3. generate N synthetic 2x2 composites (a circle, a star, two distractors) and submit them with two prompts;
-4. wait with a progress bar; write ``results.coco.json``, ``results.jsonl`` and ``gallery.html``
-   (overlays embedded as base64, so the file is self-contained) under ``--out``;
+4. follow the job with a progress bar; write ``results.coco.json``, ``results.jsonl`` and a gallery
+   (``gallery/index.html``, with hit / miss marks from the scenes' own ground truth) under ``--out``;
 5. stop the worker cleanly and say which models were used and how to switch to official weights.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import os
 import shutil
 import signal
@@ -27,12 +26,10 @@ import numpy as np
 import typer
 from PIL import Image
 
-from slip.errors import TransientError, WeightsNotFoundError
-from slip.sam import TINY_SPEC
+from slip.errors import TransientError
 
 DEMO_PROMPTS = ("circle", "star")  # two classes drawn in every scene, among distractors
 DISTRACTORS = ("square", "triangle", "heart", "hexagon", "cat", "fish", "tree", "house", "arrow", "mushroom")
-TINY_PARAMS = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}
 WORKER_START_S = 180.0  # how long the worker may take to load its models
 BUNDLED_NOTE = ("the small models bundled with slip (synth-sam 3.8 MB, synth-clip 5 MB), trained only on the "
                 "synthetic world of shapes and icons: they segment these scenes, not photographs")
@@ -41,16 +38,14 @@ OFFICIAL_HOWTO = ("for real images use the official weights: `slip weights fetch
                   "(workers: SLIP_SAM / SLIP_CLIP)")
 
 
-def default_models() -> tuple[str, str, str]:
-    """``(sam, clip, why)``: the bundled synth models when built, else tiny-random, said plainly."""
+def default_models() -> tuple[str, str]:
+    """``(sam, clip)``: the bundled synthetic-world pair; WeightsNotFoundError naming the build command when
+    it is missing (no fallback to random weights)."""
     from slip.weights import bundled_path
 
-    try:
-        bundled_path("synth-sam")
-        bundled_path("synth-clip")
-        return "synth", "synth", BUNDLED_NOTE
-    except WeightsNotFoundError as e:
-        return TINY_SPEC, TINY_SPEC, f"tiny-random models (random weights: the masks mean nothing), because {e}"
+    bundled_path("synth-sam")
+    bundled_path("synth-clip")
+    return "synth", "synth"
 
 
 def demo_scene(index: int, *, seed: int = 0, tile: int = 128) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -152,55 +147,40 @@ def wait_healthy(client, process: subprocess.Popen, name: str, log_path: Path, t
     raise TransientError(f"the demo worker did not become healthy (log {log_path}): " + " | ".join(tail))
 
 
-def write_gallery(client, job_id: str, out: Path, *, note: str = "") -> Path:
-    """``gallery.html``: every overlay of the job, embedded as base64 PNG, with prompt and score."""
-    import json
+def scene_truth(name: str, *, seed: int = 0, size: int = 256) -> dict[str, np.ndarray] | None:
+    """The true mask of each demo prompt in the generated image called ``name`` (``scene_0003.png``)."""
+    stem = Path(name).stem
+    if not stem.startswith("scene_") or not stem[6:].isdigit():
+        return None
+    _, masks, names = demo_scene(int(stem[6:]), seed=seed, tile=size // 2)
+    return {prompt: masks[names.index(prompt)] for prompt in DEMO_PROMPTS}
 
-    status = client.status(job_id)
-    prompts = status.manifest.spec.prompts
-    cards, failures = [], []
-    for line in client.results(job_id, format="jsonl").splitlines():
-        record = json.loads(line)
-        if record["state"] != "done":
-            failures.append(f"<li>{html.escape(record['name'])}: {html.escape(str(record.get('reason')))}</li>")
-            continue
-        for match in record["matches"]:
-            data = base64.b64encode(client.store.get_bytes(match["overlay_key"])).decode()
-            score = "no match" if match["score"] is None else f"{match['score']:.3f}"
-            cards.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="overlay">'
-                f"<figcaption>{html.escape(Path(record['name']).name)}<br><b>{html.escape(match['prompt'])}</b>: "
-                f"segment {match['segment']}, score {score}</figcaption></figure>"
-            )
-    spec = status.manifest.spec
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>SLIP demo {job_id}</title>
-<style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;margin:6px;width:260px}}
-img{{width:256px;image-rendering:pixelated;border:1px solid #ccc}} figcaption{{font-size:12px}}</style></head>
-<body><h1>SLIP demo: job {job_id}</h1>
-<p>Models: SAM <code>{html.escape(spec.sam)}</code>, ranker <code>{html.escape(spec.clip)}</code>
-({html.escape(note)}).
-Prompts: {', '.join(html.escape(p) for p in prompts)}. {status.counts['done']} images done,
-{status.counts['failed']} failed.</p>
-{''.join(cards)}
-{'<h2>Failed</h2><ul>' + ''.join(failures) + '</ul>' if failures else ''}
-</body></html>
-"""
-    path = out / "gallery.html"
-    path.write_text(page)
-    return path
+
+def write_outputs(client, job_id: str, out: Path, *, note: str) -> list[Path]:
+    """``results.coco.json``, ``results.jsonl`` and ``gallery/index.html`` of the job under ``out``."""
+    from producer.exports import write_export
+    from producer.gallery import write_gallery
+
+    prompts = list(DEMO_PROMPTS)
+    written = []
+    for format, name in (("coco", "results.coco.json"), ("jsonl", "results.jsonl")):
+        write_export(client.export_items(job_id), format=format, out=out / name, prompts=prompts, job_id=job_id)
+        written.append(out / name)
+    written.append(write_gallery(client.export_items(job_id), out=out / "gallery", prompts=prompts, job_id=job_id,
+                                 title=f"SLIP demo: job {job_id}", note=note, truth=scene_truth))
+    return written
 
 
 def run_demo(*, out: Path, images: int, sam: str | None, clip: str | None, timeout_s: float, env: dict[str, str]) -> int:
     """The demo (see the module docstring); returns the exit code."""
-    from producer.cli import _print_summary
     from producer.client import QueueClient
-    from producer.progress import job_progress
+    from producer.common import follow
     from worker.settings import Settings
 
-    default_sam, default_clip, why = default_models()
-    sam, clip = sam or default_sam, clip or default_clip
-    why = why if (sam, clip) == (default_sam, default_clip) else "as asked for"
+    if sam is None or clip is None:
+        default_sam, default_clip = default_models()
+        sam, clip = sam or default_sam, clip or default_clip
+    why = BUNDLED_NOTE if (sam, clip) == ("synth", "synth") else "as asked for"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(env, SLIP_SAM=sam, SLIP_CLIP=clip, SLIP_STORE=str((out / "store").resolve()))
     settings = Settings.from_env(env)
@@ -214,19 +194,15 @@ def run_demo(*, out: Path, images: int, sam: str | None, clip: str | None, timeo
     worker = start_worker(env, name, log_path)
     try:
         report = wait_healthy(client, worker, name, log_path, WORKER_START_S)
-        typer.echo(f"demo: worker {name} ready on {report['device']} (pid {report['pid']}, models loaded in {report['load_seconds']} s)")
+        typer.echo(f"demo: worker {name} ready on {report['device']} (pid {report['pid']}, models loaded in "
+                   f"{report['load_seconds']} s)")
         paths = generate_images(out / "images", images)
-        params = TINY_PARAMS if TINY_SPEC in (sam, clip) else {}
-        job_id = client.submit_segment(paths, DEMO_PROMPTS, params, batch_size=4,
+        job_id = client.submit_segment(paths, DEMO_PROMPTS, {}, batch_size=4,
                                        on_job=lambda j: typer.echo(f"demo: submitted {len(paths)} images as job {j}"))
-        with job_progress(job_id) as progress:
-            status = client.wait(job_id, timeout_s=timeout_s, on_progress=progress)
+        code = follow(client, job_id, timeout_s)
     finally:
         stop_worker(worker)
-    (out / "results.coco.json").write_text(client.results(job_id, format="coco"))
-    (out / "results.jsonl").write_text(client.results(job_id, format="jsonl"))
-    gallery = write_gallery(client, job_id, out, note=f"{why}; {OFFICIAL_HOWTO}")
-    code = _print_summary(status)
-    typer.echo(f"demo: wrote {out / 'results.coco.json'}, {out / 'results.jsonl'} and {gallery}; store in {out / 'store'}")
+    written = write_outputs(client, job_id, out, note=f"{why}; {OFFICIAL_HOWTO}")
+    typer.echo(f"demo: wrote {', '.join(str(p) for p in written)}; store in {out / 'store'}")
     typer.echo(f"demo: models used: SAM {sam}, ranker {clip} ({why}); {OFFICIAL_HOWTO}.")
     return code

@@ -1,35 +1,46 @@
-"""A rich progress bar for a job: done / failed / rate / ETA, fed by the client's progress callbacks."""
+"""A rich progress bar for a job: done / failed / running / queued / waiting, rate and ETA."""
 
 from __future__ import annotations
 
 import time
-from typing import Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from worker.ledger import JobStatus
+
 
 class JobProgress:
-    """Call it with a counts dict (``total`` + ``done``/``failed``/``lost`` or ``finished``)."""
+    """Call it with each :class:`JobStatus` read; shows the counts and the rate images finish at."""
 
     def __init__(self, progress: Progress, job_id: str) -> None:
         self.progress = progress
-        self.task = progress.add_task(job_id, total=None, done=0, failed=0, rate=0.0)
+        self.task = progress.add_task(job_id, total=None, done=0, failed=0, running=0, queued=0, rate="")
         self.start = time.monotonic()
-        self.first_finished: int | None = None
+        self.first: int | None = None  # images finished when following started
 
-    def __call__(self, counts: dict) -> None:
-        total = counts["total"]
-        finished = counts.get("finished", counts.get("done", 0) + counts.get("failed", 0) + counts.get("lost", 0))
-        if self.first_finished is None:
-            self.first_finished = finished  # images already done before this run do not count in the rate
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = (finished - self.first_finished) / elapsed
-        self.progress.update(
-            self.task, total=total, completed=finished,
-            done=counts.get("done", finished), failed=counts.get("failed", 0), rate=rate,
-        )
+    def __call__(self, status: JobStatus) -> None:
+        c = status.counts
+        finished = c["done"] + c["failed"] + c["lost"]
+        if self.first is None:
+            self.first = finished
+        self.progress.update(self.task, total=status.manifest.total, completed=finished, done=c["done"],
+                             failed=c["failed"], running=c["running"], queued=c["queued"] + c["waiting"],
+                             rate=self.rate(status, finished))
+
+    def rate(self, status: JobStatus, finished: int) -> str:
+        """Images per second seen while following; for a job that finished before the first look, its
+        whole run (from its creation)."""
+        elapsed = time.monotonic() - self.start
+        if finished > (self.first or 0) and elapsed > 0.5:
+            return f"{(finished - (self.first or 0)) / elapsed:.2f} img/s"
+        if status.finished:
+            age = time.time() - datetime.fromisoformat(status.manifest.created).timestamp()
+            return f"{finished / age:.2f} img/s overall" if age > 0 else ""
+        return "-- img/s"
 
 
 @contextmanager
@@ -39,10 +50,11 @@ def job_progress(job_id: str, *, console: Console | None = None) -> Iterator[Job
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} finished"),
+        TextColumn("{task.completed}/{task.total}"),
         TextColumn("[green]{task.fields[done]} done"),
         TextColumn("[red]{task.fields[failed]} failed"),
-        TextColumn("{task.fields[rate]:.2f} img/s"),
+        TextColumn("{task.fields[running]} running, {task.fields[queued]} queued"),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -42,12 +42,12 @@ def _start_spec(client, spec: str) -> str:
 
 def _upload(client, dataset: Path, coco: Optional[Path]) -> tuple[str, Optional[str]]:
     """The dataset's manifest digest and the COCO file's path inside the upload (None without ``coco``)."""
-    from producer.training_cli import _upload_dataset
+    from producer.training_cli import upload_dataset
     from worker.train_sam_task import COCO_PATH
     from worker.train_tasks import upload_directory
 
     if coco is None:
-        return _upload_dataset(client, dataset), None
+        return upload_dataset(client, dataset), None
     coco = coco.expanduser()
     if not coco.is_file():
         raise InputError(f"COCO annotation file {coco} does not exist")
@@ -80,9 +80,10 @@ def submit_train_sam(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Train a SAM on the workers (one task on the gpu queue); prints the job id (then, with --wait, the result)."""
-    from producer.cli import queue_errors
+    from producer.common import queue_errors
     from producer.client import new_job_id, utc_now
-    from producer.training_cli import _client, _enqueue, _wait
+    from producer.common import client_from_env
+    from producer.training_cli import enqueue, wait_tasks
     from worker.jobs import parse_model
     from worker.train_sam_task import SamTrainRequest, result_key, sam_prefix
 
@@ -94,7 +95,7 @@ def submit_train_sam(
         job_id = new_job_id()
         # 1. check the options before uploading anything
         parse_model(SamTrainRequest, {"job_id": job_id, "dataset": "0" * 64, "sam": sam, "arch": arch, **fields})
-        client = _client()
+        client = client_from_env()
         client.check_broker()
         # 2. the start checkpoint and the dataset (and COCO file) to the store
         start = _start_spec(client, sam) if sam else None
@@ -105,14 +106,14 @@ def submit_train_sam(
         ledger = {"kind": "train-sam", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "coco_path": str(coco) if coco else None,
                   "requests": [request.model_dump(mode="json")], "task_ids": []}
-        _enqueue(client, ledger, "slip.train_sam", ledger["requests"],
+        enqueue(client, ledger, "slip.train_sam", ledger["requests"],
                  lambda _: f"job={job_id} sam={sam or arch} epochs={epochs}")
         typer.echo(job_id)
         if not wait:
             typer.echo(f"when the worker finishes: the checkpoint in store {client.store.url} under "
                        f"{sam_prefix(job_id)}/, the summary in {result_key(job_id)}", err=True)
             return
-        states = _wait(client, ledger["task_ids"], label=f"train-sam {job_id}", units=[epochs], timeout=timeout,
+        states = wait_tasks(client, ledger["task_ids"], label=f"train-sam {job_id}", units=[epochs], timeout=timeout,
                        detail=_describe_epoch)
         state = states[ledger["task_ids"][0]]
         if state != "SUCCESS":

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from producer.common import client_from_env, queue_errors
 from slip.errors import ConfigError, InputError, ObjectNotFoundError
 from worker.store import job_prefix
 
@@ -29,13 +30,6 @@ DONE_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
 # --- shared plumbing ------------------------------------------------------------------------------------
-
-
-def _client():
-    from producer.client import QueueClient
-    from worker.settings import Settings
-
-    return QueueClient(Settings.from_env(os.environ))
 
 
 def parse_grid(specs: list[str]) -> list[dict]:
@@ -65,24 +59,24 @@ def load_ledger(store, job_id: str) -> dict:
         raise InputError(f"no training or evaluation job {job_id!r} in store {store.url}") from e
 
 
-def _send(client, name: str, request: dict, describe: str) -> str:
+def send_task(client, name: str, request: dict, describe: str) -> str:
     task_id = str(uuid.uuid4())
     client.app.backend.store_result(task_id, None, "SENT")
     client.app.send_task(name, kwargs={"request": request}, task_id=task_id, kwargsrepr=describe)
     return task_id
 
 
-def _enqueue(client, ledger: dict, task: str, requests: list[dict], describe: Callable[[int], str]) -> list[str]:
+def enqueue(client, ledger: dict, task: str, requests: list[dict], describe: Callable[[int], str]) -> list[str]:
     """Write the job's ``ledger``, send one ``task`` per request (``describe(i)`` labels request ``i`` in the
     logs), record the task ids in the ledger and write it again; returns the task ids."""
     client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
     for i, request in enumerate(requests):
-        ledger["task_ids"].append(_send(client, task, request, describe(i)))
+        ledger["task_ids"].append(send_task(client, task, request, describe(i)))
     client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
     return ledger["task_ids"]
 
 
-def _wait(client, task_ids: list[str], *, label: str, units: list[int], timeout: Optional[float],
+def wait_tasks(client, task_ids: list[str], *, label: str, units: list[int], timeout: Optional[float],
           detail: Callable[[dict], str] | None = None) -> dict[str, str]:
     """Poll task states with a rich progress bar (``units[i]`` work units per task); final states."""
     from rich.console import Console
@@ -109,7 +103,7 @@ def _wait(client, task_ids: list[str], *, label: str, units: list[int], timeout:
             time.sleep(0.5)
 
 
-def _upload_dataset(client, dataset: Path) -> str:
+def upload_dataset(client, dataset: Path) -> str:
     from worker.train_tasks import upload_directory
 
     return upload_directory(client.store, dataset.expanduser())
@@ -158,7 +152,6 @@ def submit_train(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Fan out one training task per grid cell; prints the job id (then, with --wait, Table 1)."""
-    from producer.cli import queue_errors
     from producer.client import new_job_id, utc_now
     from slip.rankers.dual_encoder import MINILM_ALIASES, DualEncoderConfig
     from slip.train.ranker import TrainConfig
@@ -166,9 +159,9 @@ def submit_train(
 
     with queue_errors():
         cells = parse_grid(grid)
-        client = _client()
+        client = client_from_env()
         client.check_broker()
-        digest = _upload_dataset(client, dataset)
+        digest = upload_dataset(client, dataset)
         job_id = new_job_id()
         pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
         init_spec = _resolve_ranker(client, init) if init else None
@@ -185,12 +178,12 @@ def submit_train(
         ledger = {"kind": "train", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "cells": cells, "requests": [r.model_dump(mode="json") for r in requests],
                   "task_ids": []}
-        _enqueue(client, ledger, "slip.train", ledger["requests"],
+        enqueue(client, ledger, "slip.train", ledger["requests"],
                  lambda i: f"job={job_id} cell={requests[i].cell} {cells[requests[i].cell]}")
         typer.echo(job_id)
         if not wait:
             return
-        _wait(client, ledger["task_ids"], label=f"train {job_id}", units=[1] * len(cells), timeout=timeout,
+        wait_tasks(client, ledger["task_ids"], label=f"train {job_id}", units=[1] * len(cells), timeout=timeout,
               detail=lambda i: f"cell {i.get('cell')}: epoch {i.get('epoch')} val {i.get('val_loss', 0):.3f}")
         rows = train_rows(client.store, job_id, client=client)
         typer.echo(format_grid(rows))
@@ -262,16 +255,15 @@ def submit_evaluate(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Fan composites out to the workers for each ranker; prints the job id (then, with --wait, the table)."""
-    from producer.cli import queue_errors
     from producer.client import new_job_id, utc_now
     from worker.train_tasks import EvaluateRequest
 
     with queue_errors():
         if proposals not in ("oracle", "sam"):
             raise ConfigError(f"--proposals must be oracle or sam, got {proposals!r}")
-        client = _client()
+        client = client_from_env()
         client.check_broker()
-        digest = _upload_dataset(client, dataset)
+        digest = upload_dataset(client, dataset)
         specs = [_resolve_ranker(client, s) for s in ranker]
         judge_spec = _resolve_ranker(client, judge) if judge else None
         job_id = new_job_id()
@@ -286,13 +278,13 @@ def submit_evaluate(
         ledger = {"kind": "evaluate", "job_id": job_id, "created": utc_now(), "dataset": digest,
                   "dataset_path": str(dataset), "rankers": list(ranker), "specs": specs, "composites": composites,
                   "requests": [q.model_dump(mode="json") for q in requests], "task_ids": []}
-        _enqueue(client, ledger, "slip.evaluate", ledger["requests"],
+        enqueue(client, ledger, "slip.evaluate", ledger["requests"],
                  lambda i: f"job={job_id} ranker={requests[i].ranker_index} "
                            f"composites={requests[i].start}..{requests[i].stop - 1}")
         typer.echo(job_id)
         if not wait:
             return
-        states = _wait(client, ledger["task_ids"], label=f"evaluate {job_id}", units=[q.stop - q.start for q in requests],
+        states = wait_tasks(client, ledger["task_ids"], label=f"evaluate {job_id}", units=[q.stop - q.start for q in requests],
                        timeout=timeout)
         summaries = evaluation_summaries(client.store, job_id)
         typer.echo(format_evaluation(summaries))
@@ -357,11 +349,10 @@ def report(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where the HTML page goes."),
 ) -> None:
     """One self-contained HTML page: accuracy (Table 2), grid search (Table 1), curves, gallery."""
-    from producer.cli import queue_errors
     from slip.report import GalleryItem, build_report
 
     with queue_errors():
-        store = _client().store
+        store = client_from_env().store
         evals, grid, curves, gallery = [], [], {}, []
         for job in jobs:
             kind = load_ledger(store, job).get("kind")
@@ -384,14 +375,5 @@ def report(
     typer.echo(f"wrote {out}")
 
 
-def register(submit_app: typer.Typer, app: typer.Typer) -> None:
-    """Add training commands to ``slip submit`` (``submit_app``) and to ``slip`` (``app``)."""
-    from producer.train_sam_cli import submit_train_sam
-
-    submit_app.command("train")(submit_train)
-    submit_app.command("evaluate")(submit_evaluate)
-    submit_app.command("train-sam")(submit_train_sam)
-    app.command("report")(report)
-
-
-__all__ = ["format_grid", "parse_grid", "register", "train_rows"]
+__all__ = ["enqueue", "format_grid", "parse_grid", "report", "submit_evaluate", "submit_train", "train_rows",
+           "upload_dataset", "wait_tasks"]

@@ -19,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. Python: venv, torch first (the pinned pair), then the project with its dev extras
+# 2. Python: venv, torch first (the pinned pair), then the project with its dev and s3 extras
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
@@ -28,7 +28,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing torch 2.14.1 + torchvision 0.29.1"
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
 fi
-"$VENV/bin/pip" install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/pip" install -q -e '.[dev,s3]' 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import slip, worker, producer" || { echo "setup: the project does not import" >&2; exit 1; }
 
 # 3. Redis at 127.0.0.1:6379 (started here if nothing answers)

@@ -1,12 +1,22 @@
-"""Result files: COCO RLE segments, chosen-mask PNGs and overlays.
+"""Result files: ``segments.json`` (every segment as COCO RLE, the matches, the resolved request) and,
+on request, chosen-mask PNGs and overlays.
 
-Files per image (``render_outputs``), ``i`` being the prompt's index:
+``segments.json`` (format 2; see docs/CONTRACTS.md)::
 
-* ``segments.json`` — every candidate segment as COCO RLE with bbox (XYWH as SAM writes it: ``w = x_max - x_min``
-  over inclusive pixel indices), area, SAM scores and its
-  similarity to each prompt, the match of each prompt, the filter statistics and all parameters;
-* ``mask_<i>.png`` — the chosen mask, mode ``L`` (0 / 255), image size (all black for no match);
-* ``overlay_<i>.png`` — the image with the chosen mask highlighted, prompt and score written on it.
+    {"format_version": 2, "image_size": {"height", "width"}, "prompts": [...],
+     "request": ResolvedRequest.to_json(), "request_digest": <sha256 of the result identity>,
+     "runtime": {"points_per_batch", ...},  # settings that change speed, not output
+     "generated": int, "filters": [{"name", "params", "before", "removed"}],
+     "segments": [{"id", "segmentation": COCO RLE {"size": [H, W], "counts": str}, "bbox": [x, y, w, h],
+                   "area", "predicted_iou", "stability_score", "point_coords": [x, y], "crop_box": [x, y, w, h],
+                   "similarity": {prompt: cosine}}],
+     "matches": [{"prompt", "threshold", "instances": [{"segment", "score"}], "best": {"segment", "score"} | null,
+                  "top_k": [{"segment", "score"}]}],
+     "timings_s": {stage: seconds}}
+
+``bbox`` is ``pycocotools.mask.toBbox`` of the RLE (``w = x_max - x_min + 1`` over inclusive pixel indices);
+an empty ``instances`` list is an explicit "not found". Rendered files, ``i`` being the prompt's index:
+``mask_<i>.png`` (the union of the prompt's instances, mode ``L``, 0 / 255, image size) and ``overlay_<i>.png``.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from slip.types import FilterStat, Match, MaskSet, SlipResult
+from slip.request import ResolvedRequest
+from slip.types import FilterStat, Match, MaskSet, Proposals, SlipResult
 
 HIGHLIGHT = np.array([255, 40, 40], dtype=np.float32)  # RGB of the chosen-mask tint
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RESULT_FILE = "segments.json"
 
 
 def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict]:
@@ -43,69 +55,99 @@ def decode_rle(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(coded).transpose(2, 0, 1).astype(bool)
 
 
-def xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
-    """``(N, 4)`` XYXY float boxes -> XYWH lists."""
-    b = boxes.detach().cpu().float()
-    return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1).tolist()
+def rle_boxes(rles: Sequence[dict]) -> list[list[float]]:
+    """COCO ``[x, y, w, h]`` boxes of RLEs (``pycocotools.mask.toBbox``)."""
+    if not rles:
+        return []
+    coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+    return [[float(v) for v in box] for box in mask_utils.toBbox(coded)]
 
 
-def segments_record(segments: MaskSet) -> list[dict]:
-    """JSON records of a MaskSet, without similarities."""
+def segment_records(segments: MaskSet) -> list[dict]:
+    """JSON records of a MaskSet (no similarities): the form results and the proposals cache share."""
     rles = encode_rle(segments.masks)
-    boxes = xyxy_to_xywh(segments.boxes)
+    boxes = rle_boxes(rles)
     areas = segments.areas.cpu().tolist()
+    ious = segments.predicted_iou.detach().cpu().float().tolist()
+    stabilities = segments.stability_score.detach().cpu().float().tolist()
+    points = segments.point_coords.detach().cpu().float().tolist()
+    crops = segments.crop_boxes.detach().cpu().float().tolist()
     return [
-        {
-            "id": i,
-            "segmentation": rles[i],
-            "bbox": boxes[i],
-            "area": int(areas[i]),
-            "predicted_iou": float(segments.predicted_iou[i]),
-            "stability_score": float(segments.stability_score[i]),
-            "point_coords": [float(v) for v in segments.point_coords[i].tolist()],
-            "crop_box": [float(v) for v in segments.crop_boxes[i].tolist()],
-        }
-        for i in range(len(segments))
+        {"id": i, "segmentation": rles[i], "bbox": boxes[i], "area": int(areas[i]), "predicted_iou": ious[i],
+         "stability_score": stabilities[i], "point_coords": points[i], "crop_box": crops[i]}
+        for i in range(len(rles))
     ]
 
 
-def match_record(match: Match) -> dict:
-    return {
-        "prompt": match.prompt,
-        "segment": match.index,
-        "score": match.score,
-        "top_k": [{"segment": i, "score": s} for i, s in match.top_k],
-    }
+def maskset_from_records(records: Sequence[dict], height: int, width: int) -> MaskSet:
+    """Inverse of :func:`segment_records`: a CPU MaskSet (boxes XYXY inclusive from the COCO boxes)."""
+    if not records:
+        return MaskSet.empty(height, width)
+    xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float32)
+    return MaskSet(
+        masks=torch.from_numpy(decode_rle([r["segmentation"] for r in records], height, width)),
+        boxes=torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:] - 1], 1),
+        predicted_iou=torch.tensor([r["predicted_iou"] for r in records], dtype=torch.float32),
+        stability_score=torch.tensor([r["stability_score"] for r in records], dtype=torch.float32),
+        point_coords=torch.tensor([r["point_coords"] for r in records], dtype=torch.float32),
+        crop_boxes=torch.tensor([r["crop_box"] for r in records], dtype=torch.float32),
+    )
 
 
 def filter_stat_record(stat: FilterStat) -> dict:
     return {"name": stat.name, "params": stat.params, "before": stat.before, "removed": stat.removed}
 
 
-def result_record(result: SlipResult, prompts: Sequence[str], params: dict) -> dict:
-    """The ``segments.json`` document of one image."""
-    segments = segments_record(result.proposals.segments)
-    similarity = result.similarity.cpu().tolist()
-    for seg, row in zip(segments, similarity):
-        seg["similarity"] = {p: float(s) for p, s in zip(prompts, row)}
+def match_record(match: Match) -> dict:
+    pair = lambda p: {"segment": p[0], "score": p[1]}  # noqa: E731
+    return {"prompt": match.prompt, "threshold": match.threshold, "instances": [pair(p) for p in match.instances],
+            "best": None if match.best is None else pair(match.best), "top_k": [pair(p) for p in match.top_k]}
+
+
+def result_document(
+    *, image_size: tuple[int, int], prompts: Sequence[str], request: ResolvedRequest, segments: Sequence[dict],
+    similarity: torch.Tensor, matches: Sequence[Match], generated: int, filters: Sequence[dict],
+    timings: dict[str, float], runtime: dict,
+) -> dict:
+    """The ``segments.json`` document of one image; ``segments`` from :func:`segment_records` (or the
+    proposals cache, reused as stored), ``similarity`` ``(N, P)``."""
+    rows = similarity.cpu().tolist()
     return {
         "format_version": FORMAT_VERSION,
-        "image_size": {"height": result.image_size[0], "width": result.image_size[1]},
+        "image_size": {"height": image_size[0], "width": image_size[1]},
         "prompts": list(prompts),
-        "params": params,
-        "generated": result.proposals.generated,
-        "filters": [filter_stat_record(s) for s in result.proposals.filter_stats],
-        "segments": segments,
-        "matches": [match_record(m) for m in result.matches],
-        "timings_s": {k: round(v, 6) for k, v in result.timings.items()},
+        "request": request.to_json(),
+        "request_digest": request.result_digest(prompts),
+        "runtime": runtime,
+        "generated": generated,
+        "filters": list(filters),
+        "segments": [{**seg, "similarity": dict(zip(prompts, map(float, row)))} for seg, row in zip(segments, rows)],
+        "matches": [match_record(m) for m in matches],
+        "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
 
 
-def chosen_mask(result: SlipResult, match: Match) -> np.ndarray:
-    """``(H, W) bool`` mask chosen for ``match`` (all False when there is no match)."""
-    if match.index is None:
-        return np.zeros(result.image_size, dtype=bool)
-    return result.proposals.segments.masks[match.index].cpu().numpy()
+def result_record(result: SlipResult, prompts: Sequence[str], request: ResolvedRequest, runtime: dict) -> dict:
+    """The ``segments.json`` document of a pipeline result."""
+    proposals: Proposals = result.proposals
+    return result_document(
+        image_size=result.image_size, prompts=prompts, request=request,
+        segments=segment_records(proposals.segments), similarity=result.similarity, matches=result.matches,
+        generated=proposals.generated, filters=[filter_stat_record(s) for s in proposals.filter_stats],
+        timings=result.timings, runtime=runtime,
+    )
+
+
+# --- rendered files -------------------------------------------------------------------------------------
+
+
+def chosen_mask(masks: torch.Tensor | np.ndarray, match: Match, image_size: tuple[int, int]) -> np.ndarray:
+    """``(H, W) bool`` union of the segments chosen for ``match`` (all False when none)."""
+    union = np.zeros(image_size, dtype=bool)
+    for index, _ in match.instances:
+        row = masks[index]
+        union |= row.cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
+    return union
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -141,17 +183,31 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def caption(match: Match) -> str:
-    if match.index is None:
-        score = "no segments" if match.score is None else f"no match (best {match.score:.3f})"
-        return f"{match.prompt}: {score}"
-    return f"{match.prompt}: segment {match.index}, score {match.score:.3f}"
+    """``"<prompt>: 0.412"``, ``"<prompt>: 3 instances, best 0.412"`` or ``"<prompt>: not found (best ...)"``."""
+    if not match.instances:
+        best = "no segments" if match.best is None else f"best {match.best[1]:.3f}"
+        return f"{match.prompt}: not found ({best})"
+    if len(match.instances) == 1:
+        return f"{match.prompt}: {match.instances[0][1]:.3f}"
+    return f"{match.prompt}: {len(match.instances)} instances, best {match.instances[0][1]:.3f}"
 
 
-def render_outputs(image: np.ndarray, result: SlipResult, prompts: Sequence[str], params: dict) -> dict[str, bytes]:
-    """All result files of one image, as ``{relative name: bytes}``; see the module docstring."""
-    files = {"segments.json": json.dumps(result_record(result, prompts, params), indent=1).encode()}
-    for i, match in enumerate(result.matches):
-        mask = chosen_mask(result, match)
+def rendered_files(image: np.ndarray, masks: torch.Tensor | np.ndarray, matches: Sequence[Match]) -> dict[str, bytes]:
+    """``mask_<i>.png`` and ``overlay_<i>.png`` of every prompt ``i``."""
+    files = {}
+    size = (int(image.shape[0]), int(image.shape[1]))
+    for i, match in enumerate(matches):
+        mask = chosen_mask(masks, match, size)
         files[f"mask_{i}.png"] = mask_png(mask)
         files[f"overlay_{i}.png"] = png_bytes(overlay_image(image, mask, caption(match)))
+    return files
+
+
+def render_outputs(image: np.ndarray, result: SlipResult, prompts: Sequence[str], request: ResolvedRequest,
+                   runtime: dict | None = None, *, render: bool = True) -> dict[str, bytes]:
+    """All result files of one image, as ``{relative name: bytes}``, ``segments.json`` last; PNGs only
+    when ``render``."""
+    files = rendered_files(image, result.proposals.segments.masks, result.matches) if render else {}
+    document = result_record(result, prompts, request, runtime or {})
+    files[RESULT_FILE] = json.dumps(document, indent=1).encode()
     return files

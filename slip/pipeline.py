@@ -1,4 +1,8 @@
-"""The SLIP pipeline: SAM proposals -> annotation filters -> segment crops -> ranker -> best match.
+"""The SLIP pipeline: SAM proposals -> annotation filters -> segment crops -> ranker -> best match(es).
+
+A pipeline is built from the two warm models and one :class:`slip.request.ResolvedRequest`, which fixes
+every output-changing setting (generator options, filter chain, crops, dtype, ranking); the models are
+injected, so one process can assemble many pipelines over the same weights.
 
 The stages are public so callers can cache the prompt-independent part: ``propose`` and ``embed``
 depend only on the image and the models, ``rank`` only on the embeddings and the prompts.
@@ -7,7 +11,6 @@ depend only on the image and the models, ``rank`` only on the embeddings and the
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -16,13 +19,14 @@ import numpy as np
 import torch
 
 from slip.crops import CropConfig, crop_segments
-from slip.errors import PromptError
-from slip.filters import apply_filters, default_filters
+from slip.errors import DeviceOutOfMemoryError, PromptError
+from slip.filters import apply_filters, parse_filters
 from slip.generator import MaskGenerator
 from slip.rankers.base import Ranker
 from slip.ranking import rank
 from slip.ranking import validate_prompts as check_prompts
-from slip.types import Match, Proposals, SlipResult
+from slip.request import ResolvedRequest
+from slip.types import Match, MaskSet, Proposals, SlipResult
 
 MAX_PROMPT_CHARS = 300
 
@@ -52,54 +56,55 @@ class _Timer:
 
 
 class SLIP:
-    """Text-prompted segmentation with an injected mask generator, filters and ranker."""
+    """Text-prompted segmentation over injected models, configured by one resolved request."""
 
     def __init__(
         self,
-        generator: MaskGenerator,
+        generator,
         ranker: Ranker,
+        request: ResolvedRequest,
         *,
-        filters: Sequence | None = None,
-        crop: CropConfig = CropConfig(),
-        top_k: int = 5,
-        threshold: float | None = None,
-        one_to_one: bool = False,
         batch_size: int = 64,
         text_cache_size: int = 1024,
     ) -> None:
-        self.generator = generator
+        self.request = request
+        self.generator = generator  # a MaskGenerator (or anything with generate_masks(image, timings=))
         self.ranker = ranker
-        self.filters = tuple(default_filters() if filters is None else filters)
-        self.crop = crop
-        self.top_k = top_k
-        self.threshold = threshold
-        self.one_to_one = one_to_one
+        self.filters = parse_filters(request.filter_chain())
+        self.crop = CropConfig(**request.crop.to_json())
         self.batch_size = batch_size
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
+
+    @staticmethod
+    def build(sam, ranker: Ranker, request: ResolvedRequest, *, points_per_batch: int = 64,
+              batch_size: int = 64) -> "SLIP":
+        """The pipeline over a loaded SAM: its mask generator takes the request's options and dtype."""
+        generator = MaskGenerator(sam, points_per_batch=points_per_batch, **_dtype(request.dtype),
+                                  **request.generator.to_json())
+        return SLIP(generator, ranker, request, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:
         return self.ranker.device
 
     def params(self) -> dict:
-        """JSON-serialisable description of every setting that changes the output."""
-        return {
-            "generator": self.generator.params(),
-            "filters": [{"name": f.name, **f.params()} for f in self.filters],
-            "crop": asdict(self.crop),
-            "top_k": self.top_k,
-            "threshold": self.threshold,
-            "one_to_one": self.one_to_one,
-            "ranker": self.ranker.spec,
-        }
+        """The resolved request's record (every setting that changes the output)."""
+        return self.request.to_json()
 
     def propose(self, image: np.ndarray, timer: _Timer | None = None) -> Proposals:
         """SAM proposals of an ``(H, W, 3) uint8`` image, after the annotation filters."""
         timer = timer or _Timer()
-        # 1. every segment SAM finds
+        # 1. every segment SAM finds (host memory running out is the same condition as device memory)
         with timer.stage("sam", self.device):
-            masks = self.generator.generate_masks(image, timings=timer.seconds)
+            try:
+                masks = self.generator.generate_masks(image, timings=timer.seconds)
+            except torch.OutOfMemoryError as e:
+                raise DeviceOutOfMemoryError(
+                    f"out of memory while generating masks for a {image.shape[1]}x{image.shape[0]} image with "
+                    f"points_per_batch={getattr(self.generator, 'points_per_batch', '?')}: retry with a smaller "
+                    "points_per_batch"
+                ) from e
         # 2. remove duplicates, background and contained segments
         with timer.stage("filters", self.device):
             kept, stats = apply_filters(masks, self.filters)
@@ -135,11 +140,14 @@ class SLIP:
         return rows
 
     def rank(
-        self, embeddings: torch.Tensor, prompts: Sequence[str], timer: _Timer | None = None
+        self, embeddings: torch.Tensor, prompts: Sequence[str], segments: MaskSet | None = None,
+        timer: _Timer | None = None,
     ) -> tuple[torch.Tensor, tuple[Match, ...]]:
-        """Segments x prompts similarity ``(N, P)`` (CPU) and the match of each prompt."""
+        """Segments x prompts similarity ``(N, P)`` (CPU) and the match of each prompt; ``segments`` (the
+        proposals' masks) are needed to deduplicate instances when the request asks for all of them."""
         timer = timer or _Timer()
         prompts = validate_prompts(prompts)
+        req = self.request
         with timer.stage("clip_text", self.device):
             texts = self.encode_prompts(prompts)
         with timer.stage("rank", self.device):
@@ -147,9 +155,11 @@ class SLIP:
                 embeddings.to(texts.device),
                 texts,
                 prompts,
-                top_k=self.top_k,
-                threshold=self.threshold,
-                one_to_one=self.one_to_one,
+                top_k=req.top_k,
+                threshold=list(req.thresholds(len(prompts))),
+                one_to_one=req.one_to_one,
+                instances=req.instances,
+                masks=None if segments is None else segments.masks,
             )
 
     def __call__(self, image: np.ndarray, prompts: Sequence[str]) -> SlipResult:
@@ -158,7 +168,7 @@ class SLIP:
         timer = _Timer()
         proposals = self.propose(image, timer)
         embeddings = self.embed(image, proposals, timer)
-        similarity, matches = self.rank(embeddings, prompts, timer)
+        similarity, matches = self.rank(embeddings, prompts, proposals.segments, timer)
         return SlipResult(
             image_size=(int(image.shape[0]), int(image.shape[1])),
             proposals=proposals,
@@ -169,3 +179,8 @@ class SLIP:
 
     def _embedding_dim(self) -> int:
         return int(self.encode_prompts(["object"]).shape[1])
+
+
+def _dtype(dtype: str) -> dict:
+    """The generator's compute-precision keyword (fp32 is its default)."""
+    return {} if dtype == "fp32" else {"dtype": dtype}

@@ -17,9 +17,12 @@ chain in a ``filters.json`` beside it (:func:`recommended_filters`).
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from segment_anything.modeling import (
@@ -30,8 +33,9 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from slip.device import resolve_device, resolve_dtype
+from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
+from slip.request import GeneratorOptions, ModelRef
 
 OFFICIAL_TYPES = ("vit_h", "vit_l", "vit_b")
 TINY_SPEC = "tiny-random"
@@ -39,7 +43,7 @@ SYNTH_SPEC = "synth"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 GENERATOR_FILE = "generator.json"  # recommended MaskGenerator options (a JSON object), beside a checkpoint
 FILTERS_FILE = "filters.json"  # recommended filter chain, {"filters": "<chain>", "why": "<sentence>"}, beside it
-PAPER_FILTERS = "containment"  # the SLIP paper's filter chain: used when neither the user nor the checkpoint says
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name of a Hugging Face SamModel
 
 
 @dataclass(frozen=True)
@@ -160,20 +164,30 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> SamArch:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth`` (official format) or ``.safetensors`` file."""
+    """Tensors of a ``.pth`` (official format; tensors only, never arbitrary pickled objects) or
+    ``.safetensors`` file; WeightsError in one line for a corrupt, truncated or unsafe file."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise WeightsError(f"cannot read SAM checkpoint {path}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path} is not a plain tensor checkpoint (it pickles other objects, which are never "
+                           f"loaded): re-save it as a state dict ({_first_line(e)})") from e
+    except Exception as e:  # torch.load and safetensors raise many types for a corrupt or truncated file
+        raise WeightsError(f"cannot read SAM checkpoint {path}: it is corrupt or truncated "
+                           f"({type(e).__name__}: {_first_line(e)}); fetch it again") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the state dict
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
 
 
 def save_sam(sam: Sam, path: Path, arch: SamArch) -> Path:
@@ -203,7 +217,7 @@ def load_sam_checkpoint(path: Path) -> tuple[Sam, SamArch]:
     weights = _checkpoint_file(path)
     state = read_state_dict(weights)
     config = weights.parent / "config.json"
-    if config.is_file() and "encoder_embed_dim" in (cfg := json.loads(config.read_text())):
+    if config.is_file() and "encoder_embed_dim" in (cfg := _read_json(config, what="SAM config")):
         arch = SamArch.from_json(cfg)
     else:
         arch = detect_arch(state)
@@ -211,41 +225,82 @@ def load_sam_checkpoint(path: Path) -> tuple[Sam, SamArch]:
     try:
         sam.load_state_dict(state)
     except RuntimeError as e:
-        raise WeightsError(f"{weights} does not fit SAM architecture {arch.name}: {e}") from e
+        raise WeightsError(f"{weights} does not fit SAM architecture {arch.name}: {_first_line(e)}") from e
     return sam, arch
+
+
+@dataclass(frozen=True)
+class SamBundle:
+    """A loaded SAM with what results must know about it."""
+
+    model: Sam  # eval mode, on its device, fp32 weights (reduced precision is autocast at run time)
+    ref: ModelRef  # spec, architecture name, SHA-256 of the weights really loaded
+    arch: SamArch  # hyper-parameters
+    generator: Mapping[str, Any]  # recommended generator options (generator.json beside it; {} if none)
+    filters: str | None  # recommended filter chain (filters.json beside it; None if none)
+
+
+def load_sam_bundle(spec: str, *, device: str | torch.device = "auto", cache_dir: Path | None = None) -> SamBundle:
+    """Load the SAM ``spec`` (see the module docstring) with its recommendations and weights digest."""
+    from slip.weights import cached_sha256, directory_sha256, tensors_sha256
+
+    dev = resolve_device(device)
+    if spec == TINY_SPEC:
+        sam = build_tiny_sam()
+        ref = ModelRef(spec=spec, arch=TINY_SPEC, sha256=tensors_sha256(sam.state_dict()))
+        return SamBundle(sam.to(dev).eval(), ref, SAM_ARCHS[TINY_SPEC], {}, None)
+    path = _resolve_spec(spec, cache_dir)
+    if _is_hf_sam(path):
+        from slip.sam_hf import load_hf_sam
+
+        sam, arch = load_hf_sam(path)
+        ref = ModelRef(spec=spec, arch=f"hf-sam-{arch.name}", sha256=directory_sha256(path, cache_dir=cache_dir))
+    else:
+        sam, arch = load_sam_checkpoint(path)
+        weights = cached_sha256(_checkpoint_file(path), cache_dir=cache_dir)
+        name = "synth-sam" if spec == SYNTH_SPEC else arch.name
+        sha = weights if arch.name in OFFICIAL_TYPES else _combined(weights, arch.to_json())
+        ref = ModelRef(spec=spec, arch=name, sha256=sha)
+    return SamBundle(sam.to(dev).eval(), ref, arch, _generator_params(path), _filters(path))
+
+
+def load_sam(spec: str, *, device: str | torch.device = "auto", cache_dir: Path | None = None) -> Sam:
+    """A ready SAM (eval mode, on ``device``, fp32 weights) for a spec string; see the module docstring."""
+    return load_sam_bundle(spec, device=device, cache_dir=cache_dir).model
+
+
+def _combined(weights_sha: str, arch: dict) -> str:
+    """One digest for weights whose architecture comes from a config.json beside them."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"weights": weights_sha, "arch": arch}, sort_keys=True).encode()).hexdigest()
+
+
+def _is_hf_sam(path: Path) -> bool:
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and _read_json(config, what="SAM config").get("model_type") == "sam"
 
 
 def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
     """The checkpoint path behind a non-tiny spec string."""
-    from slip.weights import bundled_path, sam_checkpoint
+    from slip.weights import bundled_path, clip_path, sam_checkpoint
 
     if spec in OFFICIAL_TYPES:
         return sam_checkpoint(spec, cache_dir)
     if spec == SYNTH_SPEC:
         return bundled_path("synth-sam")
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise WeightsNotFoundError(
-            f"SAM spec {spec!r} is neither vit_h/vit_l/vit_b/synth/tiny-random nor an existing path"
-        )
-    return path
+    if path.exists():
+        return path
+    if _HUB_ID.match(spec):
+        return clip_path(spec, cache_dir, what="SAM model")
+    raise WeightsNotFoundError(
+        f"SAM spec {spec!r} is neither vit_h/vit_l/vit_b/synth/tiny-random, an existing path, nor a Hugging Face "
+        f"SamModel id (e.g. facebook/sam-vit-base)"
+    )
 
 
-def load_sam(
-    spec: str,
-    *,
-    device: str | torch.device = "auto",
-    dtype: str = "fp32",
-    cache_dir: Path | None = None,
-) -> Sam:
-    """A ready SAM (eval mode, on ``device``) for a spec string; see the module docstring."""
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if spec == TINY_SPEC:
-        sam = build_tiny_sam()
-    else:
-        sam, _ = load_sam_checkpoint(_resolve_spec(spec, cache_dir))
-    return sam.to(device=dev, dtype=torch_dtype).eval()
+# --- recommendations beside a checkpoint ------------------------------------------------------------------
 
 
 def _beside(checkpoint: Path, name: str) -> Path:
@@ -253,77 +308,39 @@ def _beside(checkpoint: Path, name: str) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / name
 
 
-def _read_json(path: Path):
-    """The parsed JSON of a recommendation file; ConfigError naming it when it does not parse."""
+def _read_json(path: Path, *, what: str = "recommendation file"):
+    """The parsed JSON of a file beside a checkpoint; ConfigError naming it when it does not parse."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-
-
-def read_generator_params(checkpoint: Path) -> dict:
-    """The recommended generator options stored beside a checkpoint (file or directory); ``{}`` if none.
-
-    The options are returned as written (see :func:`recommended_generator_params` for the checked form)."""
-    path = _beside(checkpoint, GENERATOR_FILE)
-    if not path.is_file():
-        return {}
-    data = _read_json(path)
+        raise ConfigError(f"{what} {path} is not valid JSON ({_first_line(e)}): fix or delete it") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object of MaskGenerator options, not {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 
-def recommended_generator_params(spec: str, *, cache_dir: Path | None = None) -> dict:
-    """The :class:`~slip.generator.MaskGenerator` options recommended for the SAM ``spec``: the
-    ``generator.json`` beside its checkpoint, ``{}`` for ``tiny-random`` and checkpoints without one.
+def read_generator_params(checkpoint: Path) -> dict:
+    """The generator options stored beside a checkpoint (file or directory), as written; ``{}`` if none."""
+    path = _beside(checkpoint, GENERATOR_FILE)
+    return _read_json(path) if path.is_file() else {}
 
-    Precedence wherever a generator is built: SAM's defaults < the checkpoint's generator.json < options
-    the user gives explicitly, i.e. ``MaskGenerator(sam, **{**recommended, **explicit})``.
-    Raises ConfigError naming the file when a key is not a MaskGenerator option.
-    """
-    if spec == TINY_SPEC:
-        return {}
-    checkpoint = _resolve_spec(spec, cache_dir)
+
+def _generator_params(checkpoint: Path) -> dict:
+    """The checked generator.json beside a checkpoint (``{}`` if none)."""
     params = read_generator_params(checkpoint)
-    known = mask_generator_defaults()
-    for key in params:
-        if key not in known:
-            raise ConfigError(
-                f"{_beside(checkpoint, GENERATOR_FILE)}: {key!r} is not a MaskGenerator option (expected some of {', '.join(sorted(known))})"
-            )
+    GeneratorOptions().merged(params, source=str(_beside(checkpoint, GENERATOR_FILE)))  # ConfigError naming the file
     return params
 
 
-def mask_generator_defaults() -> dict:
-    """``MaskGenerator``'s own keyword defaults (SAM's), option name -> value."""
-    import inspect
-
-    from slip.generator import MaskGenerator  # imported here: the generator builds on this module's models
-
-    params = inspect.signature(MaskGenerator).parameters
-    return {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def recommended_filters(spec: str, *, cache_dir: Path | None = None) -> str | None:
-    """The annotation filter chain recommended for the SAM ``spec`` (a :func:`slip.filters.parse_filters`
-    string): the ``filters`` entry of the ``filters.json`` beside its checkpoint, written as
-    ``{"filters": "<chain>", "why": "<one sentence>"}``; None for ``tiny-random`` and checkpoints without one.
-
-    Precedence wherever a filter chain is chosen (:func:`resolve_filters`): the paper's default
-    ``containment`` < the checkpoint's filters.json < the chain the user gives explicitly.
-    Raises ConfigError naming the file when it is malformed or its chain does not parse.
-    """
+def _filters(checkpoint: Path) -> str | None:
+    """The checked chain of the filters.json beside a checkpoint (None if none)."""
     from slip.filters import parse_filters  # imported here: the filters build on the masks, not on this module
 
-    if spec == TINY_SPEC:
-        return None
-    checkpoint = _resolve_spec(spec, cache_dir)
     path = _beside(checkpoint, FILTERS_FILE)
     if not path.is_file():
         return None
     data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("filters"), str) or set(data) - {"filters", "why"}:
+    if not isinstance(data.get("filters"), str) or set(data) - {"filters", "why"}:
         raise ConfigError(f'{path} must hold {{"filters": "<filter chain>", "why": "<reason>"}}, got {data!r}')
     try:
         parse_filters(data["filters"])
@@ -332,9 +349,15 @@ def recommended_filters(spec: str, *, cache_dir: Path | None = None) -> str | No
     return data["filters"]
 
 
-def resolve_filters(explicit: str | None, recommended: str | None) -> str:
-    """The filter chain to use: ``explicit`` (the user's) if given, else ``recommended`` (the checkpoint's
-    filters.json, :func:`recommended_filters`), else the paper's :data:`PAPER_FILTERS`."""
-    if explicit is not None:
-        return explicit
-    return PAPER_FILTERS if recommended is None else recommended
+def recommended_generator_params(spec: str, *, cache_dir: Path | None = None) -> dict:
+    """The generator options recommended for the SAM ``spec``: the ``generator.json`` beside its checkpoint,
+    ``{}`` for ``tiny-random`` and checkpoints without one. ConfigError naming the file for a bad option.
+    (:func:`slip.request.resolve` applies them; this only reads them.)"""
+    return {} if spec == TINY_SPEC else _generator_params(_resolve_spec(spec, cache_dir))
+
+
+def recommended_filters(spec: str, *, cache_dir: Path | None = None) -> str | None:
+    """The filter chain recommended for the SAM ``spec``: the ``filters`` entry of the ``filters.json`` beside
+    its checkpoint (``{"filters": "<chain>", "why": "<one sentence>"}``); None for ``tiny-random`` and
+    checkpoints without one. ConfigError naming the file when it is malformed or its chain does not parse."""
+    return None if spec == TINY_SPEC else _filters(_resolve_spec(spec, cache_dir))

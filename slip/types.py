@@ -96,16 +96,32 @@ class Proposals:
 
 @dataclass(frozen=True)
 class Match:
-    """The answer for one prompt."""
+    """The answer for one prompt: zero, one or several segments (instances), best first.
+
+    ``instances == ()`` is an explicit "not found" (nothing passed the threshold, or no segments).
+    """
 
     prompt: str
-    index: int | None  # row of the chosen segment in Proposals.segments; None = no match
-    score: float | None  # cosine similarity of the chosen segment; None when there are no segments
-    top_k: tuple[tuple[int, float], ...]  # (segment index, similarity), best first
+    instances: tuple[tuple[int, float], ...]  # chosen (segment index, cosine similarity), best first; () = not found
+    best: tuple[int, float] | None  # best-scoring segment whatever the threshold; None = no segments
+    threshold: float | None  # the similarity threshold applied to this prompt; None = none
+    top_k: tuple[tuple[int, float], ...]  # (segment index, similarity) of the plain ranking, best first
+
+    @property
+    def index(self) -> int | None:
+        """Row of the first (best) instance in ``Proposals.segments``; None = not found."""
+        return self.instances[0][0] if self.instances else None
+
+    @property
+    def score(self) -> float | None:
+        """Similarity of the first instance, else of the best candidate; None when there are no segments."""
+        if self.instances:
+            return self.instances[0][1]
+        return None if self.best is None else self.best[1]
 
     @property
     def matched(self) -> bool:
-        return self.index is not None
+        return bool(self.instances)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import sys
 import tempfile
@@ -89,6 +90,80 @@ def sha256_file(path: Path) -> str:
         while block := f.read(CHUNK_BYTES):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- digests of loaded weights ----------------------------------------------------------------------------
+
+DIGEST_SUFFIX = ".sha256.json"  # <file>.sha256.json beside a weights file: {"size", "mtime_ns", "sha256"}
+NOT_WEIGHTS = frozenset({  # files beside weights that are read as recommendations or are only for people
+    "generator.json", "filters.json", "threshold.json", "curve.json", "curve.png", "README.md", ".gitattributes",
+})
+
+
+def cached_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
+    """SHA-256 of a weights file, hashed once per version of the file.
+
+    The digest is kept beside the file (``<file>.sha256.json``, keyed by its size and mtime, so a replaced
+    file is hashed again) or, where that folder is read-only, in ``<cache>/digests/``. A 2.5 GB vit_h is
+    hashed on its first load only.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    version = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    records = _digest_records(path, cache_dir)
+    for record in records:
+        known = _read_digest(record)
+        if known is not None and {k: known.get(k) for k in version} == version:
+            return known["sha256"]
+    sha = sha256_file(path)
+    for record in records:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({**version, "sha256": sha, "file": str(path)}))
+            break
+        except OSError:
+            continue  # read-only folder: try the next place
+    return sha
+
+
+def directory_sha256(folder: Path, *, cache_dir: Path | None = None) -> str:
+    """One SHA-256 for a checkpoint directory: the digest of ``{file name: file SHA-256}`` over its
+    top-level files, recommendation files and digest records left out (they are read separately)."""
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and p.name not in NOT_WEIGHTS and not p.name.endswith(DIGEST_SUFFIX))
+    if not files:
+        raise WeightsNotFoundError(f"no weight files in {folder}")
+    table = {p.name: cached_sha256(p, cache_dir=cache_dir) for p in files}
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+
+def tensors_sha256(state: Mapping[str, "object"]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes, in name order (models built in memory)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digest_records(path: Path, cache_dir: Path | None) -> list[Path]:
+    """Where a file's digest record may live: beside it, then in the weights cache."""
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    return [path.with_name(path.name + DIGEST_SUFFIX), resolve_cache_dir(cache_dir) / "digests" / f"{key}.json"]
+
+
+def _read_digest(record: Path) -> dict | None:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("sha256"), str) else None
 
 
 # --- official SAM checkpoints ---------------------------------------------------------------------------
@@ -217,9 +292,9 @@ def fetch_clip(hub_id: str, cache_dir: Path | None, *, endpoint: str | None = No
     return path
 
 
-def clip_path(hub_id: str, cache_dir: Path | None) -> Path:
+def clip_path(hub_id: str, cache_dir: Path | None, *, what: str = "CLIP model") -> Path:
     """The already-downloaded snapshot of ``hub_id`` in ``<cache>/hf`` (no network), or
-    ``WeightsNotFoundError`` naming the fetch command."""
+    ``WeightsNotFoundError`` naming the fetch command. ``what`` names the kind of model in the message."""
     from huggingface_hub import snapshot_download
 
     cache = hf_cache(cache_dir)
@@ -227,7 +302,7 @@ def clip_path(hub_id: str, cache_dir: Path | None) -> Path:
         return Path(snapshot_download(hub_id, cache_dir=cache, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, or HFValidationError for a malformed id
         raise WeightsNotFoundError(
-            f"CLIP model {hub_id!r} is not in the Hugging Face cache {cache} (weights cache set by the "
+            f"{what} {hub_id!r} is not in the Hugging Face cache {cache} (weights cache set by the "
             f"env var {CACHE_ENV}); download it with `slip weights fetch {hub_id}`"
         ) from e
 

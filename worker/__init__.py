@@ -1,6 +1,5 @@
-"""The SLIP queue worker: ``celery -A worker worker -Q gpu,cpu`` (see :mod:`worker.app`)."""
+"""The SLIP queue worker: ``celery -A worker worker -Q gpu,cpu`` (the app is built in :mod:`worker.celery`).
 
-from worker.app import app, create_app
-from worker.settings import Settings
-
-__all__ = ["Settings", "app", "create_app"]
+Importing this package builds nothing and reads no environment; :func:`worker.app.create_app` makes an
+app from :class:`worker.settings.Settings`.
+"""

@@ -1,53 +1,56 @@
-"""The Celery application: ``celery -A worker worker -Q gpu,cpu`` and ``celery -A worker flower``.
+"""The Celery application factory: :func:`create_app` builds a configured app from typed settings.
 
-Configuration (from :class:`worker.settings.Settings`, read once from the environment here, at the
-edge): Redis broker and result backend; JSON only (pickle refused); late acks + reject on worker loss
-+ prefetch 1, so a killed worker's task goes back to the queue and is delivered again; a visibility
-timeout above the task time limit; soft/hard time limits; expiring results; task events for Flower;
+Nothing here runs at import time. ``celery -A worker worker -Q gpu,cpu`` and ``celery -A worker flower``
+find the app in :mod:`worker.celery`, the one module that reads the environment (at process start).
+
+Configuration: Redis broker and result backend; JSON only (pickle refused); late acks + reject on worker
+loss + prefetch 1, so a killed pool process's task goes back to the queue and is delivered again; a
+visibility timeout above the task time limit (the backstop: a killed worker's chunk is sent again within
+``SLIP_DEAD_AFTER`` seconds by the feeder, long before); soft/hard time limits; task events for Flower;
 two queues named for their hardware:
 
 * ``gpu`` — model work (``slip.segment``, training tasks); its workers hold the models warm;
-* ``cpu`` — light work (``slip.health``, ``slip.reconcile``); a worker consuming only ``cpu`` loads no
-  models.
+* ``cpu`` — light work (``slip.health``, ``slip.feed``); a worker consuming only ``cpu`` loads no models.
 
 Each worker also has a direct queue (``worker_direct``) so a health check can reach one named worker.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
 import signal
+import sys
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from slip.errors import SlipError
-from worker.resources import MODEL_QUEUE, ResourceHolder
+from worker.broker import LIGHT_QUEUE, MODEL_QUEUE
+from worker.resources import ResourceHolder, set_threads
 from worker.settings import Settings
-from worker.store import Store
 
 log = logging.getLogger("slip.worker")
 
-TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # the last two: training
-QUEUES = ("gpu", "cpu")
+TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # each has register(app)
+QUEUES = (MODEL_QUEUE, LIGHT_QUEUE)
 ROUTES = {
     "slip.segment": {"queue": "gpu"},
     "slip.train*": {"queue": "gpu"},
+    "slip.evaluate": {"queue": "gpu"},
     "slip.health": {"queue": "cpu"},
-    "slip.reconcile": {"queue": "cpu"},
+    "slip.feed": {"queue": "cpu"},
 }
 
 
-def task_modules() -> list[str]:
-    """Task modules that exist in this checkout (the training modules are optional)."""
-    return [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
+def create_app(settings: Settings, *, worker: bool = False) -> Celery:
+    """A Celery app configured from ``settings``. A client (producer) app sends tasks by name and imports no
+    task code; ``worker`` registers the tasks and connects the worker-process signals (model loading after
+    the fork, the ticker, a clean exit when models cannot load)."""
+    from worker.feeder import publisher
 
-
-def create_app(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings``; the holder of per-process resources hangs off it."""
-    app = Celery("slip", broker=settings.broker_url, backend=settings.result_backend, include=task_modules())
+    app = Celery("slip", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -59,28 +62,33 @@ def create_app(settings: Settings) -> Celery:
         worker_concurrency=1,  # one pool process = one copy of the models per GPU (--concurrency overrides)
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
-            # look for messages of dead workers often, not once per 10 visibility timeouts
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1.0, settings.visibility_timeout_s / 4),
         },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker waits for Redis as long as it takes
+        result_backend_always_retry=True,  # task states survive a Redis restart
+        result_backend_max_retries=30,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.soft_time_limit_s,
         result_expires=settings.result_expires_s,
         worker_send_task_events=True,  # Flower
         task_send_sent_event=True,  # Flower sees queued tasks too
-        task_track_started=True,  # STARTED state: `slip status` tells running from queued
+        task_track_started=True,  # STARTED state for the training tasks' progress
         task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
         task_default_queue=MODEL_QUEUE,
         task_routes=ROUTES,
         worker_direct=True,  # a queue per worker, for targeted health checks
-        broker_connection_retry_on_startup=True,
-        # on a broker blip let the running task finish: its result lands in the store, the unacked
-        # message comes back after the visibility timeout and the rerun skips the finished images
+        # on a broker blip let the running task finish: its result lands in the store and is recorded
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=True,
     )
     app.slip_settings = settings
-    app.slip_resources = ResourceHolder(settings)
+    app.slip_resources = ResourceHolder(settings, publish=publisher(app))
+    if worker:
+        for name in TASK_MODULES:
+            importlib.import_module(name).register(app)
+        connect_worker_signals(app)
     return app
 
 
@@ -90,30 +98,66 @@ def consumes_model_queue(app: Celery) -> bool:
 
 
 def connect_worker_signals(app: Celery) -> None:
-    """Load resources after the fork in every pool process; release them when it ends."""
+    """Load resources after the fork in every pool process; the ticker in the main process; release at exit."""
     holder: ResourceHolder = app.slip_resources
+    state: dict = {}
 
     @signals.worker_init.connect(weak=False)
-    def _remember_main_pid(sender=None, **_):
+    def _remember_main(sender=None, **_):
         holder.main_pid = os.getpid()
-        removed = Store(app.slip_settings.store).remove_stale_temporaries(app.slip_settings.task_time_limit_s)
-        if removed:
-            log.warning("removed %d temporary file(s) left by a killed writer", removed)
+        holder.concurrency = int(getattr(sender, "concurrency", None) or app.conf.worker_concurrency or 1)
+        store = holder.settings.store
+        if "://" not in store or store.startswith("file://"):
+            _sweep_temporaries(holder)
+
+    @signals.worker_ready.connect(weak=False)
+    def _start_ticker(sender=None, **_):
+        from worker.board import JobBoard, connect
+        from worker.broker import holdings
+        from worker.feeder import Feeder
+        from worker.heartbeat import Ticker
+        from worker.store import Store
+
+        board = JobBoard(connect(holder.settings.broker_url))
+        feeder = Feeder(board=board, store=Store(holder.settings.store), publish=holder.publish,
+                        settings=holder.settings, broker=lambda: holdings(board.r, (MODEL_QUEUE,)))
+        node = getattr(sender, "hostname", None) or "worker"
+        state["ticker"] = Ticker(board=board, feeder=feeder, settings=holder.settings, instance=holder.instance,
+                                 node=node)
+        state["ticker"].start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop_ticker(sender=None, **_):
+        if "ticker" in state:
+            state["ticker"].stop()
 
     @signals.worker_process_init.connect(weak=False)
     def _load(sender=None, **_):
         try:
+            threads = set_threads(holder.settings, holder.concurrency)
+            log.info("torch intra-op threads: %d (SLIP_THREADS, else cores / concurrency %d)", threads, holder.concurrency)
             holder.start(load_models=consumes_model_queue(app))
         except SlipError as e:
-            log.critical("error: this worker cannot start: %s", e)
-            if holder.main_pid is not None and holder.main_pid != os.getpid():
-                os.kill(holder.main_pid, signal.SIGTERM)  # stop the whole worker, not just this child
-            raise SystemExit(1) from e
+            _exit_cannot_start(holder, e)
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _release(sender=None, **_):
         holder.stop()
 
 
-app = create_app(Settings.from_env(os.environ))
-connect_worker_signals(app)
+def _sweep_temporaries(holder: ResourceHolder) -> None:
+    """Remove temporary files a killed writer left in a directory store (object stores have none)."""
+    from worker.store import Store
+
+    removed = Store(holder.settings.store).remove_stale_temporaries(holder.settings.task_time_limit_s)
+    if removed:
+        log.warning("removed %d temporary file(s) left by a killed writer", removed)
+
+
+def _exit_cannot_start(holder: ResourceHolder, e: SlipError) -> None:
+    """One line on stderr, then the whole worker stops with exit code 1: it never serves without models."""
+    print(f"error: this worker cannot start: {e}", file=sys.stderr, flush=True)
+    log.critical("this worker cannot start: %s", e)
+    if holder.main_pid is not None and holder.main_pid != os.getpid():
+        os.kill(holder.main_pid, signal.SIGQUIT)  # cold shutdown of the main process, which exits non-zero
+    os._exit(1)

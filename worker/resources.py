@@ -1,4 +1,4 @@
-"""Per-process worker resources: settings, store, Redis client and the warm SLIP models.
+"""Per-process worker resources: settings, store, Redis, the feeder and the warm SLIP models.
 
 Models are loaded ONCE per worker process, in the process that uses them: the Celery signal
 ``worker_process_init`` fires in each prefork child after the fork (and once in a ``-P solo`` worker),
@@ -16,21 +16,22 @@ import os
 import resource
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from slip.errors import ConfigError, SlipError
+from worker.board import JobBoard, connect
+from worker.broker import MODEL_QUEUE, holdings
+from worker.feeder import Feeder, Publish
 from worker.jobs import SegmentParams
 from worker.settings import Settings
 from worker.store import Store
 
 log = logging.getLogger("slip.worker")
 
-PIPELINE_CACHE = 8  # distinct parameter sets kept as assembled pipelines per process
-MODEL_QUEUE = "gpu"  # a worker that does not consume this queue loads no models
+PIPELINE_CACHE = 8  # distinct requests kept as assembled pipelines per process
 
 
 @dataclass
@@ -39,105 +40,113 @@ class WorkerResources:
 
     settings: Settings
     store: Store
-    redis: redis.Redis  # the broker's Redis: delivery counters for poison messages
-    sam: Any | None  # segment_anything Sam, warm on settings.device; None on a cpu-only worker
-    ranker: Any | None  # slip Ranker, warm; None on a cpu-only worker
+    board: JobBoard  # the cluster's job state in Redis (the broker's Redis)
+    feeder: Feeder  # tops jobs up after a chunk finishes
+    sam: Any | None  # slip.sam.SamBundle, warm on settings.device; None on a cpu-only worker
+    ranker: Any | None  # slip.rankers.loading.RankerBundle, warm; None on a cpu-only worker
     load_seconds: float  # time spent loading both models
-    recommended_generator: dict = field(default_factory=dict)  # the SAM's generator.json options ({} if none)
-    recommended_filters: str | None = None  # the SAM's filters.json chain (None if none)
+    instance: str = ""  # this worker's id (its main process), named in heartbeats and running chunks
     pid: int = field(default_factory=os.getpid)
     hostname: str = field(default_factory=socket.gethostname)
+    _requests: OrderedDict = field(default_factory=OrderedDict)
     _pipelines: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def models_loaded(self) -> bool:
         return self.sam is not None and self.ranker is not None
 
-    def generator_options(self, params: SegmentParams) -> dict:
-        """The resolved generator options of ``params`` on this worker's SAM (see
-        :meth:`SegmentParams.generator_options`); they name the proposals in the cache."""
-        return params.generator_options(self.recommended_generator)
+    def serves(self, sam: str, clip: str) -> bool:
+        return self.settings.sam == sam and self.settings.clip == clip
 
-    def filter_chain(self, params: SegmentParams) -> str:
-        """The resolved filter chain of ``params`` on this worker's SAM (see :meth:`SegmentParams.filter_chain`);
-        it names the proposals in the cache, with :meth:`generator_options`."""
-        return params.filter_chain(self.recommended_filters)
+    def resolve(self, params: SegmentParams):
+        """The request ``params`` resolved against this worker's models (:func:`slip.request.resolve`)."""
+        from slip.request import resolve
 
-    def pipeline(self, params: SegmentParams, *, points_per_batch: int | None = None):
-        """A ``slip.SLIP`` for ``params`` over the warm models (assembling one costs no model load); the
-        generator options are SAM's defaults < the SAM's generator.json < the options ``params`` gives, and
-        the filter chain is ``containment`` < the SAM's filters.json < the chain ``params`` gives."""
-        from slip.crops import CropConfig
-        from slip.filters import parse_filters
-        from slip.generator import MaskGenerator
+        self._require_models()
+        key = params.model_dump_json()
+        if key not in self._requests:
+            self._requests[key] = resolve(
+                params.to_options(), sam=self.sam.ref, sam_generator=self.sam.generator, sam_filters=self.sam.filters,
+                ranker=self.ranker.ref, ranker_threshold=self.ranker.threshold, dtype=self.settings.dtype)
+        _bound(self._requests)
+        return self._requests[key]
+
+    def pipeline(self, request, *, points_per_batch: int | None = None):
+        """A ``slip.SLIP`` for a resolved request over the warm models (assembling one loads nothing)."""
         from slip.pipeline import SLIP
 
-        if not self.models_loaded:
-            raise ConfigError(f"worker {self.hostname} loaded no models: start it with -Q {MODEL_QUEUE}")
+        self._require_models()
         ppb = points_per_batch or self.settings.points_per_batch
-        key = (params.model_dump_json(), ppb)
+        key = (request, ppb)
         if key not in self._pipelines:
-            self._pipelines[key] = SLIP(
-                MaskGenerator(self.sam, points_per_batch=ppb, **self.generator_options(params)),
-                self.ranker,
-                filters=parse_filters(self.filter_chain(params)),
-                crop=CropConfig(background=params.crop_background, padding=params.crop_padding, square=params.square),
-                top_k=params.top_k,
-                threshold=params.threshold,
-                one_to_one=params.one_to_one,
-                batch_size=self.settings.batch_size,
-            )
-        self._pipelines.move_to_end(key)
-        while len(self._pipelines) > PIPELINE_CACHE:
-            self._pipelines.popitem(last=False)
+            self._pipelines[key] = SLIP.build(self.sam.model, self.ranker.ranker, request, points_per_batch=ppb,
+                                              batch_size=self.settings.batch_size)
+        _bound(self._pipelines)
         return self._pipelines[key]
 
     def health(self) -> dict:
-        """What is loaded, where, and how much memory it takes."""
-        device = str(self.ranker.device) if self.ranker is not None else None
+        """What is loaded (with the weights' digests and recommendations), where, and how much memory."""
+        device = str(self.ranker.ranker.device) if self.ranker is not None else None
         return {
             "hostname": self.hostname,
             "pid": self.pid,
+            "instance": self.instance,
             "models_loaded": self.models_loaded,
-            "sam": self.settings.sam if self.sam is not None else None,
-            "clip": self.settings.clip if self.ranker is not None else None,
+            "sam": self.sam.ref.to_json() if self.sam is not None else None,
+            "clip": self.ranker.ref.to_json() if self.ranker is not None else None,
             "device": device,
             "dtype": self.settings.dtype,
+            "threads": _threads(),
             "load_seconds": round(self.load_seconds, 3),
             "memory": memory_report(device),
             "store": self.settings.store,
             "max_deliveries": self.settings.max_deliveries,
             "points_per_batch": self.settings.points_per_batch,
-            "recommended_generator": self.recommended_generator,
-            "recommended_filters": self.recommended_filters,
+            "recommended_generator": dict(self.sam.generator) if self.sam is not None else None,
+            "recommended_filters": self.sam.filters if self.sam is not None else None,
+            "recommended_threshold": self.ranker.threshold if self.ranker is not None else None,
         }
 
     def close(self) -> None:
-        self.redis.close()
+        self.board.r.close()
+
+    def _require_models(self) -> None:
+        if not self.models_loaded:
+            raise ConfigError(f"worker {self.hostname} loaded no models: start it with -Q {MODEL_QUEUE}")
 
 
-def load_resources(settings: Settings, *, load_models: bool) -> WorkerResources:
-    """Open the store and Redis, and (when ``load_models``) load SAM, its recommended generator options
-    and filter chain, and the ranker onto the device."""
+def load_resources(settings: Settings, *, load_models: bool, publish: Publish, instance: str = "") -> WorkerResources:
+    """Open the store and Redis, and (when ``load_models``) load SAM and the ranker onto the device."""
+    from slip.cli.common import SYNTH_SPEC, SYNTH_WARNING
+
     store = Store(settings.store)
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    board = JobBoard(connect(settings.broker_url))
+    feeder = Feeder(board=board, store=store, publish=publish, settings=settings,
+                    broker=lambda: holdings(board.r, (MODEL_QUEUE,)))
     sam = ranker = None
-    recommended: dict = {}
-    filters: str | None = None
     start = time.perf_counter()
     if load_models:
-        from slip.rankers.loading import load_ranker
-        from slip.sam import load_sam, recommended_filters, recommended_generator_params
+        from slip.rankers.loading import load_ranker_bundle
+        from slip.sam import load_sam_bundle
 
-        common = {"device": settings.device, "dtype": settings.dtype, "cache_dir": settings.cache_dir}
-        sam = load_sam(settings.sam, **common)
-        recommended = recommended_generator_params(settings.sam, cache_dir=settings.cache_dir)
-        filters = recommended_filters(settings.sam, cache_dir=settings.cache_dir)
-        ranker = load_ranker(settings.clip, **common)
-    return WorkerResources(
-        settings=settings, store=store, redis=client, sam=sam, ranker=ranker,
-        load_seconds=time.perf_counter() - start, recommended_generator=recommended, recommended_filters=filters,
-    )
+        sam = load_sam_bundle(settings.sam, device=settings.device, cache_dir=settings.cache_dir)
+        ranker = load_ranker_bundle(settings.clip, device=settings.device, dtype=settings.dtype,
+                                    cache_dir=settings.cache_dir)
+        if SYNTH_SPEC in (settings.sam, settings.clip):
+            log.warning("%s", SYNTH_WARNING)
+    return WorkerResources(settings=settings, store=store, board=board, feeder=feeder, sam=sam, ranker=ranker,
+                           load_seconds=time.perf_counter() - start, instance=instance)
+
+
+def set_threads(settings: Settings, concurrency: int) -> int:
+    """Torch intra-op threads for one worker process: SLIP_THREADS, else this machine's cores shared among
+    the ``concurrency`` pool processes (never fewer than one)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = settings.threads or max(1, cores // max(1, concurrency))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def memory_report(device: str | None) -> dict:
@@ -159,20 +168,38 @@ def _rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # peak, Linux KiB
 
 
+def _threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _bound(cache: OrderedDict) -> None:
+    while len(cache) > PIPELINE_CACHE:
+        cache.popitem(last=False)
+
+
 class ResourceHolder:
     """The process's resources: created by :meth:`start` after the fork, read by tasks via :meth:`get`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, publish: Publish) -> None:
         self.settings = settings
+        self.publish = publish
         self.main_pid: int | None = None  # pid of the worker's main process, set before any fork
+        self.instance: str = uuid.uuid4().hex[:12]  # this worker's id; re-drawn at worker start, before any fork
+        self.concurrency: int = 1  # pool processes of this worker, set at worker start
         self._resources: WorkerResources | None = None
 
     def start(self, *, load_models: bool) -> WorkerResources:
         """Load everything in this process (idempotent within a process)."""
         if self._resources is None or self._resources.pid != os.getpid():
-            log.info("loading SLIP resources (sam=%s clip=%s device=%s)", self.settings.sam, self.settings.clip, self.settings.device)
-            self._resources = load_resources(self.settings, load_models=load_models)
-            log.info("SLIP resources ready in %.1f s (models loaded: %s)", self._resources.load_seconds, self._resources.models_loaded)
+            log.info("loading SLIP resources (sam=%s clip=%s device=%s dtype=%s)", self.settings.sam,
+                     self.settings.clip, self.settings.device, self.settings.dtype)
+            self._resources = load_resources(self.settings, load_models=load_models, publish=self.publish,
+                                             instance=self.instance)
+            log.info("SLIP resources ready in %.1f s (models loaded: %s)", self._resources.load_seconds,
+                     self._resources.models_loaded)
         return self._resources
 
     def get(self) -> WorkerResources:
@@ -188,3 +215,4 @@ class ResourceHolder:
         if self._resources is not None and self._resources.pid == os.getpid():
             self._resources.close()
         self._resources = None
+

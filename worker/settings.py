@@ -1,7 +1,8 @@
-"""Typed worker and producer settings, read once from the environment at start-up.
+"""Typed worker and producer settings, read once from the environment where a process starts.
 
 Every ``SLIP_*`` variable the queue understands is a field of :class:`Settings`, with its default and
-a one-line meaning beside it. Invalid values raise :class:`slip.errors.ConfigError` naming the variable.
+a one-line meaning beside it. Invalid values raise :class:`slip.errors.ConfigError` naming the variable;
+only the commands that need the settings read them (``slip --help`` reads none).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Settings:
     result_backend: str = DEFAULT_BROKER  # SLIP_RESULT_BACKEND: task states; default = the broker
     store: str = DEFAULT_STORE  # SLIP_STORE: object store root, a directory or fsspec URL (s3://b/p)
     device: str = "auto"  # SLIP_DEVICE: auto | cpu | cuda | cuda:N (one GPU per worker)
-    dtype: str = "fp32"  # SLIP_DTYPE: fp32 | fp16 | bf16 (half precisions on GPU only)
+    dtype: str = "fp32"  # SLIP_DTYPE: compute precision, fp32 | bf16 (CPU and GPU) | fp16 (GPU only)
     sam: str = DEFAULT_SAM  # SLIP_SAM: SAM spec, vit_h | vit_l | vit_b | synth | tiny-random | PATH
     clip: str = DEFAULT_CLIP  # SLIP_CLIP: ranker spec, HF hub id | DIR | synth | tiny-random
     cache_dir: Path | None = None  # SLIP_CACHE: weights cache; None = ~/.cache/slip
@@ -42,6 +43,12 @@ class Settings:
     points_per_batch: int = 64  # SLIP_POINTS_PER_BATCH: SAM point prompts per forward pass
     batch_size: int = 64  # SLIP_BATCH_SIZE: segment crops per ranker forward pass
     log_level: str = "INFO"  # SLIP_LOG_LEVEL: worker log level
+    threads: int | None = None  # SLIP_THREADS: torch intra-op threads per worker process; None = cores / concurrency
+    heartbeat_s: float = 2.0  # SLIP_HEARTBEAT: seconds between a worker's liveness beats
+    dead_after_s: float = 15.0  # SLIP_DEAD_AFTER: a worker silent this long is dead; its running chunks are re-sent
+    tick_s: float = 3.0  # SLIP_TICK: seconds between feeder/reconciler passes (one worker at a time runs them)
+    lost_after_s: float = 30.0  # SLIP_LOST_AFTER: a sent chunk found nowhere (queue, worker) this long is re-sent
+    max_resends: int = 3  # SLIP_MAX_RESENDS: re-sends of a chunk that failed transiently or vanished
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -51,6 +58,9 @@ class Settings:
             )
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"SLIP_BROKER_URL {self.broker_url!r} is not a Redis URL (redis://host:port/db)")
+        if self.dead_after_s <= 2 * self.heartbeat_s:
+            raise ConfigError(f"SLIP_DEAD_AFTER ({self.dead_after_s} s) must exceed twice SLIP_HEARTBEAT "
+                              f"({self.heartbeat_s} s), or live workers are declared dead")
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -80,6 +90,12 @@ class Settings:
             points_per_batch=read.number("SLIP_POINTS_PER_BATCH", 64, int, minimum=1),
             batch_size=read.number("SLIP_BATCH_SIZE", 64, int, minimum=1),
             log_level=read.choice("SLIP_LOG_LEVEL", "INFO", r"DEBUG|INFO|WARNING|ERROR|CRITICAL"),
+            threads=read.number("SLIP_THREADS", None, int, minimum=1),
+            heartbeat_s=read.number("SLIP_HEARTBEAT", 2.0, float, minimum=0.1),
+            dead_after_s=read.number("SLIP_DEAD_AFTER", 15.0, float, minimum=1.0),
+            tick_s=read.number("SLIP_TICK", 3.0, float, minimum=0.1),
+            lost_after_s=read.number("SLIP_LOST_AFTER", 30.0, float, minimum=1.0),
+            max_resends=read.number("SLIP_MAX_RESENDS", 3, int, minimum=0),
         )
 
     def to_json(self) -> dict:

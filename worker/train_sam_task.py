@@ -26,7 +26,6 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slip.errors import ConfigError, DatasetError, InputError, ObjectNotFoundError
-from worker.app import app
 from worker.jobs import JOB_ID, parse_model
 from worker.store import job_prefix, validate_key
 from worker.train_tasks import STORE_SPEC, materialize, put_directory, ranker_directory
@@ -109,7 +108,11 @@ def result_key(job_id: str) -> str:
 # --- task -----------------------------------------------------------------------------------------------
 
 
-@app.task(name="slip.train_sam", bind=True, throws=(InputError,))
+def register(app) -> None:
+    """Register the SAM training task on ``app``."""
+    app.task(name="slip.train_sam", bind=True, throws=(InputError,))(train_sam)
+
+
 def train_sam(self, request: dict) -> dict:
     """Train one SAM; the checkpoint goes to ``models/sam/<job>/``, the summary to ``jobs/<job>/result.json``."""
     res = self.app.slip_resources.get()

@@ -29,10 +29,9 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slip.errors import DatasetError, InputError
-from worker.app import app
+from slip.errors import ConfigError, DatasetError, InputError
 from worker.jobs import JOB_ID, parse_model
 from worker.store import Store, digest, job_prefix, sha256_bytes, validate_key
 
@@ -53,9 +52,30 @@ class TrainRequest(BaseModel):
     job_id: str = Field(pattern=JOB_ID.pattern)
     cell: int = Field(ge=0)  # index in the grid
     dataset: str = Field(pattern=r"^[0-9a-f]{64}$")  # dataset manifest digest
-    model: dict = {}  # DualEncoderConfig fields (lr and proj_dim of the cell included by the producer)
+    model: dict = {}  # DualEncoderConfig fields; a new dual encoder must set pretrained_image and pretrained_text
     train: dict = {}  # TrainConfig fields
     init: Optional[str] = None  # ranker spec to fine-tune instead of a new dual encoder
+
+    @field_validator("model")
+    @classmethod
+    def _model_fields(cls, value: dict) -> dict:
+        from dataclasses import fields
+
+        from slip.rankers.dual_encoder import DualEncoderConfig
+
+        unknown = sorted(set(value) - {f.name for f in fields(DualEncoderConfig)})
+        if unknown:
+            raise ConfigError(f"unknown dual-encoder fields in the training request: {', '.join(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _explicit_init(self) -> "TrainRequest":
+        """A new dual encoder says where each tower starts: never a silent default (random or pretrained)."""
+        missing = [k for k in ("pretrained_image", "pretrained_text") if not isinstance(self.model.get(k), bool)]
+        if self.init is None and missing:
+            raise ConfigError(f"the training request must set model.{' and model.'.join(missing)} (true: the "
+                              "pretrained weights, which the worker must have on disk; false: random init on purpose)")
+        return self
 
 
 class EvaluateRequest(BaseModel):
@@ -202,7 +222,12 @@ def _cache_root(res) -> Path:
 # --- tasks ----------------------------------------------------------------------------------------------
 
 
-@app.task(name="slip.train", bind=True, throws=(InputError,))
+def register(app) -> None:
+    """Register the training and evaluation tasks on ``app``."""
+    app.task(name="slip.train", bind=True, throws=(InputError,))(train)
+    app.task(name="slip.evaluate", bind=True, throws=(InputError,))(evaluate)
+
+
 def train(self, request: dict) -> dict:
     """Train one grid cell; the checkpoint and curves go to ``jobs/<job>/cells/<cell>/``."""
     res = self.app.slip_resources.get()
@@ -214,7 +239,6 @@ def train(self, request: dict) -> dict:
     return run_train(res, req, worker=self.request.hostname or res.hostname, on_epoch=progress)
 
 
-@app.task(name="slip.evaluate", bind=True, throws=(InputError,))
 def evaluate(self, request: dict) -> dict:
     """Score one chunk of composites for one ranker; the results go to ``jobs/<job>/eval/...``."""
     res = self.app.slip_resources.get()
@@ -263,16 +287,16 @@ def run_evaluate(res, req: EvaluateRequest) -> dict:
     source = composite_source(dataset, seed=req.seed, split_seed=req.split_seed, caption_template=req.caption_template,
                               tile_size=req.tile_size)
     warm = res.ranker is not None and req.ranker == res.settings.clip
-    ranker = res.ranker if warm else load_ranker(ranker_directory(res.store, req.ranker, cache),
+    ranker = res.ranker.ranker if warm else load_ranker(ranker_directory(res.store, req.ranker, cache),
                                                  device=res.settings.device, cache_dir=res.settings.cache_dir)
     proposer = None
     if req.proposals == "sam":
         sam = req.sam or res.settings.sam
         warm_sam = res.sam is not None and sam == res.settings.sam
-        proposer = sam_proposer(res.sam if warm_sam else sam, device=res.settings.device,
+        proposer = sam_proposer(res.sam.model if warm_sam else sam, device=res.settings.device,
                                 cache_dir=res.settings.cache_dir,
-                                recommended=res.recommended_generator if warm_sam else None,
-                                recommended_filters=res.recommended_filters if warm_sam else None)
+                                recommended=dict(res.sam.generator) if warm_sam else None,
+                                recommended_filters=res.sam.filters if warm_sam else None)
     judge = None
     if req.judge:
         from slip.train.judge import load_judge

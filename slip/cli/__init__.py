@@ -1,8 +1,6 @@
-"""The library's command line (``slip segment``, ``slip weights``, data and training commands).
+"""The library's command line: ``slip segment``, ``slip weights``, ``slip data``, training and evaluation.
 
-``producer.cli`` mounts this app and adds the queue commands; the console script ``slip`` points there.
+:func:`slip.cli.app.add_library_commands` puts these commands on a typer root; ``producer.cli`` builds the
+``slip`` console command from them and the queue's commands. Command modules import model code inside
+their functions, so ``slip --help`` starts fast.
 """
-
-from slip.cli.app import app
-
-__all__ = ["app"]

@@ -34,3 +34,22 @@ def cache_dir_from_env() -> Path | None:
     """``$SLIP_CACHE`` as a path, read at the CLI edge."""
     value = os.environ.get("SLIP_CACHE")
     return Path(value).expanduser() if value else None
+
+
+SYNTH_SPEC = "synth"
+SYNTH_WARNING = ("the bundled 'synth' models were trained only on a synthetic world of shapes and icons: on "
+                 "photographs their masks and matches mean little; for real images use `slip weights fetch vit_b` "
+                 "and `slip weights fetch openai/clip-vit-base-patch32`")
+
+
+def synth_warning(*specs: str) -> None:
+    """One line on stderr when any of the model ``specs`` is the bundled synthetic-world model."""
+    if SYNTH_SPEC in specs:
+        typer.echo(f"warning: {SYNTH_WARNING}", err=True)
+
+
+def thresholds(values: list[float] | None) -> float | tuple[float, ...] | None:
+    """``--threshold`` given once -> one value; several times -> one per prompt; never -> None."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)

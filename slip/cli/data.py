@@ -20,15 +20,18 @@ def synth(
     per_class: int = typer.Option(50, help="Images per class."),
     size: int = typer.Option(128, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same dataset."),
+    coco: bool = typer.Option(False, "--coco", help="Also write instances.coco.json: COCO ground truth (relative "
+                              "file names, one category per class, RLE masks) for COCOeval."),
 ) -> None:
     """Generate a synthetic labelled dataset: one folder per class, every image with its object mask."""
-    from slip.data.synth import generate_dataset
+    from slip.data.synth import COCO_FILE, generate_dataset
 
     with user_errors():
         start = time.perf_counter()
-        generate_dataset(out, classes=classes, per_class=per_class, size=size, seed=seed)
+        generate_dataset(out, classes=classes, per_class=per_class, size=size, seed=seed, coco=coco)
+    truth = f"; COCO ground truth in {out / COCO_FILE}" if coco else ""
     typer.echo(f"wrote {classes} classes x {per_class} images ({size}x{size} px, masks beside them) to {out} "
-               f"in {time.perf_counter() - start:.1f} s")
+               f"in {time.perf_counter() - start:.1f} s{truth}")
 
 
 @data_app.command()

@@ -48,9 +48,12 @@ def train_ranker(
     segment_view_prob: float = typer.Option(0.5, help="Share of cut-out segment views for images with masks."),
     init: Optional[str] = typer.Option(None, help="Fine-tune this ranker instead (HF CLIP id/DIR, dual-encoder DIR, tiny-random)."),
     pretrained_image: bool = typer.Option(True, "--pretrained-image/--random-image",
-                                          help="Start the image backbone from pretrained weights when they are on disk."),
+                                          help="Start the image backbone from its pretrained weights (an error when "
+                                               "they are not on disk), or from random init on purpose."),
     pretrained_text: bool = typer.Option(True, "--pretrained-text/--random-text",
-                                         help="Start the text encoder from pretrained weights when they are on disk."),
+                                         help="Start the text encoder from its pretrained weights (an error when they "
+                                              "are not on disk), or from random init on purpose (tiny-random needs "
+                                              "--random-text)."),
     freeze_text: bool = typer.Option(False, "--freeze-text/--train-text",
                                      help="Keep the text encoder fixed (LiT-style); a frozen MiniLM is referenced, not "
                                           "stored, in the checkpoint."),

@@ -26,7 +26,8 @@ def train_sam(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint directory (sam.pth, config.json, "
                                        "curve.json/png); loads with --sam OUT."),
     sam: Optional[str] = typer.Option(None, "--sam", help="Start checkpoint to fine-tune: vit_b | vit_l | vit_h | "
-                                      "synth | tiny-random | PATH."),
+                                      "synth | tiny-random | PATH (official .pth, slip checkpoint directory, or a "
+                                      "Hugging Face SamModel directory)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Train a new model from scratch: synth-sam | tiny-random "
                                        "(or an official size)."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO instances file (polygons or RLE); DATASET holds "

@@ -3,9 +3,14 @@
 Composite ``i`` of a :class:`CompositeSource` depends only on ``(seed, i)`` and the held-out records,
 so any worker can rebuild any composite from the dataset path, the split seed and the index.
 
+Which images are held out (:func:`heldout_records`): ``"val"``, the validation part of the training
+split (they chose the checkpoint, so they are not a clean test set), or ``"all"``, every image of a
+dataset that training never saw (for synthetic data: a dataset generated with another seed). The
+honest evaluation uses ``"all"`` on such a separate dataset.
+
 Oracle proposals (:func:`oracle_segments`) are the known segments of a composite: per tile the object
 (its ground-truth mask for synthetic data, the whole tile otherwise) plus distractors — an irregular
-background blob and a partial (half) object — so a ranker is tested on picking the right segment
+background blob and a partial object (25-45 % of it) — so a ranker is tested on picking the right segment
 among plausible wrong ones, without SAM in the loop.
 """
 
@@ -19,11 +24,24 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from slip.data.folder import ImageRecord, LabelledFolder, load_mask, load_rgb
-from slip.errors import DatasetError
+from slip.data.folder import ImageRecord, LabelledFolder, load_mask, load_rgb, split_records
+from slip.errors import ConfigError, DatasetError
 
 TILES = 4  # a 2x2 grid: tile k sits at row k // 2, column k % 2
 KINDS = ("object", "background", "partial")  # oracle segment kinds
+SPLITS = ("val", "all")  # heldout_records: the training split's validation images | every image
+PARTIAL_FRACTION = (0.25, 0.45)  # a partial object keeps this share of the object's pixels (IoU < 0.5)
+
+
+def heldout_records(folder: LabelledFolder, split: str = "val", *, val_fraction: float = 0.2,
+                    split_seed: int = 0) -> tuple[ImageRecord, ...]:
+    """The images composites are drawn from: ``"val"`` = the validation part of
+    :func:`~slip.data.folder.split_records` (as training split them), ``"all"`` = every image."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return folder.records
+    return split_records(folder.records, val_fraction=val_fraction, seed=split_seed)[1]
 
 
 @dataclass(frozen=True)
@@ -157,11 +175,13 @@ def _background_patch(composite: Composite, k: int, obj: np.ndarray, rng: np.ran
 
 
 def _half(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The part of ``obj`` on one side of a random line through its centroid."""
+    """The part of ``obj`` beyond a straight cut at a random angle, keeping a ``PARTIAL_FRACTION`` share of
+    its pixels: IoU with the object < 0.5, so choosing it is never counted as finding the object."""
     ys, xs = np.nonzero(obj)
-    cy, cx = ys.mean(), xs.mean()
     angle = rng.uniform(0, 2 * math.pi)
-    side = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle) >= 0
+    along = xs * math.cos(angle) + ys * math.sin(angle)
+    keep = int(len(along) * rng.uniform(*PARTIAL_FRACTION))
+    side = np.argsort(-along, kind="stable")[: max(keep, 1)]
     out = np.zeros_like(obj)
     out[ys[side], xs[side]] = True
     return out

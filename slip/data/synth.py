@@ -9,6 +9,7 @@ Dataset layout written by :func:`generate_dataset` (read back by :mod:`slip.data
     DIR/classes.json              {"format": "slip-synth", "classes": [{"name", "dir"}], "seed", ...}
     DIR/<class dir>/<id>.png      RGB uint8, size x size
     DIR/<class dir>/<id>.mask.png L uint8, 0 = background, 255 = object
+    DIR/instances.coco.json       with coco=True: COCO ground truth (see :func:`coco_ground_truth`)
 
 Every image is seeded by ``(seed, class index in the catalogue, image index)``, so a class's images do
 not depend on which other classes or how many images were asked for.
@@ -25,12 +26,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pycocotools import mask as mask_utils
+
 from slip.data.shapes import CATALOGUE, Palette
 from slip.errors import ConfigError, DatasetError
 
 CLASS_NAMES: tuple[str, ...] = tuple(CATALOGUE)
 MASK_SUFFIX = ".mask.png"
 MANIFEST = "classes.json"
+COCO_FILE = "instances.coco.json"
 SUPERSAMPLE = 2  # objects are drawn at this multiple of their final size, then box-filtered down
 MAX_ROTATION_DEG = 30.0  # +-, small enough that square/diamond-like confusions cannot arise
 SCALE_RANGE = (0.38, 0.7)  # object side as a fraction of the image side (before rotation)
@@ -187,9 +191,11 @@ def image_rng(seed: int, class_name: str, index: int) -> np.random.Generator:
 
 
 def generate_dataset(
-    out: str | Path, *, classes: int | Sequence[str] = 20, per_class: int = 50, size: int = 128, seed: int = 0
+    out: str | Path, *, classes: int | Sequence[str] = 20, per_class: int = 50, size: int = 128, seed: int = 0,
+    coco: bool = False,
 ) -> Path:
-    """Write a synthetic labelled dataset (layout in the module docstring); returns ``out``.
+    """Write a synthetic labelled dataset (layout in the module docstring); returns ``out``. With
+    ``coco``, also ``instances.coco.json`` (:func:`coco_ground_truth`).
 
     Refuses a non-empty ``out`` that is not a synthetic dataset, so nothing of the user's is mixed in.
     """
@@ -200,6 +206,8 @@ def generate_dataset(
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise DatasetError(f"{out} exists and is not a synthetic dataset: choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
+    (out / COCO_FILE).unlink(missing_ok=True)  # a stale ground truth would not match the new images
+    objects = []
     for name in names:
         folder = out / class_dir_name(name)
         folder.mkdir(exist_ok=True)
@@ -207,6 +215,8 @@ def generate_dataset(
             image, mask = render_object(name, image_rng(seed, name, i), size)
             Image.fromarray(image).save(folder / f"{i:05d}.png", compress_level=1)
             Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i:05d}{MASK_SUFFIX}", compress_level=1)
+            if coco:
+                objects.append((f"{class_dir_name(name)}/{i:05d}.png", name, _rle(mask)))
     manifest = {
         "format": "slip-synth",
         "version": 1,
@@ -215,5 +225,37 @@ def generate_dataset(
         "per_class": per_class,
         "classes": [{"name": n, "dir": class_dir_name(n)} for n in names],
     }
+    if coco:
+        (out / COCO_FILE).write_text(json.dumps(coco_ground_truth(objects, names, size=size, seed=seed)))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_ground_truth(objects: Sequence[tuple[str, str, dict]], names: Sequence[str], *, size: int, seed: int) -> dict:
+    """A COCO instances file for COCOeval: ``objects`` are ``(file name relative to the dataset, class
+    name, mask RLE)``, one object per image.
+
+    Images ``{"id": 1.., "file_name", "width", "height"}``; categories ``{"id": class index + 1, "name":
+    class name, "supercategory": "shape"}`` in ``names`` order (prompts are matched to them by name);
+    annotations ``{"id", "image_id", "category_id", "segmentation": RLE, "area", "bbox": toBbox(RLE),
+    "iscrowd": 0}``.
+    """
+    category = {n: c + 1 for c, n in enumerate(names)}
+    images, annotations = [], []
+    for k, (file_name, name, rle) in enumerate(objects, start=1):
+        images.append({"id": k, "file_name": file_name, "width": size, "height": size})
+        annotations.append({"id": k, "image_id": k, "category_id": category[name], "segmentation": rle,
+                            "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                            "iscrowd": 0})
+    return {
+        "info": {"description": "slip data synth ground truth", "seed": seed},
+        "licenses": [],
+        "images": images,
+        "categories": [{"id": category[n], "name": n, "supercategory": "shape"} for n in names],
+        "annotations": annotations,
+    }

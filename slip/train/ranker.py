@@ -32,7 +32,8 @@ from slip.data.dataset import CaptionDataset, caption_tokens
 from slip.data.folder import LabelledFolder, scan_folder, split_records
 from slip.device import resolve_device
 from slip.errors import ConfigError, DatasetError
-from slip.rankers.dual_encoder import DualEncoderConfig, build_dual_encoder
+from slip.rankers.dual_encoder import DualEncoderConfig
+from slip.train.towers import build_dual_encoder
 from slip.train.trainees import LOSSES, Trainee, clip_trainee, dual_encoder_trainee, trainee_from_spec
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ WORKER_CMD = ["celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "--concurrenc
               "--hostname", "worker@%h", "--loglevel", "INFO"]
 # what the tests export; nothing else from the caller's shell leaks into the interpolation
 TEST_ENV = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret"}
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -54,7 +55,8 @@ def _load_pyyaml() -> dict:
 
 
 def _compose_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLIP_", "FLOWER_", "REDIS_", "COMPOSE_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLIP_", "FLOWER_", "REDIS_", "COMPOSE_", "AWS_", "WORKER_"))}
     env.update(TEST_ENV if extra is None else extra)
     return env
 
@@ -104,11 +106,13 @@ def _volumes(service: dict) -> dict[str, str]:
     return out
 
 
-def _env(service: dict) -> dict[str, str]:
+def _env(service: dict) -> dict[str, str | None]:
+    """The service's environment; None for a variable passed through from the host (``NAME:`` or
+    ``- NAME``), which is left unset in the container when the host has no value."""
     env = service.get("environment", {})
     if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {k: None if v is None else str(v) for k, v in env.items()}
 
 
 def _command(service: dict) -> list[str]:
@@ -116,14 +120,17 @@ def _command(service: dict) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
-def _published_ports(service: dict) -> list[tuple[str, str]]:
+def _published_ports(service: dict) -> list[tuple[str, str, str]]:
+    """(host ip, published port, container port) of each port mapping ('' for an unset host ip:
+    every interface); short syntax ``[ip:]published:target[/proto]`` or the long one."""
     out = []
     for p in service.get("ports", []):
         if isinstance(p, dict):
-            out.append((str(p.get("published", "")), str(p["target"])))
+            out.append((str(p.get("host_ip", "")), str(p.get("published", "")), str(p["target"])))
         else:
-            parts = str(p).split(":")
-            out.append((parts[-2] if len(parts) > 1 else "", parts[-1]))
+            parts = str(p).split("/")[0].split(":")
+            ip = ":".join(parts[:-2]) if len(parts) > 2 else ""
+            out.append((ip, parts[-2] if len(parts) > 1 else "", parts[-1]))
     return out
 
 
@@ -182,8 +189,40 @@ def test_worker_is_scalable_and_stops_gracefully(config):
         env = _env(svc)
         limit = int(env["SLIP_TASK_TIME_LIMIT"])
         assert grace > limit, f"{name}: stop_grace_period {grace} s does not cover a {limit} s task"
-        assert int(env["SLIP_VISIBILITY_TIMEOUT"]) > grace
+        assert int(env["SLIP_VISIBILITY_TIMEOUT"]) > grace > limit
         assert env["SLIP_BROKER_URL"].startswith("redis://redis:6379/")
+
+
+def test_time_limits_are_the_worker_defaults(config):
+    """The README documents the worker's defaults; compose must not quietly run with others."""
+    from worker.settings import Settings
+
+    defaults = Settings()
+    for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
+        env = _env(svc)
+        assert int(env["SLIP_TASK_TIME_LIMIT"]) == defaults.task_time_limit_s, name
+        assert int(env["SLIP_VISIBILITY_TIMEOUT"]) == defaults.visibility_timeout_s, name
+
+
+def test_aws_variables_pass_through_to_store_users_only(config):
+    for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
+        env = _env(svc)
+        assert {v: env.get(v, "missing") for v in AWS_VARS} == dict.fromkeys(AWS_VARS), (
+            f"{name}: AWS variables must be passed through from the host without a default")
+    assert not set(AWS_VARS) & set(_env(config["services"]["flower"])), "Flower needs no store credentials"
+
+
+def test_aws_variables_reach_the_containers_when_set():
+    aws = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "shh", "AWS_DEFAULT_REGION": "eu-west-1",
+           "AWS_ENDPOINT_URL": "http://minio:9000"}
+    env = {**TEST_ENV, **aws, "SLIP_STORE": "s3://bucket/slip", "SLIP_THREADS": "4"}
+    done = _docker_compose("--profile", "producer", "config", env=env)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in ("worker", "producer"):
+        resolved = _env(services[name])
+        assert {k: resolved[k] for k in aws} == aws and resolved["AWS_SESSION_TOKEN"] is None, name
+        assert resolved["SLIP_STORE"] == "s3://bucket/slip" and resolved["SLIP_THREADS"] == "4", name
 
 
 def test_store_and_model_cache_are_shared_volumes(config):
@@ -202,7 +241,7 @@ def test_flower_has_basic_auth_and_port_5555(config):
     flower = config["services"]["flower"]
     cmd = _command(flower)
     assert cmd[:4] == ["celery", "-A", "worker", "flower"] and "--port=5555" in cmd
-    assert ("5555", "5555") in _published_ports(flower)
+    assert _published_ports(flower) == [("127.0.0.1", "5555", "5555")], "Flower listens on loopback by default"
     assert _env(flower)["FLOWER_BASIC_AUTH"] == "ops:s3cret"
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
 
@@ -227,6 +266,12 @@ def test_compose_env_builds_valid_worker_settings(config):
         assert not unknown, f"{name} sets variables worker.settings never reads: {unknown}"
         settings = Settings.from_env(env)
         assert settings.store == "/store" and str(settings.cache_dir) == "/cache"
+
+
+def test_flower_can_be_published_on_purpose():
+    done = _docker_compose("config", env={**TEST_ENV, "FLOWER_BIND": "0.0.0.0", "FLOWER_PORT": "8555"})
+    assert done.returncode == 0, done.stderr
+    assert _published_ports(yaml.safe_load(done.stdout)["services"]["flower"]) == [("0.0.0.0", "8555", "5555")]
 
 
 def test_docker_compose_requires_flower_credentials():
@@ -266,7 +311,8 @@ def test_dockerfile_installs_the_project_and_runs_a_worker_as_non_root():
     steps = _dockerfile()
     assert steps[0][0] == "FROM"
     runs = " ".join(arg for op, arg in steps if op == "RUN")
-    assert "pip install ." in runs and "torch==" in runs
+    assert re.search(r"""pip install ["']?\.\[s3\]""", runs), "the image installs the project with its s3 extra"
+    assert "torch==" in runs
     assert "useradd" in runs
     users = [arg for op, arg in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the worker must not run as root"

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from slip.errors import ConfigError, InputError, InvalidKeyError, ObjectNotFoundError, PromptError, StoreError
 from slip.types import FilterStat, MaskSet, Proposals
-from worker.jobs import Item, SegmentParams, SegmentSpec
-from worker.proposals import proposals_from_record, proposals_record
 from worker.settings import Settings
-from worker.store import Store, input_key, validate_key
+from worker.store import TEMP_DIR, Store, content_type, input_key, sync_filesystem, validate_key
 
 from queue_helpers import make_images
 
@@ -71,11 +70,72 @@ def test_failed_write_leaves_no_temp_file(tmp_path):
     assert sorted(os.listdir(tmp_path / "d")) == ["inner"]
 
 
+def test_semantic_errors_fail_at_once_as_one_line_store_errors(tmp_path):
+    store = Store(str(tmp_path), retries=8, backoff_s=1.0, max_backoff_s=8.0)  # a retry would take >= 0.8 s
+    store.put_bytes("d/inner/file.bin", b"x")
+    started = time.monotonic()
+    for call in (lambda: store.put_bytes("d/inner", b"y"), lambda: store.get_bytes("d/inner")):
+        with pytest.raises(StoreError) as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message and "'d/inner'" in message and "not retried" in message, message
+    assert time.monotonic() - started < 0.5
+    with pytest.raises(ObjectNotFoundError):
+        store.get_bytes("d/inner/file.bin/below")  # a file as a folder: simply not there
+    assert not store.exists("d/inner/file.bin/below") and not store.exists("d/inner"), "a folder is not an object"
+
+
+def test_put_many_renames_in_order_with_the_last_key_last(tmp_path):
+    store = Store(str(tmp_path))
+    files = {"r/mask_0.png": b"m0", "r/overlay_0.png": b"o0", "r/segments.json": b"{}"}
+    assert store.put_many(files) == list(files)
+    assert {k: store.get_bytes(k) for k in files} == files
+    changed = {k: os.stat(tmp_path / k).st_ctime_ns for k in files}  # a rename sets the ctime
+    assert max(changed, key=changed.get) == "r/segments.json"
+    assert os.listdir(tmp_path / TEMP_DIR) == [] and store.list() == sorted(files)
+    # a rename that fails (a folder in the way) stops the batch before the commit marker
+    store.put_bytes("q/taken/x.bin", b"x")
+    with pytest.raises(StoreError, match="q/segments.json"):
+        store.put_many({"q/a.png": b"a", "q/taken": b"b", "q/segments.json": b"{}"})
+    assert not store.exists("q/segments.json") and os.listdir(tmp_path / TEMP_DIR) == []
+    with pytest.raises(InvalidKeyError):
+        store.put_many({"z/a.png": b"a", "z/../b": b"b"})
+    assert not store.exists("z/a.png"), "keys are validated before anything is written"
+    sync_filesystem(str(tmp_path))  # the barrier itself works here
+
+
+def test_temporaries_live_in_one_hidden_folder_and_stale_ones_are_swept(tmp_path):
+    store = Store(str(tmp_path))
+    store.put_bytes("a/b.bin", b"x")
+    temp = tmp_path / TEMP_DIR
+    stale, fresh = temp / ".tmp-dead", temp / ".tmp-live"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert store.list() == ["a/b.bin"]
+    assert store.remove_stale_temporaries(600) == 1
+    assert sorted(p.name for p in temp.iterdir()) == [".tmp-live"]
+    assert Store(str(tmp_path / "fresh")).remove_stale_temporaries(0) == 0
+
+
+def test_content_types_and_options():
+    assert [content_type(k) for k in ("a.json", "b.png", "c.jpg", "d.safetensors", "e")] == [
+        "application/json", "image/png", "image/jpeg", "application/octet-stream", "application/octet-stream"]
+    for bad in ({"retries": -1}, {"backoff_s": -1.0}, {"backoff_s": 2.0, "max_backoff_s": 1.0}):
+        with pytest.raises(ConfigError, match="backoff_s"):
+            Store("memory://slip-opts/x", **bad)
+    assert Store("memory://slip-opts/x", retries=2, backoff_s=1.0, max_backoff_s=1.5).retry_budget_s == 2.5
+
+
 def test_fsspec_urls_slot_in():
     store = Store("memory://slip-test-bucket/prefix")
     store.put_json("jobs/j1/manifest.json", {"ok": True})
     assert store.get_json("jobs/j1/manifest.json") == {"ok": True}
     assert store.list("jobs") == ["jobs/j1/manifest.json"]
+    assert store.put_many({"r/m.png": b"1", "r/segments.json": b"{}"}) == ["r/m.png", "r/segments.json"]
+    assert store.exists("r/segments.json") and store.remove_stale_temporaries(0) == 0
+    with pytest.raises(ObjectNotFoundError):
+        store.get_bytes("r/missing.json")
 
 
 def test_inputs_are_content_addressed_and_deduplicated(tmp_path):
@@ -135,6 +195,8 @@ def test_celery_app_configuration():
 
 
 def test_request_keys_are_deterministic():
+    from worker.jobs import Item, SegmentParams, SegmentSpec
+
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64)
     spec = SegmentSpec(prompts=[" a cat "], sam="vit_b", clip="c")
     assert spec.prompts == ("a cat",)
@@ -153,6 +215,8 @@ def test_request_keys_are_deterministic():
 
 
 def test_proposals_record_round_trip():
+    from worker.proposals import proposals_from_record, proposals_record
+
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand((3, 20, 30), generator=gen) > 0.5
     segments = MaskSet(

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from slip.cli import app
+from producer.cli import build_app
 from slip.outputs import decode_rle
 
 TINY = ["--sam", "tiny-random", "--clip", "tiny-random", "--device", "cpu", "--points-per-side", "4",
@@ -33,7 +33,7 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def run(*args: str):
-    return CliRunner().invoke(app, ["segment", *args])
+    return CliRunner().invoke(build_app(), ["segment", *args])
 
 
 def test_writes_masks_overlays_and_rle(images, tmp_path):
@@ -50,20 +50,21 @@ def test_writes_masks_overlays_and_rle(images, tmp_path):
         for i, match in enumerate(doc["matches"]):
             png = Image.open(folder / f"mask_{i}.png")
             assert png.size == size
-            assert np.array_equal(np.asarray(png) > 0, masks[match["segment"]])
+            assert np.array_equal(np.asarray(png) > 0, masks[match["instances"][0]["segment"]])
             assert Image.open(folder / f"overlay_{i}.png").size == size
-            segment = doc["segments"][match["segment"]]
-            assert segment["area"] == int(masks[match["segment"]].sum())
+            chosen = match["instances"][0]["segment"]
+            segment = doc["segments"][chosen]
+            assert segment["area"] == int(masks[chosen].sum())
             x, y, w, h = segment["bbox"]
-            ys, xs = np.nonzero(masks[match["segment"]])
-            # SAM's convention: XYWH with w = x_max - x_min (inclusive pixel indices)
-            assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max(), ys.max())
+            ys, xs = np.nonzero(masks[chosen])
+            # COCO's convention (pycocotools.mask.toBbox): XYWH with w = x_max - x_min + 1
+            assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
 
 
 def test_missing_file_is_one_line_exit_2(tmp_path):
     result = run(str(tmp_path / "nope.png"), "--prompt", "x", "--out", str(tmp_path / "o"), *TINY)
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: no such file: {tmp_path / 'nope.png'}"]
+    assert result.output.strip().splitlines() == [f"error: no such file or directory: {tmp_path / 'nope.png'}"]
 
 
 def test_unreadable_image_fails_alone(images, tmp_path):
@@ -102,4 +103,53 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: no such file: {tmp_path / 'missing.jpg'}"]
+    assert proc.stderr.strip().splitlines() == [f"error: no such file or directory: {tmp_path / 'missing.jpg'}"]
+
+
+def test_directories_and_globs_like_submit(images, tmp_path):
+    """A folder (recursive) and a glob name the same images as `slip submit`; outputs keep the sub-folders."""
+    sub = images[0].parent / "more"
+    sub.mkdir()
+    (sub / "img9.png").write_bytes(images[1].read_bytes())
+    out = tmp_path / "out"
+    result = run(str(images[0].parent), "--prompt", "x", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("segments.json")) == [
+        "img0/segments.json", "img1/segments.json", "more/img9/segments.json"]
+    out2 = tmp_path / "out2"
+    result = run(str(images[0].parent / "img*.png"), "--prompt", "x", "--out", str(out2), *TINY)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.parent.name for p in out2.rglob("segments.json")) == ["img0", "img1"]
+
+
+@pytest.mark.parametrize("name", ["...png", "..png", ".hidden.png", "a b?.png"])
+def test_output_names_never_escape_out(images, tmp_path, name):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / name).write_bytes(images[0].read_bytes())
+    out = tmp_path / "deep" / "out"
+    result = run(str(odd / name), "--prompt", "x", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    written = list(tmp_path.rglob("segments.json"))
+    assert len(written) == 1 and written[0].resolve().is_relative_to(out.resolve()), written
+
+
+def test_synth_models_warn_in_one_line(images, tmp_path):
+    result = run(str(images[0]), "--prompt", "circle", "--out", str(tmp_path / "o"), "--sam", "synth",
+                 "--clip", "synth", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "synthetic world" in warnings[0]
+
+
+def test_instances_all_and_per_prompt_thresholds(images, tmp_path):
+    """Per-prompt thresholds: an impossible one gives an explicit empty answer, never an error."""
+    out = tmp_path / "out"
+    result = run(str(images[0]), "--prompt", "a", "--prompt", "b", "--threshold", "-1", "--threshold", "1",
+                 "--instances", "all", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / images[0].stem / "segments.json").read_text())
+    everything, nothing = doc["matches"]
+    assert len(everything["instances"]) >= 1 and nothing["instances"] == [] and nothing["threshold"] == 1.0
+    assert "'b' -> not found" in result.output
+    assert not np.asarray(Image.open(out / images[0].stem / "mask_1.png")).any()

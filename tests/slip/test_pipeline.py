@@ -17,7 +17,14 @@ from slip.errors import PromptError
 from slip.outputs import decode_rle, render_outputs
 from slip.pipeline import SLIP
 from slip.rankers.hf_clip import HFClipRanker, build_tiny_clip
+from slip.request import ModelRef, SegmentOptions, resolve
 from slip.types import MaskSet
+
+
+def fixed_request(**options):
+    """A resolved request for a pipeline whose mask generator is injected (no SAM checkpoint behind it)."""
+    return resolve(SegmentOptions(**options), sam=ModelRef("fixed", "fixed", "0" * 64), sam_generator={},
+                   sam_filters=None, ranker=ModelRef("test-trained", "hf-clip", "1" * 64), ranker_threshold=None)
 
 
 class FixedMasks:
@@ -95,7 +102,7 @@ def test_ranking_really_ranks():
     left = np.concatenate([square_mask, np.zeros_like(square_mask)], axis=1)
     right = np.concatenate([np.zeros_like(circle_mask), circle_mask], axis=1)
     background = ~(left | right)
-    pipeline = SLIP(FixedMasks(np.stack([background, right, left])), ranker, filters=())
+    pipeline = SLIP(FixedMasks(np.stack([background, right, left])), ranker, fixed_request(filters="none"))
     result = pipeline(image, ["red square", "blue circle"])
     assert [m.index for m in result.matches] == [2, 1]
     assert result.similarity.shape == (3, 2)
@@ -179,8 +186,8 @@ def test_bad_prompts_are_refused(tiny_pipeline, scene, prompts):
 def test_rendered_outputs_round_trip(tiny_pipeline, scene):
     prompts = ["a red square", "a green box"]
     result = tiny_pipeline(scene, prompts)
-    files = render_outputs(scene, result, prompts, tiny_pipeline.params())
-    assert set(files) == {"segments.json", "mask_0.png", "mask_1.png", "overlay_0.png", "overlay_1.png"}
+    files = render_outputs(scene, result, prompts, tiny_pipeline.request, {"points_per_batch": 64})
+    assert list(files) == ["mask_0.png", "overlay_0.png", "mask_1.png", "overlay_1.png", "segments.json"]
     doc = json.loads(files["segments.json"])
     masks = decode_rle([s["segmentation"] for s in doc["segments"]], 72, 96)
     assert np.array_equal(masks, result.proposals.segments.masks.numpy())
@@ -190,7 +197,22 @@ def test_rendered_outputs_round_trip(tiny_pipeline, scene):
         assert png.size == (96, 72) and png.mode == "L"
         assert np.array_equal(np.asarray(png) > 0, masks[match.index])
         assert Image.open(io.BytesIO(files[f"overlay_{i}.png"])).size == (96, 72)
-        assert doc["matches"][i]["segment"] == match.index
+        assert doc["matches"][i]["instances"] == [{"segment": match.index, "score": match.score}]
         assert doc["segments"][match.index]["similarity"][prompts[i]] == pytest.approx(match.score, abs=1e-6)
-    assert doc["params"]["ranker"] == "tiny-random"
+    assert doc["request"]["ranker"]["spec"] == "tiny-random" and len(doc["request"]["ranker"]["sha256"]) == 64
+    assert doc["request_digest"] == tiny_pipeline.request.result_digest(prompts)
     assert doc["filters"][0]["name"] == "dedup"
+    assert doc["format_version"] == 2
+
+
+def test_boxes_are_pycocotools_boxes(tiny_pipeline, scene):
+    """segments.json boxes are mask.toBbox of the RLE (width = x_max - x_min + 1), not one pixel short."""
+    from pycocotools import mask as mask_utils
+
+    doc = json.loads(render_outputs(scene, tiny_pipeline(scene, ["x"]), ["x"], tiny_pipeline.request)["segments.json"])
+    for seg in doc["segments"]:
+        rle = {"size": seg["segmentation"]["size"], "counts": seg["segmentation"]["counts"].encode()}
+        assert seg["bbox"] == pytest.approx(mask_utils.toBbox(rle).tolist())
+        mask = decode_rle([seg["segmentation"]], 72, 96)[0]
+        ys, xs = np.nonzero(mask)
+        assert seg["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

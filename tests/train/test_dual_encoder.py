@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from slip.errors import WeightsNotFoundError
+from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.rankers.base import Ranker
 from slip.rankers.dual_encoder import (
     ARCHITECTURE,
     DualEncoderConfig,
     DualEncoderRanker,
     ProjectionHead,
-    build_dual_encoder,
     load_dual_encoder,
     save_dual_encoder,
 )
 from slip.rankers.loading import load_ranker
+from slip.train.towers import build_dual_encoder
 
 TEXTS = ["circle", "letter A", "a small red fish"]
 
@@ -70,7 +69,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, tiny_config):
         load_dual_encoder(tmp_path / "ckpt", device="cpu")
 
 
-def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny_config, caplog):
+def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny_config):
     reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     (tmp_path / "timm").mkdir()
@@ -83,18 +82,79 @@ def test_pretrained_backbone_is_used_when_its_weights_are_on_disk(tmp_path, tiny
             assert torch.equal(v, state[k]), k
 
 
-def test_missing_pretrained_weights_are_announced_not_silent(tmp_path, tiny_config, caplog):
+def test_backbone_file_missing_tensors_is_refused_not_left_random(tmp_path, tiny_config):
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    state = {k: v.clone() for k, v in reference.state_dict().items() if k != "layer1.0.conv1.weight"}
+    (tmp_path / "timm").mkdir()
+    save_file(state, str(tmp_path / "timm" / "test_resnet.safetensors"))
     config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained_image": True})
-    with caplog.at_level(logging.WARNING):
-        _, _, init = build_dual_encoder(config, cache_dir=tmp_path)
-    assert init["image"] == "random"
-    assert any("RANDOM init" in r.message and "test_resnet" in r.message for r in caplog.records)
-
-
-def test_unknown_uncached_text_encoder_names_the_fetch_command(tmp_path, tiny_config):
-    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "someone/unknown-text-model"})
-    with pytest.raises(WeightsNotFoundError, match="slip weights fetch someone/unknown-text-model"):
+    with pytest.raises(WeightsError, match="lacks 1 tensors of image backbone 'test_resnet'.*layer1.0.conv1.weight"):
         build_dual_encoder(config, cache_dir=tmp_path)
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """An empty weights cache and an empty default Hugging Face cache, offline: nothing pretrained is on disk."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "default-hf-cache"))
+    return tmp_path / "slip-cache"
+
+
+def _one_line(caught) -> str:
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_pretrained_backbone_is_an_error_naming_file_cache_and_fetch_command(empty_caches, tiny_config):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained_image": True})
+    with pytest.raises(WeightsNotFoundError) as caught:
+        build_dual_encoder(config, cache_dir=empty_caches)
+    message = _one_line(caught)
+    assert str(empty_caches / "timm" / "test_resnet.safetensors") in message and "SLIP_CACHE" in message
+    assert "slip weights fetch timm/test_resnet.r160_in1k" in message and "--random-image" in message
+
+
+def test_missing_pretrained_text_encoder_is_an_error_unless_random_is_asked_for(empty_caches, tiny_config):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": "distilbert-base-uncased",
+                                  "text_pooling": "cls", "pretrained_text": True})
+    with pytest.raises(WeightsNotFoundError) as caught:
+        build_dual_encoder(config, cache_dir=empty_caches)
+    message = _one_line(caught)
+    assert "slip weights fetch distilbert-base-uncased" in message and str(empty_caches / "hf") in message
+    assert "--random-text" in message and "SLIP_CACHE" in message
+    random = DualEncoderConfig(**{**config.__dict__, "pretrained_text": False})
+    model, _, init = build_dual_encoder(random, cache_dir=empty_caches)
+    assert init == {"image": "random", "text": "random"} and model.text_dim == 768
+
+
+def test_tiny_random_text_encoder_must_be_asked_for_as_random(tiny_config):
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "pretrained_text": True})
+    with pytest.raises(ConfigError, match="--random-text"):
+        build_dual_encoder(config)
+
+
+def test_text_encoder_directory_missing_weights_is_refused_not_left_random(tmp_path, tiny_config):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    from slip.rankers.dual_encoder import minilm_path
+
+    directory = tmp_path / "text"
+    text = DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    text.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(directory)
+    config = DualEncoderConfig(**{**tiny_config.__dict__, "text_encoder": str(directory), "pretrained_text": True})
+    _, _, init = build_dual_encoder(config)
+    assert init["text"] == f"pretrained: {directory}"
+    state = load_file(str(directory / "model.safetensors"))
+    lost = next(k for k in state if "transformer.layer.0.ffn" in k)
+    save_file({k: v for k, v in state.items() if k != lost}, str(directory / "model.safetensors"))
+    with pytest.raises(WeightsError, match="lacks pretrained weights for 1 tensors") as caught:
+        build_dual_encoder(config)
+    assert "--random-text" in _one_line(caught)
 
 
 def test_minilm_loads_pretrained_offline(tiny_config):

@@ -66,7 +66,8 @@ def test_grid_search_through_a_worker_then_evaluate_and_report(train_worker, dat
     env = train_worker["env"]
     best = tmp_path / "best"
     out = _run(["submit", "train", str(dataset), "--grid", "lr=1e-3,1e-2", "--grid", "proj_dim=8,16",
-                "--image-backbone", "test_resnet", "--text-encoder", "tiny-random", "--image-size", "32",
+                "--image-backbone", "test_resnet", "--random-image", "--text-encoder", "tiny-random", "--random-text",
+                "--image-size", "32",
                 "--epochs", "1", "--batch-size", "8", "--wait", "--out", str(best)], env)
     train_job = job_id_from(out)
     table = [line for line in out.splitlines()[1:] if line.strip() and line.strip()[0].isdigit()]
@@ -82,3 +83,30 @@ def test_grid_search_through_a_worker_then_evaluate_and_report(train_worker, dat
     _run(["report", train_job, eval_job, "--out", str(page)], env)
     html = page.read_text()
     assert html.count("<tr class=\"best\">") == 1 and "Training curves" in html and "Gallery" in html
+
+
+def test_training_requests_must_say_where_the_towers_start(train_worker, dataset):
+    """No silent random weights on a worker either: a request without the flags is refused, and a
+    pretrained backbone the worker does not have fails with the fetch command (nothing is retried)."""
+    from producer.client import QueueClient
+    from worker.settings import Settings
+    from worker.train_tasks import upload_directory
+
+    client = QueueClient(Settings.from_env(train_worker["env"]))
+    model = {"image_backbone": "test_resnet", "text_encoder": "tiny-random", "text_pooling": "mean", "image_size": 32,
+             "proj_dim": 8}
+    base = {"job_id": "20240101-000000-flags0", "cell": 0, "dataset": upload_directory(client.store, dataset),
+            "train": {"epochs": 1, "batch_size": 8}}
+    sent = {
+        "no flags": client.app.send_task("slip.train", kwargs={"request": {**base, "model": model}}),
+        "missing backbone": client.app.send_task("slip.train", kwargs={"request": {
+            **base, "model": {**model, "pretrained_image": True, "pretrained_text": False}}}),
+    }
+    expected = {"no flags": ("ConfigError", "must set model.pretrained_image and model.pretrained_text"),
+                "missing backbone": ("WeightsNotFoundError", "slip weights fetch timm/test_resnet.r160_in1k")}
+    for name, result in sent.items():
+        result.get(timeout=120, propagate=False)
+        kind, text = expected[name]
+        assert result.state == "FAILURE" and type(result.result).__name__ == kind, (name, result.result)
+        assert text in str(result.result) and "\n" not in str(result.result), (name, result.result)
+    assert not list((train_worker["store"] / "jobs").glob("20240101-000000-flags0/cells/0/result.json"))

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from slip.rankers.dual_encoder import DualEncoderConfig, DualEncoderRanker, build_dual_encoder, save_dual_encoder
+from slip.rankers.dual_encoder import DualEncoderConfig, DualEncoderRanker, save_dual_encoder
 from slip.rankers.loading import load_ranker
 from slip.train.synth_clip import BUNDLE_DIR, REBUILD_COMMAND, SYNTH_CLIP_MODEL, install_bundle
+from slip.train.towers import build_dual_encoder
 
 
 def test_install_bundle_stores_half_precision_without_the_frozen_text_encoder(tmp_path, tiny_config):

@@ -10,11 +10,12 @@ import torch
 from slip.data.dataset import CaptionDataset, caption_tokens
 from slip.data.folder import scan_folder
 from slip.errors import ConfigError, DatasetError
-from slip.rankers.dual_encoder import DualEncoderRanker, build_dual_encoder
+from slip.rankers.dual_encoder import DualEncoderRanker
 from slip.rankers.hf_clip import HFClipRanker
 from slip.rankers.loading import load_ranker
 from slip.train import TrainConfig, train_ranker
 from slip.train.contrastive import paper_clip_loss, symmetric_clip_loss
+from slip.train.towers import build_dual_encoder
 from slip.train.trainees import dual_encoder_trainee
 
 

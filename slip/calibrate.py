@@ -1,0 +1,275 @@
+"""Calibrate a ranker's "present" threshold on labelled composites, and read / write ``threshold.json``.
+
+A threshold turns SLIP's argmax into an answer that can say "not found": a prompt whose best segment
+scores below it gets no instance (:func:`slip.ranking.rank`). It is picked, per ranker, to maximise the
+F1 of "the object is present and this is it" on 2x2 composites (the evaluation's machinery,
+:mod:`slip.evaluate`), queried with
+
+* the 4 classes **present** in each composite (positives), and
+* classes **absent** from it (negatives): ``absent_fraction`` of all queries, sampled per composite.
+
+At a threshold ``t`` a query is *answered* when its best segment scores ``>= t``. Counts:
+
+* true positive: a present class answered with the prompted object (object-level, as in
+  :mod:`slip.evaluate`: IoU > 0.5 with its true mask, or the oracle's object without masks);
+* false positive ("false match"): any other answer — an absent class answered with some segment, or
+  a present class answered with the wrong segment (a background, another object, a part);
+* ``precision = TP / answered``, ``recall = TP / present queries`` (a present class answered with the
+  wrong segment is a miss too), ``F1 = 2 TP / (answered + present queries)``;
+* ``absent_false_match_rate``: share of absent-class queries answered with a segment.
+
+The chosen threshold sits halfway between the best cut's lowest accepted score and the next score
+below it (on ties in F1 the higher threshold wins: fewer false matches).
+
+``threshold.json`` (beside a ranker's ``config.json``)::
+
+    {"threshold": 0.42, "metric": "f1", "f1", "precision", "recall", "absent_false_match_rate",
+     "present_queries", "absent_queries", "composites", "dataset", "split", "seed", "proposals", "sam",
+     "absent_fraction", "ranker", "ranker_sha256", "heldout": {... the same figures on held-out composites}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from slip.data.composites import TILES, Composite, CompositeSource
+from slip.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:  # the evaluation machinery is imported when used: read_threshold stays light
+    from slip.evaluate import Proposer
+    from slip.rankers.base import Ranker
+
+THRESHOLD_FILE = "threshold.json"
+METRIC = "f1"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One query of a composite: the input of calibration."""
+
+    present: bool  # the prompted class is in the composite
+    score: float | None  # similarity of the best (argmax) segment; None = the composite had no segments
+    hit: bool  # present, and the best segment is the prompted object (object-level)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What one threshold does on a set of probes."""
+
+    threshold: float  # answer when the best similarity is >= this
+    f1: float  # 2 TP / (answered + present queries)
+    precision: float  # TP / answered (1.0 when nothing is answered)
+    recall: float  # TP / present queries
+    absent_false_match_rate: float  # absent-class queries answered / absent-class queries
+    present_queries: int  # probes of classes in the composite
+    absent_queries: int  # probes of classes not in it
+
+    def to_json(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def absent_per_composite(absent_fraction: float) -> int:
+    """Absent-class queries per composite so that they are ``absent_fraction`` of all queries (rounded)."""
+    if not 0.0 < absent_fraction < 1.0:
+        raise ConfigError(f"absent fraction must be in (0, 1) (the share of queries of absent classes), "
+                          f"got {absent_fraction}")
+    return max(1, round(TILES * absent_fraction / (1.0 - absent_fraction)))
+
+
+def absent_prompts(composite: Composite, captions: Sequence[str], count: int, *, seed: int = 0) -> tuple[str, ...]:
+    """``count`` captions of classes not in ``composite``, seeded by ``(seed, composite.index)``."""
+    present = set(composite.prompts)
+    pool = sorted({c for c in captions if c not in present})
+    if not pool:
+        raise DatasetError(f"calibration needs classes absent from the composites: the dataset has only "
+                           f"{len(set(captions))} classes, all in every composite (use more than {TILES})")
+    rng = np.random.default_rng([seed, composite.index, 13])
+    return tuple(pool[i] for i in rng.permutation(len(pool))[: min(count, len(pool))])
+
+
+def collect_probes(ranker: Ranker, source: CompositeSource, composites: Iterable[Composite], *,
+                   absent_fraction: float = 0.5, proposer: Proposer | None = None, seed: int = 0,
+                   progress: bool = False) -> list[Probe]:
+    """Query every composite with its 4 present classes and with absent ones (plain argmax)."""
+    from tqdm.auto import tqdm
+
+    from slip.evaluate import TextCache, evaluate_composite
+
+    count = absent_per_composite(absent_fraction)
+    captions = source.folder.captions
+    texts = TextCache(ranker)
+    probes: list[Probe] = []
+    for composite in tqdm(composites, desc="calibrate", unit="composite", disable=not progress):
+        absent = absent_prompts(composite, captions, count, seed=seed)
+        done = evaluate_composite(composite, ranker, proposer=proposer, texts=texts, absent=absent)
+        probes += [Probe(True, r.score, r.correct) for r in done.results if r.mode == "plain"]
+        probes += [Probe(False, s, False) for s in done.absent_scores]
+    return probes
+
+
+def operating_point(probes: Sequence[Probe], threshold: float) -> OperatingPoint:
+    """Precision, recall, F1 and the absent false-match rate of ``threshold`` (see the module docstring)."""
+    present = [p for p in probes if p.present]
+    absent = [p for p in probes if not p.present]
+    answered = [p for p in probes if p.score is not None and p.score >= threshold]
+    tp = sum(p.hit for p in answered)
+    false_absent = sum(not p.present for p in answered)
+    return OperatingPoint(
+        threshold=float(threshold),
+        f1=2 * tp / (len(answered) + len(present)) if answered or present else 0.0,
+        precision=tp / len(answered) if answered else 1.0,
+        recall=tp / len(present) if present else 0.0,
+        absent_false_match_rate=false_absent / len(absent) if absent else 0.0,
+        present_queries=len(present),
+        absent_queries=len(absent),
+    )
+
+
+def best_threshold(probes: Sequence[Probe]) -> OperatingPoint:
+    """The threshold with the highest F1 (ties: the higher threshold), between two observed scores."""
+    scored = sorted((p for p in probes if p.score is not None), key=lambda p: -p.score)
+    if not any(p.hit for p in scored):
+        raise DatasetError("no query was answered with the right object at any threshold: the ranker (or the "
+                           "proposals) never find the prompted object, so no threshold can be calibrated")
+    present = sum(p.present for p in probes)
+    scores = np.array([p.score for p in scored])
+    tp = np.cumsum([p.hit for p in scored])  # answering the first k + 1 probes
+    f1 = 2 * tp / (np.arange(1, len(scored) + 1) + present)
+    last = np.flatnonzero(np.r_[scores[1:] < scores[:-1], True])  # cuts between distinct scores only
+    k = int(last[np.argmax(f1[last])])  # argmax: the first (highest) threshold among ties
+    cut = float(scores[k]) if k + 1 == len(scores) else float((scores[k] + scores[k + 1]) / 2)
+    return operating_point(probes, min(max(cut, -1.0), 1.0))
+
+
+# --- threshold.json --------------------------------------------------------------------------------------
+
+
+def read_threshold(directory: Path, *, ranker_sha256: str | None = None) -> float | None:
+    """The calibrated threshold in ``directory/threshold.json``; None when there is no such file.
+
+    ConfigError naming the file when it is malformed (not JSON, no numeric ``threshold`` in [-1, 1]),
+    or, given ``ranker_sha256``, when the file records other weights (a stale calibration).
+    """
+    path = Path(directory) / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): re-run `slip calibrate --write` "
+                          f"or delete it") from e
+    value = data.get("threshold") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+        raise ConfigError(f"{path} must hold {{\"threshold\": <number in [-1, 1]>, ...}}, got threshold={value!r}: "
+                          f"re-run `slip calibrate --write` or delete it")
+    recorded = data.get("ranker_sha256")
+    if ranker_sha256 is not None and recorded is not None and recorded != ranker_sha256:
+        raise ConfigError(f"{path} was calibrated for other weights (sha256 {recorded[:12]}..., these are "
+                          f"{ranker_sha256[:12]}...): re-run `slip calibrate --write` or delete it")
+    return float(value)
+
+
+def write_threshold(directory: Path, record: dict) -> Path:
+    """Write ``record`` (with a ``threshold`` in [-1, 1] and ``metric``) as ``directory/threshold.json``."""
+    value = record.get("threshold")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise ConfigError(f"a threshold must be a number in [-1, 1], got {value!r}")
+    path = Path(directory) / THRESHOLD_FILE
+    try:
+        path.write_text(json.dumps({"threshold": float(value), "metric": METRIC, **record}, indent=2) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e}") from e
+    return path
+
+
+# --- several rankers on one dataset (slip calibrate) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One ranker's calibrated threshold, its figures on held-out composites, and its threshold.json."""
+
+    spec: str  # the ranker spec string
+    directory: Path | None  # the ranker's directory (where threshold.json goes); None for tiny-random
+    point: OperatingPoint  # the chosen threshold on the calibration composites
+    heldout: OperatingPoint  # the same threshold on the held-out composites
+    record: dict  # the threshold.json content
+
+
+def ranker_directory(spec: str, cache_dir: Path | None = None) -> Path | None:
+    """The directory behind a ranker spec (as :mod:`slip.rankers.loading` resolves it); None for tiny-random."""
+    from slip.rankers.loading import SYNTH_SPEC
+    from slip.rankers.hf_clip import TINY_SPEC
+    from slip.weights import bundled_path, clip_path
+
+    if spec == TINY_SPEC:
+        return None
+    if spec == SYNTH_SPEC:
+        return bundled_path("synth-clip")
+    path = Path(spec).expanduser()
+    return path if path.exists() else clip_path(spec, cache_dir)
+
+
+def calibrate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: int = 200, seed: int = 0,
+                      split: str = "val", split_seed: int = 0, heldout: str | Path | None = None,
+                      heldout_seed: int | None = None, heldout_split: str | None = None,
+                      caption_template: str = "{name}", tile_size: int = 128, proposals: str = "sam",
+                      sam: str = "synth", absent_fraction: float = 0.5, device: str = "auto",
+                      cache_dir: Path | None = None, progress: bool = False) -> list[Calibration]:
+    """Pick each ranker's threshold on ``composites`` composites of ``dataset`` (``split``, ``seed``) and
+    report it on held-out composites: of ``heldout`` (default: ``dataset``) with ``heldout_seed``
+    (default ``seed + 1``) and ``heldout_split`` (default: ``"all"`` for another dataset, else ``split``)."""
+    from slip.evaluate import composite_source, sam_proposer
+    from slip.rankers.loading import load_ranker_bundle
+
+    if proposals not in ("oracle", "sam"):
+        raise ConfigError(f"proposals must be oracle or sam, got {proposals!r}")
+    if composites < 1:
+        raise ConfigError(f"need at least 1 composite, got {composites}")
+    absent_per_composite(absent_fraction)  # validate before any model is loaded
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
+    heldout_split = heldout_split or ("all" if heldout is not None else split)
+    common = dict(caption_template=caption_template, tile_size=tile_size, split_seed=split_seed)
+    # 1. the calibration composites and the held-out ones (another seed, and/or another dataset)
+    source = composite_source(dataset, seed=seed, split=split, **common)
+    test = composite_source(heldout or dataset, seed=heldout_seed, split=heldout_split, **common)
+    fit_items, test_items = source.take(composites), test.take(composites)
+    proposer = sam_proposer(sam, device=device, cache_dir=cache_dir) if proposals == "sam" else None
+    setting = {"composites": composites, "dataset": str(dataset), "split": split, "seed": seed,
+               "proposals": proposals, "sam": sam if proposals == "sam" else None, "absent_fraction": absent_fraction}
+    out = []
+    for spec in specs:
+        bundle = load_ranker_bundle(spec, device=device, cache_dir=cache_dir)
+        # 2. probes: present and absent classes, best segment of each; 3. the best F1 cut; 4. held out
+        probe = dict(absent_fraction=absent_fraction, proposer=proposer, seed=seed, progress=progress)
+        point = best_threshold(collect_probes(bundle.ranker, source, fit_items, **probe))
+        held = operating_point(collect_probes(bundle.ranker, test, test_items, **probe), point.threshold)
+        record = {**point.to_json(), "metric": METRIC, **setting, "ranker": spec, "ranker_sha256": bundle.ref.sha256,
+                  "heldout": {"dataset": str(heldout or dataset), "split": heldout_split, "seed": heldout_seed,
+                              "composites": composites, **held.to_json()}}
+        out.append(Calibration(spec, ranker_directory(spec, cache_dir), point, held, record))
+    return out
+
+
+def check_writable(directory: Path | None, spec: str, *, bundle: bool = False) -> Path:
+    """``directory`` if ``threshold.json`` may be written there, else ConfigError: a ranker without a
+    directory (tiny-random), or one bundled inside the installed package without ``bundle=True``."""
+    from slip.weights import BUNDLED_DIR
+
+    if directory is None:
+        raise ConfigError(f"ranker {spec!r} has no directory to write {THRESHOLD_FILE} into")
+    if Path(directory).resolve().is_relative_to(BUNDLED_DIR.resolve()) and not bundle:
+        raise ConfigError(f"{directory} is a ranker bundled inside the slip package: pass --bundle to write its "
+                          f"{THRESHOLD_FILE} there (it ships with the package)")
+    return Path(directory)
+
+
+def save_calibration(calibration: Calibration, *, bundle: bool = False) -> Path:
+    """Write ``threshold.json`` beside the ranker (see :func:`check_writable`)."""
+    return write_threshold(check_writable(calibration.directory, calibration.spec, bundle=bundle), calibration.record)

@@ -1,0 +1,90 @@
+"""Which image files a command line names, what to call them, and where their outputs may go.
+
+``slip segment`` and ``slip submit segment`` take the same arguments: files, directories (searched
+recursively for image files, hidden ones skipped) and glob patterns. Each image is named by its path
+relative to the *submitted root* — the deepest folder holding every input — with ``/`` separators, so
+exports carry ``cats/a.jpg`` rather than one machine's absolute path. Output folders derived from those
+names stay inside the output directory whatever the file is called (``...png``, ``..``, odd characters).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from slip.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"})
+GLOB_CHARS = frozenset("*?[")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Absolute image files from files, directories (recursive, image extensions, no hidden parts) and glob
+    patterns, in the order given, each once; InputError naming the argument that matched nothing."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p) and not _hidden(p, path))
+        elif GLOB_CHARS & set(str(raw)):
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        else:
+            raise InputError(f"no such file or directory: {raw}")
+        if not files:
+            raise InputError(f"no images found in {raw} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        found.extend(files)
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def submitted_root(files: Sequence[Path]) -> Path:
+    """The deepest folder that holds every file (a single file's own folder)."""
+    if not files:
+        raise InputError("no input files")
+    return Path(os.path.commonpath([str(p.parent) for p in files]))
+
+
+def relative_names(files: Sequence[Path]) -> list[str]:
+    """Each file's path relative to :func:`submitted_root`, ``/``-separated."""
+    root = submitted_root(files)
+    return [p.relative_to(root).as_posix() for p in files]
+
+
+def output_folder(out: Path, name: str) -> Path:
+    """The output folder of the image called ``name`` (a relative name): ``out/<name without extension>``,
+    every part made safe; never outside ``out``."""
+    parts = [_safe_part(part) for part in Path(name).with_suffix("").parts]
+    folder = out.joinpath(*parts) if parts else out / "_"
+    if not folder.resolve().is_relative_to(out.resolve()):  # belt and braces: the parts are already safe
+        raise InputError(f"output name {name!r} would leave {out}")
+    return folder
+
+
+def unique_folders(out: Path, names: Sequence[str]) -> list[Path]:
+    """:func:`output_folder` of each name, ``-2``, ``-3`` ... appended where two names map to one folder."""
+    seen: dict[Path, int] = {}
+    folders = []
+    for name in names:
+        folder = output_folder(out, name)
+        seen[folder] = seen.get(folder, 0) + 1
+        folders.append(folder if seen[folder] == 1 else folder.with_name(f"{folder.name}-{seen[folder]}"))
+    return folders
+
+
+def _safe_part(part: str) -> str:
+    """One path component: odd characters become ``_``, and it never starts with a dot (so never ``..``)."""
+    part = _UNSAFE.sub("_", part)
+    return "_" + part[1:] if part.startswith(".") else (part or "_")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)

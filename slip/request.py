@@ -1,0 +1,235 @@
+"""The resolved request: every setting that shapes a result, resolved once, as a frozen value.
+
+A request (:class:`SegmentOptions`) holds only what the user gave explicitly. :func:`resolve` meets it with
+the loaded models (:class:`slip.sam.SamBundle`, :class:`slip.rankers.loading.RankerBundle`) and is the
+**only** place where the precedence of options is written:
+
+    SAM's / the paper's defaults  <  the checkpoint's recommendation files  <  options given explicitly
+
+* generator options: :class:`GeneratorOptions` defaults < ``generator.json`` beside the SAM < explicit;
+* filter chain: the paper's ``containment`` < ``filters.json`` beside the SAM < explicit;
+* similarity threshold: none < ``threshold.json`` beside the ranker < explicit (``calibrated=False``
+  ignores the ranker's file).
+
+The :class:`ResolvedRequest` names the models by the SHA-256 of the weights that were really loaded, so
+replacing a checkpoint or editing a recommendation file changes every key derived from it:
+
+* :meth:`ResolvedRequest.proposal_digest` — SAM + dtype + generator options + filter chain (the cached
+  proposals of an image);
+* :meth:`ResolvedRequest.embedding_digest` — the proposals + ranker + dtype + crop (their embeddings);
+* :meth:`ResolvedRequest.result_digest` — the embeddings + prompts + ranking options (a result).
+
+Digests are SHA-256 hex of :func:`canonical_json`. This module imports no model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+from slip.errors import ConfigError
+
+PAPER_FILTERS = "containment"  # the SLIP paper's filter chain: used when neither the user nor the checkpoint says
+INSTANCE_MODES = ("one", "all")  # one: the paper's argmax per prompt; all: every segment above the threshold
+DTYPES = ("fp32", "bf16", "fp16")  # compute precision (autocast over fp32 weights)
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON text: sorted keys, no blanks, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(value: Any) -> str:
+    """SHA-256 hex of the canonical JSON of ``value``."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """The output-changing options of SAM's automatic mask generator, with SAM's defaults."""
+
+    points_per_side: int = 32  # point grid side: points_per_side**2 point prompts per image
+    pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU exceeds this
+    stability_score_thresh: float = 0.95  # keep masks whose stability score reaches this
+    stability_score_offset: float = 1.0  # logit offset used by the stability score
+    box_nms_thresh: float = 0.7  # box IoU above which the lower-scored mask is dropped (1.0 = no NMS)
+    crop_n_layers: int = 0  # extra layers of image crops (0 = the whole image only)
+    crop_nms_thresh: float = 0.7  # box IoU for duplicates between crops
+    crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, fraction of the crop side
+    crop_n_points_downscale_factor: int = 1  # point grid shrink per crop layer
+    min_mask_region_area: int = 0  # holes and islands under this many pixels are removed (0 = off)
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(f.name for f in fields(GeneratorOptions))
+
+    def merged(self, overrides: Mapping[str, Any], *, source: str) -> "GeneratorOptions":
+        """These options with ``overrides`` applied; ConfigError naming ``source`` for an unknown name
+        or a value of the wrong type."""
+        known = {f.name: f.type for f in fields(self)}
+        for name, value in overrides.items():
+            if name not in known:
+                raise ConfigError(f"{source}: {name!r} is not a mask generator option "
+                                  f"(expected some of {', '.join(known)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+            if known[name] == "int" and float(value) != int(value):
+                raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        cast = {n: (int(v) if known[n] == "int" else float(v)) for n, v in overrides.items()}
+        return replace(self, **cast)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How each segment is cut out for the ranker (mirrors :class:`slip.crops.CropConfig`)."""
+
+    background: str = "black"  # outside the mask: black | gray | blur | none
+    padding: float = 0.0  # grow the tight box by this fraction of its side, on each side
+    square: bool = True  # pad the box to a square (keeps the aspect ratio) instead of stretching it
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What a request gives explicitly; everything left unset is resolved by :func:`resolve`."""
+
+    generator: Mapping[str, Any] = field(default_factory=dict)  # mask generator options given explicitly
+    filters: str | None = None  # filter chain, e.g. "containment:0.8,min_area:50"; None = the SAM's, else the paper's
+    crop: CropSpec = CropSpec()  # segment crops for the ranker
+    top_k: int = 5  # candidates listed per prompt
+    threshold: float | tuple[float | None, ...] | None = None  # one value, or one per prompt; None = calibrated
+    calibrated: bool = True  # without an explicit threshold, use the ranker's threshold.json (False: no threshold)
+    instances: str = "one"  # one: the best segment per prompt; all: every segment above the threshold
+    one_to_one: bool = False  # two prompts never share a segment (Hungarian assignment)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A loaded model as results name it."""
+
+    spec: str  # as asked for (vit_b, synth, a path, a hub id): for people; not part of any digest
+    arch: str  # architecture, e.g. vit_b, synth-sam, hf-clip, slip-dual-encoder, tiny-random
+    sha256: str  # SHA-256 of the weights (and their config) that were really loaded
+
+    def identity(self) -> dict:
+        """What a result depends on: the architecture and the weights, not the spelling of the spec."""
+        return {"arch": self.arch, "sha256": self.sha256}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """Every setting that shapes a result, with the precedence applied (see the module docstring)."""
+
+    sam: ModelRef  # the SAM that proposes segments
+    ranker: ModelRef  # the CLIP-style ranker that scores them
+    dtype: str  # compute precision: fp32 | bf16 | fp16
+    generator: GeneratorOptions  # mask generator options, resolved
+    filters: tuple[dict, ...]  # the filter chain, each filter's resolved parameters: {"name", **params}
+    crop: CropSpec  # segment crops
+    top_k: int  # candidates listed per prompt
+    threshold: float | tuple[float | None, ...] | None  # similarity threshold(s), resolved
+    instances: str  # one | all
+    one_to_one: bool  # Hungarian assignment across prompts
+
+    def filter_chain(self) -> str:
+        """The filter chain as a ``slip.filters.parse_filters`` string (``"none"`` when empty)."""
+        items = [":".join([f["name"], *(f"{k}={_text(v)}" for k, v in f.items() if k != "name")]) for f in self.filters]
+        return ",".join(items) or "none"
+
+    def thresholds(self, prompts: int) -> tuple[float | None, ...]:
+        """One threshold per prompt (ConfigError when a per-prompt list has the wrong length)."""
+        if not isinstance(self.threshold, tuple):
+            return (self.threshold,) * prompts
+        if len(self.threshold) != prompts:
+            raise ConfigError(f"{len(self.threshold)} thresholds for {prompts} prompts: give one value, or one per prompt")
+        return self.threshold
+
+    def proposal_identity(self) -> dict:
+        return {"sam": self.sam.identity(), "dtype": self.dtype, "generator": self.generator.to_json(),
+                "filters": list(self.filters)}
+
+    def embedding_identity(self) -> dict:
+        return {"proposals": self.proposal_digest(), "ranker": self.ranker.identity(), "dtype": self.dtype,
+                "crop": self.crop.to_json()}
+
+    def result_identity(self, prompts: Sequence[str]) -> dict:
+        return {"embeddings": self.embedding_digest(), "prompts": list(prompts), "top_k": self.top_k,
+                "thresholds": list(self.thresholds(len(prompts))), "instances": self.instances,
+                "one_to_one": self.one_to_one}
+
+    def proposal_digest(self) -> str:
+        return digest(self.proposal_identity())
+
+    def embedding_digest(self) -> str:
+        return digest(self.embedding_identity())
+
+    def result_digest(self, prompts: Sequence[str]) -> str:
+        return digest(self.result_identity(prompts))
+
+    def to_json(self) -> dict:
+        """The whole record, as written into every ``segments.json``."""
+        data = asdict(self)
+        data["filters"] = list(self.filters)
+        data["threshold"] = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
+        return data
+
+
+def resolve(options: SegmentOptions, *, sam: ModelRef, sam_generator: Mapping[str, Any], sam_filters: str | None,
+            ranker: ModelRef, ranker_threshold: float | None, dtype: str = "fp32") -> ResolvedRequest:
+    """The request ``options`` resolved against the loaded models' recommendations.
+
+    ``sam_generator`` / ``sam_filters``: the SAM checkpoint's generator.json options and filters.json chain
+    ({} / None when it has none); ``ranker_threshold``: the ranker's threshold.json value (None if none).
+    Raises ConfigError for an invalid option, naming where it came from.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if options.instances not in INSTANCE_MODES:
+        raise ConfigError(f"instances must be one of {', '.join(INSTANCE_MODES)}, got {options.instances!r}")
+    if options.top_k < 0:
+        raise ConfigError(f"top_k must be >= 0, got {options.top_k}")
+    generator = (GeneratorOptions()
+                 .merged(sam_generator, source=f"generator.json of SAM {sam.spec}")
+                 .merged(options.generator, source="the request's generator options"))
+    chain = options.filters if options.filters is not None else (sam_filters or PAPER_FILTERS)
+    return ResolvedRequest(
+        sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=canonical_filters(chain),
+        crop=options.crop, top_k=options.top_k,
+        threshold=_threshold(options, ranker_threshold), instances=options.instances,
+        one_to_one=options.one_to_one,
+    )
+
+
+def canonical_filters(chain: str) -> tuple[dict, ...]:
+    """Each filter of a chain string with its resolved parameters, so two spellings of one chain compare
+    equal (``"containment"`` == ``"containment:0.9"`` when 0.9 is the default)."""
+    from slip.filters import parse_filters  # the filters module needs torch; parsing a chain does not run it
+
+    return tuple({"name": f.name, **f.params()} for f in parse_filters(chain))
+
+
+def _threshold(options: SegmentOptions, calibrated: float | None) -> float | tuple[float | None, ...] | None:
+    """The explicit threshold(s), else the ranker's calibrated one (when allowed), else None."""
+    explicit = options.threshold
+    if explicit is None:
+        return calibrated if options.calibrated else None
+    values = explicit if isinstance(explicit, tuple) else (explicit,)
+    for value in values:
+        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ConfigError(f"threshold {value!r} is not a cosine similarity in [-1, 1]")
+    return tuple(explicit) if isinstance(explicit, tuple) else float(explicit)
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

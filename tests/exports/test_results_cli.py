@@ -1,0 +1,89 @@
+"""``slip results`` / ``slip gallery`` command functions on a tiny typer app, over real pipeline results."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import typer
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+import producer.results_cli as results_cli
+from producer.results_cli import JobExport, gallery, results
+
+app = typer.Typer()
+app.command("results")(results)
+app.command("gallery")(gallery)
+
+
+@pytest.fixture()
+def job(synth_run, monkeypatch) -> JobExport:
+    """The job as the ledger would hand it over (QueueClient.export_items is the lead's; until it lands the
+    command reads these real results)."""
+    source = JobExport("20260101-000000-abcdef", synth_run.prompts, "SAM synth, ranker synth", synth_run.items)
+    monkeypatch.setattr(results_cli, "open_job", lambda job_id: source if job_id == source.job_id else None)
+    return source
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_line_error(run, text: str) -> None:
+    assert run.exit_code == 2, run.output
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("format, name", [("coco", "r.coco.json"), ("jsonl", "r.jsonl"), ("polygons", "p.jsonl"),
+                                          ("yolo", "yolo")])
+def test_results_writes_each_format(job, tmp_path, format, name):
+    out = tmp_path / name
+    run = _run("results", job.job_id, "--format", format, "--out", str(out))
+    assert run.exit_code == 0, run.output
+    assert f"wrote 6 images" in run.stdout and str(out) in run.stdout
+    assert out.exists()
+
+
+def test_results_for_cocoeval_with_the_ground_truth_ids(job, synth_run, tmp_path):
+    out = tmp_path / "dt.json"
+    run = _run("results", job.job_id, "-f", "coco-results", "-o", str(out), "--image-ids-from", str(synth_run.truth))
+    assert run.exit_code == 0, run.output
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = COCO(str(synth_run.truth)).loadRes(str(out))
+    gt_ids = {i["file_name"]: i["id"] for i in json.loads(synth_run.truth.read_text())["images"]}
+    assert {a["image_id"] for a in dt.anns.values()} == set(gt_ids.values())
+
+
+def test_results_user_errors_are_one_line(job, synth_run, tmp_path):
+    _one_line_error(_run("results", job.job_id, "-f", "voc", "-o", str(tmp_path / "x")), "unknown --format 'voc'")
+    _one_line_error(_run("results", job.job_id, "-f", "jsonl", "-o", str(tmp_path / "x"), "--image-ids-from",
+                         str(synth_run.truth)), "coco-results only")
+    _one_line_error(_run("results", job.job_id, "-f", "coco", "-o", str(tmp_path / "x"), "--copy-images"),
+                    "yolo only")
+    _one_line_error(_run("results", job.job_id, "-f", "coco-results", "-o", str(tmp_path / "x"),
+                         "--image-ids-from", str(tmp_path / "nope.json")), "cannot read the ground truth")
+    (tmp_path / "file").write_text("")
+    _one_line_error(_run("results", job.job_id, "-f", "coco", "-o", str(tmp_path / "file" / "x.json")), "cannot write")
+
+
+def test_unknown_job_is_one_line_from_the_real_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIP_STORE", str(tmp_path / "store"))
+    (tmp_path / "store").mkdir()
+    _one_line_error(_run("results", "20260101-000000-ffffff", "-o", str(tmp_path / "r.jsonl")), "no job")
+    _one_line_error(_run("gallery", "20260101-000000-ffffff", "-o", str(tmp_path / "g")), "no job")
+    _one_line_error(_run("results", "../etc", "-o", str(tmp_path / "r.jsonl")), "not a job id")
+
+
+def test_gallery_command_with_truth(job, synth_run, tmp_path):
+    out = tmp_path / "g"
+    run = _run("gallery", job.job_id, "--out", str(out), "--truth", str(synth_run.truth), "--limit", "4")
+    assert run.exit_code == 0, run.output
+    page = (out / "index.html").read_text()
+    assert page.count("<figure") == 4 and job.job_id in page and "SAM synth, ranker synth" in page
+    assert "hits of" in page
+    _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "none.json")),
+                    "cannot read the ground truth")
