@@ -1,32 +1,29 @@
-"""Segmentation benchmark: slip.MaskGenerator vs segment_anything's SamAutomaticMaskGenerator, and
-batched crops + CLIP vs the per-crop CLIP loop of typical SAM+CLIP projects.
+"""Segmentation benchmark: slip.MaskGenerator vs segment_anything's SamAutomaticMaskGenerator.
 
-    python bench/segment.py [--sam vit_b] [--random-weights] [--image PATH] [--repeats 3] [--device auto]
-                            [--points-per-side 32] [--thresholds 0] [--clip SPEC] [--no-clip]
+    python bench/segment.py --sam synth --scene mosaic --points-per-side 32 --thresholds 0
+    python bench/segment.py --sam vit_b --random-weights --points-per-side 16 --thresholds 0
+    python bench/segment.py --sam vit_b --random-weights --points-per-side 16 --thresholds 0 --dtype bf16
+    python bench/segment.py --agreement --sam synth --scenes 20            # bf16 vs fp32 masks
+    python bench/segment.py --clip openai/clip-vit-base-patch32 ...         # + filters, crops and CLIP
 
-Both generators run the same model on the same image with the same options, one after the other, in
-one process; each figure is the best of ``--repeats`` runs (on a shared machine other load only ever
-slows a run down). The ratio ``official / ours`` is taken within this one run. The benchmark also
-checks that both generators return the same masks in the same order.
+Speed (the default): both generators get the same model, image and options. One untimed warm-up run
+of each, then ``--repeats`` rounds of official, ours (interleaved: A, B, A, B, so that load from other
+processes hits both alike); every figure is reported as median with min and max, and the per-image
+ratio is the ratio of the medians. The machine's load average is recorded before and after. The last
+round's outputs are compared record by record: mask count and order, masks (bit-identical, and the IoU
+of each mask with its twin), boxes, predicted IoU and stability scores; with ``--dtype bf16|fp16`` ours
+autocasts and the comparison is the agreement (mask count, mean best IoU of each fp32 mask).
 
-Stages (forward hooks on SAM's modules, so both generators are cut the same way):
+``--agreement``: ours in ``--dtype`` against ours in fp32 (= the official masks) on ``--scenes`` demo
+scenes (``producer.demo.demo_scene``, 256x256 2x2 composites) with the checkpoint's recommended options,
+or, for ``--random-weights`` models, on generated scenes keeping fp32 masks with predicted IoU above
+``--min-iou``: mask counts and the mean over fp32 masks of the best IoU among the reduced-precision masks.
 
-* ``encode`` — the image encoder; ``decode`` — prompt encoder + mask decoder;
-* ``post`` — everything else: upscaling, score filters, NMS, RLE encoding / decoding, records;
-* ``filters`` — slip's default annotation filters on our masks (no official counterpart);
-* ``crops`` + ``clip`` — ours: ``slip.crop_segments`` then ``ranker.encode_images`` in batches; the
-  peer loop: for each mask, black out the background with numpy, crop the box with PIL, run the CLIP
-  processor and the CLIP image tower on that one crop. Same CLIP weights, same masks.
-
-Weights: ``--sam vit_b`` needs the official checkpoint in the weights cache (``$SLIP_CACHE``; ``slip
-weights fetch vit_b``). Without it the script stops, unless ``--random-weights`` is given: then a
-randomly initialised model of the same architecture is used (and likewise a random ViT-B/32 CLIP when
-the CLIP weights are missing), which costs the same time per image as the real one — timings are
-meaningful, the masks are not. Random weights make SAM's scores low and its masks near-identical, so
-the default thresholds may keep nothing: ``--thresholds 0`` switches both score filters off, and the
-mask counts of both generators are reported.
-
-Prints a table and writes everything as JSON to ``bench/results/segment-<device>.json``.
+Stages: ``encode`` (image encoder), ``decode`` (prompt encoder + mask decoder), ``post`` (the rest:
+upscaling, filters, NMS, RLE, records); official cut by forward hooks on SAM's modules, ours by its
+``timings``. Random weights (``--random-weights``, when the checkpoint is missing) cost the same time
+per forward pass as real ones, but their masks are noise. Writes JSON (with the exact command) to
+``bench/results/`` (``--out``).
 """
 
 from __future__ import annotations
@@ -43,20 +40,20 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 
 from slip.device import resolve_device  # noqa: E402
 from slip.errors import SlipError, WeightsNotFoundError  # noqa: E402
 from slip.generator import MaskGenerator  # noqa: E402
-from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam, load_sam  # noqa: E402
-from slip.types import MaskSet  # noqa: E402
+from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam, load_sam, recommended_generator_params  # noqa: E402
 
 RANDOM_BANNER = "!" * 100
 
@@ -66,21 +63,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sam", default="vit_b", help="SAM spec: vit_h | vit_l | vit_b | synth | tiny-random | PATH")
     p.add_argument("--random-weights", action="store_true",
                    help="when weights are missing, time a RANDOMLY INITIALISED model of the same architecture")
-    p.add_argument("--image", type=Path, default=None, help="image file (default: a generated scene)")
-    p.add_argument("--size", default="1024x768", help="WxH of the generated scene, pixels")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the best is reported")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on GPU, 0 on CPU)")
+    p.add_argument("--scene", default="generated", help="generated | mosaic (8x6 demo scenes) | PATH to an image")
+    p.add_argument("--size", default="1024x768", help="WxH of a generated or mosaic scene, pixels")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (official, ours) after one warm-up")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--dtype", default="fp32", help="ours: fp32 | bf16 | fp16 (the official always runs fp32)")
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--points-per-batch", type=int, default=64)
     p.add_argument("--thresholds", choices=["default", "0"], default="default",
-                   help="0: pred_iou_thresh = stability_score_thresh = 0 (keeps masks of random weights)")
+                   help="0: pred_iou_thresh = stability_score_thresh = 0 (keeps every candidate)")
     p.add_argument("--box-nms-thresh", type=float, default=0.7)
-    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="ranker spec for the CLIP stage")
-    p.add_argument("--no-clip", action="store_true", help="skip the filters, crops and CLIP stages")
+    p.add_argument("--agreement", action="store_true", help="measure --dtype against fp32 instead of speed")
+    p.add_argument("--scenes", type=int, default=20, help="--agreement: demo scenes (random weights: generated)")
+    p.add_argument("--min-iou", type=float, default=0.3, help="--agreement, random weights: fp32 masks kept")
+    p.add_argument("--clip", default=None,
+                   help="ranker spec (e.g. openai/clip-vit-base-patch32): also time filters, crops + CLIP vs a per-crop loop")
     p.add_argument("--clip-max-masks", type=int, default=100, help="at most this many masks go to the CLIP stage")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/segment-<device>.json)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/segment-<case>.json)")
     return p.parse_args()
 
 
@@ -104,11 +104,33 @@ def make_scene(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def load_models(args: argparse.Namespace, device: torch.device, cache_dir: Path | None) -> tuple[Any, str]:
+def mosaic(width: int, height: int, columns: int = 8, rows: int = 6) -> np.ndarray:
+    """``(H, W, 3) uint8``: ``columns x rows`` demo scenes (4 synthetic objects each), resized to the size."""
+    from PIL import Image
+
+    from producer.demo import demo_scene
+
+    tiles = [demo_scene(i)[0] for i in range(columns * rows)]
+    grid = np.concatenate([np.concatenate(tiles[r * columns : (r + 1) * columns], 1) for r in range(rows)], 0)
+    return np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR))
+
+
+def load_scene(args: argparse.Namespace) -> np.ndarray:
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    if args.scene == "generated":
+        return make_scene(width, height)
+    if args.scene == "mosaic":
+        return mosaic(width, height)
+    from slip.images import load_image
+
+    return load_image(Path(args.scene))
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
     """The SAM for ``--sam`` and ``"real"`` / ``"random"``; random only with ``--random-weights``."""
+    cache_dir = Path(os.environ["SLIP_CACHE"]) if os.environ.get("SLIP_CACHE") else None
     try:
-        sam = load_sam(args.sam, device=device, cache_dir=cache_dir)
-        return sam, "random" if args.sam == TINY_SPEC else "real"
+        return load_sam(args.sam, device=device, cache_dir=cache_dir), "random" if args.sam == TINY_SPEC else "real"
     except WeightsNotFoundError as e:
         if not (args.random_weights and args.sam in OFFICIAL_TYPES):
             sys.exit(f"error: {e}\n(add --random-weights to time a randomly initialised {args.sam} instead)")
@@ -118,28 +140,33 @@ def load_models(args: argparse.Namespace, device: torch.device, cache_dir: Path 
         return build_sam(SAM_ARCHS[args.sam]).to(device).eval(), "random"
 
 
+def generator_options(args: argparse.Namespace) -> dict:
+    return {
+        "points_per_side": args.points_per_side, "points_per_batch": args.points_per_batch,
+        "box_nms_thresh": args.box_nms_thresh,
+        **({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0} if args.thresholds == "0" else {}),
+    }
+
+
 # --- timing ------------------------------------------------------------------------------------------------
 
 
 class StageClock:
-    """Seconds spent inside SAM's image encoder and prompt encoder + mask decoder, via forward hooks."""
+    """Seconds inside SAM's image encoder and prompt encoder + mask decoder (the official generator's
+    stages), via forward hooks."""
 
     def __init__(self, sam, device: torch.device) -> None:
         self.device, self.seconds, self._start = device, {"encode": 0.0, "decode": 0.0}, 0.0
         stages = {sam.image_encoder: "encode", sam.prompt_encoder: "decode", sam.mask_decoder: "decode"}
         self._handles = [h for m, stage in stages.items() for h in self._hook(m, stage)]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _hook(self, module: torch.nn.Module, stage: str) -> list:
         def before(*_):
-            self._sync()
+            _sync(self.device)
             self._start = time.perf_counter()
 
         def after(*_):
-            self._sync()
+            _sync(self.device)
             self.seconds[stage] += time.perf_counter() - self._start
 
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
@@ -149,62 +176,159 @@ class StageClock:
             h.remove()
 
 
-def timed(fn: Callable[[], Any], sam, device: torch.device, repeats: int, warmup: int) -> tuple[Any, dict]:
-    """Run ``fn`` ``warmup`` + ``repeats`` times; the result of the last run and the best run's stages."""
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        clock = StageClock(sam, device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_official(generator, sam, image, device) -> tuple[list[dict], dict]:
+    clock = StageClock(sam, device)
+    start = time.perf_counter()
+    records = generator.generate(image)
+    _sync(device)
+    total = time.perf_counter() - start
+    clock.remove()
+    return records, {"total": total, **clock.seconds, "post": total - sum(clock.seconds.values())}
+
+
+def run_ours(generator: MaskGenerator, image, device) -> tuple[list[dict], dict]:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    records = generator.generate(image, timings=timings)
+    _sync(device)
+    total = time.perf_counter() - start
+    encode, decode = timings.get("encode", 0.0), timings.get("decode", 0.0)
+    return records, {"total": total, "encode": encode, "decode": decode, "post": total - encode - decode}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Median, min and max of each stage over the runs, and the raw totals."""
+    out = {key: {"median": statistics.median(r[key] for r in runs), "min": min(r[key] for r in runs),
+                 "max": max(r[key] for r in runs)} for key in runs[0]}
+    return out | {"runs": [round(r["total"], 3) for r in runs]}
+
+
+# --- comparison ------------------------------------------------------------------------------------------------
+
+
+def best_iou(reference: np.ndarray, other: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """For each ``(N, H, W)`` reference mask, the best IoU among the ``(M, H, W)`` other masks (``(N,)``;
+    0 when ``other`` is empty). Only pairs whose boxes overlap are compared."""
+    if len(other) == 0 or len(reference) == 0:
+        return np.zeros(len(reference))
+    a = torch.from_numpy(reference).flatten(1)
+    b = torch.from_numpy(other).flatten(1)
+    b_area = b.sum(1)
+    best = np.zeros(len(reference))
+    for start in range(0, len(a), chunk):
+        part = a[start : start + chunk].float()
+        inter = part @ b.float().T  # exact: counts below 2**24
+        union = part.sum(1, keepdim=True) + b_area - inter
+        best[start : start + chunk] = torch.where(union > 0, inter / union.clamp(min=1), 1.0).amax(1).numpy()
+    return best
+
+
+def compare(official: list[dict], ours: list[dict], exact: bool) -> dict:
+    """Record-by-record agreement of ours with the official records (see the module docstring)."""
+    real = sum(r["area"] > 0 for r in official)
+    out: dict = {"official": len(official), "ours": len(ours), "official_real_masks": real,
+                 "ours_real_masks": sum(r["area"] > 0 for r in ours)}
+    ref = np.stack([r["segmentation"] for r in official]) if official else np.zeros((0, 1, 1), bool)
+    mine = np.stack([r["segmentation"] for r in ours]) if ours else np.zeros((0, 1, 1), bool)
+    if exact and len(official) == len(ours):
+        inter = (ref & mine).reshape(len(ref), -1).sum(1)
+        union = (ref | mine).reshape(len(ref), -1).sum(1)
+        twin_iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        iou_gap = [abs(a["predicted_iou"] - b["predicted_iou"]) for a, b in zip(official, ours)]
+        stab_gap = [abs(np.nan_to_num(a["stability_score"]) - np.nan_to_num(b["stability_score"]))
+                    for a, b in zip(official, ours)]
+        out |= {
+            "identical_masks": int(sum(np.array_equal(x, y) for x, y in zip(ref, mine))),
+            "min_twin_iou": float(twin_iou.min()) if len(twin_iou) else 1.0,
+            "equal_boxes": int(sum(a["bbox"] == b["bbox"] for a, b in zip(official, ours))),
+            "max_predicted_iou_gap": max(iou_gap, default=0.0), "max_stability_gap": max(stab_gap, default=0.0),
+        }
+        out["same"] = (out["identical_masks"] == len(ref) or out["min_twin_iou"] >= 0.999) and \
+            out["equal_boxes"] == len(ref) and max(out["max_predicted_iou_gap"], out["max_stability_gap"]) <= 1e-4
+    elif exact:
+        out["same"] = False
+    if not exact:
+        out["mean_best_iou"] = float(best_iou(ref, mine).mean()) if len(ref) else None
+        out["count_ratio"] = len(ours) / max(len(official), 1)
+    return out
+
+
+# --- the cases -------------------------------------------------------------------------------------------------
+
+
+def bench_speed(args, sam, image, device) -> dict:
+    options = generator_options(args)
+    official = SamAutomaticMaskGenerator(sam, **options)
+    ours = MaskGenerator(sam, dtype=args.dtype, **options)
+    # warm-up (allocator, thread pools, the window upscaler's one-off check), then A, B, A, B
+    run_official(official, sam, image, device)
+    run_ours(ours, image, device)
+    official_runs, ours_runs = [], []
+    for i in range(args.repeats):
+        official_records, timing = run_official(official, sam, image, device)
+        official_runs.append(timing)
+        ours_records, timing = run_ours(ours, image, device)
+        ours_runs.append(timing)
+        print(f"round {i + 1}: official {official_runs[-1]['total']:.2f} s, ours {ours_runs[-1]['total']:.2f} s")
+    official_t, ours_t = summary(official_runs), summary(ours_runs)
+    result = {
+        "options": options, "dtype": args.dtype, "official": official_t, "ours": ours_t,
+        "speedup": official_t["total"]["median"] / ours_t["total"]["median"],
+        "speedup_range": [official_t["total"]["min"] / ours_t["total"]["max"],
+                          official_t["total"]["max"] / ours_t["total"]["min"]],
+        "masks": compare(official_records, ours_records, exact=args.dtype == "fp32"),
+    }
+    if args.clip:
+        cache_dir = Path(os.environ["SLIP_CACHE"]) if os.environ.get("SLIP_CACHE") else None
+        result["clip_stage"] = bench_clip(image, ours.generate_masks(image), device, args, cache_dir)
+    return result
+
+
+def bench_agreement(args, sam, weights: str, device) -> dict:
+    """``--dtype`` vs fp32 masks of ours over several scenes."""
+    from producer.demo import demo_scene
+
+    if weights == "random":
+        options = generator_options(args)
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        images = [make_scene(width, height, seed) for seed in range(args.scenes)]
+    else:
+        options = recommended_generator_params(args.sam)
+        images = [demo_scene(i)[0] for i in range(args.scenes)]
+    fp32, reduced = MaskGenerator(sam, **options), MaskGenerator(sam, dtype=args.dtype, **options)
+    per_scene = []
+    for i, image in enumerate(images):
         start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        total = time.perf_counter() - start
-        clock.remove()
-        runs.append({"total": total, **clock.seconds, "post": total - sum(clock.seconds.values())})
-    best = min(runs, key=lambda r: r["total"])
-    return result, {**best, "runs": [round(r["total"], 4) for r in runs], "images_per_s": 1.0 / best["total"]}
+        a, b = fp32.generate_masks(image), reduced.generate_masks(image)
+        if weights == "random":  # noise masks: keep the candidates the model itself rates
+            a = a.select(a.predicted_iou > args.min_iou)
+        best = best_iou(a.masks.cpu().numpy(), b.masks.cpu().numpy())
+        per_scene.append({"fp32": len(a), args.dtype: len(b), "mean_best_iou": float(best.mean()) if len(a) else None,
+                          "best_iou_below_0.9": int((best < 0.9).sum())})
+        print(f"scene {i}: {per_scene[-1]} ({time.perf_counter() - start:.1f} s)")
+    scored = [s for s in per_scene if s["mean_best_iou"] is not None]
+    total_fp32 = sum(s["fp32"] for s in per_scene)
+    return {
+        "options": options, "dtype": args.dtype, "scenes": len(images),
+        "scene_kind": "generated" if weights == "random" else "producer.demo.demo_scene",
+        "masks_fp32": total_fp32, f"masks_{args.dtype}": sum(s[args.dtype] for s in per_scene),
+        "mean_best_iou": sum(s["mean_best_iou"] * s["fp32"] for s in scored) / max(total_fp32, 1),
+        "per_scene": per_scene,
+    }
 
 
 @contextmanager
 def stopwatch(device: torch.device, out: dict, key: str) -> Iterator[None]:
+    """Keeps the best (smallest) time of ``key`` in ``out``."""
     start = time.perf_counter()
     yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     out[key] = min(out.get(key, float("inf")), time.perf_counter() - start)
-
-
-# --- the generator comparison ------------------------------------------------------------------------------
-
-
-def same_masks(records: list[dict], found: MaskSet) -> bool:
-    if len(records) != len(found):
-        return False
-    masks = found.masks.cpu().numpy()
-    return all(np.array_equal(r["segmentation"], m) for r, m in zip(records, masks))
-
-
-def bench_generators(sam, image: np.ndarray, options: dict, device: torch.device, args) -> tuple[dict, MaskSet]:
-    ours, official = MaskGenerator(sam, **options), SamAutomaticMaskGenerator(sam, **options)
-    warmup = args.warmup if args.warmup is not None else int(device.type == "cuda")
-    records, official_t = timed(lambda: official.generate(image), sam, device, args.repeats, warmup)
-    ours_records, ours_t = timed(lambda: ours.generate(image), sam, device, args.repeats, warmup)
-    found, masks_t = timed(lambda: ours.generate_masks(image), sam, device, args.repeats, warmup)
-    result = {
-        "official_generate": official_t,
-        "ours_generate": ours_t,
-        "ours_generate_masks": masks_t,
-        "masks": {"official": len(records), "ours": len(ours_records), "identical": same_masks(records, found)},
-        "speedup_generate": official_t["total"] / ours_t["total"],
-        "speedup_generate_masks": official_t["total"] / masks_t["total"],
-        "speedup_post": official_t["post"] / max(masks_t["post"], 1e-9),
-    }
-    return result, found
-
-
-# --- the CLIP comparison -----------------------------------------------------------------------------------
 
 
 def load_clip(args, device: torch.device, cache_dir: Path | None):
@@ -256,7 +380,9 @@ def peer_clip_loop(image: np.ndarray, masks: np.ndarray, boxes_xyxy: np.ndarray,
     return crops_s, clip_s
 
 
-def bench_clip(image: np.ndarray, found: MaskSet, device: torch.device, args, cache_dir) -> dict | None:
+def bench_clip(image: np.ndarray, found, device: torch.device, args, cache_dir) -> dict | None:
+    """Filters, then crops + CLIP: ``slip.crop_segments`` + batched ``encode_images`` (ours) vs, per mask,
+    numpy black-out + PIL crop + ``CLIPImageProcessor`` + one CLIP forward (the peer loop)."""
     try:
         from slip.crops import CropConfig, crop_segments
         from slip.filters import apply_filters, default_filters
@@ -294,72 +420,48 @@ def bench_clip(image: np.ndarray, found: MaskSet, device: torch.device, args, ca
 # --- report ------------------------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "cuda-" + torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    return device.type
-
-
-def print_table(gen: dict, clip: dict | None) -> None:
-    print(f"\n{'variant':<24}{'total s':>10}{'img/s':>9}{'encode':>9}{'decode':>9}{'post':>9}   runs")
-    for key in ("official_generate", "ours_generate", "ours_generate_masks"):
-        r = gen[key]
-        print(f"{key:<24}{r['total']:>10.3f}{r['images_per_s']:>9.3f}{r['encode']:>9.3f}{r['decode']:>9.3f}"
-              f"{r['post']:>9.3f}   {r['runs']}")
-    m = gen["masks"]
-    print(f"masks: official {m['official']}, ours {m['ours']}, identical: {m['identical']}")
-    print(f"speed-up official/ours: generate x{gen['speedup_generate']:.2f}, generate_masks "
-          f"x{gen['speedup_generate_masks']:.2f}, post-processing x{gen['speedup_post']:.1f}")
-    if clip:
-        print(f"filters {clip.get('filters', 0):.3f} s -> {clip.get('masks_after_filters')} masks; "
-              f"CLIP stage on {clip.get('masks_embedded')} masks ({clip['clip']}, {clip['clip_weights']} weights):")
-        if "ours_crops" in clip:
-            print(f"  ours (batched): crops {clip['ours_crops']:.3f} s, clip {clip['ours_clip']:.3f} s")
-        if "peer_crops" in clip:
-            print(f"  peer (per crop, PIL + CLIPImageProcessor): crops {clip['peer_crops']:.3f} s, "
-                  f"clip {clip['peer_clip']:.3f} s -> speed-up x{clip['speedup_crops_plus_clip']:.2f}")
+def print_speed(result: dict) -> None:
+    print(f"\n{'generator':<12}{'total s (median [min, max])':>32}{'encode':>9}{'decode':>9}{'post':>9}")
+    for key in ("official", "ours"):
+        r = result[key]
+        t = r["total"]
+        print(f"{key:<12}{t['median']:>14.2f} [{t['min']:.2f}, {t['max']:.2f}]{'':>4}"
+              f"{r['encode']['median']:>9.2f}{r['decode']['median']:>9.2f}{r['post']['median']:>9.2f}")
+    lo, hi = result["speedup_range"]
+    print(f"speed-up (median / median): x{result['speedup']:.2f} (worst..best pairing x{lo:.2f}..x{hi:.2f})")
+    print(f"masks: {json.dumps(result['masks'])}")
 
 
 def main() -> None:
     args = parse_args()
-    load_at_start = os.getloadavg()
+    load_before = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache_dir = Path(os.environ["SLIP_CACHE"]) if os.environ.get("SLIP_CACHE") else None
     try:
         device = resolve_device(args.device)
-        width, height = (int(v) for v in args.size.lower().split("x"))
-        if args.image is not None:
-            from slip.images import load_image
-
-            image = load_image(args.image)
-        else:
-            image = make_scene(width, height)
-        sam, sam_weights = load_models(args, device, cache_dir)
+        sam, weights = load_model(args, device)
+        image = None if args.agreement else load_scene(args)
     except (SlipError, ValueError) as e:
         sys.exit(f"error: {e}")
-    options = {
-        "points_per_side": args.points_per_side,
-        "points_per_batch": args.points_per_batch,
-        "box_nms_thresh": args.box_nms_thresh,
-        **({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0} if args.thresholds == "0" else {}),
+    print(f"{args.sam} ({weights} weights) on {device}, {torch.get_num_threads()} thread(s), load {load_before}")
+    with torch.inference_mode():
+        result = bench_agreement(args, sam, weights, device) if args.agreement else bench_speed(args, sam, image, device)
+    if not args.agreement:
+        print_speed(result)
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "per_scene"}, indent=1))
+    case = "agreement" if args.agreement else f"{args.sam}-{args.points_per_side}pts"
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "sam": args.sam, "sam_weights": weights, "device": str(device),
+        "image": None if image is None else f"{args.scene} {image.shape[1]}x{image.shape[0]}",
+        "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": os.getloadavg()}, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "python": platform.python_version(), "result": result,
     }
-    print(f"{args.sam} ({sam_weights} weights) on {device_name(device)}, image {image.shape[1]}x{image.shape[0]}, "
-          f"options {options}, {args.repeats} repeat(s), {torch.get_num_threads()} thread(s)")
-    gen, found = bench_generators(sam, image, options, device, args)
-    clip = None if args.no_clip else bench_clip(image, found, device, args, cache_dir)
-    print_table(gen, clip)
-    result = {
-        "sam": args.sam, "sam_weights": sam_weights, "device": device_name(device),
-        "image": str(args.image) if args.image else f"generated {image.shape[1]}x{image.shape[0]}",
-        "options": options, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "load_average": {"start": load_at_start, "end": os.getloadavg()},
-        "torch": torch.__version__, "python": platform.python_version(),
-        "generator": gen, "clip_stage": clip,
-    }
-    out = args.out or ROOT / "bench" / "results" / f"segment-{device_name(device)}.json"
+    out = args.out or ROOT / "bench" / "results" / f"segment-{device.type}-{case}-{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 

@@ -38,12 +38,13 @@ Ultralytics does for COCO instances of several parts). Images with no instance g
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+import os
+import posixpath
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
-from scipy.spatial import cKDTree
 
 from producer.exports_items import (DONE, FAILED, Answer, ExportItem, Instance, Tally, answers, atomic_file,
                                     image_size, item_doc)
@@ -85,13 +86,15 @@ def _ring(contour: np.ndarray) -> np.ndarray:
 def single_ring(polygons: list[list[np.ndarray]]) -> np.ndarray:
     """All rings of ``polygons`` joined into one ``(K, 2)`` float ring: each next ring is inserted at its
     nearest point to the path so far and traversed fully (a zero-width bridge out and back)."""
+    from scipy.spatial import cKDTree  # imported here: `slip --help` loads this module and need not pay for scipy
+
     rings = [ring.astype(np.float64) for rings in polygons for ring in rings]
     path = rings[0]
     for ring in rings[1:]:
         distance, nearest = cKDTree(path).query(ring)
         j = int(np.argmin(distance))
         i = int(nearest[j])
-        path = np.concatenate([path[: i + 1], np.roll(ring, -j, axis=0), ring[j : j + 1], path[i:]])
+        path = np.concatenate([path[: i + 1], ring[j:], ring[: j + 1], path[i:]])
     return path
 
 
@@ -175,15 +178,13 @@ def write_yolo(
     if labels.is_dir() and any(labels.iterdir()):
         raise ConfigError(f"{labels} is not empty: choose a new --out folder for a YOLO export")
     for item in tally.keep(items, frozenset({DONE})):
-        relative = _free_label_path(labels, item.name, tally)
+        stem = _free_stem(str(labels), item.name, tally)
         height, width = image_size(item_doc(item))
         rows = [_yolo_row(inst, width, height) for a in answers(item.doc, prompts, name=item.name)
                 for inst in a.instances]
-        path = labels / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        _write(os.path.join(labels, stem + ".txt"), "".join(row + "\n" for row in rows).encode())
         if copy_images:
-            _copy_image(item, out / "images" / relative.with_suffix(PurePosixPath(item.name).suffix), tally)
+            _copy_image(item, os.path.join(out, "images", stem + posixpath.splitext(item.name)[1]), tally)
         tally.written += 1
         tally.instances += len(rows)
     with atomic_file(out / "data.yaml") as f:
@@ -201,22 +202,29 @@ def _yolo_row(inst: Instance, width: int, height: int) -> str:
     return f"{inst.category} " + " ".join(["%.6f"] * xy.size) % tuple(xy.reshape(-1).tolist())
 
 
-def _free_label_path(labels: Path, name: str, tally: Tally) -> PurePosixPath:
-    """``<dir>/<stem>.txt`` from the item name, made safe, with ``-2``, ``-3``... when already taken."""
-    parts = [p if p != ".." else "__" for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", ".")]
+def _free_stem(labels: str, name: str, tally: Tally) -> str:
+    """``<dir>/<stem>`` of the item name, made safe, with ``-2``, ``-3``... when its label file exists.
+    (Plain strings, not pathlib: pathlib interns every path part, which grows with the job.)"""
+    parts = [p if p != ".." else "__" for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if not parts:
         raise DatasetError(f"an item has an empty name ({name!r})")
-    base = PurePosixPath(*parts).with_suffix("")
-    candidate, k = base.with_name(base.name + ".txt"), 1
-    while (labels / candidate).exists():
+    base = posixpath.splitext("/".join(parts))[0]
+    stem, k = base, 1
+    while os.path.exists(os.path.join(labels, stem + ".txt")):
         k += 1
-        candidate = base.with_name(f"{base.name}-{k}.txt")
+        stem = f"{base}-{k}"
     if k > 1:
-        tally.note(f"{name}: labels/{candidate} (another image has the same stem)")
-    return candidate
+        tally.note(f"{name}: labels/{stem}.txt (another image has the same stem)")
+    return stem
 
 
-def _copy_image(item: ExportItem, path: Path, tally: Tally) -> None:
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _copy_image(item: ExportItem, path: str, tally: Tally) -> None:
     if item.image is None:
         tally.note(f"{item.name}: image not copied (the store gave no image)")
         return
@@ -225,8 +233,7 @@ def _copy_image(item: ExportItem, path: Path, tally: Tally) -> None:
     except SlipError as e:
         tally.note(f"{item.name}: image not copied: {e}")
         return
-    with atomic_file(path, "wb") as f:
-        f.write(data)
+    _write(path, data)
 
 
 def _data_yaml(out: Path, prompts: Sequence[str], job_id: str) -> str:

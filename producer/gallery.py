@@ -45,8 +45,8 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#0092a8", "#f
            "#000075")  # prompt colours, in prompt order; further prompts get spread hues
 Truth = Callable[[str], "Mapping[str, np.ndarray] | None"]
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:16px;display:flex;flex-direction:column;background:#f7f7f7;color:#222}
-header{order:0}#summary{order:1;margin-bottom:12px}main{order:2;display:grid;gap:12px;
+STYLE = """body{font-family:system-ui,sans-serif;margin:16px;display:flex;flex-direction:column;background:#f7f7f7;
+color:#222}header{order:0}#summary{order:1;margin-bottom:12px}main{order:2;display:grid;gap:12px;
 grid-template-columns:repeat(auto-fill,minmax(300px,1fr))}h1{font-size:22px;margin:0 0 6px}
 .legend span{display:inline-block;margin-right:10px}.swatch{display:inline-block;width:11px;height:11px;
 border-radius:2px;background:var(--c);margin-right:4px;vertical-align:-1px}
@@ -198,23 +198,35 @@ def _judge(answer: Answer, expected: Mapping[str, np.ndarray] | None, size: tupl
 
 
 def _outlines(found: Sequence[Answer], size: tuple[int, int]) -> str:
-    """SVG over the image: each instance's outline and its prompt's label, in image pixel coordinates."""
+    """SVG over the image: each instance's outline, then its prompt's label above it (labels that would
+    overlap are stacked downwards), in image pixel coordinates."""
     height, width = size
     epsilon = max(height, width) / THUMB_PX / 2  # simplify outlines to half a thumbnail pixel
     font = max(height, width) / 18
-    shapes = []
+    paths, labels, placed = [], [], []
     for answer in found:
         colour, label = prompt_colour(answer.category), html.escape(answer.prompt)
         for inst in answer.instances:
             d = " ".join(_svg_ring(ring, epsilon) for rings in mask_polygons(inst.mask()) for ring in rings)
-            x, y, _, _ = inst.bbox()
-            shapes.append(
-                f'<path d="{d}" fill="{colour}" fill-opacity="0.15" fill-rule="evenodd" stroke="{colour}" '
-                f'stroke-width="2.5" stroke-linejoin="round" vector-effect="non-scaling-stroke"><title>{label} {inst.score:.3f}</title></path>'
-                f'<text x="{x + 1:.0f}" y="{max(y - font * 0.25, font):.0f}" font-size="{font:.1f}" fill="{colour}" '
-                f'stroke-width="{font / 6:.1f}">{label}</text>')
+            paths.append(f'<path d="{d}" fill="{colour}" fill-opacity="0.15" fill-rule="evenodd" stroke="{colour}" '
+                         f'stroke-width="2.5" stroke-linejoin="round" vector-effect="non-scaling-stroke">'
+                         f"<title>{label} {inst.score:.3f}</title></path>")
+            x, y = _free_spot(inst.bbox(), placed, font, len(answer.prompt))
+            labels.append(f'<text x="{x:.0f}" y="{y:.0f}" font-size="{font:.1f}" fill="{colour}" '
+                          f'stroke-width="{font / 6:.1f}">{label}</text>')
     return (f'<svg viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
-            f'xmlns="http://www.w3.org/2000/svg">{"".join(shapes)}</svg>')
+            f'xmlns="http://www.w3.org/2000/svg">{"".join(paths + labels)}</svg>')
+
+
+def _free_spot(bbox: list[float], placed: list[tuple[float, float, float]], font: float,
+               chars: int) -> tuple[float, float]:
+    """Baseline of a label just above ``bbox``, moved down past labels already ``placed`` (x, y, width)."""
+    x, y = bbox[0] + 1, max(bbox[1] - font * 0.25, font)
+    width = 0.6 * font * chars
+    while any(abs(y - py) < font and x < px + pw and px < x + width for px, py, pw in placed):
+        y += font
+    placed.append((x, y, width))
+    return x, y
 
 
 def _svg_ring(ring: np.ndarray, epsilon: float) -> str:

@@ -9,20 +9,22 @@ Command functions only: the root ``slip`` app mounts them (``app.command("result
 
 The job's items come from the queue (:func:`open_job`: the manifest's prompts and models, and
 ``QueueClient.export_items``), streamed into :func:`producer.exports.write_export` /
-:func:`producer.gallery.write_gallery`. Every user error ends as one line on stderr (exit code 2).
+:func:`producer.gallery.write_gallery`. Every user error (and an unreachable Redis) ends as one line on
+stderr (exit code 2; :func:`producer.common.queue_errors`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import typer
 
-from producer.exports import FORMATS, ExportItem, ExportSummary, read_coco_ids, write_export
+from producer.common import client_from_env, queue_errors
 from slip.cli.common import fail
+
+FORMAT_HELP = "coco | coco-results | jsonl | yolo | polygons (producer.exports.FORMATS)."
 
 DEFAULT_GALLERY_LIMIT = 200  # images in a gallery unless --limit says otherwise
 
@@ -34,23 +36,21 @@ class JobExport:
     job_id: str
     prompts: tuple[str, ...]  # the job's prompts, in order (categories / classes)
     models: str  # e.g. "SAM vit_b, ranker openai/clip-vit-base-patch32"
-    items: Iterable[ExportItem]  # streamed from the ledger
+    items: Iterable  # producer.exports.ExportItem, streamed from the ledger
 
 
 def open_job(job_id: str) -> JobExport:
     """The job from the queue named by the environment (``SLIP_STORE``, ``SLIP_BROKER_URL``, ...)."""
-    from producer.client import QueueClient
     from worker.ledger import load_manifest
-    from worker.settings import Settings
 
-    client = QueueClient(Settings.from_env(os.environ))
+    client = client_from_env()
     spec = load_manifest(client.store, job_id).spec
     return JobExport(job_id, tuple(spec.prompts), f"SAM {spec.sam}, ranker {spec.clip}", client.export_items(job_id))
 
 
 def results(
     job: str = typer.Argument(..., help="Job id."),
-    format: str = typer.Option("jsonl", "--format", "-f", help=" | ".join(FORMATS) + "."),
+    format: str = typer.Option("jsonl", "--format", "-f", help=FORMAT_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (a folder for yolo)."),
     image_ids_from: Optional[Path] = typer.Option(
         None, "--image-ids-from", help="coco-results: take image ids (by file_name) and category ids (by name = "
@@ -58,7 +58,7 @@ def results(
     copy_images: bool = typer.Option(False, "--copy-images", help="yolo: also copy the images to OUT/images/."),
 ) -> None:
     """Write a job's results as COCO, COCO results, JSON Lines, YOLO labels or polygons."""
-    from producer.cli import queue_errors
+    from producer.exports import FORMATS, read_coco_ids, write_export  # numpy and OpenCV: only when exporting
 
     if format not in FORMATS:
         fail(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
@@ -80,7 +80,6 @@ def gallery(
                                          "mark each answer hit or miss (IoU > 0.5)."),
 ) -> None:
     """Write an HTML gallery of a job: thumbnails with each prompt's masks outlined, scores, failures."""
-    from producer.cli import queue_errors
     from producer.gallery import coco_truth, write_gallery
 
     out = out or Path(f"gallery-{job}")
@@ -93,7 +92,7 @@ def gallery(
     typer.echo(f"wrote {page} (open it in a browser; thumbnails in {out / 'thumbs'})")
 
 
-def _report(summary: ExportSummary) -> None:
+def _report(summary) -> None:
     paths = ", ".join(str(p) for p in summary.paths)
     skipped = f", {summary.skipped} skipped" if summary.skipped else ""
     typer.echo(f"wrote {summary.written} images, {summary.instances} instances ({summary.format}){skipped}: {paths}")

@@ -23,7 +23,6 @@ import typer
 
 from producer.common import client_from_env, queue_errors
 from slip.errors import ConfigError, InputError, ObjectNotFoundError
-from worker.store import job_prefix
 
 GRID_KEYS = {"lr": float, "proj_dim": int, "image_lr": float, "text_lr": float}
 DONE_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
@@ -48,6 +47,8 @@ def parse_grid(specs: list[str]) -> list[dict]:
 
 
 def _ledger_key(job_id: str) -> str:
+    from worker.store import job_prefix
+
     return f"{job_prefix(job_id)}/training.json"
 
 
@@ -147,6 +148,13 @@ def submit_train(
     batch_size: int = typer.Option(64, help="Pairs per step."),
     seed: int = typer.Option(0, help="Training seed."),
     init: Optional[str] = typer.Option(None, help="Fine-tune this ranker instead (HF CLIP id, DIR, job:ID, store:PREFIX)."),
+    pretrained_image: bool = typer.Option(True, "--pretrained-image/--random-image",
+                                          help="Start the image backbone from its pretrained weights (the workers must "
+                                               "have them: a missing file fails the cell in one line), or from random "
+                                               "init on purpose."),
+    pretrained_text: bool = typer.Option(True, "--pretrained-text/--random-text",
+                                         help="Start the text encoder from its pretrained weights, or from random init "
+                                              "on purpose."),
     wait: bool = typer.Option(False, "--wait", help="Show progress, then print the grid table."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --wait: copy the best checkpoint here."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
@@ -168,7 +176,8 @@ def submit_train(
         requests = []
         for i, cell in enumerate(cells):
             model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder, text_pooling=pooling,
-                                      image_size=image_size, proj_dim=cell.get("proj_dim", proj_dim))
+                                      image_size=image_size, proj_dim=cell.get("proj_dim", proj_dim),
+                                      pretrained_image=pretrained_image, pretrained_text=pretrained_text)
             train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=cell.get("lr", lr), seed=seed,
                                 image_lr=cell.get("image_lr", image_lr), text_lr=cell.get("text_lr", text_lr))
             model_json = {k: v for k, v in model.__dict__.items()}
@@ -247,6 +256,7 @@ def submit_evaluate(
     chunk: int = typer.Option(20, min=1, help="Composites per task."),
     seed: int = typer.Option(0, help="Composite seed."),
     split_seed: int = typer.Option(0, help="Train/validation split seed, as in training."),
+    split: str = typer.Option("val", help="val: the validation images of the training split (the seed as in training); all: every image of a dataset neither training nor checkpoint selection saw (a separately generated one) — the honest choice."),
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
     tile_size: int = typer.Option(128, help="Side of each tile in pixels."),
     gallery: int = typer.Option(4, help="Gallery composites kept per ranker."),
@@ -272,7 +282,7 @@ def submit_evaluate(
             for c, start in enumerate(range(0, composites, chunk)):
                 requests.append(EvaluateRequest(
                     job_id=job_id, ranker_index=r, ranker=spec, chunk=c, start=start, stop=min(start + chunk, composites),
-                    dataset=digest, seed=seed, split_seed=split_seed, caption_template=caption_template,
+                    dataset=digest, seed=seed, split_seed=split_seed, split=split, caption_template=caption_template,
                     tile_size=tile_size, proposals=proposals, sam=sam, judge=judge_spec,
                     gallery=max(0, min(start + chunk, composites, gallery) - start)))
         ledger = {"kind": "evaluate", "job_id": job_id, "created": utc_now(), "dataset": digest,
@@ -319,7 +329,7 @@ def evaluation_summaries(store, job_id: str) -> list[dict]:
         summary = summarize(results)
         out.append({"ranker": name, "summary": summary, "composites": ledger["composites"],
                     "composites_scored": summary["plain"]["composites"]})
-    store.put_json(f"{job_prefix(job_id)}/evaluation.json", out)
+    store.put_json(f"{_ledger_key(job_id).rsplit('/', 1)[0]}/evaluation.json", out)
     return out
 
 

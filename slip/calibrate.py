@@ -250,11 +250,19 @@ def calibrate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: 
         probe = dict(absent_fraction=absent_fraction, proposer=proposer, seed=seed, progress=progress)
         point = best_threshold(collect_probes(bundle.ranker, source, fit_items, **probe))
         held = operating_point(collect_probes(bundle.ranker, test, test_items, **probe), point.threshold)
-        record = {**point.to_json(), "metric": METRIC, **setting, "ranker": spec, "ranker_sha256": bundle.ref.sha256,
-                  "heldout": {"dataset": str(heldout or dataset), "split": heldout_split, "seed": heldout_seed,
-                              "composites": composites, **held.to_json()}}
+        held_setting = {"dataset": str(heldout or dataset), "split": heldout_split, "seed": heldout_seed,
+                        "composites": composites}
+        record = calibration_record(point, held, setting=setting, heldout=held_setting, ranker=spec,
+                                    ranker_sha256=bundle.ref.sha256)
         out.append(Calibration(spec, ranker_directory(spec, cache_dir), point, held, record))
     return out
+
+
+def calibration_record(point: OperatingPoint, held: OperatingPoint, *, setting: dict, heldout: dict, ranker: str,
+                       ranker_sha256: str) -> dict:
+    """The ``threshold.json`` content: the chosen point, how it was calibrated, and its held-out figures."""
+    return {**point.to_json(), "metric": METRIC, **setting, "ranker": ranker, "ranker_sha256": ranker_sha256,
+            "heldout": {**heldout, **held.to_json()}}
 
 
 def check_writable(directory: Path | None, spec: str, *, bundle: bool = False) -> Path:

@@ -28,9 +28,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``fp32`` / ``fp16`` / ``bf16``; half precisions only on a GPU."""
+    """``fp32`` / ``bf16`` / ``fp16`` -> the torch dtype; ``fp16`` only on a GPU (CPUs compute bf16, not fp16)."""
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    if name != "fp32" and device.type != "cuda":
-        raise ConfigError(f"dtype {name} needs a GPU; on {device.type} use fp32")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(f"dtype fp16 needs a GPU; on {device.type} use bf16 or fp32")
     return DTYPES[name]

@@ -13,12 +13,10 @@ The old criterion, the chosen segment lies mostly (more than ``IN_TILE`` of its 
 tile, is kept as ``tile_correct`` / ``tile_accuracy``: it also accepts the oracle's same-tile
 distractors (background blob, partial object), so it overstates a ranker that picks backgrounds.
 
-Every composite is scored twice from one similarity matrix: plain argmax per prompt
-(``one_to_one=False``) and with the Hungarian one-to-one assignment (``one_to_one=True``).
+Every composite is scored twice from one similarity matrix: plain argmax per prompt and one-to-one.
 
-Proposals are either the oracle segments (:func:`slip.data.composites.oracle_segments`), which
-isolate the ranker as the paper intended, or any ``proposer(image) -> MaskSet`` (e.g. SAM + filters:
-``lambda im: slip_pipeline.propose(im).segments``).
+Proposals: the oracle segments (:func:`slip.data.composites.oracle_segments`: the ranker alone, as the
+paper intended), or any ``proposer(image) -> MaskSet`` (SAM + filters: :func:`sam_proposer`).
 
 Held-out images: composites come from the validation part of the training split (``split="val"``,
 the images that also chose the checkpoint) or from every image of a dataset (``split="all"``): the
@@ -30,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -39,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slip.crops import CropConfig, crop_segments
-from slip.data.composites import SPLITS, Composite, CompositeSource, heldout_records, oracle_segments
+from slip.data.composites import Composite, CompositeSource, heldout_records, oracle_segments
 from slip.data.dataset import maskset_from_masks
 from slip.data.folder import scan_folder
 from slip.errors import ConfigError
@@ -243,11 +242,7 @@ def summarize(results: Iterable[QueryResult]) -> dict:
             entry["accuracy"] = entry["correct"] / entry["queries"]
             entry["tile_accuracy"] = entry["tile_correct"] / entry["queries"]
         ious = [r.iou for r in rows if r.iou is not None]
-        kinds: dict[str, int] = {}
-        truths: dict[str, int] = {}
-        for r in rows:
-            kinds[str(r.chosen_kind)] = kinds.get(str(r.chosen_kind), 0) + 1
-            truths[r.truth] = truths.get(r.truth, 0) + 1
+        kinds, truths = Counter(str(r.chosen_kind) for r in rows), Counter(r.truth for r in rows)
         correct = sum(r.correct for r in rows)
         out[mode] = {
             "composites": len({r.composite for r in rows}),
@@ -298,31 +293,23 @@ def composite_source(dataset: str | Path, *, seed: int = 0, split_seed: int = 0,
 
 
 def sam_proposer(sam, *, device: str = "auto", cache_dir: Path | None = None, generator: dict | None = None,
-                 recommended: dict | None = None, filters: str | None = None,
-                 recommended_filters: str | None = None) -> Proposer:
+                 filters: str | None = None) -> Proposer:
     """SAM's automatic masks after the annotation filters, memoised per composite image.
 
-    ``sam``: a SAM spec string (loaded here) or an already loaded ``segment_anything`` model.
-    ``recommended`` / ``recommended_filters``: the checkpoint's generator.json options / filters.json chain;
-    None looks them up for a spec string (:func:`slip.sam.recommended_generator_params`,
-    :func:`slip.sam.recommended_filters`) and means none for a loaded model.
-    Generator options: SAM's defaults < ``recommended`` < ``generator`` (explicit overrides).
-    Filter chain: the paper's ``containment`` < ``recommended_filters`` < ``filters`` (explicit).
+    ``sam``: a SAM spec string (loaded here) or a loaded :class:`slip.sam.SamBundle`. Generator options and
+    the filter chain are resolved by :func:`slip.request.resolve_proposals`: ``generator`` / ``filters``
+    given explicitly > the checkpoint's generator.json / filters.json > SAM's and the paper's defaults.
     """
     from slip.filters import apply_filters, parse_filters
     from slip.generator import MaskGenerator
-    from slip.request import PAPER_FILTERS
-    from slip.sam import load_sam, recommended_generator_params
-    from slip.sam import recommended_filters as filters_of
+    from slip.request import SegmentOptions, chain_text, resolve_proposals
+    from slip.sam import load_sam_bundle
 
-    if isinstance(sam, str):
-        if recommended is None:
-            recommended = recommended_generator_params(sam, cache_dir=cache_dir)
-        if recommended_filters is None:
-            recommended_filters = filters_of(sam, cache_dir=cache_dir)
-        sam = load_sam(sam, device=device, cache_dir=cache_dir)
-    mask_generator = MaskGenerator(sam, **{**(recommended or {}), **(generator or {})})
-    chain = parse_filters(filters if filters is not None else recommended_filters or PAPER_FILTERS)
+    bundle = load_sam_bundle(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
+    options, chain = resolve_proposals(SegmentOptions(generator=generator or {}, filters=filters), sam_spec=bundle.ref.spec,
+                                       sam_generator=bundle.generator, sam_filters=bundle.filters)
+    mask_generator = MaskGenerator(bundle.model, **options.to_json())
+    chain = parse_filters(chain_text(chain))
     memo: dict[bytes, MaskSet] = {}
 
     def propose(image: np.ndarray) -> MaskSet:

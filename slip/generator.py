@@ -1,21 +1,23 @@
 """SAM's automatic mask generator, kept in tensors: the same masks as ``SamAutomaticMaskGenerator``, faster.
 
-:class:`MaskGenerator` takes exactly the keyword options of
-``segment_anything.SamAutomaticMaskGenerator`` and, for the same model, image and options, returns the
-same masks, scores and boxes in the same order. The official generator prompts SAM with a grid of
-points, upscales *every* low-resolution mask to full resolution, encodes each survivor to RLE on the
-CPU (deep-copying the RLE lists at every concatenation) and decodes the RLEs again at the end. Here:
+:class:`MaskGenerator` takes the keyword options of ``segment_anything.SamAutomaticMaskGenerator`` (plus
+``dtype``) and, for the same model, image and options, returns the same masks, boxes and scores in the
+same order — bit for bit in fp32 (``tests/slip/test_generator*.py``). What is done differently:
 
-* candidates are filtered by predicted IoU on the low-resolution logits, so only survivors are
-  upscaled (upscaling is per mask, so the result is bit-identical);
-* survivors of the score and crop-edge filters keep their ``256x256`` low-resolution logits (memory per
-  candidate does not grow with the image); only the masks that pass NMS are upscaled again;
-* nothing is RLE-encoded: :meth:`MaskGenerator.generate_masks` returns ``(N, H, W) bool`` tensors on
-  the model's device, and :meth:`MaskGenerator.generate` builds RLEs only for ``*_rle`` output modes;
-* small-region post-processing (OpenCV, CPU, as in the official generator) runs on the final set only.
+* encoder and decoder: :mod:`slip.sam_fast` (attention without the ``(N, N)`` fp32 matrix; the
+  point-independent half of the decoder once per image, no per-point copy of the image embedding);
+* the official generator upscales *every* candidate to full resolution (two bilinear passes) to filter
+  it, RLE-encodes survivors and decodes them again. Here candidates are filtered by predicted IoU on
+  the low-resolution logits; on CPU each remaining one is upscaled once, only inside the window where it
+  can be positive (:class:`slip.sam_fast.WindowUpscaler`), which yields its box, stability score and
+  mask; NMS survivors are pasted into ``(N, H, W)`` masks. On GPU survivors are upscaled again whole;
+* nothing is RLE-encoded unless an ``*_rle`` output mode asks; small-region removal (OpenCV, as the
+  official) runs on the final set only.
 
-The building blocks (point grids, crop boxes, stability score, box extraction, crop-edge test,
-small-region removal) are the official ``segment_anything.utils.amg`` functions, so semantics match.
+``dtype="bf16"`` (CPU, GPU) / ``"fp16"`` (GPU) autocasts over the fp32 weights: faster, close to the fp32
+masks but not the same (``bench/segment.py --agreement`` measures how close). Point grids, crop boxes,
+stability score, box extraction, the crop-edge test and small-region removal are the official
+``segment_anything.utils.amg`` functions, so semantics match.
 """
 
 from __future__ import annotations
@@ -44,21 +46,24 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
+from slip.device import resolve_dtype
 from slip.errors import ConfigError, DeviceOutOfMemoryError, ImageError
+from slip.sam_fast import PointDecoder, WindowUpscaler, encode_image
 from slip.types import MaskSet
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+LARGE_WINDOW = 0.5  # a window over this fraction of the crop is upscaled by postprocess_masks whole
 
 
 @dataclass(frozen=True)
 class _Candidates:
     """Masks of one crop that passed the score and crop-edge filters, before NMS (crop frame)."""
 
-    logits: torch.Tensor  # (K, h, w) float, SAM's low-resolution mask logits
     iou: torch.Tensor  # (K,) float, predicted IoU
     stability: torch.Tensor  # (K,) float, stability score
     boxes: torch.Tensor  # (K, 4) int64, inclusive XYXY pixels in the crop
     points: torch.Tensor  # (K, 2) float64, XY pixels of the prompt point in the crop
+    ref: torch.Tensor  # (K,) int64, index of the mask's piece in _Crop.pieces
 
     def select(self, index: torch.Tensor) -> "_Candidates":
         return _Candidates(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
@@ -69,11 +74,28 @@ class _Candidates:
         return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
+@dataclass
+class _Crop:
+    """One crop's geometry and the mask pieces of its candidates."""
+
+    box: list[int]  # XYXY pixels of the crop in the image
+    input_size: tuple[int, int]  # (h, w) of the crop resized for the encoder, before padding
+    orig_size: tuple[int, int]  # (H, W) of the whole image
+    upscaler: Optional[WindowUpscaler]  # None: full upscaling (GPU, or a build it cannot reproduce)
+    pieces: list  # per candidate: (h, w) bool mask inside its box (windows) or (h', w') logits (full)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.box[3] - self.box[1], self.box[2] - self.box[0]
+
+
 class MaskGenerator:
     """Every segment SAM finds in an image; see the module docstring.
 
     The options are those of ``SamAutomaticMaskGenerator``, with the same defaults and meanings;
     ``points_per_batch`` only trades speed for memory (a smaller value fixes an out-of-memory error).
+    ``dtype``: compute precision, ``"fp32"`` (the official generator's masks), ``"bf16"`` (CPU, GPU) or
+    ``"fp16"`` (GPU), by autocast over the model's fp32 weights.
     """
 
     def __init__(
@@ -93,6 +115,7 @@ class MaskGenerator:
         point_grids: Optional[list[np.ndarray]] = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        dtype: str = "fp32",
     ) -> None:
         self._options = dict(
             points_per_side=points_per_side, points_per_batch=points_per_batch,
@@ -101,10 +124,11 @@ class MaskGenerator:
             crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio,
             crop_n_points_downscale_factor=crop_n_points_downscale_factor, point_grids=point_grids,
-            min_mask_region_area=min_mask_region_area, output_mode=output_mode,
+            min_mask_region_area=min_mask_region_area, output_mode=output_mode, dtype=dtype,
         )
         self.point_grids = _point_grids(self._options)  # per crop layer: (P, 2) XY in [0, 1]
         self.sam = sam
+        self.compute_dtype = _compute_dtype(dtype, sam)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = float(pred_iou_thresh)
         self.stability_score_thresh = float(stability_score_thresh)
@@ -116,6 +140,7 @@ class MaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self._transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._upscalers: dict[tuple, Optional[WindowUpscaler]] = {}  # per (low-res, input, crop) geometry
 
     @property
     def device(self) -> torch.device:
@@ -130,14 +155,17 @@ class MaskGenerator:
         """A generator on the same model with some options changed (e.g. a smaller ``points_per_batch``)."""
         return MaskGenerator(self.sam, **(self._options | changes))
 
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, *, timings: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
         """The official generator's records for an ``(H, W, 3) uint8`` RGB image, in its order.
 
         Each record: ``segmentation`` (``(H, W) bool`` array, or an uncompressed / COCO RLE dict, per
         ``output_mode``), ``area`` (int pixels), ``bbox`` (XYWH ints), ``predicted_iou``,
         ``point_coords`` (``[[x, y]]`` pixels), ``stability_score``, ``crop_box`` (XYWH ints).
+        ``timings``: as for :meth:`generate_masks`, plus ``records``.
         """
-        return self._records(self._run(image, None))
+        found = self._run(image, timings)
+        with _Clock(timings, self.device)("records"):
+            return self._records(found)
 
     def generate_masks(self, image: np.ndarray, *, timings: Optional[dict[str, float]] = None) -> MaskSet:
         """The same segments as :meth:`generate`, in the same order, as tensors on the model's device.
@@ -167,7 +195,9 @@ class MaskGenerator:
         crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         # 1. the masks of every crop, moved to the full-image frame
         parts = [self._process_crop(image, box, layer, clock) for box, layer in zip(crop_boxes, layers)]
-        found = MaskSet(*(torch.cat([getattr(p, f) for p in parts]) for f in MaskSet.__dataclass_fields__))
+        found = parts[0] if len(parts) == 1 else MaskSet(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in MaskSet.__dataclass_fields__)
+        )
         # 2. duplicates between crops: the mask from the smaller crop wins
         if len(crop_boxes) > 1:
             with clock("postprocess"):
@@ -180,109 +210,138 @@ class MaskGenerator:
 
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, clock: "_Clock") -> MaskSet:
         x0, y0, x1, y1 = crop_box
-        crop = image[y0:y1, x0:x1, :]
-        crop_size = crop.shape[:2]
-        # 1. the crop's image embedding
+        crop_image = image[y0:y1, x0:x1, :]
+        # 1. the crop's image embedding, and the decoder's per-image work
         with clock("encode"):
-            features, input_size = self._encode(crop)
+            features, input_size = self._encode(crop_image)
+        with clock("decode"), self._autocast():
+            decoder = PointDecoder(self.sam, features)
+        crop = _Crop(crop_box, input_size, image.shape[:2], None, [])
         # 2. the crop's point grid, in batches; each batch keeps the candidates that pass the filters
-        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
+        points = self.point_grids[layer] * np.array(crop.size)[None, ::-1]
         parts = [
-            self._process_batch(batch, features, input_size, crop_box, image.shape[:2], clock)
+            self._process_batch(batch, decoder, crop, clock)
             for (batch,) in batch_iterator(self.points_per_batch, points)
         ]
         with clock("postprocess"):
             cands = _Candidates.cat(parts)
             # 3. duplicates within the crop: the higher predicted IoU wins
             keep = batched_nms(cands.boxes.float(), cands.iou.float(), _zeros(cands.iou), self.box_nms_thresh)
-            # 4. upscale the survivors again, binarise and move them to the full-image frame
-            return self._materialise(cands.select(keep), input_size, crop_box, image.shape[:2])
+            # 4. the survivors' full-image masks
+            return self._materialise(cands.select(keep), crop)
 
     def _encode(self, crop: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(1, C, h, w)`` embedding of an ``(H, W, 3) uint8`` crop and its resized ``(H, W)``."""
         resized = torch.as_tensor(self._transform.apply_image(crop), device=self.device)
         resized = resized.permute(2, 0, 1).contiguous()[None]
         with self._autocast():
-            features = self.sam.image_encoder(self.sam.preprocess(resized))
+            features = encode_image(self.sam.image_encoder, self.sam.preprocess(resized))
         return features, tuple(resized.shape[-2:])
 
-    def _process_batch(
-        self,
-        points: np.ndarray,
-        features: torch.Tensor,
-        input_size: tuple[int, int],
-        crop_box: list[int],
-        orig_size: tuple[int, int],
-        clock: "_Clock",
-    ) -> _Candidates:
+    def _process_batch(self, points: np.ndarray, decoder: PointDecoder, crop: _Crop, clock: "_Clock") -> _Candidates:
         """Candidates from ``(B, 2)`` XY crop-pixel points: 3 masks per point, then the filters."""
-        crop_size = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
         with clock("decode"):
-            logits, iou = self._decode(points, features, crop_size)
+            coords = torch.as_tensor(self._transform.apply_coords(points, crop.size), device=self.device)
+            with self._autocast():
+                logits, iou = decoder(coords)
         with clock("postprocess"):
-            logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
+            logits, iou = logits.flatten(0, 1).float(), iou.flatten(0, 1).float()
             pts = torch.as_tensor(points, device=self.device).repeat_interleave(3, dim=0)
             # 1. predicted IoU, on the low-resolution logits (before upscaling)
             if self.pred_iou_thresh > 0.0:
                 logits, iou, pts = _take(iou > self.pred_iou_thresh, logits, iou, pts)
-            if len(iou) == 0:
-                no_boxes = torch.zeros((0, 4), dtype=torch.long, device=self.device)
-                return _Candidates(logits, iou, iou.new_zeros(0), no_boxes, pts)
-            # 2. stability score, on the upscaled logits
-            masks = self._upscale(logits, input_size, crop_size)
-            stability = calculate_stability_score(masks, self.sam.mask_threshold, self.stability_score_offset)
+            # 2. boxes and stability scores of the upscaled masks; the masks are kept as pieces
+            first = len(crop.pieces)
+            boxes, stability = self._measure(logits, crop)
+            ref = torch.arange(first, len(crop.pieces), device=self.device)
             if self.stability_score_thresh > 0.0:
                 keep = stability >= self.stability_score_thresh
-                logits, iou, pts, stability, masks = _take(keep, logits, iou, pts, stability, masks)
-            # 3. tight boxes; drop masks that touch the crop's edge (but not the image's)
-            boxes = batched_mask_to_box(masks > self.sam.mask_threshold).long()
-            near_edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-            return _Candidates(logits, iou, stability, boxes, pts).select(~near_edge)
+                iou, pts, stability, boxes, ref = _take(keep, iou, pts, stability, boxes, ref)
+            # 3. drop masks that touch the crop's edge (but not the image's)
+            near_edge = is_box_near_crop_edge(boxes, crop.box, [0, 0, crop.orig_size[1], crop.orig_size[0]])
+            return _Candidates(iou, stability, boxes, pts, ref).select(~near_edge)
 
-    def _decode(
-        self, points: np.ndarray, features: torch.Tensor, crop_size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, h, w)`` low-resolution logits and ``(B, 3)`` predicted IoU for ``(B, 2)`` points."""
-        coords = torch.as_tensor(self._transform.apply_coords(points, crop_size), device=self.device)
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
-        with self._autocast():
-            prompts = (coords[:, None, :], labels[:, None])
-            sparse, dense = self.sam.prompt_encoder(points=prompts, boxes=None, masks=None)
-            logits, iou = self.sam.mask_decoder(
-                image_embeddings=features,
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
-        return logits, iou
+    def _measure(self, logits: torch.Tensor, crop: _Crop) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, 4)`` int64 boxes and ``(K,)`` stability scores of ``(K, h, w)`` logits upscaled to the crop;
+        appends each mask to ``crop.pieces``."""
+        if crop.upscaler is None and self.device.type == "cpu":
+            crop.upscaler = self._upscaler(tuple(logits.shape[-2:]), crop.input_size, crop.size)
+        if crop.upscaler is None:  # full upscaling: keep the logits, upscale survivors again at the end
+            masks = self._upscale(logits, crop)
+            crop.pieces.extend(logits)
+            stability = calculate_stability_score(masks, self.sam.mask_threshold, self.stability_score_offset)
+            return batched_mask_to_box(masks > self.sam.mask_threshold).long(), stability
+        windows = crop.upscaler.windows(logits, self.sam.mask_threshold - self.stability_score_offset).tolist()
+        measured = [self._measure_one(mask, window, crop) for mask, window in zip(logits, windows)]
+        boxes = torch.tensor([m[0] for m in measured], dtype=torch.long).reshape(-1, 4)
+        counts = torch.tensor([m[1:3] for m in measured], dtype=torch.int32).reshape(-1, 2)
+        crop.pieces.extend(m[3] for m in measured)
+        return boxes, counts[:, 0] / counts[:, 1]  # 0 / 0 = nan for an empty mask, as the official
 
-    def _materialise(
-        self, cands: _Candidates, input_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
-    ) -> MaskSet:
-        """Full-image ``MaskSet`` of the candidates that survived NMS (upscaled in chunks)."""
-        x0, y0, x1, y1 = crop_box
-        height, width = orig_size
-        chunks = [torch.zeros((0, height, width), dtype=torch.bool, device=self.device)]
-        for part in cands.logits.split(3 * self.points_per_batch) if len(cands.logits) else ():
-            binary = self._upscale(part, input_size, (y1 - y0, x1 - x0)) > self.sam.mask_threshold
-            chunks.append(uncrop_masks(binary, crop_box, height, width))
-        masks = torch.cat(chunks)
+    def _measure_one(self, logits: torch.Tensor, window: list[int], crop: _Crop) -> tuple:
+        """``(box XYXY, pixels above threshold + offset, above threshold - offset, bool piece or None)``
+        of one ``(h, w)`` logit map upscaled to the crop, computed inside its ``[r0, r1, c0, c1]`` window."""
+        threshold, offset = self.sam.mask_threshold, self.stability_score_offset
+        r0, r1, c0, c1 = window
+        if r0 < 0:
+            return (0, 0, 0, 0), 0, 0, None
+        if (r1 - r0 + 1) * (c1 - c0 + 1) > LARGE_WINDOW * crop.size[0] * crop.size[1]:
+            values = self._upscale(logits[None], crop)[0, r0 : r1 + 1, c0 : c1 + 1]
+        else:
+            values = crop.upscaler.values(logits, (r0, r1), (c0, c1))
+        high = int((values > threshold + offset).sum(dtype=torch.int32))
+        low = int((values > threshold - offset).sum(dtype=torch.int32))
+        # the tight box of values > threshold (row / column maxima: cheaper than any() on booleans)
+        rows = (values.amax(1) > threshold).nonzero().flatten().tolist()
+        if not rows:
+            return (0, 0, 0, 0), high, low, None
+        cols = (values.amax(0) > threshold).nonzero().flatten().tolist()
+        piece = values[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] > threshold
+        return (c0 + cols[0], r0 + rows[0], c0 + cols[-1], r0 + rows[-1]), high, low, piece
+
+    def _upscaler(self, low_res: tuple[int, int], input_size: tuple[int, int], crop_size: tuple[int, int]
+                  ) -> Optional[WindowUpscaler]:
+        """The window upscaler of a geometry (cached), None when this build cannot reproduce the official."""
+        key = (low_res, input_size, crop_size)
+        if key not in self._upscalers:
+            if len(self._upscalers) >= 64:
+                self._upscalers.clear()
+            try:
+                self._upscalers[key] = WindowUpscaler(self.sam, low_res, input_size, crop_size)
+            except ValueError:
+                self._upscalers[key] = None
+        return self._upscalers[key]
+
+    def _materialise(self, cands: _Candidates, crop: _Crop) -> MaskSet:
+        """Full-image ``MaskSet`` of the candidates that survived NMS."""
+        x0, y0, x1, y1 = crop.box
+        height, width = crop.orig_size
+        if crop.upscaler is None:  # full upscaling, in chunks
+            chunks = [torch.zeros((0, height, width), dtype=torch.bool, device=self.device)]
+            pieces = [crop.pieces[i] for i in cands.ref.tolist()]
+            for part in torch.stack(pieces).split(3 * self.points_per_batch) if pieces else ():
+                binary = self._upscale(part, crop) > self.sam.mask_threshold
+                chunks.append(uncrop_masks(binary, crop.box, height, width))
+            masks = torch.cat(chunks)
+        else:  # paste each piece at its box
+            masks = torch.zeros((len(cands.ref), height, width), dtype=torch.bool, device=self.device)
+            for i, (ref, box) in enumerate(zip(cands.ref.tolist(), cands.boxes.tolist())):
+                if crop.pieces[ref] is not None:
+                    masks[i, y0 + box[1] : y0 + box[3] + 1, x0 + box[0] : x0 + box[2] + 1] = crop.pieces[ref]
         crop_xywh = torch.tensor([x0, y0, x1 - x0, y1 - y0], dtype=torch.float32, device=self.device)
         return MaskSet(
             masks=masks,
-            boxes=uncrop_boxes_xyxy(cands.boxes, crop_box).float(),
+            boxes=uncrop_boxes_xyxy(cands.boxes, crop.box).float(),
             predicted_iou=cands.iou.float(),
             stability_score=cands.stability.float(),
-            point_coords=uncrop_points(cands.points, crop_box),
+            point_coords=uncrop_points(cands.points, crop.box),
             crop_boxes=crop_xywh.expand(len(masks), 4).clone(),
         )
 
-    def _upscale(self, logits: torch.Tensor, input_size: tuple[int, int], crop_size: tuple[int, int]
-                 ) -> torch.Tensor:
+    def _upscale(self, logits: torch.Tensor, crop: _Crop) -> torch.Tensor:
         """``(K, h, w)`` low-resolution logits -> ``(K, H, W)`` logits at crop resolution (SAM's own
         upscaling, which treats each mask independently)."""
-        return self.sam.postprocess_masks(logits[:, None], input_size, crop_size)[:, 0]
+        return self.sam.postprocess_masks(logits[:, None], crop.input_size, crop.size)[:, 0]
 
     def _crop_nms(self, found: MaskSet) -> torch.Tensor:
         """Indices kept by NMS across crops, best first; the score is ``1 / crop area``."""
@@ -329,10 +388,9 @@ class MaskGenerator:
         ]
 
     def _autocast(self):
-        """Autocast to the model's dtype when it is a half precision (the official generator cannot run
-        half-precision models: its point encoding is float32)."""
-        dtype = self.sam.pixel_mean.dtype  # load_sam casts every floating tensor
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        """Autocast to the compute dtype unless it is fp32."""
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -364,6 +422,16 @@ def _take(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...
 def _zeros(like: torch.Tensor) -> torch.Tensor:
     """NMS categories: one class for every box."""
     return torch.zeros(len(like), device=like.device)
+
+
+def _compute_dtype(name: Any, sam: Sam) -> torch.dtype:
+    """The autocast dtype for the ``dtype`` option; fp32 on half-precision weights computes in theirs (the
+    official generator cannot run those: its point encoding is float32)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"dtype must be one of fp32, bf16, fp16, got {name!r}")
+    dtype = resolve_dtype(name, sam.device)
+    weights = sam.pixel_mean.dtype
+    return weights if dtype == torch.float32 and weights != torch.float32 else dtype
 
 
 def _check_image(image: Any) -> None:

@@ -80,7 +80,7 @@ class SLIP:
     def build(sam, ranker: Ranker, request: ResolvedRequest, *, points_per_batch: int = 64,
               batch_size: int = 64) -> "SLIP":
         """The pipeline over a loaded SAM: its mask generator takes the request's options and dtype."""
-        generator = MaskGenerator(sam, points_per_batch=points_per_batch, **_dtype(request.dtype),
+        generator = MaskGenerator(sam, points_per_batch=points_per_batch, dtype=request.dtype,
                                   **request.generator.to_json())
         return SLIP(generator, ranker, request, batch_size=batch_size)
 
@@ -180,7 +180,3 @@ class SLIP:
     def _embedding_dim(self) -> int:
         return int(self.encode_prompts(["object"]).shape[1])
 
-
-def _dtype(dtype: str) -> dict:
-    """The generator's compute-precision keyword (fp32 is its default)."""
-    return {} if dtype == "fp32" else {"dtype": dtype}

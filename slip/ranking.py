@@ -13,6 +13,7 @@ back ``(N, P)`` float32 on the CPU, segments x prompts, as stored in :class:`~sl
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -52,7 +53,7 @@ def validate_thresholds(threshold: Threshold, prompts: int) -> tuple[float | Non
     Raises :class:`~slip.errors.ConfigError` for a wrong length or a value outside ``[-1, 1]`` (the range
     of a cosine similarity) or not a number.
     """
-    if threshold is None or isinstance(threshold, (int, float)):
+    if threshold is None or isinstance(threshold, (numbers.Real, str)):
         values = (threshold,) * prompts
     else:
         values = tuple(threshold)
@@ -61,7 +62,7 @@ def validate_thresholds(threshold: Threshold, prompts: int) -> tuple[float | Non
     for i, t in enumerate(values):
         if t is None:
             continue
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 <= float(t) <= 1.0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not -1.0 <= float(t) <= 1.0:
             raise ConfigError(f"threshold {t!r} (prompt {i}) must be a cosine similarity in [-1, 1] or null")
     return tuple(None if t is None else float(t) for t in values)
 

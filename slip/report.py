@@ -4,11 +4,12 @@ Everything is inline (CSS, PNGs as base64 data URIs), so the file can be mailed 
 
 Sections:
 
-* accuracy table (judge-free, every query scored; like the paper's Table 2, whose figures are shown
-  for reference), with and without one-to-one assignment, and per-class accuracy;
+* accuracy table (object-level: the chosen segment is the prompted object; every query scored; like
+  the paper's Table 2, whose figures are shown for reference), with and without one-to-one
+  assignment, the lenient tile accuracy beside it, and per-class accuracy;
 * grid search (the paper's Table 1: lr, projection dim, validation loss; the best cell marked);
 * training curves (loss per epoch);
-* gallery of composites with the chosen segment of each query overlaid, hits green, misses red.
+* gallery of composites with the chosen segment of each query overlaid, objects found green, misses red.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def gallery_item(ev, *, ranker: str, mode: str = "plain") -> GalleryItem:
     """A :class:`GalleryItem` from a :class:`slip.evaluate.CompositeEval` (queries of one ``mode``)."""
     rows = [r for r in ev.results if r.mode == mode]
     masks = [None if r.chosen is None else ev.masks[r.chosen] for r in rows]
-    lines = tuple((f"{k + 1}. {r.prompt}" + ("" if r.chosen_kind in (None, "object", "proposal") else f" ({r.chosen_kind})"),
-                   r.correct) for k, r in enumerate(rows))
+    lines = tuple((f"{k + 1}. {r.prompt}" + ("" if r.chosen_kind in (None, "object", "proposal") else f" ({r.chosen_kind})")
+                   + ("" if r.iou is None else f" IoU {r.iou:.2f}"), r.correct) for k, r in enumerate(rows))
     png = overlay(ev.composite.image, masks, [r.correct for r in rows], ev.composite.tile_boxes)
     return GalleryItem(title=f"composite {ev.composite.index} · {ranker}", png=png, lines=lines)
 
@@ -110,16 +111,19 @@ def _accuracy_section(evals: Sequence[dict]) -> str:
         plain, one = e["summary"]["plain"], e["summary"]["one_to_one"]
         iou = "–" if plain.get("mean_iou") is None else f"{plain['mean_iou']:.3f}"
         rows.append(f"<tr><td>{html.escape(e['ranker'])}</td><td>{plain['composites']}</td><td>{plain['queries']}</td>"
-                    f"<td>{_pct(plain['accuracy'])}</td><td>{_pct(one['accuracy'])}</td><td>{iou}</td>"
-                    f"<td>{_pct(plain.get('iou50_accuracy'))}</td><td>{_pct(plain.get('judge_accuracy'))}</td></tr>")
+                    f"<td>{_pct(plain['accuracy'])}</td><td>{_pct(one['accuracy'])}</td>"
+                    f"<td>{_pct(plain.get('tile_accuracy'))}</td><td>{iou}</td>"
+                    f"<td>{_pct(plain.get('judge_accuracy'))}</td></tr>")
     refs = "".join(f'<tr class="ref"><td>paper: {html.escape(n)}</td><td>–</td><td>–</td><td>–</td><td>–</td><td>–</td>'
                    f"<td>–</td><td>{v}</td></tr>" for n, v in PAPER_TABLE_2)
-    table = ("<table><tr><th>ranker</th><th>composites</th><th>queries</th><th>accuracy</th><th>one-to-one</th>"
-             f"<th>mean IoU</th><th>IoU&gt;0.5</th><th>judge</th></tr>{''.join(rows)}{refs}</table>")
-    note = ('<p class="note">Judge-free: a query is correct when the chosen segment lies mostly (&gt;50% of its area) in '
-            "the tile of the prompted class; all 4 classes of every composite are queried. <i>judge</i>: the paper's scoring, "
-            "a ResNet-18 classifier (<code>slip train-judge</code>) names the chosen segment. The paper's figures "
-            "(classifier judge, its own data) are shown for reference only.</p>")
+    table = ("<table><tr><th>ranker</th><th>composites</th><th>queries</th><th>object accuracy</th><th>one-to-one</th>"
+             f"<th>tile accuracy</th><th>mean IoU</th><th>judge</th></tr>{''.join(rows)}{refs}</table>")
+    note = ('<p class="note"><i>object accuracy</i>: the chosen segment is the prompted object (IoU &gt; 0.5 with its '
+            "true mask; without masks the classifier judge, or the oracle's object segment); all 4 classes of every "
+            "composite are queried. <i>tile accuracy</i>: the chosen segment lies mostly (&gt;50% of its area) in the "
+            "prompted tile, which also accepts a background patch or part of the object there. <i>judge</i>: the "
+            "paper's scoring, a ResNet-18 classifier (<code>slip train-judge</code>) names the chosen segment. The "
+            "paper's figures (classifier judge, its own data) are shown for reference only.</p>")
     return "<h2>Accuracy</h2>" + table + note + _per_class_section(evals)
 
 
@@ -176,8 +180,8 @@ def _gallery_section(items: Sequence[GalleryItem]) -> str:
     for item in items:
         lines = "".join(f'<div class="{"hit" if ok else "miss"}">{"✓" if ok else "✗"} {html.escape(t)}</div>' for t, ok in item.lines)
         cards.append(f'<div class="card"><div class="t">{html.escape(item.title)}</div>{_img(item.png, item.title)}{lines}</div>')
-    return ('<h2>Gallery</h2><p class="note">Chosen segment of each query, numbered as listed; green = correct tile, '
-            f'red = wrong.</p><div class="gallery">{"".join(cards)}</div>')
+    return ('<h2>Gallery</h2><p class="note">Chosen segment of each query, numbered as listed; green = the prompted '
+            f'object, red = anything else.</p><div class="gallery">{"".join(cards)}</div>')
 
 
 def build_report(evals: Sequence[dict], grid: Sequence[dict] = (), curves: Mapping[str, dict | list] | None = None,

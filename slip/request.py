@@ -144,8 +144,7 @@ class ResolvedRequest:
 
     def filter_chain(self) -> str:
         """The filter chain as a ``slip.filters.parse_filters`` string (``"none"`` when empty)."""
-        items = [":".join([f["name"], *(f"{k}={_text(v)}" for k, v in f.items() if k != "name")]) for f in self.filters]
-        return ",".join(items) or "none"
+        return chain_text(self.filters)
 
     def thresholds(self, prompts: int) -> tuple[float | None, ...]:
         """One threshold per prompt (ConfigError when a per-prompt list has the wrong length)."""
@@ -199,16 +198,25 @@ def resolve(options: SegmentOptions, *, sam: ModelRef, sam_generator: Mapping[st
         raise ConfigError(f"instances must be one of {', '.join(INSTANCE_MODES)}, got {options.instances!r}")
     if options.top_k < 0:
         raise ConfigError(f"top_k must be >= 0, got {options.top_k}")
-    generator = (GeneratorOptions()
-                 .merged(sam_generator, source=f"generator.json of SAM {sam.spec}")
-                 .merged(options.generator, source="the request's generator options"))
-    chain = options.filters if options.filters is not None else (sam_filters or PAPER_FILTERS)
+    generator, filters = resolve_proposals(options, sam_spec=sam.spec, sam_generator=sam_generator,
+                                           sam_filters=sam_filters)
     return ResolvedRequest(
-        sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=canonical_filters(chain),
+        sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=filters,
         crop=options.crop, top_k=options.top_k,
         threshold=_threshold(options, ranker_threshold), instances=options.instances,
         one_to_one=options.one_to_one,
     )
+
+
+def resolve_proposals(options: SegmentOptions, *, sam_spec: str, sam_generator: Mapping[str, Any],
+                      sam_filters: str | None) -> tuple[GeneratorOptions, tuple[dict, ...]]:
+    """The prompt-independent part of :func:`resolve`: generator options and the canonical filter chain
+    (for code that only proposes segments, such as evaluation with SAM proposals)."""
+    generator = (GeneratorOptions()
+                 .merged(sam_generator, source=f"generator.json of SAM {sam_spec}")
+                 .merged(options.generator, source="the request's generator options"))
+    chain = options.filters if options.filters is not None else (sam_filters or PAPER_FILTERS)
+    return generator, canonical_filters(chain)
 
 
 def canonical_filters(chain: str) -> tuple[dict, ...]:
@@ -217,6 +225,12 @@ def canonical_filters(chain: str) -> tuple[dict, ...]:
     from slip.filters import parse_filters  # the filters module needs torch; parsing a chain does not run it
 
     return tuple({"name": f.name, **f.params()} for f in parse_filters(chain))
+
+
+def chain_text(filters: tuple[dict, ...]) -> str:
+    """A canonical filter chain as a ``slip.filters.parse_filters`` string (``"none"`` when empty)."""
+    items = [":".join([f["name"], *(f"{k}={_text(v)}" for k, v in f.items() if k != "name")]) for f in filters]
+    return ",".join(items) or "none"
 
 
 def _threshold(options: SegmentOptions, calibrated: float | None) -> float | tuple[float | None, ...] | None:

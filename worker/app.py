@@ -35,6 +35,7 @@ log = logging.getLogger("slip.worker")
 
 TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # each has register(app)
 QUEUES = (MODEL_QUEUE, LIGHT_QUEUE)
+PROCESS_START_S = 600.0  # a pool process may take this long to load its models before it counts as failed
 ROUTES = {
     "slip.segment": {"queue": "gpu"},
     "slip.train*": {"queue": "gpu"},
@@ -60,6 +61,10 @@ def create_app(settings: Settings, *, worker: bool = False) -> Celery:
         task_reject_on_worker_lost=True,  # a killed pool process puts its task back on the queue
         worker_prefetch_multiplier=1,  # a worker reserves one message per process, no hoarding
         worker_concurrency=1,  # one pool process = one copy of the models per GPU (--concurrency overrides)
+        # a pool process reports "up" only after worker_process_init has loaded the models: a vit_h load (and
+        # the first hash of its 2.5 GB) takes far more than Celery's default 4 s, and a replacement for a
+        # killed process would otherwise be killed and replaced again, forever
+        worker_proc_alive_timeout=PROCESS_START_S,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_throttle": 1,

@@ -6,7 +6,8 @@ called by the producer right after a submit, by a worker right after it finishes
 ``SLIP_TICK`` seconds by the ticker of whichever worker holds the tick lease (:mod:`worker.heartbeat`).
 One pass, in order:
 
-1. chunks held by a worker whose heartbeat expired (``SLIP_DEAD_AFTER``): sent again;
+1. chunks held by a worker whose heartbeat expired (``SLIP_DEAD_AFTER``), or held past the hard time limit
+   (``SLIP_TASK_TIME_LIMIT`` + 60 s): sent again;
 2. sent chunks that no worker runs and the broker no longer holds, for ``SLIP_LOST_AFTER``: sent again;
 3. chunks whose items failed for now, once their back-off is due: sent again;
 4. new chunks, until ``window`` chunks are in flight;
@@ -89,11 +90,14 @@ class Feeder:
         view, report, now = self.board.view(job_id), FeedReport(job_id), time.time()
         if not view.active:
             return report
-        # 1. chunks whose worker stopped beating
+        # 1. chunks whose worker stopped beating, or that ran past the hard time limit
         alive = self.board.alive(sorted({run["worker"] for run in view.running.values()}))
+        overdue = self.settings.task_time_limit_s + 60
         for chunk, run in view.running.items():
             if run["worker"] not in alive:
                 self._resend(job_id, chunk, f"worker {run['node']} stopped beating", report)
+            elif now - run["at"] > overdue:
+                self._resend(job_id, chunk, f"it ran on {run['node']} past the hard time limit", report)
         # 2. sent chunks that nothing holds any more
         for chunk in self._lost(job_id, view, now):
             self._resend(job_id, chunk, "its message was lost", report)

@@ -77,19 +77,24 @@ def process_item(store: Store, pipeline, spec: SegmentSpec, item: Item) -> ItemO
         cached, embeddings, how = _compute(store, pipeline, item, image, timer, cached)
     # 2. prompt-dependent work: one text encode per prompt and a matrix product
     render = spec.params.render
-    masks = cached.masks() if (render or request.instances == "all") else None
+    masks = None
+    if render or request.instances == "all":
+        with timer.stage("decode_masks"):
+            masks = cached.masks()
     similarity, matches = pipeline.rank(embeddings, spec.prompts, masks, timer)
     # 3. the result files, segments.json last, in one write
     files = {}
     if render:
         image = image if image is not None else _read_image(store, item, spec, timer)
-        files = rendered_files(image, masks.masks, matches)
+        with timer.stage("render"):
+            files = rendered_files(image, masks.masks, matches)
     runtime = {"points_per_batch": pipeline.generator.points_per_batch, "proposals": how}
-    document = result_document(
-        image_size=cached.image_size, prompts=spec.prompts, request=request, segments=cached.segments,
-        similarity=similarity, matches=matches, generated=cached.generated, filters=cached.filters,
-        timings=timer.seconds, runtime=runtime)
-    files[RESULT_FILE] = json.dumps(document).encode()
+    with timer.stage("encode_result"):  # in the chunk record's timings only (the document is built inside it)
+        document = result_document(
+            image_size=cached.image_size, prompts=spec.prompts, request=request, segments=cached.segments,
+            similarity=similarity, matches=matches, generated=cached.generated, filters=cached.filters,
+            timings=timer.seconds, runtime=runtime)
+        files[RESULT_FILE] = json.dumps(document).encode()
     with timer.stage("write_result"):
         store.put_many({f"{prefix}/{name}": data for name, data in files.items()})
     return ItemOutcome(index=item.index, state="done", result_key=prefix, how=how,
@@ -107,7 +112,8 @@ def _existing(store: Store, prefix: str, spec: SegmentSpec, item: Item, timer: S
     if spec.params.render and not store.exists(f"{prefix}/mask_0.png"):
         _render_existing(store, prefix, doc, spec, item, timer)
     found = [len(m.get("instances", ())) for m in doc.get("matches", [])]
-    return ItemOutcome(index=item.index, state="done", result_key=prefix, how="existing", found=found)
+    return ItemOutcome(index=item.index, state="done", result_key=prefix, how="existing", found=found,
+                       timings_s={k: round(v, 6) for k, v in timer.seconds.items()})
 
 
 def _render_existing(store: Store, prefix: str, doc: dict, spec: SegmentSpec, item: Item, timer: StageTimer) -> None:
@@ -115,13 +121,17 @@ def _render_existing(store: Store, prefix: str, doc: dict, spec: SegmentSpec, it
     from slip.types import Match
 
     size = (doc["image_size"]["height"], doc["image_size"]["width"])
-    masks = maskset_from_records(doc["segments"], *size).masks
+    with timer.stage("decode_masks"):
+        masks = maskset_from_records(doc["segments"], *size).masks
     pair = lambda p: (p["segment"], p["score"])  # noqa: E731
     matches = [Match(prompt=m["prompt"], instances=tuple(map(pair, m["instances"])),
                      best=None if m["best"] is None else pair(m["best"]), threshold=m["threshold"],
                      top_k=tuple(map(pair, m["top_k"]))) for m in doc["matches"]]
     image = _read_image(store, item, spec, timer)
-    store.put_many({f"{prefix}/{name}": data for name, data in rendered_files(image, masks, matches).items()})
+    with timer.stage("render"):
+        files = rendered_files(image, masks, matches)
+    with timer.stage("write_result"):
+        store.put_many({f"{prefix}/{name}": data for name, data in files.items()})
 
 
 def _compute(store: Store, pipeline, item: Item, image: np.ndarray, timer: StageTimer,
@@ -130,7 +140,8 @@ def _compute(store: Store, pipeline, item: Item, image: np.ndarray, timer: Stage
     request = pipeline.request
     if cached is None:
         proposals = pipeline.propose(image, timer)
-        cached = CachedProposals.of(proposals)
+        with timer.stage("encode_proposals"):  # masks to COCO RLE records
+            cached = CachedProposals.of(proposals)
         segments, how = proposals.segments, "computed"
         with timer.stage("save_proposals"):
             save_proposals(store, proposals_key(item.image_sha, request), cached, request)

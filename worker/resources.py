@@ -27,7 +27,7 @@ from worker.broker import MODEL_QUEUE, holdings
 from worker.feeder import Feeder, Publish
 from worker.jobs import SegmentParams
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, canonical_json
 
 log = logging.getLogger("slip.worker")
 
@@ -77,7 +77,7 @@ class WorkerResources:
 
         self._require_models()
         ppb = points_per_batch or self.settings.points_per_batch
-        key = (request, ppb)
+        key = (canonical_json(request.to_json()), ppb)
         if key not in self._pipelines:
             self._pipelines[key] = SLIP.build(self.sam.model, self.ranker.ranker, request, points_per_batch=ppb,
                                               batch_size=self.settings.batch_size)

@@ -61,6 +61,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import fsspec
 
 from slip.errors import ConfigError, InvalidKeyError, ObjectNotFoundError, StoreError
+from slip.request import canonical_json, digest  # noqa: F401  (re-exported: the one definition of a digest)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,16 +105,6 @@ def validate_key(key: str) -> str:
                 f"object-store key {key!r}: segment {part!r} must match [A-Za-z0-9_][A-Za-z0-9._-]*"
             )
     return key
-
-
-def canonical_json(value: Any) -> str:
-    """Deterministic JSON text: sorted keys, no blanks, UTF-8 kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def digest(value: Any) -> str:
-    """sha256 hex of the canonical JSON of ``value``."""
-    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -25,7 +25,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slip.errors import ConfigError, DatasetError, InputError, ObjectNotFoundError
+from slip.errors import ConfigError, DatasetError, InputError, ObjectNotFoundError, WeightsError
 from worker.jobs import JOB_ID, parse_model
 from worker.store import job_prefix, validate_key
 from worker.train_tasks import STORE_SPEC, materialize, put_directory, ranker_directory
@@ -110,7 +110,7 @@ def result_key(job_id: str) -> str:
 
 def register(app) -> None:
     """Register the SAM training task on ``app``."""
-    app.task(name="slip.train_sam", bind=True, throws=(InputError,))(train_sam)
+    app.task(name="slip.train_sam", bind=True, throws=(InputError, WeightsError))(train_sam)
 
 
 def train_sam(self, request: dict) -> dict:

@@ -31,7 +31,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slip.errors import ConfigError, DatasetError, InputError
+from slip.errors import ConfigError, DatasetError, InputError, WeightsError
 from worker.jobs import JOB_ID, parse_model
 from worker.store import Store, digest, job_prefix, sha256_bytes, validate_key
 
@@ -92,6 +92,7 @@ class EvaluateRequest(BaseModel):
     dataset: str = Field(pattern=r"^[0-9a-f]{64}$")
     seed: int = 0  # composite seed
     split_seed: int = 0  # train/validation split seed (composites use held-out images)
+    split: Literal["val", "all"] = "val"  # val: the split's validation images; all: a dataset nobody trained on
     caption_template: str = "{name}"
     tile_size: int = Field(128, ge=16, le=1024)
     proposals: Literal["oracle", "sam"] = "oracle"
@@ -224,8 +225,8 @@ def _cache_root(res) -> Path:
 
 def register(app) -> None:
     """Register the training and evaluation tasks on ``app``."""
-    app.task(name="slip.train", bind=True, throws=(InputError,))(train)
-    app.task(name="slip.evaluate", bind=True, throws=(InputError,))(evaluate)
+    app.task(name="slip.train", bind=True, throws=(InputError, WeightsError))(train)
+    app.task(name="slip.evaluate", bind=True, throws=(InputError, WeightsError))(evaluate)
 
 
 def train(self, request: dict) -> dict:
@@ -284,7 +285,8 @@ def run_evaluate(res, req: EvaluateRequest) -> dict:
 
     cache = _cache_root(res)
     dataset = materialize(res.store, req.dataset, cache)
-    source = composite_source(dataset, seed=req.seed, split_seed=req.split_seed, caption_template=req.caption_template,
+    source = composite_source(dataset, seed=req.seed, split_seed=req.split_seed, split=req.split,
+                              caption_template=req.caption_template,
                               tile_size=req.tile_size)
     warm = res.ranker is not None and req.ranker == res.settings.clip
     ranker = res.ranker.ranker if warm else load_ranker(ranker_directory(res.store, req.ranker, cache),
@@ -293,10 +295,8 @@ def run_evaluate(res, req: EvaluateRequest) -> dict:
     if req.proposals == "sam":
         sam = req.sam or res.settings.sam
         warm_sam = res.sam is not None and sam == res.settings.sam
-        proposer = sam_proposer(res.sam.model if warm_sam else sam, device=res.settings.device,
-                                cache_dir=res.settings.cache_dir,
-                                recommended=dict(res.sam.generator) if warm_sam else None,
-                                recommended_filters=res.sam.filters if warm_sam else None)
+        proposer = sam_proposer(res.sam if warm_sam else sam, device=res.settings.device,
+                                cache_dir=res.settings.cache_dir)
     judge = None
     if req.judge:
         from slip.train.judge import load_judge

@@ -14,7 +14,6 @@ from typing import List, Optional
 import typer
 
 from slip.cli.common import cache_dir_from_env, fail, user_errors
-from slip.rankers.dual_encoder import MINILM_ALIASES
 
 
 def _logging(quiet: bool) -> None:
@@ -87,6 +86,8 @@ def train_ranker(
         else:
             model = None
             if init is None:
+                from slip.rankers.dual_encoder import MINILM_ALIASES
+
                 pooling = text_pooling or ("mean" if text_encoder in MINILM_ALIASES else "cls")
                 model = DualEncoderConfig(image_backbone=image_backbone, text_encoder=text_encoder,
                                           text_pooling=pooling, proj_dim=proj_dim, image_size=image_size,
@@ -108,6 +109,7 @@ def evaluate_local(
     composites: int = typer.Option(200, help="Number of 2x2 composites (4 queries each)."),
     seed: int = typer.Option(0, help="Composite seed."),
     split_seed: int = typer.Option(0, help="Seed of the train/validation split (as in training)."),
+    split: str = typer.Option("val", help="val: the validation images of the training split (the seed as in training); all: every image of a dataset neither training nor checkpoint selection saw (a separately generated one) — the honest choice."),
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
     tile_size: int = typer.Option(128, help="Side of each composite tile in pixels."),
     proposals: str = typer.Option("oracle", help="oracle (known segments + distractors) | sam (SAM + filters)."),
@@ -126,7 +128,7 @@ def evaluate_local(
 
     _logging(quiet)
     with user_errors():
-        runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed,
+        runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed, split=split,
                                 caption_template=caption_template, tile_size=tile_size, proposals=proposals,
                                 sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet,
                                 judge=judge, filters=filters)

@@ -69,7 +69,7 @@ def load_ranker_bundle(
     ranker.spec = spec
     arch = "synth-clip" if spec == SYNTH_SPEC else arch
     ref = ModelRef(spec=spec, arch=arch, sha256=directory_sha256(directory, cache_dir=cache_dir))
-    return RankerBundle(ranker, ref, read_threshold(directory))
+    return RankerBundle(ranker, ref, read_threshold(directory, ranker_sha256=ref.sha256))
 
 
 def load_ranker(

@@ -67,3 +67,12 @@ def test_cocoeval_scores_the_exported_results(synth_run, tmp_path):
     wrong = _segm_ap(synth_run.truth, shuffled)
     print(f"segm AP {ap:.3f}, with shifted categories {wrong:.3f}")
     assert ap > wrong + 0.25, (ap, wrong)
+
+
+def test_regenerating_without_coco_drops_the_stale_ground_truth(tmp_path):
+    from slip.data.synth import COCO_FILE, generate_dataset
+
+    generate_dataset(tmp_path, classes=1, per_class=1, size=32, coco=True)
+    assert json.loads((tmp_path / COCO_FILE).read_text())["images"][0]["file_name"] == "circle/00000.png"
+    generate_dataset(tmp_path, classes=1, per_class=1, size=32, seed=5)
+    assert not (tmp_path / COCO_FILE).exists()

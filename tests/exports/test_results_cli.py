@@ -44,7 +44,7 @@ def test_results_writes_each_format(job, tmp_path, format, name):
     out = tmp_path / name
     run = _run("results", job.job_id, "--format", format, "--out", str(out))
     assert run.exit_code == 0, run.output
-    assert f"wrote 6 images" in run.stdout and str(out) in run.stdout
+    assert "wrote 6 images" in run.stdout and str(out) in run.stdout
     assert out.exists()
 
 
@@ -87,3 +87,21 @@ def test_gallery_command_with_truth(job, synth_run, tmp_path):
     assert "hits of" in page
     _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "none.json")),
                     "cannot read the ground truth")
+
+
+def test_a_real_job_that_has_not_run_yet(synth_run, tmp_path, monkeypatch):
+    """The real path: a job written into a directory store by QueueClient.create_job (nothing sent), read
+    back through open_job / QueueClient.export_items: every image is pending, so nothing is written."""
+    from producer.common import client_from_env
+
+    monkeypatch.setenv("SLIP_STORE", str(tmp_path / "store"))
+    images = [synth_run.root / item.name for item in synth_run.items]
+    manifest = client_from_env().create_job(images, synth_run.prompts, sam="synth", clip="synth")
+    run = _run("results", manifest.job_id, "-f", "jsonl", "-o", str(tmp_path / "r.jsonl"))
+    assert run.exit_code == 0, run.output
+    assert "wrote 0 images, 0 instances (jsonl), 6 skipped" in run.stdout
+    assert (tmp_path / "r.jsonl").read_text() == ""
+    run = _run("gallery", manifest.job_id, "-o", str(tmp_path / "g"))
+    assert run.exit_code == 0, run.output
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert "6 not finished" in page and "SAM synth, ranker synth" in page

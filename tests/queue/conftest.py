@@ -1,7 +1,7 @@
 """Fixtures for the queue tests: Redis db 15, a temporary store, one session worker, a client.
 
-Helpers (``start_worker``, ``wait_worker_ready``, ``stop_worker``, ``queue_env``, ``run_cli``,
-``make_images``) live in ``queue_helpers.py`` and are re-exported here.
+Helpers (``start_worker``, ``wait_worker_ready``, ``stop_worker``, ``queue_env``, ``run_cli``, ``invoke_cli``,
+``make_images``, ``outcomes``, ``items_of``) live in ``queue_helpers.py`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,11 +17,17 @@ from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
     SESSION_DB,
     TINY_CLI_ARGS,
     TINY_PARAMS,
+    all_done,
+    client_for,
+    counts,
     flush,
+    items_of,
     job_id_from,
     make_images,
     node_name,
+    outcomes,
     queue_env,
+    records,
     redis_url,
     require_redis,
     run_cli,
@@ -71,4 +77,6 @@ def client(worker):
     from producer.client import QueueClient
     from worker.settings import Settings
 
-    return QueueClient(Settings.from_env(worker["env"]))
+    client = QueueClient(Settings.from_env(worker["env"]))
+    yield client
+    client.board.r.close()

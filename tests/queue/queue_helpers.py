@@ -10,8 +10,12 @@ built on them are in ``conftest.py`` beside this file::
     run_cli(["status", job_id], env)                       # the `slip` console command
 
 Redis db 15 belongs to the session worker of this folder (fixture ``worker``); tests that start their
-own workers should take another db (14, 13) and flush it themselves, or their tasks would be picked
-up by the session worker.
+own workers should take another db (docs/CONTRACTS.md lists them) and flush it themselves, or their
+tasks would be picked up by the session worker.
+
+The queue's state is read the way producers read it: ``client.status(job)`` (counts), the chunks'
+completion records (:func:`outcomes`: each image's ``ItemOutcome`` with its ``result_key``) and the
+manifest's items (:func:`items_of`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ def queue_env(store: Path, *, db: int = SESSION_DB, port: int = REDIS_PORT, **ov
         SLIP_VISIBILITY_TIMEOUT="150",
         SLIP_RETRY_BACKOFF="0.5",
         SLIP_MAX_RETRIES="2",
+        SLIP_HEARTBEAT="0.5",  # liveness beats and feeder passes often, so tests need not wait long
+        SLIP_TICK="1",
+        SLIP_DEAD_AFTER="8",
+        SLIP_LOST_AFTER="5",
+        SLIP_MAX_RESENDS="1",  # a chunk that failed for now is sent again once (after 10 s), then given up
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",
@@ -167,16 +176,56 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def client_for(env: dict[str, str]):
+    """A :class:`producer.client.QueueClient` for ``env`` (as the CLI builds one)."""
+    from producer.client import QueueClient
+    from worker.settings import Settings
+
+    return QueueClient(Settings.from_env(env))
+
+
+def items_of(store, job_id: str) -> list:
+    """The job's items (``worker.jobs.Item``: index, image_key, image_sha, name), in index order."""
+    from worker.ledger import iter_items, load_manifest
+
+    return list(iter_items(store, load_manifest(store, job_id)))
+
+
+def outcomes(store, job_id: str) -> dict:
+    """Item index -> its ``ItemOutcome`` from the chunks' completion records (the best record per chunk)."""
+    from worker.ledger import chunk_records
+
+    return {o.index: o for record in chunk_records(store, job_id) for o in record.items}
+
+
+def records(store, job_id: str) -> list:
+    """The job's completion records (``ChunkRecord``), the best one per chunk, in chunk order."""
+    from worker.ledger import chunk_records
+
+    return list(chunk_records(store, job_id))
+
+
+def counts(env_or_client, job_id: str) -> dict[str, int]:
+    """``client.status(job).counts``: done, failed, running, queued, waiting, lost."""
+    client = env_or_client if hasattr(env_or_client, "status") else client_for(env_or_client)
+    return client.status(job_id).counts
+
+
+def all_done(total: int) -> dict[str, int]:
+    """The counts of a job whose ``total`` images are all done."""
+    return {"done": total, "failed": 0, "running": 0, "queued": 0, "waiting": 0, "lost": 0}
+
+
 def invoke_cli(args: Sequence[str], env: dict[str, str]):
     """The same ``slip`` typer app, in this process (fast; no fresh interpreter); a click Result
     with ``exit_code``, ``stdout``, ``stderr``. Use :func:`run_cli` where a real process matters."""
     from typer.testing import CliRunner
 
-    from producer.cli import app
+    from producer.cli import build_app
 
     slip_env = {k: v for k, v in env.items() if k.startswith("SLIP_")}
     cleared = {k: None for k in os.environ if k.startswith("SLIP_") and k not in slip_env}
-    return CliRunner().invoke(app, list(args), env={**cleared, **slip_env}, catch_exceptions=True)
+    return CliRunner().invoke(build_app(), list(args), env={**cleared, **slip_env}, catch_exceptions=True)
 
 
 def require_redis() -> None:

@@ -1,18 +1,20 @@
 """Fault tolerance with real processes: a private ``redis-server`` per test (AOF on, so it can be killed
 and restarted), real ``celery -A worker worker`` subprocesses, the ``slip`` CLI, tiny-random models.
 
-* a worker SIGKILLed mid-job (main process and pool child, as when a machine dies): once a new worker
-  runs, every image completes exactly once; nothing is lost, duplicated or torn;
+* a worker SIGKILLed mid-job (main process and pool child, as when a machine dies): it stops beating, and
+  ``SLIP_DEAD_AFTER`` seconds later the live worker's ticker sends its chunk again; every image completes
+  exactly once (no result written twice), nothing is lost or torn. The visibility timeout (the broker's
+  backstop) is set far beyond the test, so only the heartbeat can rescue the chunk;
 * Redis SIGKILLed mid-batch and restarted on the same port: the worker reconnects, the batch completes;
 * two workers: both take work, the batch completes;
-* a poison message: a task whose worker process dies on every delivery (here the test plays the OOM
-  killer: once Celery reports the task started and the task has counted its delivery in Redis, the
-  documented ``slip:deliveries:<task id>:<retry>`` counter, it SIGKILLs the pool process mid-model) stops
-  after ``SLIP_MAX_DELIVERIES`` deliveries and is recorded as failed; the worker lives on.
+* a poison chunk: a chunk whose worker process dies on every delivery (here the test plays the OOM killer:
+  once the chunk has counted its delivery in Redis, ``slip:job:<id>:deliveries``, it SIGKILLs the pool
+  process mid-model) is failed for good without running once it was started ``SLIP_MAX_DELIVERIES`` times;
+  the worker lives on and serves the next job.
 
 Jobs are made slow enough to be caught mid-flight with a finer SAM point grid (``--points-per-side 32``),
-a real request parameter: no sleeps or test hooks in production code. Short visibility timeouts (6 s)
-come from the environment (``SLIP_VISIBILITY_TIMEOUT``), as a deployment would set them.
+a real request parameter: no sleeps or test hooks in production code. Short heartbeats come from the
+environment (``SLIP_HEARTBEAT``, ``SLIP_DEAD_AFTER``, ``SLIP_TICK``), as a deployment would set them.
 """
 
 from __future__ import annotations
@@ -32,16 +34,28 @@ import pytest
 import redis
 from PIL import Image
 
-from queue_helpers import invoke_cli, job_id_from, make_images, node_name, queue_env, start_worker, wait_worker_ready
+from queue_helpers import (
+    all_done,
+    client_for,
+    invoke_cli,
+    items_of,
+    job_id_from,
+    make_images,
+    node_name,
+    outcomes,
+    queue_env,
+    records,
+    start_worker,
+    wait_worker_ready,
+)
 
 pytestmark = pytest.mark.integration
 
-VISIBILITY_S = 6  # SLIP_VISIBILITY_TIMEOUT: an unacked message is redelivered after this
-TIME_LIMIT_S = 5  # SLIP_TASK_TIME_LIMIT: must stay below the visibility timeout
-SLOW_ARGS = ["--points-per-side", "32", "--batch-size", "1"]  # ~0.4 s per image on one core
+SLOW_ARGS = ["--points-per-side", "32", "--batch-size", "1", "--render"]  # a fraction of a second per image
 POISON_ARGS = ["--points-per-side", "48", "--batch-size", "1"]
 RESULT_FILES = {"segments.json", "mask_0.png", "overlay_0.png"}
 PROMPT = "a red box"
+DEAD_AFTER_S = 3.0  # SLIP_DEAD_AFTER: a worker silent this long is dead
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -124,8 +138,9 @@ def workers(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
 
 
 def fault_env(tmp_path: Path, server: PrivateRedis, **overrides: str) -> dict[str, str]:
-    limits = {"SLIP_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SLIP_TASK_TIME_LIMIT": str(TIME_LIMIT_S)}
-    return queue_env(tmp_path / "store", db=0, port=server.port, **{**limits, **overrides})
+    timing = {"SLIP_HEARTBEAT": "0.5", "SLIP_TICK": "0.5", "SLIP_DEAD_AFTER": str(DEAD_AFTER_S),
+              "SLIP_LOST_AFTER": "3", "SLIP_TASK_TIME_LIMIT": "60", "SLIP_VISIBILITY_TIMEOUT": "600"}
+    return queue_env(tmp_path / "store", db=0, port=server.port, **{**timing, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -139,7 +154,7 @@ def worker_logs(folder: Path) -> str:
 
 
 def submit(env: dict[str, str], folder: Path, args: list[str]) -> str:
-    """`slip submit segment FOLDER --prompt ...` without --wait: returns once every image is enqueued.
+    """`slip submit segment FOLDER --prompt ...` without --wait: returns once the cluster has the job.
     (The CLI's typer app in this process: a fresh interpreter costs seconds on a loaded 2-core machine,
     and the end-to-end tests already run the console command as a real process.)"""
     done = invoke_cli(["submit", "segment", str(folder), "--prompt", PROMPT, *args], env)
@@ -152,13 +167,6 @@ def status(env: dict[str, str], job: str) -> dict:
     done = invoke_cli(["status", job, "--json"], env)
     assert done.exit_code == 0, f"{done.stdout}{done.stderr}{done.exception!r}"
     return json.loads(done.stdout)
-
-
-def client_for(env: dict[str, str]):
-    from producer.client import QueueClient
-    from worker.settings import Settings
-
-    return QueueClient(Settings.from_env(env))
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, folder: Path, interval_s: float = 0.05) -> None:
@@ -176,64 +184,51 @@ def wait_job_done(env: dict[str, str], job: str, total: int, folder: Path, timeo
     deadline = time.monotonic() + timeout_s
     while True:
         job_status = client.status(job)
-        counts = job_status.counts
-        if counts["done"] == total:
+        if job_status.counts["done"] == total:
             return status(env, job)
         if time.monotonic() > deadline:
-            unfinished = [f"item {i.index}: {i.state} ({i.reason})" for i in job_status.items if i.state != "done"]
-            pytest.fail(f"job {job} did not finish in {timeout_s} s: {counts}\n" + "\n".join(unfinished)
-                        + f"\n{worker_logs(folder)}")
+            failures = client.failures(job_status) if job_status.counts["failed"] else []
+            pytest.fail(f"job {job} did not finish in {timeout_s} s: {job_status.counts} {failures}\n"
+                        f"{worker_logs(folder)}")
         time.sleep(0.2)
 
 
-def result_dirs(store: Path) -> dict[str, Path]:
-    """Result key -> folder, for every folder under results/ that has any file."""
-    return {str(p.parent.relative_to(store)): p.parent for p in store.glob("results/*/*/*") if p.is_file()}
+def finished(job: str, total: int) -> dict:
+    """What `slip status --json` says of a finished job whose images are all done."""
+    return {"job_id": job, "total": total, **all_done(total), "active": False, "retryable": 0}
 
 
-def temp_files(store: Path) -> list[Path]:
-    return [p for p in store.rglob(".tmp-*")]
-
-
-def final_task_results(env: dict[str, str], job: str) -> dict[str, dict]:
-    """Task id -> stored task result (state SUCCESS), for every task the job enqueued."""
-    from worker.ledger import task_records
-
-    client = client_for(env)
-    out = {}
-    for record in task_records(client.store, job):
-        meta = client.app.backend.get_task_meta(record.task_id)
-        assert meta["status"] == "SUCCESS", (record.task_id, meta["status"], meta.get("result"))
-        out[record.task_id] = meta["result"]
-    return out
+def result_files(store: Path) -> list[Path]:
+    return list(store.glob("results/*/*/segments.json"))
 
 
 def assert_results_complete(env: dict[str, str], job: str, images: list[Path]) -> None:
     """Every image has exactly the result files of one prompt, each readable and of the image's size."""
     client = client_for(env)
-    manifest = client.status(job).manifest
     store = Path(env["SLIP_STORE"])
-    assert len(manifest.items) == len(images)
-    for item in manifest.items:
-        folder = store / manifest.spec.result_key(item)
-        names = {p.name for p in folder.iterdir()}
-        assert names - {n for n in names if n.startswith(".tmp-")} == RESULT_FILES, (item.name, names)
+    found = outcomes(client.store, job)
+    items = items_of(client.store, job)
+    assert len(items) == len(images) == len(found)
+    sources = {p.name: p for p in images}
+    for item in items:
+        outcome = found[item.index]
+        assert outcome.state == "done", (item.name, outcome)
+        folder = store / outcome.result_key
+        assert {p.name for p in folder.iterdir()} == RESULT_FILES, (item.name, sorted(folder.iterdir()))
         doc = json.loads((folder / "segments.json").read_text())
-        with Image.open(item.name) as source:
+        with Image.open(sources[item.name]) as source:
             size = source.size
         for name in ("mask_0.png", "overlay_0.png"):
             with Image.open(folder / name) as png:
                 png.load()
                 assert png.size == size, (item.name, name, png.size, size)
         assert doc["matches"][0]["prompt"] == PROMPT
+    assert not any(".tmp" in key for key in client.store.list("results")), "no temporary file is a result"
 
 
-def running_task(client, job: str) -> bool:
-    """Whether one of the job's tasks is in state STARTED (a worker is in the middle of it)."""
-    from worker.ledger import task_records, task_states
-
-    ids = [r.task_id for r in task_records(client.store, job)]
-    return "STARTED" in task_states(client.app, ids).values()
+def running_chunk(client, job: str) -> bool:
+    """Whether a worker holds one of the job's chunks right now (it counted the delivery and started)."""
+    return bool(client.board.view(job).running)
 
 
 class FirstWrites:
@@ -252,7 +247,7 @@ class FirstWrites:
             time.sleep(0.02)
 
     def poll(self) -> None:
-        for path in self.store.glob("results/*/*/segments.json"):
+        for path in result_files(self.store):
             if path not in self.seen:
                 try:
                     st = path.stat()
@@ -291,40 +286,42 @@ def test_worker_killed_mid_job_every_image_completes_exactly_once(private_redis,
     writes = FirstWrites(store)
     job = submit(env, tmp_path / "images", SLOW_ARGS)
 
-    # mid-job: some results written, one task running (its message reserved, not acknowledged)
+    # mid-job: some results written, one chunk running (its message reserved, not acknowledged)
     client = client_for(env)
-    wait_for(lambda: len(writes.seen) >= 2 and running_task(client, job), 60, "two results and a running task",
+    wait_for(lambda: len(writes.seen) >= 2 and running_chunk(client, job), 90, "two results and a running chunk",
              tmp_path)
     os.killpg(first.pid, signal.SIGKILL)  # the whole worker: main process and pool child, like a dead machine
     first.wait()
-    killed_at = time.monotonic()
     time.sleep(0.2)
+    held = client.board.view(job).running
     assert 2 <= len(writes.seen) < len(images), "the kill must land mid-batch"
     assert private_redis.client().hlen("unacked") >= 1, "the killed worker held no unacknowledged message"
+    assert held, "a chunk was held by the killed worker"
 
-    # the dead worker's reserved message becomes visible again after the visibility timeout
-    time.sleep(max(0.0, killed_at + VISIBILITY_S + 0.5 - time.monotonic()))
+    # the dead worker stops beating; the new worker's ticker sends its chunk again (the visibility timeout,
+    # 600 s, cannot have brought the message back)
     workers(env, "rescuer")
-    counts = wait_job_done(env, job, len(images), tmp_path, timeout_s=90)
+    assert wait_job_done(env, job, len(images), tmp_path, timeout_s=120) == finished(job, 10)
     writes.stop()
-
-    assert counts == {"job_id": job, "total": 10, "done": 10, "failed": 0, "pending": 0, "lost": 0}, counts
     assert_results_complete(env, job, images)
     # exactly once: no segments.json was ever replaced after it first appeared
     for path, (inode, mtime) in writes.seen.items():
         st = path.stat()
         assert (st.st_ino, st.st_mtime_ns) == (inode, mtime), f"{path} was written twice"
     assert len(writes.seen) == len(images)
-    # a SIGKILL can interrupt at most one atomic write: its hidden temp file is never read as a result
-    leftovers = temp_files(store)
+    # a SIGKILL can interrupt at most one write: its temporary file is never listed as a key
+    leftovers = [p for p in store.rglob("*") if p.is_file() and ".tmp" in p.parts]
     assert len(leftovers) <= 1, leftovers
-    assert not any(".tmp-" in key for key in client.store.list("results"))
-    # every task ended SUCCESS; the new worker finished what the dead one left
-    results = final_task_results(env, job)
-    hosts = {r["worker"] for r in results.values()}
+    # every chunk has one final record; the new worker finished what the dead one left
+    chunk_records = records(client.store, job)
+    assert [r.chunk for r in chunk_records] == list(range(10)) and {r.letters for r in chunk_records} == {"d"}
+    hosts = {r.worker for r in chunk_records}
     assert hosts <= {node_name("killed"), node_name("rescuer")} and node_name("rescuer") in hosts, hosts
-    statuses = [item["status"] for r in results.values() for item in r["items"]]
-    assert len(statuses) == len(images) and set(statuses) <= {"done", "skipped"}, statuses
+    for chunk in held:
+        assert chunk_records[chunk].worker == node_name("rescuer")
+    rescuer_log = (tmp_path / "rescuer.log").read_text(errors="replace")
+    assert any(f"job {job} chunk {chunk}: sending again" in rescuer_log and "stopped beating" in rescuer_log
+               for chunk in held), worker_logs(tmp_path)
 
 
 def test_redis_restarted_mid_batch_worker_reconnects_and_batch_completes(private_redis, workers, tmp_path):
@@ -334,17 +331,15 @@ def test_redis_restarted_mid_batch_worker_reconnects_and_batch_completes(private
     worker = workers(env, "survivor")
     job = submit(env, tmp_path / "images", SLOW_ARGS)
     client = client_for(env)
-    wait_for(lambda: len(list(store.glob("results/*/*/segments.json"))) >= 2 and running_task(client, job),
-             60, "two results and a running task", tmp_path)
+    wait_for(lambda: len(result_files(store)) >= 2 and running_chunk(client, job), 90,
+             "two results and a running chunk", tmp_path)
 
     private_redis.kill()  # mid-task, SIGKILL: only the AOF survives
-    done_during_outage = len(list(store.glob("results/*/*/segments.json")))
-    assert done_during_outage < len(images), "Redis must die mid-batch"
+    assert len(result_files(store)) < len(images), "Redis must die mid-batch"
     time.sleep(2)
-    private_redis.start()  # same port, same AOF: queued messages and task states come back
+    private_redis.start()  # same port, same AOF: queued messages and the job's state come back
 
-    counts = wait_job_done(env, job, len(images), tmp_path, timeout_s=90)
-    assert counts["failed"] == counts["pending"] == counts["lost"] == 0, counts
+    assert wait_job_done(env, job, len(images), tmp_path, timeout_s=120) == finished(job, 10)
     assert worker.poll() is None, "the worker must reconnect, not exit"
     assert_results_complete(env, job, images)
     assert "Connection to broker lost" in (tmp_path / "survivor.log").read_text(errors="replace")
@@ -355,54 +350,19 @@ def test_two_workers_both_take_work_and_the_batch_finishes(private_redis, worker
     images = make_images(tmp_path / "images", 12)
     workers(env, "left", "right")
     job = submit(env, tmp_path / "images", SLOW_ARGS)
-    counts = wait_job_done(env, job, len(images), tmp_path, timeout_s=90)
-    assert counts["failed"] == counts["lost"] == 0
+    assert wait_job_done(env, job, len(images), tmp_path, timeout_s=120) == finished(job, 12)
     assert_results_complete(env, job, images)
-    results = final_task_results(env, job)
     by_worker: dict[str, int] = {}
-    for result in results.values():
-        by_worker[result["worker"]] = by_worker.get(result["worker"], 0) + len(result["items"])
+    for record in records(client_for(env).store, job):
+        by_worker[record.worker] = by_worker.get(record.worker, 0) + len(record.items)
     assert set(by_worker) == {node_name("left"), node_name("right")}, by_worker
     assert sum(by_worker.values()) == len(images)
 
 
-def test_poison_message_stops_after_max_deliveries_and_is_recorded_failed(private_redis, workers, tmp_path):
-    max_deliveries = 2
-    # a killed pool process's task is requeued at once (reject on worker lost): no visibility wait here,
-    # so generous limits keep a loaded machine from turning the slow image into a time-limit failure
-    env = fault_env(tmp_path, private_redis, SLIP_MAX_DELIVERIES=str(max_deliveries),
-                    SLIP_TASK_TIME_LIMIT="60", SLIP_VISIBILITY_TIMEOUT="90")
-    make_images(tmp_path / "poison", 1, seed=7)
-    make_images(tmp_path / "good", 1, seed=8)
-    worker = workers(env, "victim")
-    killer = PoolKiller(private_redis, worker.pid, times=max_deliveries)
-    try:
-        job = submit(env, tmp_path / "poison", POISON_ARGS)
-        client = client_for(env)
-        wait_for(lambda: client.status(job).counts["failed"] == 1, 90, "the poison message to be recorded failed",
-                 tmp_path, interval_s=0.2)
-    finally:
-        killer.stop()
-
-    (task_id,) = final_task_ids(env, job)
-    assert len(killer.kills) == max_deliveries
-    deliveries = int(private_redis.client().get(f"slip:deliveries:{task_id}:0") or 0)
-    assert deliveries == max_deliveries + 1, f"{deliveries} deliveries"
-    assert status(env, job)["failed"] == 1  # what `slip status` shows
-    item = client.status(job).items[0]
-    assert item.state == "failed" and item.error == "PoisonMessage"
-    assert item.reason.startswith("poison:") and f"SLIP_MAX_DELIVERIES={max_deliveries}" in item.reason
-    assert client.app.backend.get_task_meta(task_id)["status"] == "FAILURE"
-    # the worker lives on and serves the next job
-    assert worker.poll() is None
-    good = submit(env, tmp_path / "good", ["--batch-size", "1", "--points-per-side", "4"])
-    wait_job_done(env, good, 1, tmp_path, timeout_s=60)
-
-
 class PoolKiller(threading.Thread):
-    """The OOM killer of a poison task: each time a task counts a new delivery in Redis (the documented
-    ``slip:deliveries:<task id>:<retry>`` counter, incremented as the task starts, before the model runs),
-    SIGKILL the worker's pool process, up to ``times`` times."""
+    """The OOM killer of a poison chunk: each time a chunk counts a new delivery in Redis (the documented
+    ``slip:job:<id>:deliveries`` hash, incremented as the task starts, before the model runs), SIGKILL the
+    worker's pool process, up to ``times`` times; every count seen is kept."""
 
     def __init__(self, server: PrivateRedis, worker_pid: int, *, times: int) -> None:
         super().__init__(daemon=True)
@@ -410,13 +370,15 @@ class PoolKiller(threading.Thread):
         self.worker_pid = worker_pid
         self.times = times
         self.kills: list[int] = []
+        self.seen: set[int] = set()
         self._stop_event = threading.Event()
         self.start()
 
     def run(self) -> None:
-        while not self._stop_event.is_set() and len(self.kills) < self.times:
-            counts = [int(self.redis.get(k) or 0) for k in self.redis.scan_iter("slip:deliveries:*")]
-            if counts and max(counts) > len(self.kills):
+        while not self._stop_event.is_set():
+            counts = [int(v) for key in self.redis.scan_iter("slip:job:*:deliveries") for v in self.redis.hvals(key)]
+            self.seen.update(counts)
+            if counts and max(counts) > len(self.kills) and len(self.kills) < self.times:
                 for pid in pool_children(self.worker_pid):
                     os.kill(pid, signal.SIGKILL)
                 self.kills.append(max(counts))
@@ -427,7 +389,31 @@ class PoolKiller(threading.Thread):
         self.join(timeout=5)
 
 
-def final_task_ids(env: dict[str, str], job: str) -> list[str]:
-    from worker.ledger import task_records
+def test_poison_chunk_stops_after_max_deliveries_and_is_failed_for_good(private_redis, workers, tmp_path):
+    max_deliveries = 2
+    env = fault_env(tmp_path, private_redis, SLIP_MAX_DELIVERIES=str(max_deliveries))
+    make_images(tmp_path / "poison", 1, seed=7)
+    make_images(tmp_path / "good", 1, seed=8)
+    worker = workers(env, "victim")
+    killer = PoolKiller(private_redis, worker.pid, times=max_deliveries)
+    client = client_for(env)
+    try:
+        job = submit(env, tmp_path / "poison", POISON_ARGS)
+        wait_for(lambda: client.status(job).counts["failed"] == 1, 150, "the poison chunk to be recorded failed",
+                 tmp_path, interval_s=0.2)
+    finally:
+        killer.stop()
 
-    return [r.task_id for r in task_records(client_for(env).store, job)]
+    assert killer.kills == [1, 2], killer.kills  # killed on its first and second delivery
+    assert max(killer.seen) == max_deliveries + 1, f"started {max(killer.seen)} times"
+    summary = status(env, job)  # what `slip status` shows
+    assert summary["failed"] == 1 and summary["retryable"] == 0 and not summary["active"]
+    (outcome,) = outcomes(client.store, job).values()
+    assert outcome.state == "failed" and outcome.permanent and outcome.error == "Poison"
+    assert outcome.reason.startswith(f"poison: started {max_deliveries} times without finishing")
+    assert f"SLIP_MAX_DELIVERIES={max_deliveries}" in outcome.reason
+    assert not list(Path(env["SLIP_STORE"]).glob("proposals/*")), "the poison chunk never got to write anything"
+    # the worker lives on and serves the next job
+    assert worker.poll() is None
+    good = submit(env, tmp_path / "good", ["--batch-size", "1", "--points-per-side", "4"])
+    wait_job_done(env, good, 1, tmp_path, timeout_s=90)

@@ -1,13 +1,15 @@
 """Flower against the real broker: ``celery -A worker flower`` as a subprocess beside a real worker.
 
 A job goes through the real CLI; Flower's HTTP API (basic auth, as in docker-compose.yml) must then show
-the worker and the finished ``slip.segment`` tasks with their readable names and small argument summaries
-(the masks never travel through Redis, so the arguments stay small). Without credentials: 401. The
+the worker and the finished ``slip.segment`` tasks (one per chunk) with their readable names and small
+argument summaries (``job=... chunk=... items=... prompts=[...]``: the masks never travel through Redis, so
+the arguments and results stay small). Without credentials: 401. The
 credentials come from ``FLOWER_BASIC_AUTH`` in the environment, exactly as docker-compose.yml passes them.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -127,13 +129,15 @@ def test_flower_shows_finished_tasks_with_readable_names_and_small_arguments(sta
     for task_id, task in tasks.items():
         assert task["name"] == "slip.segment"
         assert task["worker"] == node
-        assert task["kwargs"].startswith(f"job={stack['job']} items="), task["kwargs"]
-        assert "a red box" in task["kwargs"]
+        assert re.fullmatch(rf"job={stack['job']} chunk=\d items=\d\.\.\d \(1\) prompts=\[a red box\]", task["kwargs"]), \
+            task["kwargs"]
         assert len(task["kwargs"]) < 300 and len(task.get("args") or "") < 300, "arguments must stay small"
         assert task["runtime"] is not None and task["runtime"] > 0
         detail = api(stack, f"/api/task/info/{task_id}")
         assert detail["state"] == "SUCCESS"
         assert len(detail.get("result") or "") < 4000, "a task result is a small JSON record, no masks"
+        assert "'letters': 'd'" in (detail.get("result") or ""), detail.get("result")
+    assert sorted(int(re.search(r"chunk=(\d+)", t["kwargs"]).group(1)) for t in tasks.values()) == list(range(IMAGES))
 
 
 def test_flower_requires_basic_auth(stack):

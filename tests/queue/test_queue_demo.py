@@ -1,19 +1,26 @@
-"""`slip demo` end to end (its own worker on its own Redis db), and a worker that cannot load weights."""
+"""`slip demo` end to end (its own worker on its own Redis db), and workers that cannot load their weights:
+missing, corrupt, unsafe (a pickle payload) or with a corrupt config. Such a worker exits non-zero with one
+line naming the file; it never serves without models."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 
-from queue_helpers import REPO, flush, queue_env, run_cli
+from queue_helpers import REPO, flush, queue_env, run_cli, start_worker
 
 pytestmark = pytest.mark.integration
 DEMO_DB = 12  # no other worker listens here, so the demo's own worker takes every task
+BAD_MODELS_DB = 4  # workers that must never start serving
 
 
 def celery_processes_named(name: str) -> list[int]:
@@ -39,12 +46,12 @@ def test_demo_runs_the_whole_queue(redis_alive, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "models used: SAM tiny-random, ranker tiny-random" in proc.stdout
     assert "slip weights fetch vit_b" in proc.stdout, "says how to switch to official weights"
-    assert "3 images: 3 done, 0 failed, 0 pending, 0 lost" in proc.stdout
+    assert "3 images: 3 done, 0 failed" in proc.stdout and "lost" not in proc.stdout
     coco = COCO(str(out / "results.coco.json"))
     assert len(coco.getImgIds()) == 3 and [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["circle", "star"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
-    gallery = (out / "gallery.html").read_text()
-    assert gallery.count('<img src="data:image/png;base64,') == 6  # 3 images x 2 prompts, embedded
+    gallery = (out / "gallery" / "index.html").read_text()
+    assert gallery.count('<figure class="card">') == 3 and len(list((out / "gallery" / "thumbs").iterdir())) == 3
     (name,) = re.findall(r"demo: worker (demo-\d+@\S+) ready", proc.stdout)
     assert celery_processes_named(name) == [], "the demo stopped its worker"
     assert "ready." in (out / "worker.log").read_text()
@@ -69,7 +76,7 @@ def test_demo_with_the_bundled_pair_segments_what_it_is_asked_for(redis_alive, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "models used: SAM synth, ranker synth" in proc.stdout
     assert "trained only on the synthetic world" in proc.stdout and "slip weights fetch vit_b" in proc.stdout
-    assert "trained only on the synthetic world" in (out / "gallery.html").read_text()
+    assert "trained only on the synthetic world" in (out / "gallery" / "index.html").read_text()
     coco = COCO(str(out / "results.coco.json"))
     categories = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     ious = []
@@ -80,8 +87,10 @@ def test_demo_with_the_bundled_pair_segments_what_it_is_asked_for(redis_alive, t
             chosen = mask_utils.decode(ann["segmentation"]).astype(bool)
             truth = masks[names.index(categories[ann["category_id"]])]
             ious.append((chosen & truth).sum() / (chosen | truth).sum())
-    assert len(ious) == 8, ious  # 4 images x 2 prompts, each answered
-    assert sum(iou > 0.5 for iou in ious) >= 6, ious  # bench: ~81 % of the demo's composites
+    # every scene holds a circle and a star: an unanswered prompt (below the ranker's calibrated threshold)
+    # is a miss, as is a wrong segment
+    hits = sum(iou > 0.5 for iou in ious)
+    assert hits >= 6, f"{hits} of 8 prompts found (IoU > 0.5), {8 - len(ious)} not answered: {ious}"  # bench: ~81 %
 
 
 def test_worker_without_weights_exits_with_a_clear_message(redis_alive, tmp_path):
@@ -91,6 +100,67 @@ def test_worker_without_weights_exits_with_a_clear_message(redis_alive, tmp_path
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     flush(13)
     assert proc.returncode != 0
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "this worker cannot start" in line]
-    assert len(lines) == 1, proc.stdout + proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"(^|\] )error: ", line)]
+    assert len(lines) == 1 and "this worker cannot start" in lines[0], proc.stdout + proc.stderr
     assert str(tmp_path / "empty-cache") in lines[0] and "slip weights fetch vit_h" in lines[0] and "SLIP_CACHE" in lines[0]
+
+
+class Payload:
+    """Pickled into a checkpoint: loading it with ``weights_only=False`` would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Checkpoints no worker may serve: name -> (SLIP_SAM path, what the one line must say)."""
+    from slip.sam import SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
+
+    good = save_sam(build_tiny_sam(), folder / "good" / "sam.pth", SAM_ARCHS[TINY_SPEC])
+    corrupt = folder / "corrupt" / "sam.pth"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated download
+    unsafe = folder / "unsafe" / "sam.pth"
+    unsafe.parent.mkdir()
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": Payload(folder / "pwned")}, unsafe)
+    config = folder / "config" / "sam.pth"
+    config.parent.mkdir()
+    config.write_bytes(good.read_bytes())
+    (config.parent / "config.json").write_text('{"encoder_embed_dim": 32,')  # cut short
+    return {"corrupt": (corrupt, "corrupt or truncated"), "unsafe": (unsafe, "not a plain tensor checkpoint"),
+            "config": (config.parent / "config.json", "is not valid JSON")}
+
+
+def test_workers_with_bad_weights_exit_non_zero_with_one_line_naming_the_file(redis_alive, tmp_path):
+    """`celery -A worker worker` (prefork, as deployed) with a corrupt .pth, a pickle payload .pth, and a
+    corrupt config.json beside a good .pth: each exits non-zero, says why in one line, runs nothing."""
+    cases = bad_checkpoints(tmp_path)
+    flush(BAD_MODELS_DB)
+    workers = {}
+    try:
+        for name, (path, _) in cases.items():
+            env = queue_env(tmp_path / "store", db=BAD_MODELS_DB, SLIP_CACHE=str(tmp_path / "cache"),
+                            SLIP_SAM=str(path if name != "config" else path.parent / "sam.pth"))
+            workers[name] = start_worker(env, ("gpu", "cpu"), f"bad-{name}", log_path=tmp_path / f"{name}.log")
+        deadline = time.monotonic() + 150
+        while any(w.poll() is None for w in workers.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        flush(BAD_MODELS_DB)
+    for name, (path, words) in cases.items():
+        log = (tmp_path / f"{name}.log").read_text(errors="replace")
+        lines = [line for line in log.splitlines() if re.search(r"(^|\] )error: ", line)]
+        assert len(lines) == 1, f"{name}: one error line expected\n{log[-3000:]}"
+        assert "this worker cannot start" in lines[0] and str(path) in lines[0] and words in lines[0], lines[0]
+        assert "Traceback" not in log, f"{name}: {log[-3000:]}"
+    assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
+    codes = {name: process.returncode for name, process in workers.items()}
+    assert -signal.SIGKILL not in codes.values(), f"still running after 150 s: {codes}"
+    assert 0 not in codes.values(), f"exit codes {codes}: 0 tells a supervisor the worker stopped cleanly"

@@ -1,10 +1,17 @@
-"""End to end through the real CLI, a real Redis and a real `celery -A worker worker` process."""
+"""End to end through the real CLI, a real Redis and a real `celery -A worker worker` process.
+
+A job's images are read back the way a producer reads them: counts from ``client.status`` (one listing
+of the completion records + one Redis round trip), each image's outcome and result key from its chunk's
+completion record, the result itself from ``results/<image sha>/<result digest>/``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -12,27 +19,41 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from slip.errors import SlipError
 from slip.outputs import decode_rle
-from worker.jobs import SegmentRequest
-from worker.ledger import IN_FLIGHT, task_records, task_states
+from slip.request import ModelRef, resolve
+from worker.jobs import SegmentParams, SegmentRequest
+from worker.ledger import done_prefix
 
-from queue_helpers import TINY_CLI_ARGS, TINY_PARAMS, invoke_cli, job_id_from, make_images, run_cli
+from queue_helpers import (
+    TINY_CLI_ARGS,
+    TINY_PARAMS,
+    all_done,
+    invoke_cli,
+    items_of,
+    job_id_from,
+    make_images,
+    outcomes,
+    records,
+    run_cli,
+)
 
 pytestmark = pytest.mark.integration
 PROMPTS = ("a red box", "a blue disc")
+IMAGES = 14
 RESULT_FILES = ["mask_0.png", "mask_1.png", "overlay_0.png", "overlay_1.png", "segments.json"]
 
 
 @pytest.fixture(scope="module")
 def batch(worker, tmp_path_factory) -> dict:
-    """22 images submitted with `slip submit segment DIR --prompt ... --prompt ... --wait`."""
+    """14 images (7 chunks, 3 in flight at most) submitted with `slip submit segment DIR --prompt ... --prompt
+    ... --render --wait` (a real console process)."""
     folder = tmp_path_factory.mktemp("batch")
-    paths = make_images(folder, 22)
+    paths = make_images(folder, IMAGES)
     proc = run_cli(["submit", "segment", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--wait",
-                    "--batch-size", "3", "--max-in-flight", "4", *TINY_CLI_ARGS], worker["env"])
+                    "--render", "--batch-size", "2", "--max-in-flight", "3", *TINY_CLI_ARGS], worker["env"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {"folder": folder, "paths": paths, "job": job_id_from(proc.stdout), "stdout": proc.stdout}
 
@@ -45,36 +66,89 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_health_reports_models_loaded_in_the_pool_process(worker):
+def submit_chunk(client, request: SegmentRequest, task_id: str) -> None:
+    """One ``slip.segment`` message on the model queue, sent by name as the feeder sends it."""
+    client.app.send_task("slip.segment", kwargs={"request": request.model_dump(mode="json")}, task_id=task_id,
+                         queue="gpu")
+
+
+def chunk_request(client, paths, prompts=("a red box",), params=TINY_PARAMS) -> SegmentRequest:
+    """A written job (manifest + items, not handed to the cluster) and the request of its chunk 0."""
+    manifest = client.create_job(paths, prompts, params, batch_size=len(paths))
+    return SegmentRequest(job_id=manifest.job_id, chunk=0, items=tuple(items_of(client.store, manifest.job_id)),
+                          spec=manifest.spec)
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+    return value
+
+
+def test_health_reports_the_models_by_digest_loaded_in_the_pool_process(worker):
+    from slip.rankers.loading import load_ranker_bundle
+    from slip.sam import load_sam_bundle
+
     health = worker["health"]
-    assert health["models_loaded"] and health["sam"] == "tiny-random" and health["clip"] == "tiny-random"
-    assert health["device"] == "cpu" and health["dtype"] == "fp32" and health["memory"]["rss_bytes"] > 10_000_000
+    assert health["models_loaded"] and health["device"] == "cpu" and health["dtype"] == "fp32"
+    # the models are named by what was really loaded: the same digests as loading them here
+    assert health["sam"] == load_sam_bundle("tiny-random", device="cpu").ref.to_json()
+    assert health["clip"] == load_ranker_bundle("tiny-random", device="cpu").ref.to_json()
+    assert health["sam"]["arch"] == "tiny-random" and len(health["sam"]["sha256"]) == 64
+    assert health["recommended_generator"] == {} and health["recommended_filters"] is None
+    assert health["recommended_threshold"] is None
+    assert health["memory"]["rss_bytes"] > 10_000_000 and health["threads"] >= 1
     assert health["pid"] != worker["process"].pid, "models must load in the forked pool process, not the parent"
-    assert set(health["queues"]) >= {"gpu", "cpu"}
+    assert set(health["queues"]) >= {"gpu", "cpu"} and health["instance"]
 
 
 def test_every_result_is_present_and_valid(batch, client, worker):
-    assert f"22 images: 22 done, 0 failed, 0 pending, 0 lost" in batch["stdout"]
+    assert f"{IMAGES} images: {IMAGES} done, 0 failed" in batch["stdout"]
     status = client.status(batch["job"])
-    assert status.counts == {"done": 22, "failed": 0, "pending": 0, "lost": 0}
-    root = store_root(worker)
-    matched = 0
-    for item in status.items:
-        folder = root / item.result_key
+    assert status.counts == all_done(IMAGES) and not status.active and status.finished
+    health, root = worker["health"], store_root(worker)
+    # the key a result lives under follows from the worker's weights (its health report) and the request
+    request = resolve(SegmentParams(**TINY_PARAMS).to_options(), sam=ModelRef(**health["sam"]),
+                      sam_generator=health["recommended_generator"], sam_filters=health["recommended_filters"],
+                      ranker=ModelRef(**health["clip"]), ranker_threshold=health["recommended_threshold"])
+    found, matched = outcomes(client.store, batch["job"]), 0
+    items = items_of(client.store, batch["job"])
+    assert [i.index for i in items] == list(range(IMAGES)) and sorted(found) == list(range(IMAGES))
+    for item in items:
+        outcome = found[item.index]
+        assert outcome.state == "done" and outcome.how == "computed" and len(outcome.found) == 2
+        assert outcome.result_key == f"results/{item.image_sha}/{request.result_digest(PROMPTS)}"
+        folder = root / outcome.result_key
         assert sorted(os.listdir(folder)) == RESULT_FILES, "exactly one copy of each file, no temp files"
-        width, height = Image.open(item.name).size
+        width, height = Image.open(batch["folder"] / item.name).size
         for name in RESULT_FILES[:-1]:
             assert Image.open(folder / name).size == (width, height), name
         doc = json.loads((folder / "segments.json").read_text())
+        assert doc["format_version"] == 2 and doc["request_digest"] == request.result_digest(PROMPTS)
+        assert doc["request"] == request.to_json() and doc["runtime"]["points_per_batch"] == 64
         assert doc["image_size"] == {"height": height, "width": width} and doc["prompts"] == list(PROMPTS)
         masks = decode_rle([s["segmentation"] for s in doc["segments"]], height, width)
         assert masks.shape == (len(doc["segments"]), height, width)
         assert [int(m.sum()) for m in masks] == [s["area"] for s in doc["segments"]]
+        for segment in doc["segments"]:  # bbox is pycocotools' toBbox of the RLE
+            rle = {"size": segment["segmentation"]["size"], "counts": segment["segmentation"]["counts"].encode()}
+            assert segment["bbox"] == [float(v) for v in mask_utils.toBbox(rle)]
         for i, match in enumerate(doc["matches"]):
-            png = np.asarray(Image.open(folder / f"mask_{i}.png")) > 0
-            expected = masks[match["segment"]] if match["segment"] is not None else np.zeros((height, width), bool)
-            assert np.array_equal(png, expected)
-            matched += match["segment"] is not None
+            assert match["prompt"] == PROMPTS[i] and match["threshold"] is None
+            union = np.zeros((height, width), bool)
+            for instance in match["instances"]:
+                union |= masks[instance["segment"]]
+                assert doc["segments"][instance["segment"]]["similarity"][PROMPTS[i]] == pytest.approx(instance["score"])
+            assert np.array_equal(np.asarray(Image.open(folder / f"mask_{i}.png")) > 0, union)
+            scores = [c["score"] for c in match["top_k"]]
+            assert scores == sorted(scores, reverse=True) and len(scores) <= 5
+            if match["instances"]:  # "one" without a threshold: the best segment is the answer
+                assert match["instances"] == [match["best"]] == match["top_k"][:1]
+            assert outcome.found[i] == len(match["instances"])
+            matched += bool(match["instances"])
     assert matched > 0, "the tiny-random settings must produce segments, or this test checks nothing"
 
 
@@ -83,7 +157,7 @@ def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, client, tm
     proc = invoke_cli(["results", batch["job"], "--format", "coco", "--out", str(out)], worker["env"])
     assert proc.exit_code == 0, proc.stderr
     coco = COCO(str(out))
-    assert len(coco.getImgIds()) == 22
+    assert len(coco.getImgIds()) == IMAGES
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(PROMPTS)
     anns = coco.loadAnns(coco.getAnnIds())
     assert anns, "matched segments become annotations"
@@ -92,104 +166,131 @@ def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, client, tm
         mask = coco.annToMask(ann)
         assert mask.shape == (img["height"], img["width"]) and int(mask.sum()) == ann["area"]
         assert -1.0 <= ann["score"] <= 1.0
-    proc = invoke_cli(["results", batch["job"], "--format", "jsonl"], worker["env"])
-    records = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(records) == 22 and all(r["state"] == "done" and len(r["matches"]) == 2 for r in records)
+    jsonl = tmp_path / "out.jsonl"
+    proc = invoke_cli(["results", batch["job"], "--format", "jsonl", "--out", str(jsonl)], worker["env"])
+    assert proc.exit_code == 0, proc.stderr
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(lines) == IMAGES and all(r["state"] == "done" for r in lines)
     proc = invoke_cli(["status", batch["job"], "--json"], worker["env"])
-    summary = {"job_id": batch["job"], "total": 22, "done": 22, "failed": 0, "pending": 0, "lost": 0}
+    summary = {"job_id": batch["job"], "total": IMAGES, **all_done(IMAGES), "active": False, "retryable": 0}
     assert json.loads(proc.stdout) == summary
-    assert client.app.send_task("slip.reconcile", args=[batch["job"]]).get(timeout=60) == summary  # the cpu task
+    # the light task on the cpu queue: a feeder pass over a finished job sends nothing
+    fed = client.app.send_task("slip.feed", args=[batch["job"]]).get(timeout=60)
+    assert fed["job_id"] == batch["job"] and not fed.get("sent") and not fed.get("resent")
 
 
-def test_resubmit_skips_done_work(batch, worker, client):
-    before = snapshot(store_root(worker) / "results")
-    proc = run_cli(["submit", "segment", str(batch["folder"]), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                    "--wait", *TINY_CLI_ARGS], worker["env"])
-    assert proc.returncode == 0, proc.stderr
+def test_resubmit_reuses_every_result_and_rewrites_nothing(batch, worker, client):
+    before = snapshot(store_root(worker) / "results"), snapshot(store_root(worker) / "proposals")
+    proc = invoke_cli(["submit", "segment", str(batch["folder"]), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                       "--render", "--wait", *TINY_CLI_ARGS], worker["env"])
+    assert proc.exit_code == 0, proc.stdout + proc.stderr
     job = job_id_from(proc.stdout)
     assert job != batch["job"]
-    assert client.status(job).counts["done"] == 22
-    assert task_records(client.store, job) == [], "nothing was enqueued: every result existed"
-    assert snapshot(store_root(worker) / "results") == before, "no result was rewritten"
+    assert client.status(job).counts == all_done(IMAGES)
+    again, first = outcomes(client.store, job), outcomes(client.store, batch["job"])
+    assert {o.how for o in again.values()} == {"existing"}, "each result was found, none recomputed"
+    assert {i: o.result_key for i, o in again.items()} == {i: o.result_key for i, o in first.items()}
+    assert (snapshot(store_root(worker) / "results"), snapshot(store_root(worker) / "proposals")) == before
 
 
 def test_redelivered_task_writes_one_result(worker, client, tmp_path):
-    manifest = client.create_job(make_images(tmp_path, 1, seed=7), ["a red box"], TINY_PARAMS)
-    request = SegmentRequest(job_id=manifest.job_id, items=manifest.items, spec=manifest.spec).model_dump(mode="json")
+    request = chunk_request(client, make_images(tmp_path, 1, seed=7))
     task_id = str(uuid.uuid4())
-    client.app.send_task("slip.segment", kwargs={"request": request}, task_id=task_id).get(timeout=120)
-    item = manifest.items[0]
-    result_dir = store_root(worker) / manifest.spec.result_key(item)
+    done_key = f"{done_prefix(request.job_id)}/c0000000-d.json"
+    submit_chunk(client, request, task_id)
+    wait_until(lambda: client.store.exists(done_key), 120, "the first delivery to finish")
+    (outcome,) = outcomes(client.store, request.job_id).values()
+    assert outcome.how == "computed"
+    item = request.items[0]
+    result_dir = store_root(worker) / outcome.result_key
     proposals_dir = store_root(worker) / "proposals" / item.image_sha
     first = (snapshot(result_dir), snapshot(proposals_dir))
-    # the broker delivers the same message again (as after a worker loss); a later task marks the end
-    client.app.send_task("slip.segment", kwargs={"request": request}, task_id=task_id)
-    marker = client.create_job(make_images(tmp_path / "m", 1, seed=8), ["a red box"], TINY_PARAMS)
-    marker_request = SegmentRequest(job_id=marker.job_id, items=marker.items, spec=marker.spec).model_dump(mode="json")
-    client.app.send_task("slip.segment", kwargs={"request": marker_request}).get(timeout=120)
+    # the broker delivers the same message again (as after a worker loss)
+    submit_chunk(client, request, task_id)
+    wait_until(lambda: outcomes(client.store, request.job_id)[0].how == "existing", 120, "the redelivery")
     assert (snapshot(result_dir), snapshot(proposals_dir)) == first, "the redelivery rewrote nothing"
-    assert sorted(os.listdir(result_dir)) == ["mask_0.png", "overlay_0.png", "segments.json"]
+    assert sorted(os.listdir(result_dir)) == ["segments.json"], "no PNGs unless asked for"
+    assert client.store.list(done_prefix(request.job_id)) == [done_key], "one completion record per chunk"
     runs = re.findall(rf"slip\.segment\[{task_id}\] succeeded.*", worker["log"].read_text())
-    assert len(runs) == 2 and "'status': 'done'" in runs[0] and "'status': 'skipped'" in runs[1]
+    assert len(runs) == 2 and all("'letters': 'd'" in run for run in runs)
 
 
 def test_poison_message_is_failed_without_running(worker, client, tmp_path):
-    manifest = client.create_job(make_images(tmp_path, 1, seed=9), ["a red box"], TINY_PARAMS)
-    request = SegmentRequest(job_id=manifest.job_id, items=manifest.items, spec=manifest.spec).model_dump(mode="json")
-    task_id = str(uuid.uuid4())
+    request = chunk_request(client, make_images(tmp_path, 1, seed=9))
     max_deliveries = client.settings.max_deliveries
-    r = redis.Redis.from_url(worker["env"]["SLIP_BROKER_URL"])
-    r.set(f"slip:deliveries:{task_id}:0", max_deliveries)  # it started that often and killed its worker each time
-    result = client.app.send_task("slip.segment", kwargs={"request": request}, task_id=task_id)
-    with pytest.raises(SlipError, match="poison"):
-        result.get(timeout=120)
-    assert result.state == "FAILURE"
-    item = manifest.items[0]
-    error = json.loads((store_root(worker) / manifest.spec.result_key(item) / "error.json").read_text())
-    assert error["reason"].startswith(f"poison: killed its worker {max_deliveries} times") and error["task_id"] == task_id
-    assert not (store_root(worker) / "proposals" / item.image_sha).exists(), "the poison task did not run"
+    # it started that often and killed its worker each time (the counter a delivery increments as it starts)
+    client.board.r.hset(client.board.key(request.job_id, "deliveries"), 0, max_deliveries)
+    submit_chunk(client, request, str(uuid.uuid4()))
+    wait_until(lambda: records(client.store, request.job_id), 120, "the poison chunk's record")
+    (record,) = records(client.store, request.job_id)
+    (outcome,) = record.items
+    assert record.letters == "p" and outcome.permanent and outcome.error == "Poison"
+    assert outcome.reason.startswith(f"poison: started {max_deliveries} times without finishing")
+    assert f"SLIP_MAX_DELIVERIES={max_deliveries}" in outcome.reason
+    assert not (store_root(worker) / "proposals" / request.items[0].image_sha).exists(), "the poison chunk did not run"
+    status = client.status(request.job_id)
+    assert status.counts["failed"] == 1 and status.retryable == 0, "a poison chunk is failed for good"
+    assert client.failures(status) == [(0, request.items[0].name, outcome.reason)]
 
 
-def test_lost_items_are_found_and_retried(worker, client, tmp_path):
-    manifest = client.create_job(make_images(tmp_path, 3, seed=10), list(PROMPTS), TINY_PARAMS)  # producer "crashed"
-    assert client.status(manifest.job_id).counts == {"done": 0, "failed": 0, "pending": 0, "lost": 3}
-    assert client.retry(manifest.job_id) == 3
-    status = client.wait(manifest.job_id, timeout_s=120)
-    assert status.counts == {"done": 3, "failed": 0, "pending": 0, "lost": 0}
-    assert {r.attempt for r in task_records(client.store, manifest.job_id)} == {1}
+def test_lost_images_are_found_and_handed_over_again(worker, client, tmp_path):
+    """A producer that wrote the job but died before handing it to the cluster (or a Redis that lost it)."""
+    manifest = client.create_job(make_images(tmp_path, 3, seed=10), list(PROMPTS), TINY_PARAMS, batch_size=2)
+    status = client.status(manifest.job_id)
+    assert status.counts == {**all_done(0), "lost": 3} and not status.active
+    proc = invoke_cli(["status", manifest.job_id], worker["env"])
+    assert proc.exit_code == 1 and f"`slip retry {manifest.job_id}` hands them over again" in proc.stdout
+    assert client.retry(manifest.job_id) == 3, "slip retry hands lost images to the cluster"
+    assert client.wait(manifest.job_id, timeout_s=120).counts == all_done(3)
 
 
-def test_backpressure_bounds_outstanding_tasks(worker, client, tmp_path):
-    max_in_flight = 2
-    observed = []
-    job_holder = []
+def test_the_in_flight_window_bounds_what_is_sent(worker, client, tmp_path):
+    window, seen, stop = 2, [], threading.Event()
+    broker = redis.Redis.from_url(worker["env"]["SLIP_BROKER_URL"])
+    job_ids: list[str] = []
 
-    def on_progress(_counts):
-        records = task_records(client.store, job_holder[0])
-        states = task_states(client.app, [r.task_id for r in records])
-        observed.append(sum(states[r.task_id] in IN_FLIGHT for r in records))
+    def watch() -> None:
+        while not stop.is_set():
+            if job_ids:
+                view = client.board.view(job_ids[0])
+                seen.append((len(view.sent), broker.llen("gpu")))
+            time.sleep(0.02)
 
-    job = client.submit_segment(make_images(tmp_path, 6, seed=11), ["a red box"], TINY_PARAMS, batch_size=1,
-                                max_in_flight=max_in_flight, on_job=job_holder.append, on_progress=on_progress)
-    assert observed, "the producer had to wait for outstanding tasks"
-    assert max(observed) <= max_in_flight
-    assert len(task_records(client.store, job)) == 6
-    assert client.wait(job, timeout_s=120).counts["done"] == 6
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        job = client.submit_segment(make_images(tmp_path, 6, seed=11), ["a red box"], TINY_PARAMS, batch_size=1,
+                                    max_in_flight=window, on_job=job_ids.append)
+        assert client.wait(job, timeout_s=120, poll_s=0.2).counts == all_done(6)
+    finally:
+        stop.set()
+        watcher.join()
+        broker.close()
+    assert seen and max(sent for sent, _ in seen) == window, "the window was used, and never exceeded"
+    assert max(queued for _, queued in seen) <= window, "the broker never held more than the window"
+    assert len(records(client.store, job)) == 6
 
 
-def test_transient_store_failure_retries_then_gives_up_and_slip_retry_recovers(worker, client, tmp_path):
-    manifest = client.create_job(make_images(tmp_path, 1, seed=12), ["a red box"], TINY_PARAMS)
-    item = manifest.items[0]
+def test_a_store_failure_is_retried_sent_again_then_given_up_and_slip_retry_recovers(worker, client, tmp_path):
+    (image,) = make_images(tmp_path, 1, seed=12, prefix="blocked")
+    manifest = client.create_job([image], ["a red box"], TINY_PARAMS)
+    (item,) = items_of(client.store, manifest.job_id)
     blocker = store_root(worker) / "proposals" / item.image_sha
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_bytes(b"a file where the proposals folder must go: every write under it fails")
-    client.enqueue(manifest, manifest.items, attempt=0)
-    status = client.wait(manifest.job_id, timeout_s=120)
-    (state,) = status.items
-    assert state.state == "failed" and not state.permanent, state
-    assert state.reason.startswith("gave up after 2 retries: StoreError"), state.reason
+    try:
+        client.board.register(manifest.job_id, chunks=1, window=4)
+        client.feeder.feed(manifest.job_id)
+        status = client.wait(manifest.job_id, timeout_s=120, poll_s=0.5)  # retried, sent again once, given up
+    finally:
+        blocker.unlink()
+    assert status.counts["failed"] == 1 and status.retryable == 1 and not status.active
+    (outcome,) = outcomes(client.store, manifest.job_id).values()
+    assert outcome.state == "failed" and not outcome.permanent and outcome.error == "StoreError"
+    assert outcome.reason.startswith("gave up after 2 retries: StoreError"), outcome.reason
     log = worker["log"].read_text()
-    assert len(re.findall(rf"slip\.segment\[{state.task_id}\] retry", log)) == 2, "retried with backoff, twice"
-    blocker.unlink()
-    assert client.retry(manifest.job_id) == 1
-    assert client.wait(manifest.job_id, timeout_s=120).counts == {"done": 1, "failed": 0, "pending": 0, "lost": 0}
+    assert len(re.findall(rf"{re.escape(item.name)}: .*; retry 1/2 in", log)) == 2, "back-off retries, in each of 2 runs"
+    assert re.search(rf"job {manifest.job_id} chunk 0: sending again \(1/1\): some images failed for now", log)
+    proc = invoke_cli(["retry", manifest.job_id, "--wait"], worker["env"])
+    assert proc.exit_code == 0 and "sent 1 failed image(s) again" in proc.stdout, proc.stdout + proc.stderr
+    assert client.status(manifest.job_id).counts == all_done(1)

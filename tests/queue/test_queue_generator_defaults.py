@@ -1,6 +1,7 @@
-"""SegmentParams' SAM options default to the worker SAM's recommendation (its generator.json), and the
-proposals cache is keyed by the resolved options. The worker part runs in-process on real resources:
-a tiny-random SAM saved as a checkpoint with a generator.json beside it, a real directory store."""
+"""A job's SAM options default to the worker SAM's recommendation (its generator.json); the worker resolves
+them (slip.request.resolve) and keys the proposals cache by the resolved options. The worker part runs
+in-process on real resources (the code a worker process runs at start-up): a tiny-random SAM saved as a
+checkpoint with a generator.json beside it, a real directory store."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytest
 
 from slip.errors import ConfigError
 from slip.sam import GENERATOR_FILE, SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
-from worker.jobs import GENERATOR_FIELDS, SegmentParams, SegmentSpec, parse_model
+from worker.jobs import GENERATOR_FIELDS, SegmentParams, parse_model
 from worker.processing import process_item
 from worker.proposals import proposals_key
 from worker.resources import load_resources
 from worker.settings import Settings
 
-from queue_helpers import make_images, queue_env
+from queue_helpers import items_of, make_images, queue_env
 
-DB = 10  # never touched: process_item runs without Redis, but the settings need a broker URL
+DB = 14  # process_item needs no Redis; the settings need a broker URL (this folder's failure-policy db)
 # a 2x2 point grid with no score thresholds: the tiny-random SAM returns masks, fast
 RECOMMENDED = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
 
@@ -27,12 +28,12 @@ RECOMMENDED = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_th
 # --- SegmentParams --------------------------------------------------------------------------------------
 
 
-def test_sam_options_default_to_none_and_only_given_ones_are_kwargs():
+def test_sam_options_default_to_none_and_only_given_ones_reach_the_request():
     params = SegmentParams()
     assert all(getattr(params, name) is None for name in GENERATOR_FIELDS)
-    assert params.generator_kwargs() == {}
-    assert SegmentParams(points_per_side=8, box_nms_thresh=0.5).generator_kwargs() == {"points_per_side": 8,
-                                                                                       "box_nms_thresh": 0.5}
+    assert params.to_options().generator == {}
+    assert SegmentParams(points_per_side=8, box_nms_thresh=0.5).to_options().generator == {"points_per_side": 8,
+                                                                                           "box_nms_thresh": 0.5}
 
 
 @pytest.mark.parametrize("bad", [{"points_per_side": 0}, {"points_per_side": 257}, {"pred_iou_thresh": 1.5},
@@ -40,30 +41,6 @@ def test_sam_options_default_to_none_and_only_given_ones_are_kwargs():
 def test_given_sam_options_keep_their_bounds(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         parse_model(SegmentParams, bad)
-
-
-def test_generator_options_precedence():
-    recommended = {"points_per_side": 16, "pred_iou_thresh": 0.3, "stability_score_offset": 0.25,
-                   "points_per_batch": 8}
-    options = SegmentParams(pred_iou_thresh=0.5).generator_options(recommended)
-    assert options["points_per_side"] == 16 and options["stability_score_offset"] == 0.25  # recommended
-    assert options["pred_iou_thresh"] == 0.5  # given
-    assert options["stability_score_thresh"] == 0.95 and options["box_nms_thresh"] == 0.7  # SAM's defaults
-    assert "points_per_batch" not in options  # the worker's, not an output-changing option
-
-
-def test_proposal_identity_uses_resolved_options():
-    def identity(params: SegmentParams, recommended: dict) -> dict:
-        return params.proposal_identity("synth", params.generator_options(recommended), params.filter_chain(None))
-
-    synth = {"points_per_side": 16, "pred_iou_thresh": 0.3}
-    # the same effective options share an identity, however they were reached
-    assert identity(SegmentParams(), synth) == identity(SegmentParams(points_per_side=16, pred_iou_thresh=0.3), synth)
-    assert identity(SegmentParams(), {}) == identity(SegmentParams(points_per_side=32), {})
-    # different effective options never do
-    assert identity(SegmentParams(), synth) != identity(SegmentParams(), {})
-    assert identity(SegmentParams(points_per_side=8), synth) != identity(SegmentParams(), synth)
-    assert identity(SegmentParams(filters="none"), synth) != identity(SegmentParams(), synth)
 
 
 # --- the worker ---------------------------------------------------------------------------------------
@@ -75,47 +52,50 @@ def resources(tmp_path):
     save_sam(build_tiny_sam(), checkpoint / "sam.pth", SAM_ARCHS[TINY_SPEC])
     (checkpoint / GENERATOR_FILE).write_text(json.dumps(RECOMMENDED))
     env = queue_env(tmp_path / "store", db=DB, SLIP_SAM=str(checkpoint), SLIP_CACHE=str(tmp_path / "cache"))
-    settings = Settings.from_env(env)
-    res = load_resources(settings, load_models=True)
+    res = load_resources(Settings.from_env(env), load_models=True, publish=lambda request, task_id: None)
     yield res
     res.close()
 
 
 def segment(res, image: Path, prompt: str, **params):
+    """One image through the worker's own steps: resolve the job's options, assemble the pipeline, process."""
     from producer.client import QueueClient
 
     manifest = QueueClient(res.settings, store=res.store).create_job([image], [prompt], {"filters": "none", **params})
-    item = manifest.items[0]
-    return manifest.spec, item, process_item(res, manifest.spec, item, points_per_batch=None)
+    (item,) = items_of(res.store, manifest.job_id)
+    request = res.resolve(manifest.spec.params)
+    return item, request, process_item(res.store, res.pipeline(request), manifest.spec, item)
 
 
 def test_worker_loads_the_recommendation_once_and_reports_it(resources):
-    assert resources.recommended_generator == RECOMMENDED
+    assert dict(resources.sam.generator) == RECOMMENDED
     assert resources.health()["recommended_generator"] == RECOMMENDED
-    pipeline = resources.pipeline(SegmentParams(points_per_side=3))
-    generator = pipeline.generator.params()
-    assert generator["points_per_side"] == 3 and generator["pred_iou_thresh"] == 0.0
-    assert generator["points_per_batch"] == resources.settings.points_per_batch
+    request = resources.resolve(SegmentParams(points_per_side=3))
+    generator = resources.pipeline(request).generator.params()
+    assert generator["points_per_side"] == 3 and generator["pred_iou_thresh"] == 0.0  # explicit, then the file
+    assert generator["crop_n_layers"] == 0  # SAM's default
+    assert generator["points_per_batch"] == resources.settings.points_per_batch  # the worker's, not the request's
+    assert resources.pipeline(request, points_per_batch=8).generator.params()["points_per_batch"] == 8
 
 
 def test_worker_merges_and_keys_proposals_by_resolved_options(resources, tmp_path):
     image = make_images(tmp_path / "images", 1, seed=40)[0]
-    spec, item, record = segment(resources, image, "a red box")
-    assert record.status == "done" and record.proposals == "computed" and record.segments > 0
-    doc = resources.store.get_json(f"{record.result_key}/segments.json")
-    assert {k: doc["params"][k] for k in RECOMMENDED} == RECOMMENDED  # the resolved options are reported
-    assert doc["params"]["pipeline"]["generator"]["points_per_side"] == 2
-    cached = resources.store.get_json(proposals_key(spec, item, resources.generator_options(spec.params),
-                                                    resources.filter_chain(spec.params)))
+    item, request, outcome = segment(resources, image, "a red box")
+    assert outcome.state == "done" and outcome.how == "computed"
+    doc = resources.store.get_json(f"{outcome.result_key}/segments.json")
+    assert len(doc["segments"]) > 0, "the recommended options must produce segments, or this test checks nothing"
+    assert {k: doc["request"]["generator"][k] for k in RECOMMENDED} == RECOMMENDED  # the resolved options
+    cached = resources.store.get_json(proposals_key(item.image_sha, request))
     assert cached["identity"]["generator"]["points_per_side"] == 2
 
     # the same effective options asked for explicitly: the cached proposals are reused
-    _, _, same = segment(resources, image, "a blue disc", points_per_side=2, pred_iou_thresh=0.0)
-    assert same.status == "done" and same.proposals == "cached" and same.segments == record.segments
+    _, same_request, same = segment(resources, image, "a blue disc", points_per_side=2, pred_iou_thresh=0.0)
+    assert same.state == "done" and same.how == "cached"
+    assert same_request.proposal_digest() == request.proposal_digest()
     # other effective options: never served from that cache
-    _, _, other = segment(resources, image, "a red box", points_per_side=3)
-    assert other.status == "done" and other.proposals == "computed"
-    assert other.result_key != record.result_key
+    _, other_request, other = segment(resources, image, "a red box", points_per_side=3)
+    assert other.state == "done" and other.how == "computed"
+    assert other.result_key != outcome.result_key and other_request.proposal_digest() != request.proposal_digest()
 
 
 def test_queue_evaluation_with_the_warm_sam_merges_its_recommendation(resources, tmp_path):
@@ -135,4 +115,5 @@ def test_queue_evaluation_with_the_warm_sam_merges_its_recommendation(resources,
     with_recommendation = chosen(resources)
     assert with_recommendation and any(c is not None for c in with_recommendation)
     # control: the same grid under SAM's default thresholds leaves nothing to choose from
-    assert all(c is None for c in chosen(replace(resources, recommended_generator={"points_per_side": 2})))
+    defaults = replace(resources, sam=replace(resources.sam, generator={"points_per_side": 2}))
+    assert all(c is None for c in chosen(defaults))

@@ -195,18 +195,31 @@ def test_celery_app_configuration():
 
 
 def test_request_keys_are_deterministic():
+    """Result keys come from the resolved request (the worker's weights), never from the spec strings."""
+    from slip.request import ModelRef, resolve
     from worker.jobs import Item, SegmentParams, SegmentSpec
+    from worker.processing import result_key
 
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64)
     spec = SegmentSpec(prompts=[" a cat "], sam="vit_b", clip="c")
     assert spec.prompts == ("a cat",)
+    sam, clip = ModelRef("vit_b", "vit_b", "1" * 64), ModelRef("c", "hf-clip", "2" * 64)
+
+    def key(spec: SegmentSpec, sam: ModelRef = sam, clip: ModelRef = clip) -> str:
+        request = resolve(spec.params.to_options(), sam=sam, sam_generator={}, sam_filters=None, ranker=clip,
+                          ranker_threshold=None)
+        return result_key(item, request, spec)
+
     same = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=5, points_per_side=None))
-    assert spec.result_key(item) == same.result_key(item) == f"results/{'a' * 64}/{spec.request_digest()}"
-    others = [SegmentSpec(prompts=["a dog"], sam="vit_b", clip="c"), SegmentSpec(prompts=["a cat"], sam="vit_l", clip="c"),
-              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="d"),
-              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=3)),
-              SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=32))]
-    assert len({spec.request_digest(), *(o.request_digest() for o in others)}) == 6
+    explicit = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=32))
+    assert key(spec) == key(same) == key(explicit), "the same effective request, however it was given"
+    assert key(spec).startswith(f"results/{'a' * 64}/") and len(key(spec).rsplit("/", 1)[1]) == 64
+    others = [key(SegmentSpec(prompts=["a dog"], sam="vit_b", clip="c")),
+              key(spec, sam=ModelRef("vit_b", "vit_b", "3" * 64)),  # other SAM weights
+              key(spec, clip=ModelRef("c", "hf-clip", "4" * 64)),  # other ranker weights
+              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=3))),
+              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=16)))]
+    assert len({key(spec), *others}) == 6
     for bad in ([], [""], ["   "], ["x" * 301]):
         with pytest.raises(PromptError):
             SegmentSpec(prompts=bad, sam="vit_b", clip="c")
@@ -214,23 +227,63 @@ def test_request_keys_are_deterministic():
         Item(index=0, image_key="inputs/../../etc/passwd", image_sha="a" * 64)
 
 
-def test_proposals_record_round_trip():
-    from worker.proposals import proposals_from_record, proposals_record
+def test_proposals_record_round_trip(tmp_path):
+    """The proposals cache (worker.proposals): segment records and embeddings written and read back."""
+    from slip.request import ModelRef, SegmentOptions, resolve
+    from worker.proposals import (
+        CachedProposals,
+        embeddings_key,
+        load_embeddings,
+        load_proposals,
+        proposals_key,
+        save_embeddings,
+        save_proposals,
+    )
 
     gen = torch.Generator().manual_seed(0)
-    masks = torch.rand((3, 20, 30), generator=gen) > 0.5
+    masks = torch.zeros((3, 20, 30), dtype=torch.bool)
+    masks[0, :, :] = True
+    masks[1, 2:5, 1:4] = True
+    masks[2] = torch.rand((20, 30), generator=gen) > 0.5
+    ys, xs = [m.nonzero()[:, 0] for m in masks], [m.nonzero()[:, 1] for m in masks]
     segments = MaskSet(
         masks=masks,
-        boxes=torch.tensor([[0, 0, 29, 19], [1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.float32),
+        boxes=torch.tensor([[x.min(), y.min(), x.max(), y.max()] for x, y in zip(xs, ys)], dtype=torch.float32),
         predicted_iou=torch.rand(3, generator=gen),
         stability_score=torch.rand(3, generator=gen),
         point_coords=torch.rand((3, 2), generator=gen) * 20,
         crop_boxes=torch.tensor([[0, 0, 30, 20]] * 3, dtype=torch.float32),
     )
     proposals = Proposals(segments=segments, filter_stats=(FilterStat("containment", {"threshold": 0.8}, 5, 2),), generated=5)
-    back = proposals_from_record(proposals_record(proposals, {"sam": "x"}))
-    assert back.generated == 5 and back.filter_stats == proposals.filter_stats
+    request = resolve(SegmentOptions(), sam=ModelRef("s", "vit_b", "1" * 64), sam_generator={}, sam_filters=None,
+                      ranker=ModelRef("c", "hf-clip", "2" * 64), ranker_threshold=None)
+    store = Store(str(tmp_path))
+    key = proposals_key("a" * 64, request)
+    assert key == f"proposals/{'a' * 64}/{request.proposal_digest()}/segments.json"
+    assert load_proposals(store, key) is None
+    save_proposals(store, key, CachedProposals.of(proposals), request)
+    back = load_proposals(store, key)
+    assert store.get_json(key)["identity"] == request.proposal_identity()
+    assert back.generated == 5 and back.image_size == (20, 30)
+    assert back.filters == [{"name": "containment", "params": {"threshold": 0.8}, "before": 5, "removed": 2}]
+    decoded = back.masks()
     for name in ("masks", "boxes", "predicted_iou", "stability_score", "point_coords", "crop_boxes"):
-        assert torch.equal(getattr(back.segments, name), getattr(segments, name)), name
-    empty = Proposals(segments=MaskSet.empty(4, 5), filter_stats=(), generated=0)
-    assert proposals_from_record(proposals_record(empty, {})).segments.image_size == (4, 5)
+        assert torch.equal(getattr(decoded, name), getattr(segments, name)), name
+    embeddings = torch.nn.functional.normalize(torch.rand((3, 8), generator=gen), dim=1)
+    ekey = embeddings_key("a" * 64, request)
+    assert ekey.startswith(key.rsplit("/", 1)[0] + "/embeddings/") and request.embedding_digest() in ekey
+    assert load_embeddings(store, ekey, torch.device("cpu")) is None
+    save_embeddings(store, ekey, embeddings)
+    assert torch.equal(load_embeddings(store, ekey, torch.device("cpu")), embeddings)
+    # an older format is recomputed, a malformed entry is a one-line store error
+    store.put_json(key, {**store.get_json(key), "format_version": 1})
+    assert load_proposals(store, key) is None
+    store.put_json(key, {"format_version": 2, "image_size": {"height": 4}})
+    with pytest.raises(StoreError, match="malformed"):
+        load_proposals(store, key)
+    store.put_bytes(ekey, b"not safetensors")
+    with pytest.raises(StoreError, match="malformed"):
+        load_embeddings(store, ekey, torch.device("cpu"))
+    empty = CachedProposals.of(Proposals(segments=MaskSet.empty(4, 5), filter_stats=(), generated=0))
+    save_proposals(store, key, empty, request)
+    assert load_proposals(store, key).masks().image_size == (4, 5) and load_proposals(store, key).segments == []

@@ -13,3 +13,16 @@ def test_every_export_resolves(name):
 def test_unknown_name_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slip.nope  # noqa: B018
+
+
+def test_requests_and_job_payloads_import_no_model_code():
+    """slip.request and worker.jobs are read by producers and light CLI commands: no torch behind them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, slip.request, worker.jobs, worker.ledger, producer.cli; "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'segment_anything') if m in sys.modules); "
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported {done.stdout.strip()}"

@@ -1,5 +1,8 @@
 """A recommended annotation filter chain beside a SAM checkpoint (``filters.json``) and its precedence:
-the paper's ``containment`` < the checkpoint's filters.json < the chain the user gives explicitly."""
+the paper's ``containment`` < the checkpoint's filters.json < the chain the user gives explicitly.
+
+The precedence itself is written once, in :func:`slip.request.resolve` (golden tests in test_request.py);
+here: reading and checking the file, the SAM bundle carrying it, and every place a pipeline is built."""
 
 from __future__ import annotations
 
@@ -11,20 +14,21 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from slip.cli import app
+from producer.cli import build_app
 from slip.config import SlipConfig, build_slip
 from slip.errors import ConfigError
 from slip.evaluate import sam_proposer
+from slip.rankers.loading import load_ranker_bundle
+from slip.request import PAPER_FILTERS, SegmentOptions, canonical_filters, resolve
 from slip.sam import (
     BUNDLED_DIR,
     FILTERS_FILE,
     GENERATOR_FILE,
-    PAPER_FILTERS,
     SAM_ARCHS,
     TINY_SPEC,
     build_tiny_sam,
+    load_sam_bundle,
     recommended_filters,
-    resolve_filters,
     save_sam,
 )
 
@@ -98,12 +102,26 @@ def test_a_file_that_is_not_json_is_a_config_error_naming_it(checkpoint):
         recommended_filters(str(checkpoint))
 
 
-def test_resolve_filters_precedence():
+def test_the_sam_bundle_carries_the_checked_chain_and_resolve_applies_it(checkpoint, tmp_path):
+    bundle = load_sam_bundle(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache")
+    assert bundle.filters == KEEP_LARGEST
+    assert load_sam_bundle(TINY_SPEC, device="cpu").filters is None
+    ranker = load_ranker_bundle("tiny-random", device="cpu")
+
+    def chain(given: str | None, sam=bundle) -> tuple:
+        return resolve(SegmentOptions(filters=given), sam=sam.ref, sam_generator=sam.generator, sam_filters=sam.filters,
+                       ranker=ranker.ref, ranker_threshold=ranker.threshold).filters
+
     assert PAPER_FILTERS == "containment"
-    assert resolve_filters(None, None) == "containment"
-    assert resolve_filters(None, KEEP_LARGEST) == KEEP_LARGEST
-    assert resolve_filters("none", KEEP_LARGEST) == "none"
-    assert resolve_filters("containment", KEEP_LARGEST) == "containment"
+    assert chain(None) == canonical_filters(KEEP_LARGEST)  # the file
+    assert chain("none") == ()  # explicit wins
+    assert chain("containment") == canonical_filters("containment")
+    (checkpoint / FILTERS_FILE).unlink()
+    assert chain(None, load_sam_bundle(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache")) == \
+        canonical_filters(PAPER_FILTERS)  # no file: the paper's
+    (checkpoint / FILTERS_FILE).write_text(json.dumps({"filters": "containment:keep=sideways", "why": "bad"}))
+    with pytest.raises(ConfigError, match=FILTERS_FILE):
+        load_sam_bundle(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache")  # checked at load, never served
 
 
 def test_install_bundle_writes_the_recommendation(tmp_path):
@@ -150,19 +168,20 @@ def test_cli_segment_records_the_resolved_chain(checkpoint, image, tmp_path):
 
     def segments_of(*extra: str) -> dict:
         out = tmp_path / f"out{len(extra)}"
-        result = CliRunner().invoke(app, ["segment", str(path), "--prompt", "red box", "--out", str(out),
+        result = CliRunner().invoke(build_app(), ["segment", str(path), "--prompt", "red box", "--out", str(out),
                                           "--sam", str(checkpoint), "--clip", "tiny-random", "--device", "cpu",
                                           *extra])
         assert result.exit_code == 0, result.output
         return json.loads((out / "img" / "segments.json").read_text())
 
     recommended = segments_of()
-    assert [(f["name"], f["drop_largest"]) for f in recommended["params"]["filters"]] == [("containment", False)]
+    assert [(f["name"], f["drop_largest"]) for f in recommended["request"]["filters"]] == [("containment", False)]
     assert [f["params"]["drop_largest"] for f in recommended["filters"]] == [False]  # the chain that ran
     assert len(recommended["segments"]) == 3
     explicit = segments_of("--filters", "containment")
-    assert [(f["name"], f["drop_largest"]) for f in explicit["params"]["filters"]] == [("containment", True)]
+    assert [(f["name"], f["drop_largest"]) for f in explicit["request"]["filters"]] == [("containment", True)]
     assert len(explicit["segments"]) == 2
+    assert explicit["request_digest"] != recommended["request_digest"], "another chain, another result key"
 
 
 def test_cli_evaluate_local_takes_filters(checkpoint, tmp_path):
@@ -173,7 +192,7 @@ def test_cli_evaluate_local_takes_filters(checkpoint, tmp_path):
 
     def chosen_kinds(*extra: str) -> dict:
         out = tmp_path / f"eval{len(extra)}.json"
-        result = CliRunner().invoke(app, ["evaluate-local", str(dataset), "--ranker", "tiny-random", "--composites",
+        result = CliRunner().invoke(build_app(), ["evaluate-local", str(dataset), "--ranker", "tiny-random", "--composites",
                                           "1", "--tile-size", "32", "--proposals", "sam", "--sam", str(checkpoint),
                                           "--device", "cpu", "--quiet", "--json", str(out), *extra])
         assert result.exit_code == 0, result.output

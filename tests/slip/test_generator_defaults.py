@@ -1,5 +1,8 @@
 """Recommended generator options beside a SAM checkpoint (``generator.json``) and their precedence:
-SAM's defaults < the checkpoint's generator.json < options the user gives explicitly."""
+SAM's defaults < the checkpoint's generator.json < options the user gives explicitly.
+
+The precedence itself is written once, in :func:`slip.request.resolve` (golden tests in test_request.py);
+here: reading and checking the file, the defaults being SAM's own, and every place a generator is built."""
 
 from __future__ import annotations
 
@@ -11,17 +14,18 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from slip.cli import app
+from producer.cli import build_app
 from slip.config import SlipConfig, build_slip
 from slip.errors import ConfigError
 from slip.evaluate import sam_proposer
+from slip.request import GeneratorOptions
 from slip.sam import (
     BUNDLED_DIR,
     GENERATOR_FILE,
     SAM_ARCHS,
     TINY_SPEC,
     build_tiny_sam,
-    mask_generator_defaults,
+    load_sam_bundle,
     read_generator_params,
     recommended_generator_params,
     save_sam,
@@ -99,10 +103,26 @@ def test_train_module_still_exports_the_reader():
     assert train_sam.read_generator_params is read_generator_params and train_sam.GENERATOR_FILE == GENERATOR_FILE
 
 
-def test_mask_generator_defaults_are_sams():
-    defaults = mask_generator_defaults()
+def test_generator_option_defaults_are_sams_own():
+    """GeneratorOptions lists SAM's output-changing options with the defaults of segment_anything itself."""
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    defaults = GeneratorOptions().to_json()
+    assert defaults == {name: signature[name].default for name in GeneratorOptions.names()}
     assert defaults["points_per_side"] == 32 and defaults["pred_iou_thresh"] == 0.88
-    assert defaults["stability_score_thresh"] == 0.95 and "sam" not in defaults
+    speed_only = {"self", "model", "points_per_batch", "point_grids", "output_mode"}
+    assert set(signature) - speed_only == set(GeneratorOptions.names()), "every output-changing option is resolved"
+
+
+def test_the_sam_bundle_carries_the_checked_options(checkpoint, tmp_path):
+    assert load_sam_bundle(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache").generator == TINY_RECOMMENDED
+    assert load_sam_bundle(TINY_SPEC, device="cpu").generator == {}
+    (checkpoint / GENERATOR_FILE).write_text(json.dumps({"points_per_side": 2.5}))
+    with pytest.raises(ConfigError, match=GENERATOR_FILE):
+        load_sam_bundle(str(checkpoint), device="cpu", cache_dir=tmp_path / "cache")  # checked at load, never served
 
 
 # --- precedence where generators are built ----------------------------------------------------------------
@@ -118,7 +138,8 @@ def test_build_slip_merges_recommended_under_explicit_options():
 
 def test_build_slip_without_a_recommendation_keeps_sam_defaults():
     params = build_slip(SlipConfig(sam="tiny-random", clip="tiny-random", device="cpu")).generator.params()
-    assert {k: params[k] for k in mask_generator_defaults()} == mask_generator_defaults()
+    defaults = GeneratorOptions().to_json()
+    assert {k: params[k] for k in defaults} == defaults
 
 
 def test_sam_proposer_with_a_spec_uses_the_checkpoint_file(checkpoint, image):
@@ -142,13 +163,14 @@ def test_cli_segment_uses_the_recommendation_unless_overridden(checkpoint, image
 
     def generator_of(*extra: str) -> dict:
         out = tmp_path / f"out{len(extra)}"
-        result = CliRunner().invoke(app, ["segment", str(path), "--prompt", "red box", "--out", str(out),
+        result = CliRunner().invoke(build_app(), ["segment", str(path), "--prompt", "red box", "--out", str(out),
                                           "--sam", str(checkpoint), "--clip", "tiny-random", "--device", "cpu",
                                           "--filters", "none", *extra])
         assert result.exit_code == 0, result.output
-        return json.loads((out / "img" / "segments.json").read_text())["params"]["generator"]
+        return json.loads((out / "img" / "segments.json").read_text())["request"]["generator"]
 
     recommended = generator_of()
     assert {k: recommended[k] for k in TINY_RECOMMENDED} == TINY_RECOMMENDED
+    assert recommended["crop_n_layers"] == 0  # SAM's default, recorded too
     overridden = generator_of("--points-per-side", "3")
     assert overridden["points_per_side"] == 3 and overridden["pred_iou_thresh"] == 0.0

@@ -80,7 +80,7 @@ def test_one_to_one_instances_never_share_a_segment(scene):
 
 
 def test_a_duplicated_segment_is_one_instance(scene):
-    truth, proposals, embeddings, slip = scene[1], scene[2], scene[3], scene[4]
+    proposals, embeddings, slip = scene[2], scene[3], scene[4]
     masks = proposals.segments.masks
     (first,) = ranked(scene, ["circle"], threshold=0.5)
     i = first.index

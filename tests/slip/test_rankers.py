@@ -149,3 +149,48 @@ def test_dual_encoder_directory_goes_to_its_loader(tmp_path, monkeypatch, tiny):
     ranker = load_ranker(str(tmp_path), device="cpu")
     assert calls == [(tmp_path, torch.device("cpu"), torch.float32)]
     assert ranker.spec == str(tmp_path)
+
+
+# --- bundles: what results must know about a ranker ----------------------------------------------------------
+
+
+def test_bundle_names_the_weights_by_their_digest(tiny, saved, tmp_path):
+    from slip.rankers.loading import load_ranker_bundle
+    from slip.weights import directory_sha256, tensors_sha256
+
+    bundle = load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path / "cache")
+    assert isinstance(bundle.ranker, HFClipRanker) and bundle.ranker.spec == str(saved)
+    assert (bundle.ref.spec, bundle.ref.arch) == (str(saved), "hf-clip")
+    assert bundle.ref.sha256 == directory_sha256(saved) and bundle.threshold is None
+    tiny_bundle = load_ranker_bundle("tiny-random", device="cpu")
+    assert tiny_bundle.ref.arch == "tiny-random"
+    assert tiny_bundle.ref.sha256 == tensors_sha256(tiny[0].state_dict()), "built in memory: named by its tensors"
+    assert load_ranker_bundle("synth", device="cpu").ref.arch == "synth-clip"
+
+
+def test_bundle_reads_the_calibrated_threshold_beside_the_weights(saved, tmp_path):
+    from slip.rankers.loading import load_ranker_bundle
+
+    (saved / "threshold.json").write_text(json.dumps({"threshold": 0.21, "metric": "f1"}))
+    bundle = load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path)
+    assert bundle.threshold == 0.21
+    assert bundle.ref == load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path).ref
+    for bad in ("{0.2", json.dumps({"threshold": 1.5}), json.dumps({"threshold": True})):
+        (saved / "threshold.json").write_text(bad)
+        with pytest.raises(ConfigError, match="threshold.json"):
+            load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path)
+
+
+def test_a_threshold_calibrated_for_other_weights_is_refused(tiny, saved, tmp_path):
+    """`slip calibrate --write` records the weights it calibrated (ranker_sha256); once the weights are
+    replaced, that threshold means nothing for them and must not be applied silently."""
+    from slip.rankers.loading import load_ranker_bundle
+
+    calibrated_for = load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path).ref.sha256
+    (saved / "threshold.json").write_text(json.dumps({"threshold": 0.21, "metric": "f1",
+                                                      "ranker_sha256": calibrated_for}))
+    assert load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path).threshold == 0.21
+    model, tokenizer = build_tiny_clip(seed=1)  # other weights put in place, the old threshold.json kept
+    save_hf_clip(model, tokenizer, saved)
+    with pytest.raises(ConfigError, match="calibrated for other weights"):
+        load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path)

@@ -95,6 +95,11 @@ def test_zero_segments():
     assert m.instances == () and not m.matched
 
 
+def test_numpy_thresholds_are_numbers():
+    _, (m,) = rank(at_angles(0), at_angles(10), ["x"], threshold=np.float32(0.99))
+    assert m.threshold == pytest.approx(0.99) and m.instances == ()
+
+
 def test_match_shape_and_compatibility_properties():
     _, (hit, miss) = rank(at_angles(0, 60), at_angles(10, 150), ["near", "far"], threshold=[0.5, 0.2], top_k=1)
     assert hit.instances == ((0, pytest.approx(math.cos(math.radians(10)), abs=1e-6)),)
@@ -192,6 +197,7 @@ def test_one_to_one_serves_as_many_prompts_above_their_threshold_as_possible():
     ({"threshold": -1.01}, r"\[-1, 1\]"),
     ({"threshold": float("nan")}, r"\[-1, 1\]"),
     ({"threshold": ["0.3", None]}, r"\[-1, 1\]"),
+    ({"threshold": "0.3"}, r"\[-1, 1\]"),
     ({"instances": "some"}, "instances must be one of one, all"),
     ({"instances": "all"}, "needs the segment masks"),
     ({"instances": "all", "masks": torch.zeros((3, 4, 4), dtype=torch.bool)}, r"masks must be \(N=2"),

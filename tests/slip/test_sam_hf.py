@@ -264,3 +264,31 @@ def test_missing_weights_and_bad_config(hf_dir, tmp_path):
     (directory / "config.json").write_text(json.dumps({"model_type": "clip"}))
     assert "config.json" in _one_line_error(directory)
     assert str(tmp_path / "nowhere") in _one_line_error(tmp_path / "nowhere", WeightsNotFoundError)
+
+
+def test_sam_spec_accepts_an_hf_directory_and_a_cached_hub_id(hf_dir, tmp_path):
+    """`--sam DIR` and `--sam org/name` (found in $SLIP_CACHE/hf, no network) load through the one bundle path,
+    named by the digest of the files really loaded; the same masks come out of the generator."""
+    import numpy as np
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    from slip.generator import MaskGenerator
+    from slip.sam import load_sam_bundle
+
+    bundle = load_sam_bundle(str(hf_dir), device="cpu")
+    assert bundle.ref.arch.startswith("hf-sam") and len(bundle.ref.sha256) == 64
+    # a hub-cache layout: <cache>/hf/models--org--name/snapshots/<rev>/ + refs/main
+    repo = tmp_path / "cache" / "hf" / f"models{REPO_ID_SEPARATOR}acme{REPO_ID_SEPARATOR}sam-tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(hf_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    cached = load_sam_bundle("acme/sam-tiny", device="cpu", cache_dir=tmp_path / "cache")
+    assert cached.ref.sha256 == bundle.ref.sha256 and cached.ref.spec == "acme/sam-tiny"
+    image = np.random.default_rng(0).integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
+    options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    a = MaskGenerator(bundle.model, **options).generate_masks(image)
+    b = MaskGenerator(cached.model, **options).generate_masks(image)
+    assert len(a) > 0 and torch.equal(a.masks, b.masks)
+    with pytest.raises(WeightsNotFoundError, match="slip weights fetch acme/sam-other"):
+        load_sam_bundle("acme/sam-other", device="cpu", cache_dir=tmp_path / "cache")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import hashlib
 import http.server
 import socket
@@ -246,3 +247,109 @@ def test_cli_list_shows_cached_files_with_sizes(monkeypatch, tmp_path):
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("  sam")}
     assert "3.0 MiB" in lines["vit_l"]
     assert "slip weights fetch vit_b" in lines["vit_b"]
+
+
+# --- digests of loaded weights ----------------------------------------------------------------------------
+
+
+def test_cached_sha256_falls_back_to_the_cache_when_it_cannot_write_beside_the_file(tmp_path):
+    from slip.weights import DIGEST_SUFFIX, cached_sha256
+
+    weights = tmp_path / "models" / "w.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights" * 1000)
+    (weights.parent / (weights.name + DIGEST_SUFFIX)).mkdir()  # something that cannot be written in the way
+    sha = cached_sha256(weights, cache_dir=tmp_path / "cache")
+    assert sha == hashlib.sha256(weights.read_bytes()).hexdigest()
+    (record,) = (tmp_path / "cache" / "digests").iterdir()
+    assert json.loads(record.read_text())["sha256"] == sha and json.loads(record.read_text())["file"] == str(weights)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "e" * 64}))
+    assert cached_sha256(weights, cache_dir=tmp_path / "cache") == "e" * 64, "read from the cache's record"
+
+
+def test_directory_sha256_covers_weights_and_config_not_recommendations(tmp_path):
+    from slip.weights import directory_sha256
+
+    folder = tmp_path / "ranker"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(b"tensors")
+    first = directory_sha256(folder)
+    assert directory_sha256(folder) == first, "stable, and the digest records it wrote do not count"
+    for name in ("threshold.json", "generator.json", "filters.json", "curve.json", "README.md"):
+        (folder / name).write_text("{}")
+    assert directory_sha256(folder) == first
+    (folder / "config.json").write_text('{"a": 2}')
+    assert directory_sha256(folder) != first
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "threshold.json").write_text("{}")
+    with pytest.raises(WeightsNotFoundError, match="no weight files"):
+        directory_sha256(tmp_path / "empty")
+
+
+def test_tensors_sha256_is_order_free_and_sees_every_value_dtype_and_shape():
+    from slip.weights import tensors_sha256
+
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.ones(4)
+    base = tensors_sha256({"a": a, "b": b})
+    assert tensors_sha256({"b": b, "a": a.clone()}) == base
+    changed = a.clone()
+    changed[1, 2] += 1
+    for other in ({"a": changed, "b": b}, {"a": a.double(), "b": b}, {"a": a.reshape(3, 2), "b": b},
+                  {"a2": a, "b": b}):
+        assert tensors_sha256(other) != base, other.keys()
+
+
+# --- bad checkpoints: one line, never a traceback, never unpickled ------------------------------------------
+
+
+class _Payload:
+    """Pickled into a checkpoint: loading it with ``weights_only=False`` would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def bad_checkpoints(tmp_path) -> dict[str, tuple[Path, Path, str]]:
+    """name -> (the --sam path, the file the message must name, words it must hold)."""
+    from slip.sam import SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
+
+    good = save_sam(build_tiny_sam(), tmp_path / "good" / "sam.pth", SAM_ARCHS[TINY_SPEC])
+    corrupt = tmp_path / "corrupt" / "sam.pth"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated download
+    unsafe = tmp_path / "unsafe" / "sam.pth"
+    unsafe.parent.mkdir()
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": _Payload(tmp_path / "pwned")}, unsafe)
+    config = tmp_path / "config" / "sam.pth"
+    config.parent.mkdir()
+    config.write_bytes(good.read_bytes())
+    (config.parent / "config.json").write_text('{"encoder_embed_dim": 32,')  # cut short
+    return {"corrupt": (corrupt, corrupt, "corrupt or truncated"),
+            "unsafe": (unsafe, unsafe, "not a plain tensor checkpoint"),
+            "config": (config, config.parent / "config.json", "is not valid JSON"),
+            "config-dir": (config.parent, config.parent / "config.json", "is not valid JSON")}
+
+
+@pytest.mark.parametrize("case", ["corrupt", "unsafe", "config", "config-dir"])
+def test_cli_segment_with_a_bad_checkpoint_exits_2_with_one_line(bad_checkpoints, case, tmp_path):
+    from PIL import Image
+
+    from producer.cli import build_app
+
+    spec, named, words = bad_checkpoints[case]
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(image)
+    result = CliRunner().invoke(build_app(), ["segment", str(image), "--prompt", "x", "--out", str(tmp_path / "out"),
+                                              "--sam", str(spec), "--clip", "tiny-random", "--device", "cpu"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    line = _one_line_error(result)
+    assert str(named) in line and words in line, line
+    assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
+    assert not (tmp_path / "out").exists(), "nothing was written"
