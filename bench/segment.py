@@ -53,7 +53,8 @@ from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 from slip.device import resolve_device  # noqa: E402
 from slip.errors import SlipError, WeightsNotFoundError  # noqa: E402
 from slip.generator import MaskGenerator  # noqa: E402
-from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam, load_sam, recommended_generator_params  # noqa: E402
+from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam, load_sam  # noqa: E402
+from slip.sam import recommended_generator_params  # noqa: E402
 
 RANDOM_BANNER = "!" * 100
 
@@ -78,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=20, help="--agreement: demo scenes (random weights: generated)")
     p.add_argument("--min-iou", type=float, default=0.3, help="--agreement, random weights: fp32 masks kept")
     p.add_argument("--clip", default=None,
-                   help="ranker spec (e.g. openai/clip-vit-base-patch32): also time filters, crops + CLIP vs a per-crop loop")
+                   help="ranker spec (openai/clip-vit-base-patch32, ...): also time filters, crops + CLIP")
     p.add_argument("--clip-max-masks", type=int, default=100, help="at most this many masks go to the CLIP stage")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/segment-<case>.json)")
     return p.parse_args()
@@ -212,17 +213,16 @@ def summary(runs: list[dict]) -> dict:
 
 
 def best_iou(reference: np.ndarray, other: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """For each ``(N, H, W)`` reference mask, the best IoU among the ``(M, H, W)`` other masks (``(N,)``;
-    0 when ``other`` is empty). Only pairs whose boxes overlap are compared."""
+    """For each ``(N, H, W)`` bool reference mask, the best IoU among the ``(M, H, W)`` other masks
+    (``(N,)``; 0 when ``other`` is empty; 1 for two empty masks)."""
     if len(other) == 0 or len(reference) == 0:
         return np.zeros(len(reference))
-    a = torch.from_numpy(reference).flatten(1)
-    b = torch.from_numpy(other).flatten(1)
+    b = torch.from_numpy(other).flatten(1).float()  # exact: counts stay below 2**24
     b_area = b.sum(1)
     best = np.zeros(len(reference))
-    for start in range(0, len(a), chunk):
-        part = a[start : start + chunk].float()
-        inter = part @ b.float().T  # exact: counts below 2**24
+    for start in range(0, len(reference), chunk):
+        part = torch.from_numpy(reference[start : start + chunk]).flatten(1).float()
+        inter = part @ b.T
         union = part.sum(1, keepdim=True) + b_area - inter
         best[start : start + chunk] = torch.where(union > 0, inter / union.clamp(min=1), 1.0).amax(1).numpy()
     return best
@@ -230,9 +230,9 @@ def best_iou(reference: np.ndarray, other: np.ndarray, chunk: int = 64) -> np.nd
 
 def compare(official: list[dict], ours: list[dict], exact: bool) -> dict:
     """Record-by-record agreement of ours with the official records (see the module docstring)."""
-    real = sum(r["area"] > 0 for r in official)
+    real = int(sum(r["area"] > 0 for r in official))
     out: dict = {"official": len(official), "ours": len(ours), "official_real_masks": real,
-                 "ours_real_masks": sum(r["area"] > 0 for r in ours)}
+                 "ours_real_masks": int(sum(r["area"] > 0 for r in ours))}
     ref = np.stack([r["segmentation"] for r in official]) if official else np.zeros((0, 1, 1), bool)
     mine = np.stack([r["segmentation"] for r in ours]) if ours else np.zeros((0, 1, 1), bool)
     if exact and len(official) == len(ours):
@@ -246,10 +246,12 @@ def compare(official: list[dict], ours: list[dict], exact: bool) -> dict:
             "identical_masks": int(sum(np.array_equal(x, y) for x, y in zip(ref, mine))),
             "min_twin_iou": float(twin_iou.min()) if len(twin_iou) else 1.0,
             "equal_boxes": int(sum(a["bbox"] == b["bbox"] for a, b in zip(official, ours))),
-            "max_predicted_iou_gap": max(iou_gap, default=0.0), "max_stability_gap": max(stab_gap, default=0.0),
+            "max_predicted_iou_gap": float(max(iou_gap, default=0.0)),
+            "max_stability_gap": float(max(stab_gap, default=0.0)),
         }
-        out["same"] = (out["identical_masks"] == len(ref) or out["min_twin_iou"] >= 0.999) and \
-            out["equal_boxes"] == len(ref) and max(out["max_predicted_iou_gap"], out["max_stability_gap"]) <= 1e-4
+        out["same"] = bool((out["identical_masks"] == len(ref) or out["min_twin_iou"] >= 0.999)
+                           and out["equal_boxes"] == len(ref)
+                           and max(out["max_predicted_iou_gap"], out["max_stability_gap"]) <= 1e-4)
     elif exact:
         out["same"] = False
     if not exact:
@@ -305,11 +307,12 @@ def bench_agreement(args, sam, weights: str, device) -> dict:
     for i, image in enumerate(images):
         start = time.perf_counter()
         a, b = fp32.generate_masks(image), reduced.generate_masks(image)
+        quantiles = np.quantile(a.predicted_iou.cpu().numpy(), [0, 0.5, 1]).round(3).tolist() if len(a) else []
         if weights == "random":  # noise masks: keep the candidates the model itself rates
             a = a.select(a.predicted_iou > args.min_iou)
         best = best_iou(a.masks.cpu().numpy(), b.masks.cpu().numpy())
         per_scene.append({"fp32": len(a), args.dtype: len(b), "mean_best_iou": float(best.mean()) if len(a) else None,
-                          "best_iou_below_0.9": int((best < 0.9).sum())})
+                          "best_iou_below_0.9": int((best < 0.9).sum()), "fp32_predicted_iou_min_median_max": quantiles})
         print(f"scene {i}: {per_scene[-1]} ({time.perf_counter() - start:.1f} s)")
     scored = [s for s in per_scene if s["mean_best_iou"] is not None]
     total_fp32 = sum(s["fp32"] for s in per_scene)
@@ -429,7 +432,12 @@ def print_speed(result: dict) -> None:
               f"{r['encode']['median']:>9.2f}{r['decode']['median']:>9.2f}{r['post']['median']:>9.2f}")
     lo, hi = result["speedup_range"]
     print(f"speed-up (median / median): x{result['speedup']:.2f} (worst..best pairing x{lo:.2f}..x{hi:.2f})")
-    print(f"masks: {json.dumps(result['masks'])}")
+    print(f"masks: {_json(result['masks'], None)}")
+
+
+def _json(data: Any, indent: int | None) -> str:
+    """JSON text; numpy scalars become Python numbers."""
+    return json.dumps(data, indent=indent, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
 
 def main() -> None:
@@ -445,11 +453,14 @@ def main() -> None:
         sys.exit(f"error: {e}")
     print(f"{args.sam} ({weights} weights) on {device}, {torch.get_num_threads()} thread(s), load {load_before}")
     with torch.inference_mode():
-        result = bench_agreement(args, sam, weights, device) if args.agreement else bench_speed(args, sam, image, device)
+        if args.agreement:
+            result = bench_agreement(args, sam, weights, device)
+        else:
+            result = bench_speed(args, sam, image, device)
     if not args.agreement:
         print_speed(result)
     else:
-        print(json.dumps({k: v for k, v in result.items() if k != "per_scene"}, indent=1))
+        print(_json({k: v for k, v in result.items() if k != "per_scene"}, 1))
     case = "agreement" if args.agreement else f"{args.sam}-{args.points_per_side}pts"
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -461,7 +472,7 @@ def main() -> None:
     }
     out = args.out or ROOT / "bench" / "results" / f"segment-{device.type}-{case}-{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(_json(record, 2))
     print(f"wrote {out}")
 
 

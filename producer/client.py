@@ -193,16 +193,23 @@ class QueueClient:
         names = self._names(status.manifest, {i for i, _ in found[:limit]})
         return [(i, names.get(i, ""), reason) for i, reason in found[:limit]]
 
-    def retry(self, job_id: str) -> int:
-        """Re-run the job's failed images on purpose (their chunks are sent again); how many images."""
+    def retry(self, job_id: str, *, max_in_flight: int = DEFAULT_IN_FLIGHT) -> int:
+        """Re-run the job's failed images on purpose, and hand the cluster back a job it lost (a Redis that lost
+        its data): the finished chunks are marked finished, the rest are sent. How many images go again."""
         self.check_broker()
         status = self.status(job_id)
-        chunks = [c for c, letters in status.letters.items() if letters.strip("d")]
-        if chunks:
+        failed = [c for c, letters in status.letters.items() if letters.strip("d")]
+        lost = status.counts["lost"]
+        if lost:  # re-register with what the store says is finished; the feeder sends everything else
+            window = self.board.view(job_id).window if status.active else max_in_flight
+            self.board.register(job_id, chunks=status.manifest.chunks, window=window)
+            self.board.mark_done(job_id, [c for c in status.letters if c not in failed])
+        if failed:
             self.board.register(job_id, chunks=status.manifest.chunks, window=self.board.view(job_id).window)
-            self.board.reopen(job_id, chunks)
+            self.board.reopen(job_id, failed)
+        if failed or lost:
             self.feeder.feed(job_id)
-        return sum(len(status.letters[c].replace("d", "")) for c in chunks)
+        return lost + sum(len(status.letters[c].replace("d", "")) for c in failed)
 
     # --- results --------------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ def follow(client, job_id: str, timeout: Optional[float]) -> int:
     def trouble(e: Exception) -> None:
         typer.echo(f"warning: cannot read the job's status right now ({type(e).__name__}: {e}); retrying", err=True)
 
+    client.status(job_id)  # an unknown job is one line, before any progress bar is drawn
     try:
         with job_progress(job_id) as progress:
             status = client.wait(job_id, timeout_s=timeout, on_progress=progress, on_trouble=trouble)

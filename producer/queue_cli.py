@@ -90,6 +90,7 @@ def status(
     """Counts by state: done, failed, running, queued, waiting (not sent yet: normal), lost."""
     with queue_errors():
         client = client_from_env()
+        client.check_broker()  # one line at once when Redis is away (not after the client's ~40 s of retries)
         st = client.status(job)
         if as_json:
             typer.echo(json.dumps(st.summary()))

@@ -99,7 +99,9 @@ class SLIP:
         with timer.stage("sam", self.device):
             try:
                 masks = self.generator.generate_masks(image, timings=timer.seconds)
-            except torch.OutOfMemoryError as e:
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
                 raise DeviceOutOfMemoryError(
                     f"out of memory while generating masks for a {image.shape[1]}x{image.shape[0]} image with "
                     f"points_per_batch={getattr(self.generator, 'points_per_batch', '?')}: retry with a smaller "
@@ -117,10 +119,16 @@ class SLIP:
         chunks = []
         for start in range(0, len(segments), self.batch_size):
             part = segments.select(torch.arange(start, min(start + self.batch_size, len(segments))))
-            with timer.stage("crops", self.device):
-                pixels = crop_segments(image, part, self.crop, self.ranker.image_size)
-            with timer.stage("clip_images", self.device):
-                chunks.append(self.ranker.encode_images(pixels).float())
+            try:
+                with timer.stage("crops", self.device):
+                    pixels = crop_segments(image, part, self.crop, self.ranker.image_size)
+                with timer.stage("clip_images", self.device):
+                    chunks.append(self.ranker.encode_images(pixels).float())
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                raise DeviceOutOfMemoryError(f"out of memory while embedding {len(part)} segment crops: "
+                                             "retry with a smaller SLIP_BATCH_SIZE") from e
         if not chunks:
             return torch.zeros((0, self._embedding_dim()), device=self.device)
         return torch.cat(chunks)
@@ -180,3 +188,12 @@ class SLIP:
     def _embedding_dim(self) -> int:
         return int(self.encode_prompts(["object"]).shape[1])
 
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a torch error is an allocation that failed: on a GPU ``torch.OutOfMemoryError``; on the host a
+    ``RuntimeError`` from the CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text

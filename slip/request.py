@@ -242,7 +242,7 @@ def _threshold(options: SegmentOptions, calibrated: float | None) -> float | tup
     for value in values:
         if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
             raise ConfigError(f"threshold {value!r} is not a cosine similarity in [-1, 1]")
-    return tuple(explicit) if isinstance(explicit, tuple) else float(explicit)
+    return tuple(None if v is None else float(v) for v in explicit) if isinstance(explicit, tuple) else float(explicit)
 
 
 def _text(value: Any) -> str:

@@ -173,8 +173,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path} is not a plain tensor checkpoint (it pickles other objects, which are never "
-                           f"loaded): re-save it as a state dict ({_first_line(e)})") from e
+        if "Unsupported global" not in str(e):
+            raise WeightsError(f"cannot read SAM checkpoint {path}: it is corrupt or truncated (not a readable torch "
+                               f"file); fetch it again") from e
+        raise WeightsError(f"{path} is not a plain tensor checkpoint: it pickles other objects, which are never "
+                           f"loaded (only tensors are); re-save it as a state dict") from e
     except Exception as e:  # torch.load and safetensors raise many types for a corrupt or truncated file
         raise WeightsError(f"cannot read SAM checkpoint {path}: it is corrupt or truncated "
                            f"({type(e).__name__}: {_first_line(e)}); fetch it again") from e

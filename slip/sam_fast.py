@@ -1,20 +1,23 @@
 """Faster forward passes through SAM's own modules: same weights, same state dict, same outputs.
 
-Three pieces, each a drop-in for one stage of ``segment_anything`` and each checked against it by
+Three drop-ins for stages of ``segment_anything``, each checked against the official computation by
 ``tests/slip/test_generator_fast.py``:
 
-* :func:`encode_image` — ``ImageEncoderViT.forward`` with fused attention (:func:`fused_attention`):
-  ``scaled_dot_product_attention`` with the decomposed relative-position bias as an additive mask,
-  instead of a materialised ``(N, N)`` fp32 attention matrix. Same output to ~1e-6 (float rounding).
-  :func:`fuse_attention` installs it on a model's own attention layers, for callers other than the
-  mask generator (``SamPredictor``); weights and ``state_dict`` are untouched.
+* :func:`encode_image` — ``ImageEncoderViT.forward`` without the materialised ``(N, N)`` attention
+  matrix. :func:`exact_attention` (the default) runs the official attention's own operations on a block
+  of query rows at a time, in place: bit-identical output, a fraction of the memory traffic.
+  :func:`fused_attention` uses ``scaled_dot_product_attention`` with the decomposed relative-position
+  bias as an additive mask: same output to ~1e-6, no faster on CPU, and rounding differences reorder
+  near-tied masks in the generator, so it is opt-in. :func:`fuse_attention` installs either on a
+  model's own attention layers (for ``SamPredictor`` and other callers); ``state_dict`` is untouched.
 * :class:`PointDecoder` — prompt encoder + mask decoder for single-point prompts on one image
   embedding. The official decoder copies the image embedding and its positional encoding once per
   point (``repeat_interleave``); here the first two-way block's image-side projections, which do not
-  depend on the point, run once per image, and the rest runs in small chunks of points that stay in
-  cache. Every operation is the official one on the same values, so the logits are bit-identical.
-* :class:`WindowUpscaler` (in :mod:`slip.upscale` terms: SAM's ``postprocess_masks``) lives in
-  :mod:`slip.generator`'s helper module :mod:`slip.sam_fast_upscale`.
+  depend on the point, run once per image, and the rest runs in chunks of points that stay in cache.
+  Every operation is the official one on the same values, so the logits are bit-identical.
+* :class:`WindowUpscaler` — SAM's ``postprocess_masks`` (two bilinear resizes) evaluated only inside
+  the window where a mask can be positive, with PyTorch's own index, weight and fused-multiply-add
+  arithmetic: bit-identical values, checked against ``postprocess_masks`` when it is built.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def sha256_file(path: Path) -> str:
 
 # --- digests of loaded weights ----------------------------------------------------------------------------
 
-DIGEST_SUFFIX = ".sha256.json"  # <file>.sha256.json beside a weights file: {"size", "mtime_ns", "sha256"}
+DIGEST_SUFFIX = ".sha256.json"  # <file>.sha256.json beside a weights file: {"size", "inode", "mtime_ns", "ctime_ns", "sha256"}
 NOT_WEIGHTS = frozenset({  # files beside weights that are read as recommendations or are only for people
     "generator.json", "filters.json", "threshold.json", "curve.json", "curve.png", "README.md", ".gitattributes",
 })
@@ -103,13 +103,13 @@ NOT_WEIGHTS = frozenset({  # files beside weights that are read as recommendatio
 def cached_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
     """SHA-256 of a weights file, hashed once per version of the file.
 
-    The digest is kept beside the file (``<file>.sha256.json``, keyed by its size and mtime, so a replaced
-    file is hashed again) or, where that folder is read-only, in ``<cache>/digests/``. A 2.5 GB vit_h is
-    hashed on its first load only.
+    The digest is kept beside the file (``<file>.sha256.json``, keyed by its size, inode, mtime and ctime, so
+    a replaced file is hashed again, even one copied in with its old modification time) or, where that
+    folder is read-only, in ``<cache>/digests/``. A 2.5 GB vit_h is hashed on its first load only.
     """
     path = Path(path).resolve()
     stat = path.stat()
-    version = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    version = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
     records = _digest_records(path, cache_dir)
     for record in records:
         known = _read_digest(record)

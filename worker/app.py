@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 import os
 import signal
-import sys
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -35,6 +35,7 @@ log = logging.getLogger("slip.worker")
 
 TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # each has register(app)
 QUEUES = (MODEL_QUEUE, LIGHT_QUEUE)
+EXIT_CANNOT_START = 1  # exit code of a worker whose models cannot load
 PROCESS_START_S = 600.0  # a pool process may take this long to load its models before it counts as failed
 ROUTES = {
     "slip.segment": {"queue": "gpu"},
@@ -110,6 +111,8 @@ def connect_worker_signals(app: Celery) -> None:
     @signals.worker_init.connect(weak=False)
     def _remember_main(sender=None, **_):
         holder.main_pid = os.getpid()
+        holder.cannot_start = multiprocessing.Value("b", 0, lock=False)  # shared with the pool processes
+        state["worker"] = sender  # its exitcode is what `celery worker` exits with
         holder.concurrency = int(getattr(sender, "concurrency", None) or app.conf.worker_concurrency or 1)
         store = holder.settings.store
         if "://" not in store or store.startswith("file://"):
@@ -130,6 +133,11 @@ def connect_worker_signals(app: Celery) -> None:
         state["ticker"] = Ticker(board=board, feeder=feeder, settings=holder.settings, instance=holder.instance,
                                  node=node)
         state["ticker"].start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _exit_code(sender=None, **_):  # in the main process, when a shutdown signal arrives
+        if holder.cannot_start is not None and holder.cannot_start.value and state.get("worker") is not None:
+            state["worker"].exitcode = EXIT_CANNOT_START
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop_ticker(sender=None, **_):
@@ -161,8 +169,9 @@ def _sweep_temporaries(holder: ResourceHolder) -> None:
 
 def _exit_cannot_start(holder: ResourceHolder, e: SlipError) -> None:
     """One line on stderr, then the whole worker stops with exit code 1: it never serves without models."""
-    print(f"error: this worker cannot start: {e}", file=sys.stderr, flush=True)
-    log.critical("this worker cannot start: %s", e)
+    os.write(2, f"error: this worker cannot start: {e}\n".encode())  # fd 2 itself: Celery proxies sys.stderr
     if holder.main_pid is not None and holder.main_pid != os.getpid():
-        os.kill(holder.main_pid, signal.SIGQUIT)  # cold shutdown of the main process, which exits non-zero
-    os._exit(1)
+        if holder.cannot_start is not None:
+            holder.cannot_start.value = 1  # read by the main process's worker_shutdown handler
+        os.kill(holder.main_pid, signal.SIGQUIT)  # cold shutdown of the main process
+    os._exit(EXIT_CANNOT_START)

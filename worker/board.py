@@ -153,6 +153,13 @@ class JobBoard:
         pipe.hdel(self.key(job_id, "running"), chunk)
         pipe.execute()
 
+    def mark_done(self, job_id: str, chunks: list[int]) -> None:
+        """Set the finished bits of ``chunks`` (a job handed back to the cluster after Redis lost it)."""
+        pipe = self.r.pipeline()
+        for chunk in chunks:
+            pipe.setbit(self.key(job_id, "done"), chunk, 1)
+        pipe.execute()
+
     def reopen(self, job_id: str, chunks: list[int]) -> None:
         """Make finished chunks unfinished again and due now (``slip retry``), and reactivate the job."""
         pipe = self.r.pipeline()

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slip.errors import ConfigError, InputError, PromptError
 from slip.request import CropSpec, SegmentOptions
@@ -117,6 +117,14 @@ class SegmentSpec(BaseModel):
     @classmethod
     def _prompts(cls, value: object) -> tuple[str, ...]:
         return clean_prompts(value)
+
+    @model_validator(mode="after")
+    def _one_threshold_per_prompt(self) -> "SegmentSpec":
+        thresholds = self.params.threshold
+        if isinstance(thresholds, list) and len(thresholds) != len(self.prompts):
+            raise ConfigError(f"{len(thresholds)} thresholds for {len(self.prompts)} prompts: give one value, or one "
+                              f"per prompt")
+        return self
 
 
 class SegmentRequest(BaseModel):

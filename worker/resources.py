@@ -189,6 +189,7 @@ class ResourceHolder:
         self.main_pid: int | None = None  # pid of the worker's main process, set before any fork
         self.instance: str = uuid.uuid4().hex[:12]  # this worker's id; re-drawn at worker start, before any fork
         self.concurrency: int = 1  # pool processes of this worker, set at worker start
+        self.cannot_start = None  # a shared flag (multiprocessing.Value) a pool process sets when its models fail
         self._resources: WorkerResources | None = None
 
     def start(self, *, load_models: bool) -> WorkerResources:

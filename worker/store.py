@@ -5,27 +5,7 @@
 ``s3`` extra (``pip install 'slip-queue[s3]'``); credentials, region and ``AWS_ENDPOINT_URL`` (MinIO, R2,
 Ceph, ...) come from the usual AWS variables, which botocore reads itself.
 
-Layout (every key relative to the root)::
-
-    inputs/<sha256>.<ext>                          uploaded images, content-addressed (deduplicated)
-    results/<image sha256>/<request digest>/       one folder per (image, prompts, models, parameters)
-        segments.json                              all segments as COCO RLE + matches (written last:
-                                                   its presence means the whole result is there)
-        mask_<i>.png, overlay_<i>.png              chosen mask and overlay of prompt i
-        error.json                                 instead of the above when the image failed:
-                                                   {"reason", "error", "permanent", "task_id", "time"}
-    proposals/<image sha256>/<proposal digest>/    prompt-independent SAM work ("segment once, query many")
-        segments.json                              filtered proposals: COCO RLE, boxes, SAM scores,
-                                                   filter statistics, generator parameters
-        embeddings/<embedding digest>.safetensors  {"embeddings": (N, D) float32}, one per ranker + crop
-    jobs/<job id>/manifest.json                    the ledger: prompts, models, parameters, items
-    jobs/<job id>/tasks/<task id>.json             one per enqueued task: its item indices, attempt, time
-    .tmp/                                          local and move-based stores only: temporary files
-                                                   (hidden: never a key), swept at worker start
-
-Digests are sha256 hex of canonical JSON (sorted keys, no blanks): the request digest covers prompts,
-SAM spec, ranker spec and all output-changing parameters; the proposal digest covers the SAM spec,
-generator parameters and filters; the embedding digest covers the ranker spec and crop settings.
+The key layout is in :mod:`worker.keys` (its helpers are importable from here too).
 
 Writes are atomic: a local file is written under ``.tmp/`` and renamed into place with ``os.replace``
 (one filesystem); other non-object filesystems write a temporary key there and ``mv`` it; object stores
@@ -42,17 +22,14 @@ on read is :class:`slip.errors.ObjectNotFoundError` at once.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import functools
-import hashlib
 import json
 import logging
 import mimetypes
 import os
 import random
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -60,20 +37,26 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 
-from slip.errors import ConfigError, InvalidKeyError, ObjectNotFoundError, StoreError
+from slip.errors import ConfigError, ObjectNotFoundError, StoreError
 from slip.request import canonical_json, digest  # noqa: F401  (re-exported: the one definition of a digest)
+from worker.backend_errors import backend_errors, is_permanent, one_line
+from worker.keys import (  # noqa: F401  (re-exported: callers import key helpers with the store)
+    IMAGE_EXTENSIONS,
+    RESULT_FILE,
+    input_key,
+    job_prefix,
+    proposals_prefix,
+    result_prefix,
+    sha256_bytes,
+    validate_key,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
-MAX_KEY_CHARS = 1024
 OBJECT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}  # whole-object PUT is atomic
 S3_PROTOCOLS = {"s3", "s3a"}
 TEMP_DIR = ".tmp"  # local and move-based stores: temporaries, beside the keys, never listed
-RESULT_FILE = "segments.json"  # commit marker of a result folder (written last)
-ERROR_FILE = "error.json"  # written instead when the image failed
-IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"}
 # s3fs options: the store is the one retry layer (botocore retries nothing underneath), no listings cache
 # (other processes write the same store) and an S3FileSystem of its own per Store (own client, own counts)
 S3_OPTIONS = {
@@ -81,106 +64,13 @@ S3_OPTIONS = {
     "skip_instance_cache": True,
     "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}},
 }
-# OSError numbers that waiting cannot fix (bad request, name too long, read-only, root on two filesystems)
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.EROFS, errno.EXDEV}
-_PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 _MISSING = (FileNotFoundError, NotADirectoryError)  # a read of a key that is not there
-
-
-def validate_key(key: str) -> str:
-    """``key`` unchanged when it is a safe relative key; InvalidKeyError otherwise."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKeyError("empty object-store key")
-    if len(key) > MAX_KEY_CHARS:
-        raise InvalidKeyError(f"object-store key of {len(key)} characters (limit {MAX_KEY_CHARS})")
-    if "\\" in key:
-        raise InvalidKeyError(f"object-store key {key!r} contains a backslash")
-    if key.startswith("/") or re.match(r"[A-Za-z]:", key):
-        raise InvalidKeyError(f"object-store key {key!r} is absolute; keys are relative to SLIP_STORE")
-    for part in key.split("/"):
-        if part in ("", ".", ".."):
-            raise InvalidKeyError(f"object-store key {key!r} has an empty, '.' or '..' segment")
-        if not _SEGMENT.fullmatch(part):
-            raise InvalidKeyError(
-                f"object-store key {key!r}: segment {part!r} must match [A-Za-z0-9_][A-Za-z0-9._-]*"
-            )
-    return key
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def input_key(sha: str, ext: str) -> str:
-    """``inputs/<sha256>.<ext>``; ``ext`` lower-cased, without the dot."""
-    ext = ext.lower().lstrip(".")
-    if ext not in IMAGE_EXTENSIONS:
-        ext = "bin"
-    return validate_key(f"inputs/{sha}.{ext}")
-
-
-def result_prefix(image_sha: str, request_digest: str) -> str:
-    return validate_key(f"results/{image_sha}/{request_digest}")
-
-
-def proposals_prefix(image_sha: str, proposal_digest: str) -> str:
-    return validate_key(f"proposals/{image_sha}/{proposal_digest}")
-
-
-def job_prefix(job_id: str) -> str:
-    return validate_key(f"jobs/{job_id}")
 
 
 def content_type(key: str) -> str:
     """MIME type of ``key`` by its extension (``.json`` application/json, ``.png`` image/png, ...);
     ``application/octet-stream`` for anything unknown (``.safetensors``)."""
     return mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
-
-
-# --- errors -----------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def backend_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes a storage backend may raise: OSError and timeouts, plus botocore's and aiohttp's
-    when those packages are installed (the ``s3`` extra)."""
-    errors: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        errors += [BotoCoreError, ClientError]
-    except ImportError:
-        pass
-    try:
-        from aiohttp import ClientError as AiohttpClientError
-
-        errors.append(AiohttpClientError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-@functools.cache
-def _permanent_botocore_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from botocore import exceptions as b
-    except ImportError:
-        return ()
-    return (b.NoCredentialsError, b.PartialCredentialsError, b.NoRegionError, b.ParamValidationError)
-
-
-def is_permanent(error: BaseException) -> bool:
-    """Whether waiting cannot fix ``error`` (denied, missing bucket or folder, bad request, no credentials)."""
-    if isinstance(error, _PERMANENT_OS_ERRORS):
-        return True
-    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
-        return True
-    return isinstance(error, _permanent_botocore_errors())
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or "no message"
-    return f"{type(error).__name__}: {text[:limit]}"
 
 
 # --- the store ----------------------------------------------------------------------------------------------
@@ -318,14 +208,14 @@ class Store:
                     raise StoreError(self._message(action, key, e, attempt, time.monotonic() - start)) from e
                 wait = min(pause, self.max_backoff_s) * (1 - 0.2 * random.random())
                 log.warning("store %s: cannot %s %r (attempt %d of %d: %s); retrying in %.2f s",
-                            self.url, action, key, attempt, self.retries + 1, _one_line(e, 160), wait)
+                            self.url, action, key, attempt, self.retries + 1, one_line(e, 160), wait)
                 time.sleep(wait)
                 pause *= 2
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _message(self, action: str, key: str, error: BaseException, attempts: int, elapsed_s: float) -> str:
         tries = "1 attempt, not retried" if attempts == 1 else f"{attempts} attempts over {elapsed_s:.1f} s"
-        return (f"store {self.url}: cannot {action} {key!r} ({tries}): {_one_line(error)}; "
+        return (f"store {self.url}: cannot {action} {key!r} ({tries}): {one_line(error)}; "
                 f"{self._hint(error)}")
 
     def _hint(self, error: BaseException) -> str:

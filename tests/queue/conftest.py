@@ -19,7 +19,6 @@ from queue_helpers import (  # noqa: F401  (re-exported for other test modules)
     TINY_PARAMS,
     all_done,
     client_for,
-    counts,
     flush,
     items_of,
     job_id_from,

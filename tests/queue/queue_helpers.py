@@ -205,12 +205,6 @@ def records(store, job_id: str) -> list:
     return list(chunk_records(store, job_id))
 
 
-def counts(env_or_client, job_id: str) -> dict[str, int]:
-    """``client.status(job).counts``: done, failed, running, queued, waiting, lost."""
-    client = env_or_client if hasattr(env_or_client, "status") else client_for(env_or_client)
-    return client.status(job_id).counts
-
-
 def all_done(total: int) -> dict[str, int]:
     """The counts of a job whose ``total`` images are all done."""
     return {"done": total, "failed": 0, "running": 0, "queued": 0, "waiting": 0, "lost": 0}

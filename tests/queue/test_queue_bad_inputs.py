@@ -127,6 +127,8 @@ def test_submit_validation_errors_are_one_line_and_submit_nothing(worker, client
          "cannot reach Redis at redis://127.0.0.1:1/0"),
         (["status", "x"], {"SLIP_MAX_DELIVERIES": "many"}, "SLIP_MAX_DELIVERIES='many' is not a valid int"),
     ],
+    ids=["status-of-no-job", "wait-for-no-job", "retry-of-no-job", "status-of-a-bad-id", "submit-a-missing-file",
+         "submit-without-redis", "a-bad-setting"],
 )
 def test_user_errors_are_one_line(worker, args, env_changes, message):
     """(`slip status` of an existing job with Redis away answers only after the client's ~40 s of retries,

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from queue_helpers import REPO, flush, queue_env, run_cli, start_worker
+from queue_helpers import flush, queue_env, run_cli, start_worker
 
 pytestmark = pytest.mark.integration
 DEMO_DB = 12  # no other worker listens here, so the demo's own worker takes every task
@@ -93,18 +91,6 @@ def test_demo_with_the_bundled_pair_segments_what_it_is_asked_for(redis_alive, t
     assert hits >= 6, f"{hits} of 8 prompts found (IoU > 0.5), {8 - len(ious)} not answered: {ious}"  # bench: ~81 %
 
 
-def test_worker_without_weights_exits_with_a_clear_message(redis_alive, tmp_path):
-    env = queue_env(tmp_path / "store", db=13, SLIP_SAM="vit_h", SLIP_CACHE=str(tmp_path / "empty-cache"))
-    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "-P", "solo",
-                           "-n", "noweights@%h", "--without-mingle", "--without-gossip"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    flush(13)
-    assert proc.returncode != 0
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"(^|\] )error: ", line)]
-    assert len(lines) == 1 and "this worker cannot start" in lines[0], proc.stdout + proc.stderr
-    assert str(tmp_path / "empty-cache") in lines[0] and "slip weights fetch vit_h" in lines[0] and "SLIP_CACHE" in lines[0]
-
-
 class Payload:
     """Pickled into a checkpoint: loading it with ``weights_only=False`` would run a shell command."""
 
@@ -130,20 +116,23 @@ def bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
     config.parent.mkdir()
     config.write_bytes(good.read_bytes())
     (config.parent / "config.json").write_text('{"encoder_embed_dim": 32,')  # cut short
-    return {"corrupt": (corrupt, "corrupt or truncated"), "unsafe": (unsafe, "not a plain tensor checkpoint"),
+    return {"missing": (folder / "empty-cache" / "sam" / "sam_vit_h_4b8939.pth", "slip weights fetch vit_h"),
+            "corrupt": (corrupt, "corrupt or truncated"), "unsafe": (unsafe, "not a plain tensor checkpoint"),
             "config": (config.parent / "config.json", "is not valid JSON")}
 
 
 def test_workers_with_bad_weights_exit_non_zero_with_one_line_naming_the_file(redis_alive, tmp_path):
-    """`celery -A worker worker` (prefork, as deployed) with a corrupt .pth, a pickle payload .pth, and a
-    corrupt config.json beside a good .pth: each exits non-zero, says why in one line, runs nothing."""
+    """`celery -A worker worker` (prefork, as deployed) without its weights, with a corrupt .pth, a pickle
+    payload .pth, and a corrupt config.json beside a good .pth: each exits non-zero, says why in one line
+    naming the file (and, for missing weights, the cache, SLIP_CACHE and the fetch command), runs nothing."""
     cases = bad_checkpoints(tmp_path)
     flush(BAD_MODELS_DB)
     workers = {}
     try:
         for name, (path, _) in cases.items():
-            env = queue_env(tmp_path / "store", db=BAD_MODELS_DB, SLIP_CACHE=str(tmp_path / "cache"),
-                            SLIP_SAM=str(path if name != "config" else path.parent / "sam.pth"))
+            spec = {"missing": "vit_h", "config": str(path.parent / "sam.pth")}.get(name, str(path))
+            cache = tmp_path / ("empty-cache" if name == "missing" else "cache")
+            env = queue_env(tmp_path / "store", db=BAD_MODELS_DB, SLIP_CACHE=str(cache), SLIP_SAM=spec)
             workers[name] = start_worker(env, ("gpu", "cpu"), f"bad-{name}", log_path=tmp_path / f"{name}.log")
         deadline = time.monotonic() + 150
         while any(w.poll() is None for w in workers.values()) and time.monotonic() < deadline:
@@ -154,12 +143,15 @@ def test_workers_with_bad_weights_exit_non_zero_with_one_line_naming_the_file(re
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         flush(BAD_MODELS_DB)
+    lines_of: dict[str, str] = {}
     for name, (path, words) in cases.items():
         log = (tmp_path / f"{name}.log").read_text(errors="replace")
         lines = [line for line in log.splitlines() if re.search(r"(^|\] )error: ", line)]
         assert len(lines) == 1, f"{name}: one error line expected\n{log[-3000:]}"
         assert "this worker cannot start" in lines[0] and str(path) in lines[0] and words in lines[0], lines[0]
+        lines_of[name] = lines[0]
         assert "Traceback" not in log, f"{name}: {log[-3000:]}"
+    assert str(tmp_path / "empty-cache") in lines_of["missing"] and "SLIP_CACHE" in lines_of["missing"]
     assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
     codes = {name: process.returncode for name, process in workers.items()}
     assert -signal.SIGKILL not in codes.values(), f"still running after 150 s: {codes}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -145,16 +144,19 @@ def test_the_policy_halves_points_per_batch_on_out_of_memory(error):
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64, name="big.png")
     asked = []
 
+    def no_sleep(seconds: float) -> None:
+        pytest.fail(f"an out-of-memory error is retried at once, not after {seconds} s")
+
     def attempt(points_per_batch: int):
         asked.append(points_per_batch)
         if points_per_batch > 8:
             raise error
         return "done"
 
-    assert policy.run_item(attempt, item, points_per_batch=64, sleep=pytest.fail) == "done"
+    assert policy.run_item(attempt, item, points_per_batch=64, sleep=no_sleep) == "done"
     assert asked == [64, 32, 16, 8], "halved at once, no back-off"
     asked.clear()
-    gave_up = policy.run_item(attempt, item, points_per_batch=128, sleep=pytest.fail)
+    gave_up = policy.run_item(attempt, item, points_per_batch=128, sleep=no_sleep)
     assert asked == [128, 64, 32, 16] and gave_up.state == "failed" and not gave_up.permanent
     assert gave_up.reason.startswith("out of memory even with points_per_batch=16")
 
@@ -163,9 +165,10 @@ def test_the_policy_halves_points_per_batch_on_out_of_memory(error):
 #
 # The mask decoder returns (B, 3, h, w) low-resolution logits for a batch of B point prompts, so its memory
 # grows with points_per_batch; the SAM below (narrow, but a 1024 input and so 256 x 256 logits) needs about
-# 1.8 MB per point: ~350 MB for a batch of 196 points, ~175 MB for 98. The subprocess measures what a batch
-# of half the points needs (its peak RSS over a first run), then limits its address space to 1.5 times
-# that: the host refuses the allocations of a full batch, as a GPU runs out of memory.
+# 2 MB per point: ~400 MB for a batch of 196 points, ~200 MB for 98, and a few seconds. The subprocess
+# measures what a batch of half the points needs (its peak RSS over one run, after a warm-up), then limits
+# its address space to 1.5 times that: the host refuses the allocations of a full batch, as a GPU runs out
+# of memory. (On CPU, torch reports a refused allocation as a RuntimeError from its DefaultCPUAllocator.)
 
 OOM_POINTS = 196  # points_per_batch the chunk starts with: a 14 x 14 grid in one batch
 OOM_SCRIPT = """

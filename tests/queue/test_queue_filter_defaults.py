@@ -135,3 +135,30 @@ def test_a_bad_filter_chain_is_refused_at_submit_and_nothing_is_uploaded(tmp_pat
     assert proc.exit_code == 2, proc.stdout + proc.stderr
     assert "keep must be 'parent' or 'child'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not store.exists() or not any(store.rglob("*.*"))
+
+
+def test_the_rankers_calibrated_threshold_reaches_the_workers_results(tmp_path):
+    """threshold.json beside the worker's ranker: the default of every job, recorded in its results; an
+    explicit threshold wins; --no-threshold ignores it."""
+    from slip.rankers.hf_clip import build_tiny_clip, save_hf_clip
+
+    ranker = save_hf_clip(*build_tiny_clip(seed=0), tmp_path / "tiny-clip")
+    (ranker / "threshold.json").write_text(json.dumps({"threshold": 0.99, "metric": "f1"}))
+    env = queue_env(tmp_path / "store", db=DB, SLIP_SAM="tiny-random", SLIP_CLIP=str(ranker),
+                    SLIP_CACHE=str(tmp_path / "cache"))
+    res = load_resources(Settings.from_env(env), load_models=True, publish=lambda request, task_id: None)
+    try:
+        assert res.ranker.threshold == 0.99 and res.health()["recommended_threshold"] == 0.99
+        image = make_images(tmp_path / "images", 1, seed=41)[0]
+        grid = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}
+        _, _, calibrated, outcome = segment(res, image, "a red box", **grid)
+        assert calibrated.threshold == 0.99 and outcome.state == "done" and outcome.found == [0]
+        (match,) = res.store.get_json(f"{outcome.result_key}/segments.json")["matches"]
+        assert match["threshold"] == 0.99 and match["instances"] == [] and match["best"]["score"] < 0.99
+        _, _, explicit, lowered = segment(res, image, "a red box", threshold=-1.0, **grid)
+        assert explicit.threshold == -1.0 and lowered.found == [1] and lowered.how == "cached"
+        _, _, ignored, plain = segment(res, image, "a red box", calibrated=False, **grid)
+        assert ignored.threshold is None and plain.found == [1]
+        assert len({outcome.result_key, lowered.result_key, plain.result_key}) == 3
+    finally:
+        res.close()

@@ -1,5 +1,6 @@
 """Unattended bulk jobs, with real processes: submit and walk away; the cluster feeds itself, survives a dead
-worker, a Redis restart and an S3 outage, and nobody ever retries by hand.
+worker, a killed pool process, a Redis restart and an S3 outage, and nobody ever retries by hand.
+(About 5 minutes on a loaded 2-core machine: worker start-ups, and the fault timings the defaults imply.)
 
 Everything runs with the queue's default timing (``SLIP_DEAD_AFTER`` 15 s, ``SLIP_TICK`` 3 s,
 ``SLIP_HEARTBEAT`` 2 s, visibility timeout 3600 s) against a private ``redis-server`` with an AOF fsynced on
@@ -132,6 +133,39 @@ def new_jobs(cluster: Cluster, known: set[str]) -> set[str]:
     """Ids of the jobs the cluster feeds now, but for ``known``."""
     with cluster.server.client() as r:
         return {m.decode() for m in r.smembers("slip:jobs")} - known
+
+
+# ---------------------------------------------------------------------------------------------- heartbeats
+
+
+def test_heartbeats_stay_on_time_while_the_ticker_feeds_a_job(cluster, tmp_path):
+    """A job handed to the cluster and fed by nobody else: the workers' tickers send its chunks (the first
+    feeder pass of a main process reads the manifest). Meanwhile every heartbeat must come on time (every
+    SLIP_HEARTBEAT, 2 s): a beat late by SLIP_DEAD_AFTER (15 s) makes a live worker dead to the others, which
+    then send its running chunk again. (First in this file: the workers' main processes are fresh.)"""
+    from worker.jobs import JobManifest, SegmentParams, SegmentSpec
+    from worker.ledger import write_job
+    from worker.settings import Settings
+
+    defaults, client = Settings(), cluster.client
+    items = client.upload(chaos.make_images(tmp_path / "images", 8, seed=10))
+    manifest = JobManifest(job_id="ticker-fed", created="2026-01-01T00:00:00+00:00", batch_size=2, total=8,
+                           page_size=JobManifest.page_size_for(2),
+                           spec=SegmentSpec(prompts=(PROMPT,), sam="tiny-random", clip="tiny-random",
+                                            params=SegmentParams(**FAST_PARAMS)))
+    write_job(client.store, manifest, items)
+    with cluster.server.client() as r:
+        beats = [k.decode() for k in r.keys("slip:hb:*")]
+        assert len(beats) == 2, beats
+        client.board.register("ticker-fed", chunks=manifest.chunks, window=4)  # no feed: the tickers do it
+        lowest, deadline = defaults.dead_after_s, time.monotonic() + SLOW
+        while time.monotonic() < deadline and not client.status("ticker-fed").finished:
+            lowest = min([lowest] + [r.pttl(k) / 1000 for k in beats])
+            time.sleep(0.05)
+    assert client.status("ticker-fed").counts["done"] == 8, client.status("ticker-fed").summary()
+    assert lowest >= defaults.dead_after_s - 2 * defaults.heartbeat_s, (
+        f"a heartbeat came {defaults.dead_after_s - lowest:.1f} s after the previous one (beats every "
+        f"{defaults.heartbeat_s} s; dead after {defaults.dead_after_s} s)")
 
 
 # ---------------------------------------------------------------------------------------------- submit and leave

@@ -154,12 +154,14 @@ def test_sam_proposer_with_a_spec_uses_the_checkpoint_chain(checkpoint, image):
     assert len(sam_proposer(str(checkpoint), device="cpu", filters="none")(image)) == 12
 
 
-def test_sam_proposer_with_a_loaded_model_uses_the_given_recommendation(image):
-    sam = build_tiny_sam()
-    assert len(sam_proposer(sam, recommended=TINY_GENERATOR)(image)) == 2  # none given: the paper's chain
-    assert len(sam_proposer(sam, recommended=TINY_GENERATOR, recommended_filters=KEEP_LARGEST)(image)) == 3
-    assert len(sam_proposer(sam, recommended=TINY_GENERATOR, recommended_filters=KEEP_LARGEST,
-                            filters="none")(image)) == 12
+def test_sam_proposer_with_a_loaded_bundle_uses_its_recommendation(image):
+    from dataclasses import replace
+
+    tiny = load_sam_bundle(TINY_SPEC, device="cpu")  # a warm SAM, as a worker holds it
+    bundle = replace(tiny, generator=TINY_GENERATOR)
+    assert len(sam_proposer(bundle)(image)) == 2  # no chain recommended: the paper's
+    assert len(sam_proposer(replace(bundle, filters=KEEP_LARGEST))(image)) == 3
+    assert len(sam_proposer(replace(bundle, filters=KEEP_LARGEST), filters="none")(image)) == 12
 
 
 def test_cli_segment_records_the_resolved_chain(checkpoint, image, tmp_path):

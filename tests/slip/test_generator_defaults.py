@@ -149,11 +149,13 @@ def test_sam_proposer_with_a_spec_uses_the_checkpoint_file(checkpoint, image):
     assert len(explicit) > 0 and used_xs(explicit) <= grid_xs(3)
 
 
-def test_sam_proposer_with_a_loaded_model_merges_the_given_recommendation(image):
-    sam = build_tiny_sam()
-    masks = sam_proposer(sam, filters="none", recommended=TINY_RECOMMENDED)(image)
+def test_sam_proposer_with_a_loaded_bundle_merges_its_recommendation(image):
+    from dataclasses import replace
+
+    bundle = replace(load_sam_bundle(TINY_SPEC, device="cpu"), generator=TINY_RECOMMENDED)  # a warm SAM
+    masks = sam_proposer(bundle, filters="none")(image)
     assert len(masks) > 0 and used_xs(masks) <= grid_xs(2)
-    explicit = sam_proposer(sam, filters="none", recommended=TINY_RECOMMENDED, generator={"points_per_side": 3})(image)
+    explicit = sam_proposer(bundle, filters="none", generator={"points_per_side": 3})(image)
     assert len(explicit) > 0 and used_xs(explicit) <= grid_xs(3)
 
 

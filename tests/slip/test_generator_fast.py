@@ -216,7 +216,8 @@ def test_bf16_on_cpu_is_close_to_fp32(synth_sam, scene):
     fp32 = MaskGenerator(synth_sam, **options).generate_masks(scene)
     bf16_generator = MaskGenerator(synth_sam, dtype="bf16", **options)
     bf16 = bf16_generator.generate_masks(scene)
-    assert bf16_generator.params()["dtype"] == "bf16" and bf16_generator.replace(dtype="fp32").params()["dtype"] == "fp32"
+    assert bf16_generator.params()["dtype"] == "bf16"
+    assert bf16_generator.replace(dtype="fp32").params()["dtype"] == "fp32"
     assert len(fp32) >= 5 and abs(len(bf16) - len(fp32)) <= max(2, len(fp32) // 5)
     assert bf16.predicted_iou.dtype == torch.float32 and bf16.masks.dtype == torch.bool
     assert best_iou(fp32.masks, bf16.masks).mean() >= 0.9

@@ -113,6 +113,21 @@ def test_thresholds_none_then_the_calibrated_file_then_explicit():
             plain(SegmentOptions(threshold=bad))
 
 
+def test_the_proposals_part_is_resolved_by_the_same_rules():
+    """resolve_proposals (evaluation's SAM proposals) is resolve's own first half: one precedence."""
+    from slip.request import resolve_proposals
+
+    recommended = {"points_per_side": 16, "pred_iou_thresh": 0.3}
+    for options in (SegmentOptions(), SegmentOptions(generator={"points_per_side": 8}, filters="none"),
+                    SegmentOptions(filters="containment")):
+        generator, filters = resolve_proposals(options, sam_spec="vit_b", sam_generator=recommended,
+                                               sam_filters=KEEP_LARGEST)
+        full = plain(options, generator=recommended, filters=KEEP_LARGEST)
+        assert (generator, filters) == (full.generator, full.filters)
+    with pytest.raises(ConfigError, match="generator.json of SAM synth"):
+        resolve_proposals(SegmentOptions(), sam_spec="synth", sam_generator={"points": 2}, sam_filters=None)
+
+
 @pytest.mark.parametrize("options, words", [(SegmentOptions(instances="some"), "instances"),
                                             (SegmentOptions(top_k=-1), "top_k"),
                                             (SegmentOptions(), "dtype")])
@@ -134,7 +149,9 @@ def test_digests_are_sha256_of_the_documented_identities_and_pinned():
                       "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0},
         "filters": [{"name": "containment", "threshold": 0.8, "drop_largest": False, "keep": "parent"}],
     }
-    sha = lambda value: hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()  # noqa: E731
+    def sha(value) -> str:  # written out here, independently of slip.request
+        return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     assert request.proposal_identity() == proposal_identity
     assert request.proposal_digest() == sha(proposal_identity)
     embedding_identity = {"proposals": sha(proposal_identity), "ranker": {"arch": "hf-clip", "sha256": "b" * 64},
@@ -292,8 +309,8 @@ def test_editing_generator_json_changes_the_keys(sam_dir, clip_dir, tmp_path):
     assert all(keys(after)[k] != keys(before)[k] for k in keys(before))
     # the file's options asked for explicitly, without the file: the same request
     (sam_dir / GENERATOR_FILE).unlink()
-    explicit = resolved(str(sam_dir), str(clip_dir), SegmentOptions(generator={"points_per_side": 4, "pred_iou_thresh": 0.5}),
-                        cache=tmp_path)
+    given = SegmentOptions(generator={"points_per_side": 4, "pred_iou_thresh": 0.5})
+    explicit = resolved(str(sam_dir), str(clip_dir), given, cache=tmp_path)
     assert keys(explicit) == keys(after)
 
 
