@@ -56,6 +56,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from datetime import datetime  # noqa: E402
 from typing import Callable, Iterator, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -211,7 +212,9 @@ def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, ba
     finally:
         del client.upload
     published = max(p.stat().st_ctime for p in (store_root / "jobs" / job / "done").iterdir())
-    outcomes = [o for record in chunk_records(client.store, job) for o in record.items]
+    records = list(chunk_records(client.store, job))
+    outcomes = [o for record in records for o in record.items]
+    last_finished = max(datetime.fromisoformat(record.finished).timestamp() for record in records)
     bad = [o for o in outcomes if o.state != "done"]
     if bad or len(outcomes) != len(paths):
         raise RuntimeError(f"job {job}: {len(outcomes) - len(bad)} of {len(paths)} images done; first failure: "
@@ -222,6 +225,7 @@ def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, ba
             stages[stage] = stages.get(stage, 0.0) + seconds
     return {"job_id": job, "images": len(paths), "batch_size": batch_size, "wall_s": published - start,
             "submit_s": submitted - start, "upload_s": upload.seconds, "seen_after_s": seen - start,
+            "last_record_write_s": published - last_finished, "tasks": len(records),
             "how": sorted({o.how for o in outcomes}), "stages_s": stages,
             "load1_before": load_before[0], "load1_after": os.getloadavg()[0]}
 
@@ -239,7 +243,11 @@ def split(run: dict) -> dict:
     ms = {k: v / n * 1e3 for k, v in parts.items()}
     ms["total"] = run["wall_s"] / n * 1e3
     ms["overhead"] = ms["store_io"] + ms["rendering"] + ms["queue"]
-    return {"ms_per_image": ms, "unclassified_ms_per_image": {k: v / n * 1e3 for k, v in unclassified.items()}}
+    submit = (run["submit_s"] - run["upload_s"]) / n * 1e3  # manifest, registration, first sends: once per job
+    queue = {"submit": submit, "worker_side": ms["queue"] - submit,
+             "last_record_write": run["last_record_write_s"] / n * 1e3}  # parts of worker_side's last task
+    return {"ms_per_image": ms, "queue_ms_per_image": queue,
+            "unclassified_ms_per_image": {k: v / n * 1e3 for k, v in unclassified.items()}}
 
 
 def spread(values: Sequence[float]) -> dict:

@@ -145,10 +145,10 @@ class QueueClient:
             raise InputError(f"max in-flight chunks must be at least 1, got {max_in_flight}")
         self.check_broker()
         manifest = self.create_job(paths, prompts, params, sam=sam, clip=clip, batch_size=batch_size)
-        if on_job:
-            on_job(manifest.job_id)
         self.board.register(manifest.job_id, chunks=manifest.chunks, window=max_in_flight)
         self.feeder.feed(manifest.job_id)  # the first window now; the workers' ticker does the rest
+        if on_job:
+            on_job(manifest.job_id)  # only now: a printed id means the cluster has the job
         return manifest.job_id
 
     # --- follow ---------------------------------------------------------------------------------------
@@ -156,8 +156,8 @@ class QueueClient:
     def status(self, job_id: str) -> JobStatus:
         """Counts by state: one manifest read, one listing of the completion records, one Redis round trip."""
         manifest = load_manifest(self.store, job_id)
+        view = self.board.view(job_id)  # first: a chunk that finishes before the listing is then seen done
         letters = chunk_letters(self.store, job_id)
-        view = self.board.view(job_id)
         return job_status(manifest, letters, active=view.active, running=set(view.running),
                           sent=set(view.sent) | set(view.retry))
 

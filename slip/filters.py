@@ -6,10 +6,11 @@ separate out the intersecting segments without losing any relevant information".
 :class:`Containment`, is that filter: a segment lying (mostly) inside a larger kept one is dropped,
 then the largest segment is dropped as background.
 
-Every filter is a small frozen dataclass with a ``name``, ``params()`` (JSON-serialisable) and
-``__call__(MaskSet) -> MaskSet``; the result keeps the surviving rows in their original order and
-stays on the input's device. :func:`apply_filters` runs a sequence and records a
-:class:`~slip.types.FilterStat` per filter; :func:`parse_filters` builds one from a CLI string.
+Every filter is a small frozen dataclass with a ``name`` and ``params()`` (JSON-serialisable), defined
+with its parameters in :mod:`slip.filter_chain` (re-exported here, with :func:`parse_filters`); calling it
+on a MaskSet runs its implementation here, which keeps the surviving rows in their original order on
+the input's device. :func:`apply_filters` runs a sequence and records a :class:`~slip.types.FilterStat`
+per filter.
 
 Overlaps are computed cheaply (see :func:`pairwise_intersections`): tight boxes first, then pixel
 intersections only for pairs whose boxes overlap, each counted inside the smaller box.
@@ -17,27 +18,16 @@ intersections only for pairs whose boxes overlap, each counted inside the smalle
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from slip.errors import ConfigError
+from slip.filter_chain import FILTERS, Containment, Dedup, Disjoint, Filter, MinArea, parse_filters  # noqa: F401
 from slip.types import FilterStat, MaskSet
 
 _CHUNK_PIXELS = 1 << 26  # at most this many mask pixels are gathered at once (64 MiB of bool)
-
-
-class Filter(Protocol):
-    """What :func:`apply_filters` expects of a filter."""
-
-    name: str
-
-    def params(self) -> dict: ...
-
-    def __call__(self, segments: MaskSet) -> MaskSet: ...
 
 
 # --- geometry ---------------------------------------------------------------------------------------
@@ -118,141 +108,71 @@ def _keep(segments: MaskSet, keep: np.ndarray) -> MaskSet:
     return segments.select(index)
 
 
-# --- filters ------------------------------------------------------------------------------------------
+# --- implementations -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Containment:
-    """Drop segments nested in others (the SLIP paper's filter), then the largest one as background.
-
-    ``keep="parent"`` (default): segments are visited by area, largest first (ties: lower index); one
-    is dropped when its intersection with an already KEPT larger segment exceeds ``threshold`` of its
-    own area. ``keep="child"``: visited smallest first; a segment is dropped when a KEPT smaller
-    segment lies inside it by the same measure (the parent goes, the part stays).
-    ``drop_largest``: afterwards the largest surviving segment is dropped as the background.
-    Without ``drop_largest`` the filter is idempotent; with it, a second pass drops the next largest.
-
-    The authors' notebook (``filter_annotations`` then ``pop(0)``) differs in two details: there a
-    segment already dropped can still drop smaller ones, and equal-area segments never drop each other
-    (so exact duplicates both survive); here only kept segments count and ties go to the lower index.
-    Beware: with ``keep="parent"`` a whole-image proposal contains every object, so all of them go and
-    then it goes as background, leaving nothing; use ``keep="child"`` for proposals that include one.
-    """
-
-    threshold: float = 0.8  # fraction of the smaller segment's area that must lie inside the other
-    drop_largest: bool = True  # drop the largest surviving segment as background
-    keep: str = "parent"  # "parent": keep the container; "child": keep the contained part
-
-    name = "containment"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"containment threshold must be in [0, 1], got {self.threshold}")
-        if self.keep not in ("parent", "child"):
-            raise ConfigError(f"containment keep must be 'parent' or 'child', got {self.keep!r}")
-
-    def params(self) -> dict:
-        return asdict(self)
-
-    def __call__(self, segments: MaskSet) -> MaskSet:
-        return _keep(segments, self.keep_mask(pairwise_intersections(segments.masks).numpy()))
-
-    def keep_mask(self, inter: np.ndarray) -> np.ndarray:
-        """``(N, N)`` intersection matrix (diagonal = areas) -> ``(N,) bool`` rows to keep."""
-        n = len(inter)
-        areas = np.diag(inter).astype(np.int64)
-        by_area = np.lexsort((np.arange(n), -areas))  # largest first, ties by lower index
-        order = by_area if self.keep == "parent" else np.lexsort((np.arange(n), areas))
-        keep = np.zeros(n, dtype=bool)
-        for rank, i in enumerate(order):
-            kept = order[:rank][keep[order[:rank]]]
-            if self.keep == "parent":  # is i inside a kept larger segment?
-                inside = inter[i, kept] > self.threshold * areas[i]
-            else:  # does i contain a kept smaller segment?
-                inside = inter[i, kept] > self.threshold * areas[kept]
-            keep[i] = not inside.any()
-        if self.drop_largest and keep.any():
-            keep[by_area[keep[by_area]][0]] = False
-        return keep
+def _containment(f: Containment, segments: MaskSet) -> MaskSet:
+    return _keep(segments, containment_keep(f, pairwise_intersections(segments.masks).numpy()))
 
 
-@dataclass(frozen=True)
-class MinArea:
-    """Drop segments smaller than ``pixels``."""
-
-    pixels: int = 0  # minimum area in pixels; a segment with exactly this many is kept
-
-    name = "min_area"
-
-    def __post_init__(self) -> None:
-        if self.pixels < 0:
-            raise ConfigError(f"min_area must be >= 0 pixels, got {self.pixels}")
-
-    def params(self) -> dict:
-        return asdict(self)
-
-    def __call__(self, segments: MaskSet) -> MaskSet:
-        return _keep(segments, (segments.areas >= self.pixels).cpu().numpy())
-
-
-@dataclass(frozen=True)
-class Dedup:
-    """Greedy mask NMS: of two segments with mask IoU above ``iou``, keep the higher ``predicted_iou``.
-
-    Segments are visited by ``predicted_iou``, best first (ties: lower index); one is dropped when its
-    IoU with an already kept segment exceeds ``iou``. Idempotent.
-    """
-
-    iou: float = 0.9  # mask IoU above which two segments count as duplicates
-
-    name = "dedup"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.iou <= 1.0:
-            raise ConfigError(f"dedup iou must be in [0, 1], got {self.iou}")
-
-    def params(self) -> dict:
-        return asdict(self)
-
-    def __call__(self, segments: MaskSet) -> MaskSet:
-        inter = pairwise_intersections(segments.masks).numpy().astype(np.float64)
-        areas = np.diag(inter)
-        union = areas[:, None] + areas[None, :] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        keep = np.zeros(len(inter), dtype=bool)
-        for i in _by_score(segments):
-            keep[i] = not (iou[i, keep] > self.iou).any()
-        return _keep(segments, keep)
+def containment_keep(f: Containment, inter: np.ndarray) -> np.ndarray:
+    """``(N, N)`` intersection matrix (diagonal = areas) -> ``(N,) bool`` rows to keep."""
+    n = len(inter)
+    areas = np.diag(inter).astype(np.int64)
+    by_area = np.lexsort((np.arange(n), -areas))  # largest first, ties by lower index
+    order = by_area if f.keep == "parent" else np.lexsort((np.arange(n), areas))
+    keep = np.zeros(n, dtype=bool)
+    for rank, i in enumerate(order):
+        kept = order[:rank][keep[order[:rank]]]
+        if f.keep == "parent":  # is i inside a kept larger segment?
+            inside = inter[i, kept] > f.threshold * areas[i]
+        else:  # does i contain a kept smaller segment?
+            inside = inter[i, kept] > f.threshold * areas[kept]
+        keep[i] = not inside.any()
+    if f.drop_largest and keep.any():
+        keep[by_area[keep[by_area]][0]] = False
+    return keep
 
 
-@dataclass(frozen=True)
-class Disjoint:
-    """Make segments pairwise disjoint; each overlapping pixel goes to the better-scored segment.
+def _min_area(f: MinArea, segments: MaskSet) -> MaskSet:
+    return _keep(segments, (segments.areas >= f.pixels).cpu().numpy())
 
-    Scores are ``predicted_iou`` (ties: lower index). The union of all masks is unchanged; segments
-    left with no pixels are removed (and counted as removed); boxes are recomputed. Idempotent.
-    Cost: O(N·H·W) worst case, in practice O(Σ_i |box_i|), with one ``(H, W)`` scratch mask.
-    """
 
-    name = "disjoint"
+def _dedup(f: Dedup, segments: MaskSet) -> MaskSet:
+    inter = pairwise_intersections(segments.masks).numpy().astype(np.float64)
+    areas = np.diag(inter)
+    union = areas[:, None] + areas[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    keep = np.zeros(len(inter), dtype=bool)
+    for i in _by_score(segments):
+        keep[i] = not (iou[i, keep] > f.iou).any()
+    return _keep(segments, keep)
 
-    def params(self) -> dict:
-        return {}
 
-    def __call__(self, segments: MaskSet) -> MaskSet:
-        masks = segments.masks.clone()
-        claimed = torch.zeros(segments.image_size, dtype=torch.bool, device=masks.device)
-        boxes = tight_boxes(masks).cpu()
-        for i in _by_score(segments):
-            x1, y1, x2, y2 = boxes[i].tolist()
-            if x2 < x1:
-                continue  # already empty
-            window = (slice(y1, y2 + 1), slice(x1, x2 + 1))
-            own = masks[i][window] & ~claimed[window]
-            claimed[window] |= masks[i][window]
-            masks[i][window] = own
-        nonempty = masks.flatten(1).any(1).cpu().numpy()
-        return _keep(segments.with_masks(masks), nonempty)
+def _disjoint(f: Disjoint, segments: MaskSet) -> MaskSet:
+    masks = segments.masks.clone()
+    claimed = torch.zeros(segments.image_size, dtype=torch.bool, device=masks.device)
+    boxes = tight_boxes(masks).cpu()
+    for i in _by_score(segments):
+        x1, y1, x2, y2 = boxes[i].tolist()
+        if x2 < x1:
+            continue  # already empty
+        window = (slice(y1, y2 + 1), slice(x1, x2 + 1))
+        own = masks[i][window] & ~claimed[window]
+        claimed[window] |= masks[i][window]
+        masks[i][window] = own
+    nonempty = masks.flatten(1).any(1).cpu().numpy()
+    return _keep(segments.with_masks(masks), nonempty)
+
+
+IMPLEMENTATIONS: dict[type, Callable[..., MaskSet]] = {
+    Containment: _containment, MinArea: _min_area, Dedup: _dedup, Disjoint: _disjoint,
+}
+
+
+def run_filter(f: Filter, segments: MaskSet) -> MaskSet:
+    """Apply one filter spec to ``segments``."""
+    return IMPLEMENTATIONS[type(f)](f, segments)
 
 
 def _by_score(segments: MaskSet) -> list[int]:
@@ -261,7 +181,7 @@ def _by_score(segments: MaskSet) -> list[int]:
     return np.lexsort((np.arange(len(scores)), -scores)).tolist()
 
 
-# --- running and parsing ----------------------------------------------------------------------------
+# --- running -----------------------------------------------------------------------------------------
 
 
 def default_filters() -> tuple[Filter, ...]:
@@ -277,57 +197,3 @@ def apply_filters(segments: MaskSet, filters: Sequence[Filter]) -> tuple[MaskSet
         segments = f(segments)
         stats.append(FilterStat(name=f.name, params=f.params(), before=before, removed=before - len(segments)))
     return segments, tuple(stats)
-
-
-def _to_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"not a boolean: {text!r}")
-    return lowered in ("true", "1", "yes")
-
-
-# name -> (constructor, ordered parameter names, parameter parsers)
-FILTERS: dict[str, tuple[Callable[..., Filter], tuple[str, ...], dict[str, Callable[[str], object]]]] = {
-    "containment": (Containment, ("threshold", "keep", "drop_largest"),
-                    {"threshold": float, "keep": str, "drop_largest": _to_bool}),
-    "min_area": (MinArea, ("pixels",), {"pixels": int}),
-    "dedup": (Dedup, ("iou",), {"iou": float}),
-    "disjoint": (Disjoint, (), {}),
-}
-
-
-def parse_filters(spec: str) -> tuple[Filter, ...]:
-    """A CLI string -> filters, e.g. ``"containment:0.8,min_area:50,disjoint"``.
-
-    Items are comma-separated, ``name[:arg[:arg...]]``; an argument is positional or ``key=value``,
-    e.g. ``"containment:0.9:keep=child:drop_largest=false"``. ``"none"`` means no filters.
-    Raises :class:`~slip.errors.ConfigError` naming the bad item.
-    """
-    if spec.strip().lower() == "none":
-        return ()
-    if not spec.strip():
-        raise ConfigError("empty filter spec: give e.g. 'containment:0.8,disjoint', or 'none' for no filters")
-    return tuple(_parse_item(item.strip()) for item in spec.split(","))
-
-
-def _parse_item(item: str) -> Filter:
-    name, *args = item.split(":")
-    if name not in FILTERS:
-        raise ConfigError(f"unknown filter {name!r} in {item!r}: use one of {', '.join(FILTERS)}")
-    build, names, parsers = FILTERS[name]
-    kwargs: dict[str, object] = {}
-    for position, arg in enumerate(args):
-        key, sep, value = arg.partition("=")
-        if not sep:
-            if position >= len(names):
-                raise ConfigError(f"filter {item!r}: {name} takes at most {len(names)} argument(s)")
-            key, value = names[position], arg
-        if key not in parsers:
-            raise ConfigError(f"filter {item!r}: {name} has no parameter {key!r} (has: {', '.join(names) or 'none'})")
-        if key in kwargs:
-            raise ConfigError(f"filter {item!r}: parameter {key!r} given twice")
-        try:
-            kwargs[key] = parsers[key](value)
-        except ValueError as e:
-            raise ConfigError(f"filter {item!r}: bad value {value!r} for {key}") from e
-    return build(**kwargs)

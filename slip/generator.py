@@ -264,6 +264,8 @@ class MaskGenerator:
     def _measure(self, logits: torch.Tensor, crop: _Crop) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, 4)`` int64 boxes and ``(K,)`` stability scores of ``(K, h, w)`` logits upscaled to the crop;
         appends each mask to ``crop.pieces``."""
+        if len(logits) == 0:
+            return torch.zeros((0, 4), dtype=torch.long, device=self.device), logits.new_zeros(0)
         if crop.upscaler is None and self.device.type == "cpu":
             crop.upscaler = self._upscaler(tuple(logits.shape[-2:]), crop.input_size, crop.size)
         if crop.upscaler is None:  # full upscaling: keep the logits, upscale survivors again at the end

@@ -143,7 +143,7 @@ class ResolvedRequest:
     one_to_one: bool  # Hungarian assignment across prompts
 
     def filter_chain(self) -> str:
-        """The filter chain as a ``slip.filters.parse_filters`` string (``"none"`` when empty)."""
+        """The filter chain as a ``slip.filter_chain.parse_filters`` string (``"none"`` when empty)."""
         return chain_text(self.filters)
 
     def thresholds(self, prompts: int) -> tuple[float | None, ...]:
@@ -222,13 +222,13 @@ def resolve_proposals(options: SegmentOptions, *, sam_spec: str, sam_generator: 
 def canonical_filters(chain: str) -> tuple[dict, ...]:
     """Each filter of a chain string with its resolved parameters, so two spellings of one chain compare
     equal (``"containment"`` == ``"containment:0.9"`` when 0.9 is the default)."""
-    from slip.filters import parse_filters  # the filters module needs torch; parsing a chain does not run it
+    from slip.filter_chain import parse_filters  # imported here: the chain's module is only needed to resolve
 
     return tuple({"name": f.name, **f.params()} for f in parse_filters(chain))
 
 
 def chain_text(filters: tuple[dict, ...]) -> str:
-    """A canonical filter chain as a ``slip.filters.parse_filters`` string (``"none"`` when empty)."""
+    """A canonical filter chain as a ``slip.filter_chain.parse_filters`` string (``"none"`` when empty)."""
     items = [":".join([f["name"], *(f"{k}={_text(v)}" for k, v in f.items() if k != "name")]) for f in filters]
     return ",".join(items) or "none"
 

@@ -337,7 +337,7 @@ def _generator_params(checkpoint: Path) -> dict:
 
 def _filters(checkpoint: Path) -> str | None:
     """The checked chain of the filters.json beside a checkpoint (None if none)."""
-    from slip.filters import parse_filters  # imported here: the filters build on the masks, not on this module
+    from slip.filter_chain import parse_filters
 
     path = _beside(checkpoint, FILTERS_FILE)
     if not path.is_file():

@@ -118,6 +118,7 @@ class JobBoard:
         """Record a chunk as sent (before its message is published); ``advance_to`` moves ``next``."""
         pipe = self.r.pipeline()
         pipe.hset(self.key(job_id, "sent"), chunk, json.dumps({"task": task_id, "at": time.time(), "attempt": attempt}))
+        pipe.hdel(self.key(job_id, "running"), chunk)  # a dead worker's mark goes: the chunk is sent again once
         pipe.hdel(self.key(job_id, "retry"), chunk)
         pipe.hdel(self.key(job_id, "suspects"), chunk)
         if advance_to is not None:
@@ -146,9 +147,9 @@ class JobBoard:
         pipe = self.r.pipeline()
         if retry_at is None:
             pipe.setbit(self.key(job_id, "done"), chunk, 1)
-            pipe.hdel(self.key(job_id, "deliveries"), chunk)
         else:
             pipe.hset(self.key(job_id, "retry"), chunk, retry_at)
+        pipe.hdel(self.key(job_id, "deliveries"), chunk)  # it finished: none of its starts killed a worker
         pipe.hdel(self.key(job_id, "sent"), chunk)
         pipe.hdel(self.key(job_id, "running"), chunk)
         pipe.execute()
@@ -197,6 +198,11 @@ class JobBoard:
             return set()
         values = self.r.mget([f"{self.prefix}:hb:{i}" for i in instances])
         return {i for i, v in zip(instances, values) if v is not None}
+
+    def renew(self, name: str, token: str, *, ttl_s: float) -> bool:
+        """Extend the lease ``name`` this caller holds (False when it was lost to expiry)."""
+        return bool(self.r.eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], "
+                                "ARGV[2]) end return 0", 1, f"{self.prefix}:lock:{name}", token, int(ttl_s * 1000)))
 
     def lease(self, name: str, *, ttl_s: float) -> str | None:
         """A token when this caller now holds the lease ``name`` for ``ttl_s`` seconds, else None."""

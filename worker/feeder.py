@@ -42,7 +42,7 @@ log = logging.getLogger("slip.feeder")
 
 Publish = Callable[[SegmentRequest, str], None]  # (request, task id): put the message on the queue
 SEND_RETRY = {"max_retries": 20, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 4.0}  # ~60 s
-LEASE_S = 30.0  # a feed pass holds its job's lease at most this long
+LEASE_S = 10.0  # a feed pass's lease on its job, renewed as it sends: a killed feeder blocks the job this long
 PAGE_CACHE = 16  # manifest pages kept in memory per feeder
 
 
@@ -68,6 +68,7 @@ class Feeder:
         self.settings = settings
         self.broker = broker  # reads the broker's holdings, only when a chunk looks lost
         self._manifests: OrderedDict[str, JobManifest] = OrderedDict()
+        self._lease: tuple[str, str] | None = None  # (name, token) of the job lease held during a pass
         self._pages: OrderedDict[tuple[str, int], list[Item]] = OrderedDict()
 
     def tick(self) -> list[FeedReport]:
@@ -79,9 +80,11 @@ class Feeder:
         token = self.board.lease(f"feed:{job_id}", ttl_s=LEASE_S)
         if token is None:
             return None
+        self._lease = (f"feed:{job_id}", token)
         try:
             return self._pass(job_id)
         finally:
+            self._lease = None
             self.board.release(f"feed:{job_id}", token)
 
     # --- the pass ------------------------------------------------------------------------------------------
@@ -169,6 +172,8 @@ class Feeder:
         task_id = str(uuid.uuid4())
         self.board.mark_sent(job_id, chunk, task_id, attempt=attempt, advance_to=advance_to)
         self.publish(request, task_id)
+        if self._lease is not None:
+            self.board.renew(*self._lease, ttl_s=LEASE_S)
 
     def _give_up(self, job_id: str, chunk: int, reason: str) -> None:
         manifest = self._manifest(job_id)

@@ -1,6 +1,7 @@
 """The ticker: each worker's main process beats a heartbeat and, one worker at a time, feeds the jobs.
 
-A daemon thread in the worker's main process (started when the worker is ready, stopped at shutdown):
+Two daemon threads in the worker's main process (started when the worker is ready, stopped at shutdown),
+so that a slow feeder pass (a manifest read from S3, a Redis retry) never delays a heartbeat:
 
 * every ``SLIP_HEARTBEAT`` seconds it sets ``slip:hb:<instance>`` with a time-to-live of
   ``SLIP_DEAD_AFTER`` seconds; a worker killed outright stops beating and, ``SLIP_DEAD_AFTER`` seconds
@@ -35,30 +36,38 @@ class Ticker:
         self.instance = instance  # this worker's id in heartbeats and running marks
         self.node = node  # the Celery node name, for people
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slip-ticker", daemon=True)
-        self._failing = False
+        self._threads = (threading.Thread(target=self._beat_loop, name="slip-heartbeat", daemon=True),
+                         threading.Thread(target=self._tick_loop, name="slip-ticker", daemon=True))
+        self._failing = {"heartbeat": False, "ticker": False}
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         log.info("ticker %s (%s): heartbeat every %.1f s, feeder pass every %.1f s", self.instance, self.node,
                  self.settings.heartbeat_s, self.settings.tick_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        for thread in self._threads:
+            thread.join(timeout_s)
 
-    def _run(self) -> None:
-        next_tick = 0.0
+    def _beat_loop(self) -> None:
+        self._loop("heartbeat", self.settings.heartbeat_s,
+                   lambda: self.board.beat(self.instance, self.node, ttl_s=self.settings.dead_after_s))
+
+    def _tick_loop(self) -> None:
+        self._loop("ticker", self.settings.tick_s, self._tick)
+
+    def _loop(self, name: str, every_s: float, step) -> None:
+        """``step()`` every ``every_s`` seconds until stopped; trouble (Redis or the store away) is said once."""
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self.board.beat(self.instance, self.node, ttl_s=self.settings.dead_after_s)
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + self.settings.tick_s
-                    self._tick()
-                self._recovered()
-            except Exception as e:  # Redis or the store away: say so once, keep beating
-                self._failed(e)
-            self._stop.wait(self.settings.heartbeat_s)
+                step()
+                self._recovered(name)
+            except Exception as e:  # classified by nobody: the next round tries again
+                self._failed(name, e)
+            self._stop.wait(max(0.0, every_s - (time.monotonic() - started)))
 
     def _tick(self) -> None:
         token = self.board.lease("tick", ttl_s=max(3 * self.settings.tick_s, 10.0))
@@ -72,12 +81,12 @@ class Ticker:
         finally:
             self.board.release("tick", token)
 
-    def _failed(self, e: Exception) -> None:
-        if not self._failing:
-            log.warning("ticker: %s: %s (retrying every %.1f s)", type(e).__name__, e, self.settings.heartbeat_s)
-        self._failing = True
+    def _failed(self, name: str, e: Exception) -> None:
+        if not self._failing[name]:
+            log.warning("%s: %s: %s (trying again)", name, type(e).__name__, e)
+        self._failing[name] = True
 
-    def _recovered(self) -> None:
-        if self._failing:
-            log.info("ticker: Redis and the store answer again")
-        self._failing = False
+    def _recovered(self, name: str) -> None:
+        if self._failing[name]:
+            log.info("%s: Redis and the store answer again", name)
+        self._failing[name] = False

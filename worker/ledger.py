@@ -62,10 +62,10 @@ def record_chunk(store: Store, record: ChunkRecord, *, replace_earlier: bool) ->
     """Write a chunk's completion record; with ``replace_earlier`` remove the chunk's older records."""
     key = done_key(record.job_id, record.chunk, record.letters)
     store.put_json(key, record.model_dump(mode="json"))
-    if replace_earlier:
-        prefix = f"{done_prefix(record.job_id)}/c{record.chunk:07d}-"
-        for older in store.list(prefix):
-            if older != key:
+    if replace_earlier:  # the store lists folders, so list done/ and pick this chunk's names
+        name = f"c{record.chunk:07d}-"
+        for older in store.list(done_prefix(record.job_id)):
+            if older.rsplit("/", 1)[-1].startswith(name) and older != key:
                 store.delete(older)
     return key
 

@@ -167,12 +167,16 @@ def test_window_upscaler_matches_postprocess_masks(synth_sam, input_size, crop_s
 
 
 def assert_identical(ours: list[dict], official: list[dict]) -> None:
+    """Same records in the same order. Stability scores within 1e-5: the official generator upscales
+    (B, 3)-channel batches, and with one thread PyTorch's multi-channel bilinear kernel rounds a few
+    values differently from its single-channel one (with two threads they agree), which can move a
+    pixel across the +-offset thresholds."""
     assert len(ours) == len(official)
     for i, (a, b) in enumerate(zip(ours, official)):
         assert np.array_equal(a["segmentation"], b["segmentation"]), i
         for key in ("area", "bbox", "crop_box", "point_coords", "predicted_iou"):
             assert a[key] == b[key], (i, key, a[key], b[key])
-        assert np.isclose(a["stability_score"], b["stability_score"], rtol=0, atol=0, equal_nan=True), i
+        assert np.isclose(a["stability_score"], b["stability_score"], rtol=0, atol=1e-5, equal_nan=True), i
 
 
 def test_synth_sam_matches_official_with_hundreds_of_masks(synth_sam, scene):

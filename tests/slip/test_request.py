@@ -383,10 +383,9 @@ def test_digest_records_are_left_out_of_a_ranker_directory_digest(clip_dir, tmp_
     assert again == first, "the records written by the first load do not change the directory's digest"
 
 
-@pytest.mark.xfail(strict=True, reason="design limit, reported: the digest record is keyed by size and mtime only, "
-                   "so a same-size checkpoint put in place with the recorded mtime (tar/zip extraction, "
-                   "reproducible images with normalised mtimes, cp -p) keeps the old digest and old keys")
 def test_a_same_size_file_with_the_old_mtime_is_still_hashed_again(sam_dir, clip_dir, tmp_path):
+    """tar/zip extraction, images with normalised mtimes and `cp -p` keep the old mtime: the digest record is
+    keyed by inode and ctime too, so the new weights are hashed again."""
     weights = sam_dir / "sam.pth"
     before = keys(resolved(str(sam_dir), str(clip_dir), cache=tmp_path))
     stat = weights.stat()
