@@ -244,8 +244,9 @@ def split(run: dict) -> dict:
     ms["total"] = run["wall_s"] / n * 1e3
     ms["overhead"] = ms["store_io"] + ms["rendering"] + ms["queue"]
     submit = (run["submit_s"] - run["upload_s"]) / n * 1e3  # manifest, registration, first sends: once per job
-    queue = {"submit": submit, "worker_side": ms["queue"] - submit,
-             "last_record_write": run["last_record_write_s"] / n * 1e3}  # parts of worker_side's last task
+    queue = {"submit": submit, "worker_side": ms["queue"] - submit}
+    if "last_record_write_s" in run:  # the last completion record's write, a part of worker_side
+        queue["last_record_write"] = run["last_record_write_s"] / n * 1e3
     return {"ms_per_image": ms, "queue_ms_per_image": queue,
             "unclassified_ms_per_image": {k: v / n * 1e3 for k, v in unclassified.items()}}
 
@@ -281,7 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default bench/results/queue.json, queue-render.json with --render)")
+    parser.add_argument("--resummarise", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: re-derive the split and the summary of a results file from its runs' "
+                             "recorded figures, and write it back")
     args = parser.parse_args(argv)
+    if args.resummarise is not None:
+        result = json.loads(args.resummarise.read_text())
+        result = summarise(result, [{k: v for k, v in run.items() if k not in SPLIT_KEYS} for run in result["runs"]])
+        args.resummarise.write_text(json.dumps(result, indent=1) + "\n")
+        print(table(result))
+        return 0
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed (apt-get install redis-server)")
     out = args.out or ROOT / "bench" / "results" / ("queue-render.json" if args.render else "queue.json")
@@ -305,16 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 for repeat in range(args.repeats):
                     for k in args.batch_sizes:
                         clear_store(store)
-                        run = run_job(client, paths, PROMPTS, params, batch_size=k, store_root=store)
-                        run.update(repeat=repeat, **split(run))
+                        run = {**run_job(client, paths, PROMPTS, params, batch_size=k, store_root=store), "repeat": repeat}
                         runs.append(run)
                         print(f"K={k:2d} round {repeat}: " + ", ".join(
-                            f"{part} {v:.1f}" for part, v in run["ms_per_image"].items()) + " ms/image", flush=True)
-    summary = {}
-    for k in args.batch_sizes:
-        mine = [r for r in runs if r["batch_size"] == k]
-        summary[f"k{k}"] = {part: spread([r["ms_per_image"][part] for r in mine])
-                            for part in (*PARTS, "overhead", "total")}
+                            f"{part} {v:.1f}" for part, v in split(run)["ms_per_image"].items()) + " ms/image", flush=True)
     result = {
         "what": "queue overhead per image through a real worker (synth models, CPU), split by part; see bench/queue.py",
         "machine": {**before, "loadavg_after": os.getloadavg()},
@@ -324,16 +328,30 @@ def main(argv: list[str] | None = None) -> int:
                      "repeats": args.repeats, "worker": "celery -A worker worker -Q gpu,cpu --concurrency 1",
                      "worker_threads": worker["health"].get("threads"), "render": args.render},
         "warmup": {k: warmup[k] for k in ("wall_s", "images", "how")},
-        "runs": runs,
-        "summary_ms_per_image": summary,
-        "target": {"queue_ms_per_image_at_k16": TARGET_QUEUE_MS,
-                   "met": summary.get("k16", {}).get("queue", {}).get("median", float("inf")) <= TARGET_QUEUE_MS},
     }
+    result = summarise(result, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwritten: {out}")
     return 0
+
+
+SPLIT_KEYS = ("ms_per_image", "queue_ms_per_image", "unclassified_ms_per_image")  # derived by split()
+
+
+def summarise(result: dict, runs: list[dict]) -> dict:
+    """``result`` with ``runs`` (their recorded figures) split (:func:`split`), and per K the median, min and
+    max of every part, of the queue's sub-parts, and the target's verdict."""
+    runs = [{**run, **split(run)} for run in runs]
+    summary, queue = {}, {}
+    for k in sorted({run["batch_size"] for run in runs}):
+        mine = [r for r in runs if r["batch_size"] == k]
+        summary[f"k{k}"] = {part: spread([r["ms_per_image"][part] for r in mine]) for part in (*PARTS, "overhead", "total")}
+        queue[f"k{k}"] = {part: spread([r["queue_ms_per_image"][part] for r in mine]) for part in mine[0]["queue_ms_per_image"]}
+    met = summary.get("k16", {}).get("queue", {}).get("median", float("inf")) <= TARGET_QUEUE_MS
+    return {**result, "runs": runs, "summary_ms_per_image": summary, "queue_split_ms_per_image": queue,
+            "target": {"queue_ms_per_image_at_k16": TARGET_QUEUE_MS, "met": met}}
 
 
 def table(result: dict) -> str:
@@ -347,6 +365,10 @@ def table(result: dict) -> str:
         cells = [key[1:]] + [f"{p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}]" for p in
                              (parts[h] for h in header[1:])]
         lines.append("  ".join(f"{c:>20}" for c in cells))
+    for key, parts in result.get("queue_split_ms_per_image", {}).items():
+        lines.append(f"K={key[1:]} queue = " + " + ".join(
+            f"{name} {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}]" for name, p in parts.items()
+            if name != "last_record_write") + " ms/image")
     load = result["machine"]
     lines.append(f"load average (1 min): {load['loadavg'][0]:.1f} before, {load['loadavg_after'][0]:.1f} after; "
                  f"target queue <= {TARGET_QUEUE_MS} ms/image at K=16: {'met' if result['target']['met'] else 'NOT met'}")

@@ -77,7 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--box-nms-thresh", type=float, default=0.7)
     p.add_argument("--agreement", action="store_true", help="measure --dtype against fp32 instead of speed")
     p.add_argument("--scenes", type=int, default=20, help="--agreement: demo scenes (random weights: generated)")
-    p.add_argument("--min-iou", type=float, default=0.3, help="--agreement, random weights: fp32 masks kept")
+    p.add_argument("--min-iou", type=float, default=0.3,
+                   help="--agreement, random weights: keep fp32 masks with predicted IoU above this (-1: all)")
     p.add_argument("--clip", default=None,
                    help="ranker spec (openai/clip-vit-base-patch32, ...): also time filters, crops + CLIP")
     p.add_argument("--clip-max-masks", type=int, default=100, help="at most this many masks go to the CLIP stage")

@@ -257,3 +257,16 @@ def module_worker(tmp_path_factory, *, db: int, name: str) -> Iterator[dict]:
     finally:
         stop_worker(process)
         flush(db)
+
+
+def bench_module(name: str):
+    """``bench/<name>.py``, imported by path (bench/ is a folder of scripts, not an installed package)."""
+    import importlib.util
+
+    module_name = f"slip_bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

@@ -12,32 +12,24 @@ its own; here it would hide every other fault behind that one. Speed targets (wa
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
+from queue_helpers import bench_module  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
-IMAGES = 80
+IMAGES = 120  # with faults every 1-2.5 s, long enough that they land mid-job on a quiet machine too
 
 
 def _bench_chaos():
-    """bench/chaos.py, imported by path: bench/ is not a package."""
-    name = "slip_bench_chaos"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench" / "chaos.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return bench_module("chaos")
 
 
 def test_short_chaos_run_every_image_exactly_once(tmp_path):
     chaos = _bench_chaos()
     images = chaos.make_images(tmp_path / "images", IMAGES, seed=11)
-    plan = chaos.Plan(kills=3, kill_every=(6.0, 12.0), redis_down=(5.0, 8.0), redis_after_kill=1, seed=11)
+    plan = chaos.Plan(kills=3, kill_every=(1.0, 2.5), redis_down=(2.0, 4.0), redis_after_kill=1, seed=11)
     result = chaos.run(images, workdir=tmp_path / "run", workers=2, plan=plan, timeout_s=240, settle_s=2.0,
                        kill_producer="fed")
     print(chaos.summary_line(result))

@@ -13,7 +13,6 @@ registered in Redis with chunks sent and running. No worker is needed to count w
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from typing import Iterator
 import pytest
 import redis
 
+from queue_helpers import bench_module
 from s3_server import S3Server, count_s3_requests
 
 BATCH = 4  # images per chunk (the producer's default)
@@ -34,14 +34,7 @@ MAX_STORE_REQUESTS = 5  # the manifest GET and one LIST page, with room for a HE
 
 
 def _bench_chaos():
-    """bench/chaos.py (its process helpers), imported by path: bench/ is not a package."""
-    name = "slip_bench_chaos"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench" / "chaos.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return bench_module("chaos")
 
 
 @pytest.fixture(scope="module")

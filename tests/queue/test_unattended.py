@@ -19,10 +19,8 @@ ledger and board against the private Redis and a real store; only the message pu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,20 +28,15 @@ from typing import Callable, Iterator
 
 import pytest
 
+from queue_helpers import bench_module  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 SLOW = 60.0  # seconds a small job may take on a loaded 2-core machine
 
 
 def _bench_chaos():
-    """bench/chaos.py (its process helpers), imported by path: bench/ is not a package."""
-    name = "slip_bench_chaos"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench" / "chaos.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return bench_module("chaos")
 
 
 chaos = _bench_chaos()
@@ -69,7 +62,6 @@ class Cluster:
             worker.start()
         self.client = chaos.client_for(self.env)
         chaos.wait_ready(self.client, self.workers)
-        import slip.filters  # noqa: F401  (reading a manifest with a filter chain imports it, and torch: seconds)
 
     def logs(self) -> str:
         return "\n".join(f"--- {w.name} ---\n{w.log_text(3000)}" for w in self.workers)
@@ -416,7 +408,7 @@ def test_a_chunk_that_keeps_failing_for_now_ends_failed_for_now_not_poison(plane
     """Every run of the chunk finishes (its images fail for now: no worker serves the job's models); the
     feeder sends it again SLIP_MAX_RESENDS times; the last outcome must be 'failed for now' with the real
     reason, not a poison verdict (which is for chunks that kill their worker)."""
-    from worker.ledger import chunk_records, job_status, chunk_letters
+    from worker.ledger import chunk_letters, job_status
     from worker.resources import WorkerResources
     from worker.tasks import run_chunk
 

@@ -204,6 +204,13 @@ def test_full_upscaling_path_gives_the_same_masks(synth_sam, scene):
     assert torch.allclose(windows.stability_score, full.stability_score, equal_nan=True)
 
 
+def test_generate_reports_stage_timings(tiny_sam, scene):
+    timings: dict[str, float] = {}
+    records = MaskGenerator(tiny_sam, points_per_side=4, **NO_FILTERS).generate(scene, timings=timings)
+    assert len(records) >= 1 and {"encode", "decode", "postprocess", "records"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())
+
+
 # --- reduced precision ------------------------------------------------------------------------------------
 
 
