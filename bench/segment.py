@@ -82,7 +82,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip", default=None,
                    help="ranker spec (openai/clip-vit-base-patch32, ...): also time filters, crops + CLIP")
     p.add_argument("--clip-max-masks", type=int, default=100, help="at most this many masks go to the CLIP stage")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/segment-<case>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: bench/results/segment-<device>-<sam>-<scene>-<N>pts-<dtype>.json)")
     return p.parse_args()
 
 
@@ -321,7 +322,7 @@ def bench_agreement(args, sam, weights: str, device) -> dict:
         "options": options, "dtype": args.dtype, "scenes": len(images),
         "scene_kind": "generated" if weights == "random" else "producer.demo.demo_scene",
         "masks_fp32": total_fp32, f"masks_{args.dtype}": sum(s[args.dtype] for s in per_scene),
-        "mean_best_iou": sum(s["mean_best_iou"] * s["fp32"] for s in scored) / max(total_fp32, 1),
+        "mean_best_iou": sum(s["mean_best_iou"] * s["fp32"] for s in scored) / total_fp32 if total_fp32 else None,
         "per_scene": per_scene,
     }
 
@@ -462,7 +463,9 @@ def main() -> None:
         print_speed(result)
     else:
         print(_json({k: v for k, v in result.items() if k != "per_scene"}, 1))
-    case = "agreement" if args.agreement else f"{args.sam}-{args.points_per_side}pts"
+    scene = Path(args.scene).stem if args.scene not in ("generated", "mosaic") else args.scene
+    sam_name = Path(args.sam).name
+    case = f"agreement-{sam_name}" if args.agreement else f"{sam_name}-{scene}-{args.points_per_side}pts"
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "sam": args.sam, "sam_weights": weights, "device": str(device),

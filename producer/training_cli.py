@@ -13,7 +13,6 @@ directory (uploaded to the store), ``store:<prefix>`` or ``job:<train job id>`` 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from pathlib import Path

@@ -40,11 +40,24 @@ RESULT_FILE = "segments.json"
 
 def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict]:
     """``(N, H, W) bool`` masks -> COCO compressed RLE dicts (``counts`` as str, ``size`` [H, W])."""
-    array = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if len(array) == 0:
+    return [_rle_json(r) for r in _coco_rles(masks)]
+
+
+def _coco_rles(masks: torch.Tensor | np.ndarray) -> list[dict]:
+    """pycocotools RLEs (``counts`` as bytes) of ``(N, H, W)`` masks. pycocotools reads an ``(H, W, N)`` uint8
+    array in Fortran order, which is the ``(N, W, H)`` C-order array: one transposing copy (torch's), no other."""
+    if not isinstance(masks, torch.Tensor):
+        array = np.asarray(masks)
+        return mask_utils.encode(np.asfortranarray(array.transpose(1, 2, 0).astype(np.uint8))) if len(array) else []
+    if len(masks) == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(array.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+    columns = masks.detach().cpu().transpose(1, 2).contiguous().numpy()  # (N, W, H): each mask column by column
+    pixels = columns.view(np.uint8) if columns.dtype == np.bool_ else columns.astype(np.uint8)
+    return mask_utils.encode(pixels.transpose(2, 1, 0))  # (H, W, N), Fortran-contiguous: no copy
+
+
+def _rle_json(rle: dict) -> dict:
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def decode_rle(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
@@ -64,10 +77,12 @@ def rle_boxes(rles: Sequence[dict]) -> list[list[float]]:
 
 
 def segment_records(segments: MaskSet) -> list[dict]:
-    """JSON records of a MaskSet (no similarities): the form results and the proposals cache share."""
-    rles = encode_rle(segments.masks)
-    boxes = rle_boxes(rles)
-    areas = segments.areas.cpu().tolist()
+    """JSON records of a MaskSet (no similarities): the form results and the proposals cache share. Boxes
+    and areas come from the RLEs (the same numbers as from the masks, without another pass over them)."""
+    coded = _coco_rles(segments.masks)
+    rles = [_rle_json(r) for r in coded]
+    boxes = [[float(v) for v in box] for box in mask_utils.toBbox(coded)] if coded else []
+    areas = mask_utils.area(coded).tolist() if coded else []
     ious = segments.predicted_iou.detach().cpu().float().tolist()
     stabilities = segments.stability_score.detach().cpu().float().tolist()
     points = segments.point_coords.detach().cpu().float().tolist()

@@ -173,7 +173,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
+        if "unsupported global" not in str(e).lower():  # torch words it "Unsupported global" or "unsupported GLOBAL"
             raise WeightsError(f"cannot read SAM checkpoint {path}: it is corrupt or truncated (not a readable torch "
                                f"file); fetch it again") from e
         raise WeightsError(f"{path} is not a plain tensor checkpoint: it pickles other objects, which are never "

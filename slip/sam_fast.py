@@ -326,7 +326,7 @@ class WindowUpscaler:
     def values(self, logits: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
         """``postprocess_masks`` of one ``(h, w)`` float32 logit map, output rows ``rows[0]..rows[1]`` and
         columns ``cols[0]..cols[1]`` (inclusive) -> ``(rows, cols)`` float32."""
-        (lr, mr, r_stage1, r_stage2), (lc, mc, c_stage1, c_stage2) = self.rows.plan(*rows), self.cols.plan(*cols)
+        (lr, _, r_stage1, r_stage2), (lc, _, c_stage1, c_stage2) = self.rows.plan(*rows), self.cols.plan(*cols)
         block = logits[lr[0] : lr[1] + 1, lc[0] : lc[1] + 1]
         # 1. low-res -> img_size (cropped to input_size): columns, then rows (PyTorch's order)
         mid = self._lerp(self._lerp(block, c_stage1, -1), r_stage1, -2)

@@ -66,23 +66,6 @@ def test_bad_inputs_fail_for_good_with_their_reason_and_good_ones_complete(worke
     assert not list(Path(worker["env"]["SLIP_STORE"]).glob("results/*/*/error.json")), "failures live in the records"
 
 
-def test_thresholds_that_do_not_match_the_prompts_fail_each_image_for_good(worker, client, tmp_path):
-    """3 thresholds for 2 prompts: accepted at submit (the options are checked without the prompts), then
-    refused by the worker before any work, for good, with the reason."""
-    make_images(tmp_path / "imgs", 2, seed=4, prefix="thr")
-    proc = invoke_cli(["submit", "segment", str(tmp_path / "imgs"), "-p", "a red box", "-p", "a blue disc",
-                       "--threshold", "0.1", "--threshold", "0.2", "--threshold", "0.3", "--wait", *TINY_CLI_ARGS],
-                      worker["env"])
-    job = job_id_from(proc.stdout)
-    assert proc.exit_code == 1, proc.stdout + proc.stderr
-    status = client.status(job)
-    assert status.counts["failed"] == 2 and status.retryable == 0
-    for outcome in outcomes(client.store, job).values():
-        assert outcome.permanent and outcome.error == "ConfigError"
-        assert outcome.reason == "3 thresholds for 2 prompts: give one value, or one per prompt"
-    assert proc.stdout.count("3 thresholds for 2 prompts") == 2
-
-
 def test_empty_prompt_is_rejected_at_submit_and_nothing_is_uploaded(worker, client, tmp_path):
     make_images(tmp_path / "imgs", 1, seed=5)
     before = client.store.list("jobs"), client.store.list("inputs")
@@ -99,6 +82,8 @@ SUBMIT_ERRORS = {
     "an unknown filter": (["-p", "x", "--filters", "containment,sideways"], "unknown filter 'sideways'"),
     "a threshold out of range": (["-p", "x", "--threshold", "1.5"], "threshold 1.5 is not a cosine similarity"),
     "a threshold that is no number": (["-p", "x", "--threshold", "nan"], "is not a cosine similarity"),
+    "3 thresholds for 2 prompts": (["-p", "a red box", "-p", "a blue disc", "--threshold", "0.1", "--threshold", "0.2",
+                                    "--threshold", "0.3"], "3 thresholds for 2 prompts: give one value, or one per prompt"),
     "a bad --instances": (["-p", "x", "--instances", "some"], "instances"),
     "a bad crop background": (["-p", "x", "--crop-background", "pink"], "crop_background"),
     "a point grid of 0": (["-p", "x", "--points-per-side", "0"], "points_per_side"),
