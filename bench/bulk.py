@@ -154,13 +154,14 @@ def manifest_bytes(store_root: Path, job: str) -> int:
 def export_in_child(broker: str, store: str, job: str, out: Path) -> dict:
     """``slip results --format coco`` work in a fresh process: wall time and peak RSS."""
     code = (
-        "import json, resource, sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "import json, sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
         "from producer.client import QueueClient; from producer.exports import write_export;"
         "from worker.settings import Settings; s = Settings(broker_url=sys.argv[2], store=sys.argv[3]);"
         "c = QueueClient(s); t = time.perf_counter();"
         "r = write_export(c.export_items(sys.argv[4]), format='coco', out=Path(sys.argv[5]), prompts=['object'], job_id=sys.argv[4]);"
-        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
-    )
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1];"
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_bytes': int(hwm) * 1024}))"
+    )  # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the forking bench's size
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), broker, store, job, str(out)], capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

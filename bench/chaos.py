@@ -62,8 +62,8 @@ from typing import Callable, Sequence  # noqa: E402
 import redis  # noqa: E402
 
 from bench.chaos_checks import (  # noqa: E402,F401  (re-exported: the tests import them from here)
-    PROMPT, Poll, Submitted, coco_check, holder_of, log_counts, make_images, running, submit, temporaries, verify,
-    wait_finished,
+    PROMPT, Poll, Submitted, coco_check, finish_delays, holder_of, log_counts, make_images, running, submit,
+    temporaries, verify, wait_finished,
 )
 from bench.processes import (  # noqa: E402,F401  (re-exported: the tests import them from here)
     RedisServer, Supervisor, Worker, children_of, client_for, node_name, stop_all, wait_ready, worker_env,
@@ -167,7 +167,8 @@ class Chaos:
                 worker.kill_main()
             else:
                 pids = worker.kill_pool()
-        self.kills.append({"t": round(time.monotonic() - self._start, 2), "kind": kind, "worker": worker.name,
+        self.kills.append({"t": round(time.monotonic() - self._start, 2), "at": time.time(), "kind": kind,
+                           "worker": worker.name,
                            "pids": pids, "mid_task": chunk is not None, "chunk": chunk})
 
     def _restart_redis(self) -> None:
@@ -246,6 +247,7 @@ def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan |
         time.sleep(settle_s)
         final, _ = wait_finished(client, submitted.job_id, timeout_s=60, poll_s=1.0)
         checks = verify(client, submitted.job_id)
+        delays = finish_delays(client, submitted.job_id, chaos.kills) if chaos else {}
         coco_report = coco_check(client, submitted.job_id, workdir / "export.coco.json") if coco else {"skipped": "not asked"}
     finally:
         if chaos is not None:
@@ -263,7 +265,8 @@ def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan |
         "status_at_finish": first, "status_final": final.summary() if final is not None else None,
         "kills": {"total": len(kills), "main": sum(k["kind"] == "main" for k in kills),
                   "pool": sum(k["kind"] == "pool" for k in kills), "mid_task": sum(k["mid_task"] for k in kills)},
-        "kill_log": kills, "redis_restarts": len(chaos.redis) if chaos else 0,
+        "kill_log": kills, "killed_chunk_finished_after_s": delays,
+        "redis_restarts": len(chaos.redis) if chaos else 0,
         "redis_log": chaos.redis if chaos else [], "chaos_errors": chaos.errors if chaos else [],
         "worker_restarts": supervisor.restarts,
         "exactly_once": checks["exactly_once"], "lost": lost, "several_results": checks["several"],
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-producer", choices=("at-id", "registered", "fed"), default="at-id",
                         help="SIGKILL the producer the moment it prints the job id (the issue's scenario), once "
                              "Redis has the job, or once its first chunks are sent")
+    parser.add_argument("--points-per-side", type=int, default=12,
+                        help="SAM's point grid: more points, more work per image (a longer job holds more kills)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files here (default: temporary)")
@@ -339,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     # a SIGTERM (timeout, a CI runner) ends the run through its finally blocks: no worker or Redis left behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     say(f"chaos run: {args.images} images, {args.workers} workers, {args.kills} kills (workdir {workdir})")
+    grid = ("--points-per-side", str(args.points_per_side))  # the last of a repeated option wins
     result = run(images, workdir=workdir / "chaos", workers=args.workers, plan=plan, timeout_s=args.timeout,
-                 kill_producer=args.kill_producer, progress=say)
+                 submit_args=grid, kill_producer=args.kill_producer, progress=say)
     baseline = args.baseline_wall
     if args.baseline:
         say("baseline run (undisturbed)")
         base = run(images, workdir=workdir / "baseline", workers=args.workers, plan=None, timeout_s=args.timeout,
-                   coco=False, kill_producer=args.kill_producer, progress=say)
+                   submit_args=grid, coco=False, kill_producer=args.kill_producer, progress=say)
         baseline = base["wall_s"]
         result["baseline"] = {k: base[k] for k in ("wall_s", "exactly_once", "lost", "torn", "loadavg", "feeder")}
     if baseline:
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio"] = round(result["wall_s"] / baseline, 3)
     result["command"] = "python bench/chaos.py " + " ".join(sys.argv[1:] if argv is None else argv)
     defaults = Settings()
-    result["settings"] = {"segment_args": list(SEGMENT_ARGS), "batch_size": 4, "max_in_flight": 32,
+    result["settings"] = {"segment_args": [*SEGMENT_ARGS, *grid], "batch_size": 4, "max_in_flight": 32,
                           "SLIP_DEAD_AFTER": defaults.dead_after_s, "SLIP_TICK": defaults.tick_s,
                           "SLIP_HEARTBEAT": defaults.heartbeat_s, "SLIP_LOST_AFTER": defaults.lost_after_s,
                           "SLIP_VISIBILITY_TIMEOUT": defaults.visibility_timeout_s, "cores": os.cpu_count()}

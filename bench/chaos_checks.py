@@ -15,6 +15,7 @@ import random
 import re
 import select
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -273,3 +274,21 @@ def log_counts(workers: Sequence[Worker]) -> dict:
             "pool_starts_killed": len(re.findall(r"Timed out waiting for UP message", text))}
 
 
+def finish_delays(client, job: str, kills: list[dict]) -> dict:
+    """For each kill that caught a chunk mid-task: seconds from the kill (``at``, epoch) to the completion
+    record of that chunk, written by whichever worker finished it (``chunk_finished_after_s`` is added to the
+    kill). Returns the spread per kind of kill."""
+    from datetime import datetime
+
+    from worker.ledger import chunk_records
+
+    caught = {k["chunk"] for k in kills if k["chunk"] is not None}
+    finished = {r.chunk: datetime.fromisoformat(r.finished).timestamp()
+                for r in chunk_records(client.store, job, caught)}
+    delays: dict[str, list[float]] = {}
+    for kill in kills:
+        if kill["chunk"] in finished:
+            kill["chunk_finished_after_s"] = round(finished[kill["chunk"]] - kill["at"], 2)
+            delays.setdefault(kill["kind"], []).append(kill["chunk_finished_after_s"])
+    return {kind: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
+            for kind, v in delays.items()}

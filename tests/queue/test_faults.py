@@ -36,6 +36,7 @@ from PIL import Image
 
 from queue_helpers import (
     all_done,
+    bench_module,
     client_for,
     invoke_cli,
     items_of,
@@ -261,20 +262,6 @@ class FirstWrites:
         self.poll()
 
 
-def pool_children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (the prefork pool of a worker's main process)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
 # ---------------------------------------------------------------------------------------------- tests
 
 
@@ -378,7 +365,7 @@ class PoolKiller(threading.Thread):
         while not self._stop_event.is_set():
             counts = [int(v) for key in self.redis.scan_iter("slip:job:*:deliveries") for v in self.redis.hvals(key)]
             if counts and max(counts) > len(self.kills) and len(self.kills) < self.times:
-                for pid in pool_children(self.worker_pid):
+                for pid in bench_module("processes").children_of(self.worker_pid):
                     os.kill(pid, signal.SIGKILL)
                 self.kills.append(max(counts))
             time.sleep(0.01)

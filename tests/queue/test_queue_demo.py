@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from pycocotools.coco import COCO
 
+from bad_weights import WORDS, write_bad_checkpoints
 from queue_helpers import flush, queue_env, run_cli, start_worker
 
 pytestmark = pytest.mark.integration
@@ -91,34 +91,12 @@ def test_demo_with_the_bundled_pair_segments_what_it_is_asked_for(redis_alive, t
     assert hits >= 6, f"{hits} of 8 prompts found (IoU > 0.5), {8 - len(ious)} not answered: {ious}"  # bench: ~81 %
 
 
-class Payload:
-    """Pickled into a checkpoint: loading it with ``weights_only=False`` would run a shell command."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
     """Checkpoints no worker may serve: name -> (SLIP_SAM path, what the one line must say)."""
-    from slip.sam import SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
-
-    good = save_sam(build_tiny_sam(), folder / "good" / "sam.pth", SAM_ARCHS[TINY_SPEC])
-    corrupt = folder / "corrupt" / "sam.pth"
-    corrupt.parent.mkdir()
-    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated download
-    unsafe = folder / "unsafe" / "sam.pth"
-    unsafe.parent.mkdir()
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": Payload(folder / "pwned")}, unsafe)
-    config = folder / "config" / "sam.pth"
-    config.parent.mkdir()
-    config.write_bytes(good.read_bytes())
-    (config.parent / "config.json").write_text('{"encoder_embed_dim": 32,')  # cut short
+    paths = write_bad_checkpoints(folder)
     return {"missing": (folder / "empty-cache" / "sam" / "sam_vit_h_4b8939.pth", "slip weights fetch vit_h"),
-            "corrupt": (corrupt, "corrupt or truncated"), "unsafe": (unsafe, "not a plain tensor checkpoint"),
-            "config": (config.parent / "config.json", "is not valid JSON")}
+            "corrupt": (paths["corrupt"], WORDS["corrupt"]), "unsafe": (paths["unsafe"], WORDS["unsafe"]),
+            "config": (paths["config"].parent / "config.json", WORDS["config"])}
 
 
 def test_workers_with_bad_weights_exit_non_zero_with_one_line_naming_the_file(redis_alive, tmp_path):

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from queue_helpers import TINY_PARAMS, make_images, outcomes, queue_env, start_worker, stop_worker, wait_worker_ready
+from queue_helpers import (TINY_PARAMS, bench_module, make_images, outcomes, queue_env, start_worker, stop_worker,
+                           wait_worker_ready)
 
 pytestmark = pytest.mark.integration
 NOT_AN_IMAGE = b"this is not an image: a re-query must not read it"
@@ -38,37 +35,13 @@ PROMPT_A, PROMPT_B, PROMPT_C = "a red box", "a blue disc", "a green thing"
 # --- fixtures ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory) -> Iterator[int]:
+def private_redis() -> Iterator[int]:
     """A redis-server of this module's own on a free loopback port (no persistence); yields the port."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run `bash scripts/setup.sh`")
-    port, folder = _free_port(), tmp_path_factory.mktemp("requery-redis")
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + 20
-    try:
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"redis-server on port {port} did not start")
-                time.sleep(0.05)
-        yield port
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+    with bench_module("servers").private_redis() as url:
+        yield int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 @pytest.fixture(scope="module")

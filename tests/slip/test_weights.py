@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bad_weights import WORDS, write_bad_checkpoints
 from slip.cli.weights import weights_app
 from slip.errors import ChecksumError, ConfigError, WeightsError, WeightsNotFoundError
 from slip.sam import load_sam
@@ -303,38 +304,15 @@ def test_tensors_sha256_is_order_free_and_sees_every_value_dtype_and_shape():
 # --- bad checkpoints: one line, never a traceback, never unpickled ------------------------------------------
 
 
-class _Payload:
-    """Pickled into a checkpoint: loading it with ``weights_only=False`` would run a shell command."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.fixture
 def bad_checkpoints(tmp_path) -> dict[str, tuple[Path, Path, str]]:
     """name -> (the --sam path, the file the message must name, words it must hold)."""
-    from slip.sam import SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
-
-    good = save_sam(build_tiny_sam(), tmp_path / "good" / "sam.pth", SAM_ARCHS[TINY_SPEC])
-    corrupt = tmp_path / "corrupt" / "sam.pth"
-    corrupt.parent.mkdir()
-    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated download
-    unsafe = tmp_path / "unsafe" / "sam.pth"
-    unsafe.parent.mkdir()
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": _Payload(tmp_path / "pwned")}, unsafe)
-    config = tmp_path / "config" / "sam.pth"
-    config.parent.mkdir()
-    config.write_bytes(good.read_bytes())
-    (config.parent / "config.json").write_text('{"encoder_embed_dim": 32,')  # cut short
-    return {"corrupt": (corrupt, corrupt, "corrupt or truncated"),
-            "unsafe": (unsafe, unsafe, "not a plain tensor checkpoint"),
-            "config": (config, config.parent / "config.json", "is not valid JSON"),
-            "config-dir": (config.parent, config.parent / "config.json", "is not valid JSON")}
+    paths = write_bad_checkpoints(tmp_path)
+    config_json = paths["config"].parent / "config.json"
+    return {"corrupt": (paths["corrupt"], paths["corrupt"], WORDS["corrupt"]),
+            "unsafe": (paths["unsafe"], paths["unsafe"], WORDS["unsafe"]),
+            "config": (paths["config"], config_json, WORDS["config"]),
+            "config-dir": (paths["config"].parent, config_json, WORDS["config"])}
 
 
 @pytest.mark.parametrize("case", ["corrupt", "unsafe", "config", "config-dir"])
