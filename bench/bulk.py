@@ -106,10 +106,13 @@ def finish_chunk(client, request, message: dict) -> None:
 
 
 def take_message(client) -> dict | None:
-    """The next ``slip.segment`` request on the ``gpu`` list (as a worker's BRPOP would take it)."""
-    raw = client.board.r.rpop("gpu")
-    if raw is None:
+    """The next ``slip.segment`` request on the ``gpu`` lists (as a worker's BRPOP would take it)."""
+    from worker.broker import MODEL_QUEUE, queue_lists
+
+    popped = client.board.r.brpop(list(queue_lists(MODEL_QUEUE)), timeout=0.01)  # in the order a worker serves them
+    if popped is None:
         return None
+    raw = popped[1]
     message = json.loads(raw)
     args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     return kwargs["request"]

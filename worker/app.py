@@ -27,7 +27,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from slip.errors import SlipError
-from worker.broker import LIGHT_QUEUE, MODEL_QUEUE
+from worker.broker import LIGHT_QUEUE, MODEL_QUEUE, PRIORITY_SEP, PRIORITY_STEPS
 from worker.resources import ResourceHolder, set_threads
 from worker.settings import Settings
 
@@ -70,6 +70,8 @@ def create_app(settings: Settings, *, worker: bool = False) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1.0, settings.visibility_timeout_s / 4),
+            "priority_steps": list(PRIORITY_STEPS),  # the layout worker.broker reads
+            "sep": PRIORITY_SEP,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker waits for Redis as long as it takes

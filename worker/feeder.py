@@ -32,7 +32,7 @@ from kombu.exceptions import OperationalError
 
 from slip.errors import BrokerError
 from worker.board import JobBoard, JobView
-from worker.broker import MODEL_QUEUE, Holdings
+from worker.broker import FIRST_SEND, MODEL_QUEUE, SENT_AGAIN, Holdings
 from worker.jobs import ChunkRecord, Item, ItemOutcome, JobManifest, SegmentRequest
 from worker.ledger import load_manifest, load_page, record_chunk
 from worker.settings import Settings
@@ -40,7 +40,7 @@ from worker.store import Store
 
 log = logging.getLogger("slip.feeder")
 
-Publish = Callable[[SegmentRequest, str], None]  # (request, task id): put the message on the queue
+Publish = Callable[[SegmentRequest, str, bool], None]  # (request, task id, sent again?): queue the message
 SEND_RETRY = {"max_retries": 20, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 4.0}  # ~60 s
 LEASE_S = 10.0  # a feed pass's lease on its job, renewed as it sends: a killed feeder blocks the job this long
 PAGE_CACHE = 16  # manifest pages kept in memory per feeder
@@ -171,7 +171,7 @@ class Feeder:
                                  spec=manifest.spec)
         task_id = str(uuid.uuid4())
         self.board.mark_sent(job_id, chunk, task_id, attempt=attempt, advance_to=advance_to)
-        self.publish(request, task_id)
+        self.publish(request, task_id, attempt > 0)
         if self._lease is not None:
             self.board.renew(*self._lease, ttl_s=LEASE_S)
 
@@ -208,13 +208,15 @@ class Feeder:
 
 
 def publisher(app) -> Publish:
-    """``publish(request, task_id)`` for a Celery ``app``: one ``slip.segment`` message on the model queue,
-    sent by name (the sender needs no task code), ridden through broker blips (about a minute)."""
+    """``publish(request, task_id, again)`` for a Celery ``app``: one ``slip.segment`` message on the model
+    queue, sent by name (the sender needs no task code), ridden through broker blips (about a minute). A chunk
+    sent again goes ahead of every first send, so a dead worker's images do not wait behind the job's window."""
 
-    def publish(request: SegmentRequest, task_id: str) -> None:
+    def publish(request: SegmentRequest, task_id: str, again: bool) -> None:
         try:
             app.send_task("slip.segment", kwargs={"request": request.model_dump(mode="json")}, task_id=task_id,
-                          queue=MODEL_QUEUE, kwargsrepr=_describe(request), retry=True, retry_policy=SEND_RETRY)
+                          queue=MODEL_QUEUE, priority=SENT_AGAIN if again else FIRST_SEND,
+                          kwargsrepr=_describe(request), retry=True, retry_policy=SEND_RETRY)
         except (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise BrokerError(f"cannot reach Redis at {app.conf.broker_url} to send job {request.job_id} chunk "
                               f"{request.chunk}: {e}; the cluster sends it again once Redis is back") from e

@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 
 from slip.outputs import decode_rle
 from slip.request import ModelRef, resolve
+from worker.broker import queue_lists
 from worker.jobs import SegmentParams, SegmentRequest
 from worker.ledger import done_prefix
 
@@ -253,7 +254,7 @@ def test_the_in_flight_window_bounds_what_is_sent(worker, client, tmp_path):
         while not stop.is_set():
             if job_ids:
                 view = client.board.view(job_ids[0])
-                seen.append((len(view.sent), broker.llen("gpu")))
+                seen.append((len(view.sent), sum(broker.llen(name) for name in queue_lists("gpu"))))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)

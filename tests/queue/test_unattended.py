@@ -303,7 +303,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent = []
 
-    def __call__(self, request, task_id: str) -> None:
+    def __call__(self, request, task_id: str, again: bool) -> None:
         self.sent.append((request, task_id))
 
 

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from worker.broker import queue_lists
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
 from queue_helpers import (  # noqa: E402
     REDIS_HOST,
@@ -162,7 +164,7 @@ def test_bad_requests_fail_once_on_the_worker_with_the_reason(sam_worker):
     time.sleep(1.0)  # nothing comes back: not queued again, not held unacknowledged, not retried
     broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
     try:
-        assert broker.llen("gpu") == 0 and broker.hlen("unacked") == 0
+        assert sum(broker.llen(name) for name in queue_lists("gpu")) == 0 and broker.hlen("unacked") == 0
     finally:
         broker.close()
     log = sam_worker["log"].read_text(errors="replace")
