@@ -168,8 +168,7 @@ class Chaos:
             else:
                 pids = worker.kill_pool()
         self.kills.append({"t": round(time.monotonic() - self._start, 2), "at": time.time(), "kind": kind,
-                           "worker": worker.name,
-                           "pids": pids, "mid_task": chunk is not None, "chunk": chunk})
+                           "worker": worker.name, "pids": pids, "mid_task": chunk is not None, "chunk": chunk})
 
     def _restart_redis(self) -> None:
         down = self.rng.uniform(*self.plan.redis_down)
