@@ -47,8 +47,7 @@ def _coco_rles(masks: torch.Tensor | np.ndarray) -> list[dict]:
     """pycocotools RLEs (``counts`` as bytes) of ``(N, H, W)`` masks. pycocotools reads an ``(H, W, N)`` uint8
     array in Fortran order, which is the ``(N, W, H)`` C-order array: one transposing copy (torch's), no other."""
     if not isinstance(masks, torch.Tensor):
-        array = np.asarray(masks)
-        return mask_utils.encode(np.asfortranarray(array.transpose(1, 2, 0).astype(np.uint8))) if len(array) else []
+        masks = torch.from_numpy(np.ascontiguousarray(masks))
     if len(masks) == 0:
         return []
     columns = masks.detach().cpu().transpose(1, 2).contiguous().numpy()  # (N, W, H): each mask column by column
@@ -66,14 +65,6 @@ def decode_rle(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
         return np.zeros((0, height, width), dtype=bool)
     coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
     return mask_utils.decode(coded).transpose(2, 0, 1).astype(bool)
-
-
-def rle_boxes(rles: Sequence[dict]) -> list[list[float]]:
-    """COCO ``[x, y, w, h]`` boxes of RLEs (``pycocotools.mask.toBbox``)."""
-    if not rles:
-        return []
-    coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
-    return [[float(v) for v in box] for box in mask_utils.toBbox(coded)]
 
 
 def segment_records(segments: MaskSet) -> list[dict]:

@@ -46,8 +46,9 @@ def holdings(client: redis.Redis, queues: tuple[str, ...]) -> Holdings:
     """The task ids in ``queues`` and in the unacked hash (two round trips; bounded by the in-flight
     windows of the running jobs, since producers never flood the queue)."""
     pipe = client.pipeline()
-    for name in (name for queue in queues for name in queue_lists(queue)):
-        pipe.lrange(name, 0, -1)
+    for queue in queues:
+        for name in queue_lists(queue):
+            pipe.lrange(name, 0, -1)
     pipe.hgetall(UNACKED)
     pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
     *lists, unacked, index = pipe.execute()
