@@ -12,35 +12,23 @@
 # user `slip`.
 FROM python:3.11-slim
 
-# torch pair: the default PyPI wheels are CUDA builds; pass e.g.
-# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 to pick another CUDA line.
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
-ARG TORCH_INDEX_URL=
-ARG SLIP_UID=1000
-
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# libglib2.0-0: needed by opencv-python-headless (SAM's small-region post-processing)
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libglib2.0-0 \
- && rm -rf /var/lib/apt/lists/*
-
-# torch first, in its own layer: it is by far the largest and changes least often
-RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
+# Every package comes from the lock requirements/runtime.txt (the project and its s3 extra, hash-checked,
+# the same versions CI tests against; `bash scripts/lock.sh` refreshes it): nothing is resolved at build.
+# torch is the pinned CUDA build from PyPI (Linux x86_64 wheels bundle the CUDA runtime).
+COPY requirements/uv.txt requirements/runtime.txt requirements/torch.txt /tmp/req/
+RUN pip install --require-hashes --no-deps -r /tmp/req/uv.txt \
+ && uv pip install --system --require-hashes --no-deps -r /tmp/req/runtime.txt \
+ && rm -rf /root/.cache
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY slip ./slip
 COPY worker ./worker
 COPY producer ./producer
+COPY jobs ./jobs
 # the s3 extra (s3fs) lets SLIP_STORE be s3://bucket/prefix: AWS S3 or any S3-compatible store through
 # AWS_ENDPOINT_URL; credentials come from the AWS_* variables or an instance role, never from the image
-RUN pip install ".[s3]" \
+RUN uv pip install --system --no-deps . \
  && python -c "import slip, worker, producer, s3fs"
 
 # non-root user; the volume mount points are created owned by it so that fresh named volumes inherit

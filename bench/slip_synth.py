@@ -36,7 +36,8 @@ import torch
 from slip.data.synth import CLASS_NAMES, generate_dataset
 from slip.evaluate import evaluate_rankers, format_table
 from slip.report import report_from_runs
-from slip.request import SegmentOptions, chain_text, resolve_proposals
+from slip.options import SegmentOptions
+from slip.request import chain_text, resolve_proposals
 from slip.sam import recommended_filters, recommended_generator_params
 
 RESULTS = Path(__file__).parent / "results" / "slip_synth.json"
@@ -75,7 +76,7 @@ def main() -> int:
     oracle, sam = (runs[k].summary["plain"]["accuracy"] for k in ("oracle", "sam"))
     print(f"\nobject-level accuracy: full SLIP (SAM proposals) {sam:.1%} vs oracle proposals {oracle:.1%} (target >= 80 %); "
           f"{seconds['sam'] / a.composites * 1000:.0f} ms per composite with SAM; report: {report}")
-    resolved = resolve_proposals(SegmentOptions(filters=a.filters), sam_spec=a.sam,
+    resolved = resolve_proposals(SegmentOptions.parse({"filters": a.filters}), sam_spec=a.sam,
                                  sam_generator=recommended_generator_params(a.sam), sam_filters=recommended_filters(a.sam))
     record = {
         "command": "python -m bench.slip_synth " + " ".join(sys.argv[1:]),

@@ -3,5 +3,5 @@
 # (a Celery worker against Redis, a submitted batch, progress, results and an HTML gallery).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/slip demo --out "${DEMO_OUT:-demo-out}" "$@"

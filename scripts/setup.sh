@@ -1,41 +1,58 @@
 #!/usr/bin/env bash
-# Idempotent set-up of a fresh machine: Debian packages, the venv with torch and the project, Redis.
+# Idempotent set-up of a fresh machine from the locks in requirements/ (nothing is resolved here):
+#
+#   bash scripts/setup.sh          # everything the tests need (what scripts/test.sh and CI run)
+#   bash scripts/setup.sh demo     # only what the demo needs (no browser, no docker-compose)
+#
+# 1. Debian packages: redis-server (the broker); for the tests also docker-compose (validates
+#    docker-compose.yml) and chromium (renders the gallery, report and dashboard pages in their tests).
+# 2. uv (pinned, hash-checked, requirements/uv.txt) into .venv-uv/, then the venv .venv synced exactly to
+#    requirements/dev.txt (hash-checked) and the project installed editable on top. torch comes from
+#    $SLIP_FIND_LINKS (default /opt/pypi-more/files, where this kind of machine keeps the pinned wheels)
+#    when that folder exists, else from PyPI: the hashes are the same.
+# 3. Redis at 127.0.0.1:6379, started here if nothing answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=${1:-test}
 PY=${PYTHON:-python3}
 VENV=${SLIP_VENV:-.venv}
+UV_HOME=${SLIP_UV_HOME:-.venv-uv}
+FIND_LINKS=${SLIP_FIND_LINKS:-/opt/pypi-more/files}
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+t0=$(date +%s)
 
-# 1. Debian packages: redis (the broker), docker-compose (validates docker-compose.yml in the tests),
-#    chromium (renders the HTML report in its test)
+# 1. Debian packages
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
-command -v docker-compose >/dev/null || missing+=(docker-compose)
-command -v chromium >/dev/null || missing+=(chromium)
+if [ "$MODE" != demo ]; then
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  command -v chromium >/dev/null || missing+=(chromium)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. Python: venv, torch first (the pinned pair), then the project with its dev and s3 extras
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+# 2. Python, from the locks
+if [ ! -x "$UV_HOME/bin/uv" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check --require-hashes --no-deps --target "$UV_HOME" \
+      -r requirements/uv.txt 2>&1 | grep -v -e "is ignored" -e "Running pip as" || true
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
-  echo "setup: installing torch 2.14.1 + torchvision 0.29.1"
-  "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
-fi
-"$VENV/bin/pip" install -q -e '.[dev,s3]' 2>&1 | grep -v "is ignored" || true
+UV="$UV_HOME/bin/uv"
+[ -x "$VENV/bin/python" ] || "$UV" venv -q --python "$PY" "$VENV"
+links=(); [ -d "$FIND_LINKS" ] && links=(--find-links "$FIND_LINKS")
+SAM2_BUILD_CUDA=0 "$UV" pip sync -q --python "$VENV/bin/python" --require-hashes "${links[@]}" \
+    --build-constraint requirements/torch.txt requirements/dev.txt
+"$UV" pip install -q --python "$VENV/bin/python" --no-deps -e .
 "$VENV/bin/python" -c "import slip, worker, producer" || { echo "setup: the project does not import" >&2; exit 1; }
 
-# 3. Redis at 127.0.0.1:6379 (started here if nothing answers)
+# 3. Redis at 127.0.0.1:6379
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "setup: starting redis-server on 127.0.0.1:6379"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "setup: Redis does not answer on 127.0.0.1:6379" >&2; exit 1; }
-echo "setup: ready ($VENV, Redis at 127.0.0.1:6379)"
+echo "setup: ready in $(( $(date +%s) - t0 )) s ($VENV from requirements/dev.txt, Redis at 127.0.0.1:6379)"

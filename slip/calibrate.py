@@ -30,8 +30,6 @@ below it (on ties in F1 the higher threshold wins: fewer false matches).
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -40,13 +38,12 @@ import numpy as np
 
 from slip.data.composites import TILES, Composite, CompositeSource
 from slip.errors import ConfigError, DatasetError
+from slip.threshold import METRIC, THRESHOLD_FILE, read_threshold, write_threshold  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # the evaluation machinery is imported when used: read_threshold stays light
     from slip.evaluate import Proposer
     from slip.rankers.base import Ranker
 
-THRESHOLD_FILE = "threshold.json"
-METRIC = "f1"
 
 
 @dataclass(frozen=True)
@@ -150,44 +147,6 @@ def best_threshold(probes: Sequence[Probe]) -> OperatingPoint:
 # --- threshold.json --------------------------------------------------------------------------------------
 
 
-def read_threshold(directory: Path, *, ranker_sha256: str | None = None) -> float | None:
-    """The calibrated threshold in ``directory/threshold.json``; None when there is no such file.
-
-    ConfigError naming the file when it is malformed (not JSON, no numeric ``threshold`` in [-1, 1]),
-    or, given ``ranker_sha256``, when the file records other weights (a stale calibration).
-    """
-    path = Path(directory) / THRESHOLD_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): re-run `slip calibrate --write` "
-                          f"or delete it") from e
-    value = data.get("threshold") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-        raise ConfigError(f"{path} must hold {{\"threshold\": <number in [-1, 1]>, ...}}, got threshold={value!r}: "
-                          f"re-run `slip calibrate --write` or delete it")
-    recorded = data.get("ranker_sha256")
-    if ranker_sha256 is not None and recorded is not None and recorded != ranker_sha256:
-        raise ConfigError(f"{path} was calibrated for other weights (sha256 {recorded[:12]}..., these are "
-                          f"{ranker_sha256[:12]}...): re-run `slip calibrate --write` or delete it")
-    return float(value)
-
-
-def write_threshold(directory: Path, record: dict) -> Path:
-    """Write ``record`` (with a ``threshold`` in [-1, 1] and ``metric``) as ``directory/threshold.json``."""
-    value = record.get("threshold")
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not -1.0 <= value <= 1.0:
-        raise ConfigError(f"a threshold must be a number in [-1, 1], got {value!r}")
-    path = Path(directory) / THRESHOLD_FILE
-    try:
-        path.write_text(json.dumps({"threshold": float(value), "metric": METRIC, **record}, indent=2) + "\n")
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e}") from e
-    return path
-
-
 # --- several rankers on one dataset (slip calibrate) ------------------------------------------------------
 
 
@@ -281,3 +240,29 @@ def check_writable(directory: Path | None, spec: str, *, bundle: bool = False) -
 def save_calibration(calibration: Calibration, *, bundle: bool = False) -> Path:
     """Write ``threshold.json`` beside the ranker (see :func:`check_writable`)."""
     return write_threshold(check_writable(calibration.directory, calibration.spec, bundle=bundle), calibration.record)
+
+
+# --- on reviewed images (slip review, slip labels) ---------------------------------------------------------
+
+
+def calibrate_reviewed(labels: str | Path, spec: str, *, split: str = "train", heldout_split: str = "heldout",
+                       device: str = "auto", cache_dir: Path | None = None) -> Calibration:
+    """Pick ``spec``'s threshold on the reviewed images of a labels folder (:mod:`slip.review`): every
+    prompt of every image of ``split`` is a probe (present when the reviewer kept an object of it, hit when
+    its best segment among the job's proposals is that object); report it on ``heldout_split`` (when that
+    split has images, else on ``split`` itself)."""
+    from slip.rankers.loading import load_ranker_bundle
+    from slip.review import read_labels, score_reviewed
+
+    folder = read_labels(Path(labels))
+    bundle = load_ranker_bundle(spec, device=device, cache_dir=cache_dir)
+    fit = score_reviewed(bundle.ranker, folder, split=split)
+    point = best_threshold(fit.probes)
+    test_split = heldout_split if folder.split(heldout_split) else split
+    test = fit if test_split == split else score_reviewed(bundle.ranker, folder, split=test_split)
+    held = operating_point(test.probes, point.threshold)
+    setting = {"reviewed_labels": str(folder.root), "split": split, "images": fit.images,
+               "source": folder.review.get("source"), "job": folder.review.get("job")}
+    record = calibration_record(point, held, setting=setting, heldout={"split": test_split, "images": test.images},
+                                ranker=spec, ranker_sha256=bundle.ref.sha256)
+    return Calibration(spec, ranker_directory(spec, cache_dir), point, held, record)

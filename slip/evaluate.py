@@ -302,12 +302,14 @@ def sam_proposer(sam, *, device: str = "auto", cache_dir: Path | None = None, ge
     """
     from slip.filters import apply_filters, parse_filters
     from slip.generator import MaskGenerator
-    from slip.request import SegmentOptions, chain_text, resolve_proposals
+    from slip.options import SegmentOptions
+    from slip.request import chain_text, resolve_proposals
     from slip.sam import load_sam_bundle
 
     bundle = load_sam_bundle(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
-    options, chain = resolve_proposals(SegmentOptions(generator=generator or {}, filters=filters), sam_spec=bundle.ref.spec,
-                                       sam_generator=bundle.generator, sam_filters=bundle.filters)
+    explicit = SegmentOptions.parse({**(generator or {}), "filters": filters})
+    options, chain = resolve_proposals(explicit, sam_spec=bundle.ref.spec, sam_generator=bundle.generator,
+                                       sam_filters=bundle.filters)
     mask_generator = MaskGenerator(bundle.model, **options.to_json())
     chain = parse_filters(chain_text(chain))
     memo: dict[bytes, MaskSet] = {}

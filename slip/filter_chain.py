@@ -1,30 +1,25 @@
 """Filter chains as configuration: which annotation filters run, with which parameters.
 
 A chain is written ``"containment:0.8,min_area:50,disjoint"`` (:func:`parse_filters`). Each filter is a
-small frozen dataclass holding its parameters (defaults, range checks, ``params()``); calling one on a
-:class:`slip.types.MaskSet` runs its implementation in :mod:`slip.filters`. This module imports no model
+small frozen dataclass holding its parameters (defaults, range checks, ``params()``); its implementation
+lives in :mod:`slip.filters` (``run_filter(spec, maskset)``). This module imports no model
 code, so the producer can check a job's chain, and status can read a job's manifest, without torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 from slip.errors import ConfigError
 
-if TYPE_CHECKING:
-    from slip.types import MaskSet
-
 
 class Filter(Protocol):
-    """What :func:`slip.filters.apply_filters` expects of a filter."""
+    """A filter's parameters: what :func:`slip.filters.apply_filters` runs (its implementation lives there)."""
 
     name: str
 
     def params(self) -> dict: ...
-
-    def __call__(self, segments: "MaskSet") -> "MaskSet": ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,6 @@ class Containment:
     def params(self) -> dict:
         return asdict(self)
 
-    def __call__(self, segments: "MaskSet") -> "MaskSet":
-        return _run(self, segments)
 
 
 @dataclass(frozen=True)
@@ -79,8 +72,6 @@ class MinArea:
     def params(self) -> dict:
         return asdict(self)
 
-    def __call__(self, segments: "MaskSet") -> "MaskSet":
-        return _run(self, segments)
 
 
 @dataclass(frozen=True)
@@ -102,8 +93,6 @@ class Dedup:
     def params(self) -> dict:
         return asdict(self)
 
-    def __call__(self, segments: "MaskSet") -> "MaskSet":
-        return _run(self, segments)
 
 
 @dataclass(frozen=True)
@@ -120,14 +109,6 @@ class Disjoint:
     def params(self) -> dict:
         return {}
 
-    def __call__(self, segments: "MaskSet") -> "MaskSet":
-        return _run(self, segments)
-
-
-def _run(spec: Filter, segments: "MaskSet") -> "MaskSet":
-    from slip.filters import run_filter  # the implementation needs torch; the parameters do not
-
-    return run_filter(spec, segments)
 
 
 # --- parsing ----------------------------------------------------------------------------------------

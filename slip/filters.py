@@ -7,8 +7,8 @@ separate out the intersecting segments without losing any relevant information".
 then the largest segment is dropped as background.
 
 Every filter is a small frozen dataclass with a ``name`` and ``params()`` (JSON-serialisable), defined
-with its parameters in :mod:`slip.filter_chain` (re-exported here, with :func:`parse_filters`); calling it
-on a MaskSet runs its implementation here, which keeps the surviving rows in their original order on
+with its parameters in :mod:`slip.filter_chain` (re-exported here, with :func:`parse_filters`);
+:func:`run_filter` runs its implementation here on a MaskSet, which keeps the surviving rows in their original order on
 the input's device. :func:`apply_filters` runs a sequence and records a :class:`~slip.types.FilterStat`
 per filter.
 
@@ -194,6 +194,6 @@ def apply_filters(segments: MaskSet, filters: Sequence[Filter]) -> tuple[MaskSet
     stats = []
     for f in filters:
         before = len(segments)
-        segments = f(segments)
+        segments = run_filter(f, segments)
         stats.append(FilterStat(name=f.name, params=f.params(), before=before, removed=before - len(segments)))
     return segments, tuple(stats)

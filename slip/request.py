@@ -1,6 +1,7 @@
 """The resolved request: every setting that shapes a result, resolved once, as a frozen value.
 
-A request (:class:`SegmentOptions`) holds only what the user gave explicitly. :func:`resolve` meets it with
+A request (:class:`slip.options.SegmentOptions`, the one declaration of the options) holds only what the
+user gave explicitly (``None`` = not given). :func:`resolve` meets it with
 the loaded models (:class:`slip.sam.SamBundle`, :class:`slip.rankers.loading.RankerBundle`) and is the
 **only** place where the precedence of options is written:
 
@@ -26,14 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from slip.errors import ConfigError
+from slip.options import GeneratorOptions, SegmentOptions
 
 PAPER_FILTERS = "containment"  # the SLIP paper's filter chain: used when neither the user nor the checkpoint says
-INSTANCE_MODES = ("one", "all")  # one: the paper's argmax per prompt; all: every segment above the threshold
 DTYPES = ("fp32", "bf16", "fp16")  # compute precision (autocast over fp32 weights)
 
 
@@ -48,44 +48,6 @@ def digest(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class GeneratorOptions:
-    """The output-changing options of SAM's automatic mask generator, with SAM's defaults."""
-
-    points_per_side: int = 32  # point grid side: points_per_side**2 point prompts per image
-    pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU exceeds this
-    stability_score_thresh: float = 0.95  # keep masks whose stability score reaches this
-    stability_score_offset: float = 1.0  # logit offset used by the stability score
-    box_nms_thresh: float = 0.7  # box IoU above which the lower-scored mask is dropped (1.0 = no NMS)
-    crop_n_layers: int = 0  # extra layers of image crops (0 = the whole image only)
-    crop_nms_thresh: float = 0.7  # box IoU for duplicates between crops
-    crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, fraction of the crop side
-    crop_n_points_downscale_factor: int = 1  # point grid shrink per crop layer
-    min_mask_region_area: int = 0  # holes and islands under this many pixels are removed (0 = off)
-
-    @staticmethod
-    def names() -> tuple[str, ...]:
-        return tuple(f.name for f in fields(GeneratorOptions))
-
-    def merged(self, overrides: Mapping[str, Any], *, source: str) -> "GeneratorOptions":
-        """These options with ``overrides`` applied; ConfigError naming ``source`` for an unknown name
-        or a value of the wrong type."""
-        known = {f.name: f.type for f in fields(self)}
-        for name, value in overrides.items():
-            if name not in known:
-                raise ConfigError(f"{source}: {name!r} is not a mask generator option "
-                                  f"(expected some of {', '.join(known)})")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
-            if known[name] == "int" and float(value) != int(value):
-                raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
-        cast = {n: (int(v) if known[n] == "int" else float(v)) for n, v in overrides.items()}
-        return replace(self, **cast)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class CropSpec:
     """How each segment is cut out for the ranker (mirrors :class:`slip.crops.CropConfig`)."""
 
@@ -95,20 +57,6 @@ class CropSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """What a request gives explicitly; everything left unset is resolved by :func:`resolve`."""
-
-    generator: Mapping[str, Any] = field(default_factory=dict)  # mask generator options given explicitly
-    filters: str | None = None  # filter chain, e.g. "containment:0.8,min_area:50"; None = the SAM's, else the paper's
-    crop: CropSpec = CropSpec()  # segment crops for the ranker
-    top_k: int = 5  # candidates listed per prompt
-    threshold: float | tuple[float | None, ...] | None = None  # one value, or one per prompt; None = calibrated
-    calibrated: bool = True  # without an explicit threshold, use the ranker's threshold.json (False: no threshold)
-    instances: str = "one"  # one: the best segment per prompt; all: every segment above the threshold
-    one_to_one: bool = False  # two prompts never share a segment (Hungarian assignment)
 
 
 @dataclass(frozen=True)
@@ -190,21 +138,17 @@ def resolve(options: SegmentOptions, *, sam: ModelRef, sam_generator: Mapping[st
 
     ``sam_generator`` / ``sam_filters``: the SAM checkpoint's generator.json options and filters.json chain
     ({} / None when it has none); ``ranker_threshold``: the ranker's threshold.json value (None if none).
-    Raises ConfigError for an invalid option, naming where it came from.
+    Raises ConfigError for an invalid recommendation, naming where it came from (the options themselves were
+    validated by their declaration).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if options.instances not in INSTANCE_MODES:
-        raise ConfigError(f"instances must be one of {', '.join(INSTANCE_MODES)}, got {options.instances!r}")
-    if options.top_k < 0:
-        raise ConfigError(f"top_k must be >= 0, got {options.top_k}")
     generator, filters = resolve_proposals(options, sam_spec=sam.spec, sam_generator=sam_generator,
                                            sam_filters=sam_filters)
+    crop = CropSpec(background=options.crop_background, padding=options.crop_padding, square=options.square)
     return ResolvedRequest(
-        sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=filters,
-        crop=options.crop, top_k=options.top_k,
-        threshold=_threshold(options, ranker_threshold), instances=options.instances,
-        one_to_one=options.one_to_one,
+        sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=filters, crop=crop, top_k=options.top_k,
+        threshold=_threshold(options, ranker_threshold), instances=options.instances, one_to_one=options.one_to_one,
     )
 
 
@@ -214,7 +158,7 @@ def resolve_proposals(options: SegmentOptions, *, sam_spec: str, sam_generator: 
     (for code that only proposes segments, such as evaluation with SAM proposals)."""
     generator = (GeneratorOptions()
                  .merged(sam_generator, source=f"generator.json of SAM {sam_spec}")
-                 .merged(options.generator, source="the request's generator options"))
+                 .merged(options.generator_overrides(), source="the request's generator options"))
     chain = options.filters if options.filters is not None else (sam_filters or PAPER_FILTERS)
     return generator, canonical_filters(chain)
 
@@ -238,11 +182,9 @@ def _threshold(options: SegmentOptions, calibrated: float | None) -> float | tup
     explicit = options.threshold
     if explicit is None:
         return calibrated if options.calibrated else None
-    values = explicit if isinstance(explicit, tuple) else (explicit,)
-    for value in values:
-        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
-            raise ConfigError(f"threshold {value!r} is not a cosine similarity in [-1, 1]")
-    return tuple(None if v is None else float(v) for v in explicit) if isinstance(explicit, tuple) else float(explicit)
+    if isinstance(explicit, tuple):
+        return tuple(None if v is None else float(v) for v in explicit)
+    return float(explicit)
 
 
 def _text(value: Any) -> str:

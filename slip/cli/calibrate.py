@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from slip.cli.common import cache_dir_from_env, user_errors
+from slip.cli.common import user_errors
+from slip.settings import ModelSettings, configure_logging, model_flag
+
+USES = ("sam", "device", "cache_dir", "log_level")
 
 
 def calibrate(
     dataset: Path = typer.Argument(..., help="Labelled image folder (one sub-directory per class, >= 5 classes)."),
     ranker: List[str] = typer.Option(..., "--ranker", "-r", help="Ranker spec to calibrate; repeat for several."),
-    sam: str = typer.Option("synth", help="SAM spec of the proposals (--proposals sam)."),
+    sam: Optional[str] = model_flag("sam"),
     proposals: str = typer.Option("sam", help="sam (SAM + its filters, as in use) | oracle (known segments + distractors)."),
     composites: int = typer.Option(200, help="2x2 composites to calibrate on (and as many held out)."),
     absent_fraction: float = typer.Option(0.5, help="Share of the queries that name a class absent from the composite."),
@@ -28,7 +32,7 @@ def calibrate(
     out_json: Optional[Path] = typer.Option(None, "--out-json", help="Write every ranker's calibration here."),
     write: bool = typer.Option(False, "--write", help="Write threshold.json beside each ranker."),
     bundle: bool = typer.Option(False, "--bundle", help="Allow --write into a ranker bundled with the package."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    device: Optional[str] = model_flag("device"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Pick the similarity threshold of each ranker that maximises the F1 of "the object is present (and
@@ -36,12 +40,14 @@ def calibrate(
     from slip.calibrate import calibrate_rankers, check_writable, ranker_directory, save_calibration
 
     with user_errors():
+        models = ModelSettings.from_env(os.environ, USES, sam=sam, device=device)
+        configure_logging(models.log_level)
         for spec in ranker if write else ():  # refuse before the (long) calibration, not after it
-            check_writable(ranker_directory(spec, cache_dir_from_env()), spec, bundle=bundle)
+            check_writable(ranker_directory(spec, models.cache_dir), spec, bundle=bundle)
         runs = calibrate_rankers(dataset, ranker, composites=composites, seed=seed, split=split, split_seed=split_seed,
                                  heldout=heldout, caption_template=caption_template, tile_size=tile_size,
-                                 proposals=proposals, sam=sam, absent_fraction=absent_fraction, device=device,
-                                 cache_dir=cache_dir_from_env(), progress=not quiet)
+                                 proposals=proposals, sam=models.sam, absent_fraction=absent_fraction,
+                                 device=models.device, cache_dir=models.cache_dir, progress=not quiet)
         typer.echo(_table(runs))
         if out_json is not None:
             out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,10 @@ def user_errors() -> Iterator[None]:
 
 
 def cache_dir_from_env() -> Path | None:
-    """``$SLIP_CACHE`` as a path, read at the CLI edge."""
-    value = os.environ.get("SLIP_CACHE")
-    return Path(value).expanduser() if value else None
+    """``$SLIP_CACHE`` as a path, read at the CLI edge (through :class:`slip.settings.ModelSettings`)."""
+    from slip.settings import ModelSettings
+
+    return ModelSettings.from_env(os.environ, ("cache_dir",)).cache_dir
 
 
 SYNTH_SPEC = "synth"
@@ -46,10 +47,3 @@ def synth_warning(*specs: str) -> None:
     """One line on stderr when any of the model ``specs`` is the bundled synthetic-world model."""
     if SYNTH_SPEC in specs:
         typer.echo(f"warning: {SYNTH_WARNING}", err=True)
-
-
-def thresholds(values: list[float] | None) -> float | tuple[float, ...] | None:
-    """``--threshold`` given once -> one value; several times -> one per prompt; never -> None."""
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)

@@ -153,3 +153,54 @@ def test_instances_all_and_per_prompt_thresholds(images, tmp_path):
     assert len(everything["instances"]) >= 1 and nothing["instances"] == [] and nothing["threshold"] == 1.0
     assert "'b' -> not found" in result.output
     assert not np.asarray(Image.open(out / images[0].stem / "mask_1.png")).any()
+
+
+# --- one configuration: the SLIP_* settings apply to slip segment as to the workers -------------------------
+
+
+def test_the_model_settings_come_from_the_environment(images, tmp_path):
+    """SLIP_SAM / SLIP_CLIP / SLIP_DEVICE are this command's defaults too (they were ignored: vit_b was loaded)."""
+    out = tmp_path / "out"
+    env = {"SLIP_SAM": "synth", "SLIP_CLIP": "synth", "SLIP_DEVICE": "cpu"}
+    result = CliRunner().invoke(build_app(), ["segment", str(images[0]), "--prompt", "circle", "--out", str(out)],
+                                env=env)
+    assert result.exit_code == 0, result.output
+    request = json.loads((out / images[0].stem / "segments.json").read_text())["request"]
+    assert (request["sam"]["spec"], request["ranker"]["spec"]) == ("synth", "synth")
+    flagged = CliRunner().invoke(build_app(), ["segment", str(images[0]), "--prompt", "circle", "--out", str(out),
+                                               "--clip", "tiny-random"], env=env)
+    assert flagged.exit_code == 0, flagged.output  # a flag wins over its variable
+    assert json.loads((out / images[0].stem / "segments.json").read_text())["request"]["ranker"]["spec"] == "tiny-random"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_asked_for_by_the_environment_is_one_line_naming_the_variable(images, tmp_path):
+    """SLIP_DEVICE=cuda:0 on a machine without a GPU ran on the CPU silently; now one line, exit 2."""
+    result = CliRunner().invoke(build_app(), ["segment", str(images[0]), "--prompt", "x", "--out", str(tmp_path)],
+                                env={"SLIP_SAM": "tiny-random", "SLIP_CLIP": "tiny-random", "SLIP_DEVICE": "cuda:0"})
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no CUDA GPU" in errors[0] and "SLIP_DEVICE=cpu" in errors[0]
+
+
+def test_a_bad_variable_names_itself_and_an_unused_one_is_ignored(images, tmp_path):
+    args = ["segment", str(images[0]), "--prompt", "x", "--out", str(tmp_path / "o"), *TINY]
+    bad = CliRunner().invoke(build_app(), args[:-len(TINY)] + ["--sam", "tiny-random", "--clip", "tiny-random"],
+                             env={"SLIP_DEVICE": "gpu"})
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1] == (
+        "error: --device / SLIP_DEVICE='gpu' is invalid: expected auto | cpu | cuda | cuda:N | mps")
+    unused = CliRunner().invoke(build_app(), args, env={"SLIP_DEVICE": "gpu", "SLIP_BROKER_URL": "http://nope",
+                                                        "SLIP_VISIBILITY_TIMEOUT": "1"})
+    assert unused.exit_code == 0, unused.output  # --device given; broker settings are not this command's
+
+
+@pytest.mark.parametrize("level, shown", [("INFO", True), ("WARNING", False)])
+def test_slip_log_level_applies(images, tmp_path, level, shown):
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer", "segment", str(images[0]), "--prompt", "x", "--out", str(tmp_path / "o"),
+         *TINY], capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "SLIP_LOG_LEVEL": level})
+    assert proc.returncode == 0, proc.stderr
+    startup = [line for line in proc.stderr.splitlines() if line.startswith("INFO slip.segment: sam tiny-random")]
+    assert bool(startup) is shown, proc.stderr

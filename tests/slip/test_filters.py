@@ -19,6 +19,7 @@ from slip.filters import (
     default_filters,
     pairwise_intersections,
     parse_filters,
+    run_filter,
     tight_boxes,
 )
 from slip.types import MaskSet
@@ -161,7 +162,7 @@ def test_paper_containment_keeps_whole_objects_and_drops_background():
 
 
 def test_child_containment_keeps_parts_and_drops_their_parents():
-    out = Containment(keep="child")(make_set(scene()))
+    out = run_filter(Containment(keep="child"), make_set(scene()))
     assert ids(out) == [0, 4]  # the part of A and the speck in B; A, B and the background are gone
 
 
@@ -169,33 +170,33 @@ def test_threshold_is_a_fraction_of_the_smaller_area():
     big = rect(SIZE, SIZE, 0, 0, 10, 10)
     half_in = rect(SIZE, SIZE, 0, 5, 4, 15)  # 40 px, 20 of them inside big
     masks = torch.stack([big, half_in])
-    assert ids(Containment(threshold=0.6, drop_largest=False)(make_set(masks))) == [0, 1]
-    assert ids(Containment(threshold=0.4, drop_largest=False)(make_set(masks))) == [0]
+    assert ids(run_filter(Containment(threshold=0.6, drop_largest=False), make_set(masks))) == [0, 1]
+    assert ids(run_filter(Containment(threshold=0.4, drop_largest=False), make_set(masks))) == [0]
 
 
 def test_whole_image_mask_with_keep_parent_swallows_everything():
     """Documented hazard of the paper's filter: a full-frame proposal contains every object."""
     masks = torch.cat([torch.ones((1, SIZE, SIZE), dtype=torch.bool), scene()[[2, 3]]])
-    assert len(Containment()(make_set(masks))) == 0
-    assert ids(Containment(keep="child", drop_largest=False)(make_set(masks))) == [1, 2]
+    assert len(run_filter(Containment(), make_set(masks))) == 0
+    assert ids(run_filter(Containment(keep="child", drop_largest=False), make_set(masks))) == [1, 2]
 
 
 def test_single_segment_is_the_background():
-    assert len(Containment()(make_set(scene()[[2]]))) == 0
-    assert len(Containment(drop_largest=False)(make_set(scene()[[2]]))) == 1
+    assert len(run_filter(Containment(), make_set(scene()[[2]]))) == 0
+    assert len(run_filter(Containment(drop_largest=False), make_set(scene()[[2]]))) == 1
 
 
 @FAST
 @given(mask_sets(), st.sampled_from([0.0, 0.5, 0.8, 1.0]), st.sampled_from(["parent", "child"]), st.booleans())
 def test_containment_removes_exactly_what_brute_force_says(segments, threshold, keep, drop_largest):
-    out = Containment(threshold=threshold, keep=keep, drop_largest=drop_largest)(segments)
+    out = run_filter(Containment(threshold=threshold, keep=keep, drop_largest=drop_largest), segments)
     assert ids(out) == reference_containment(segments.masks, threshold, keep, drop_largest)
 
 
 @FAST
 @given(mask_sets(), st.sampled_from([0.5, 0.8]))
 def test_keep_parent_invariants(segments, threshold):
-    out = Containment(threshold=threshold, drop_largest=False)(segments)
+    out = run_filter(Containment(threshold=threshold, drop_largest=False), segments)
     inter, kept = brute_intersections(segments.masks), set(ids(out))
     areas = np.diag(inter)
     for i in range(len(segments)):
@@ -207,8 +208,8 @@ def test_keep_parent_invariants(segments, threshold):
 @FAST
 @given(mask_sets())
 def test_drop_largest_twice_drops_the_next_largest(segments):
-    once = Containment()(segments)
-    twice = Containment()(once)
+    once = run_filter(Containment(), segments)
+    twice = run_filter(Containment(), once)
     if len(once) == 0:
         assert len(twice) == 0
         return
@@ -222,18 +223,18 @@ def test_drop_largest_twice_drops_the_next_largest(segments):
 
 def test_min_area_keeps_exactly_the_threshold():
     masks = torch.stack([rect(SIZE, SIZE, 0, 0, 3, 3), rect(SIZE, SIZE, 0, 0, 2, 5), rect(SIZE, SIZE, 0, 0, 1, 1)])
-    assert ids(MinArea(9)(make_set(masks))) == [0, 1]  # 9 px and 10 px
-    assert ids(MinArea(10)(make_set(masks))) == [1]
-    assert ids(MinArea(1)(make_set(masks))) == [0, 1, 2]
+    assert ids(run_filter(MinArea(9), make_set(masks))) == [0, 1]  # 9 px and 10 px
+    assert ids(run_filter(MinArea(10), make_set(masks))) == [1]
+    assert ids(run_filter(MinArea(1), make_set(masks))) == [0, 1, 2]
 
 
 def test_dedup_keeps_the_better_scored_duplicate():
     a = rect(SIZE, SIZE, 0, 0, 10, 10)
     near = rect(SIZE, SIZE, 0, 0, 10, 9)  # IoU 0.9 exactly: not above 0.9, kept
     other = rect(SIZE, SIZE, 12, 12, 16, 16)
-    out = Dedup(0.9)(make_set(torch.stack([a, a.clone(), near, other]), scores=[0.7, 0.95, 0.8, 0.1]))
+    out = run_filter(Dedup(0.9), make_set(torch.stack([a, a.clone(), near, other]), scores=[0.7, 0.95, 0.8, 0.1]))
     assert ids(out) == [1, 2, 3]  # the copy with predicted_iou 0.95 beats the original
-    assert ids(Dedup(0.85)(make_set(torch.stack([a, near]), scores=[0.7, 0.8]))) == [1]
+    assert ids(run_filter(Dedup(0.85), make_set(torch.stack([a, near]), scores=[0.7, 0.8]))) == [1]
 
 
 def test_disjoint_hand_case():
@@ -248,7 +249,7 @@ def test_disjoint_hand_case():
 @FAST
 @given(mask_sets())
 def test_disjoint_partitions_the_union_by_score(segments):
-    out = Disjoint()(segments)
+    out = run_filter(Disjoint(), segments)
     assert int(out.masks.long().sum(0).max()) <= 1 if len(out) else True  # pairwise disjoint
     union_in = segments.masks.any(0) if len(segments) else torch.zeros((SIZE, SIZE), dtype=torch.bool)
     union_out = out.masks.any(0) if len(out) else torch.zeros((SIZE, SIZE), dtype=torch.bool)
@@ -264,8 +265,8 @@ def test_disjoint_partitions_the_union_by_score(segments):
 @FAST
 @given(mask_sets(), st.sampled_from(IDEMPOTENT))
 def test_filters_are_idempotent(segments, f):
-    once = f(segments)
-    assert same(f(once), once)
+    once = run_filter(f, segments)
+    assert same(run_filter(f, once), once)
 
 
 @FAST
@@ -274,7 +275,7 @@ def test_stats_count_what_each_filter_removed(segments, filters):
     out, stats = apply_filters(segments, filters)
     expected, current = [], segments
     for f in filters:
-        nxt = f(current)
+        nxt = run_filter(f, current)
         expected.append((f.name, len(current), len(current) - len(nxt)))
         current = nxt
     assert [(s.name, s.before, s.removed) for s in stats] == expected
@@ -292,9 +293,9 @@ def test_empty_input(f):
 @pytest.mark.parametrize("f", IDEMPOTENT + [Containment()], ids=repr)
 def test_cuda_matches_cpu(f):
     segments = make_set(scene())
-    out_gpu = f(segments.to("cuda"))
+    out_gpu = run_filter(f, segments.to("cuda"))
     assert out_gpu.masks.device.type == "cuda"
-    assert same(out_gpu.to("cpu"), f(segments))
+    assert same(out_gpu.to("cpu"), run_filter(f, segments))
 
 
 # --- parsing ----------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from slip.rankers.hf_clip import build_tiny_clip, save_hf_clip
 from slip.rankers.loading import load_ranker_bundle
 from slip.request import (
     PAPER_FILTERS,
-    CropSpec,
     GeneratorOptions,
     ModelRef,
     ResolvedRequest,
@@ -66,23 +65,29 @@ def test_generator_options_defaults_then_the_file_then_explicit():
     from_file = plain(generator=recommended).generator
     assert (from_file.points_per_side, from_file.pred_iou_thresh, from_file.stability_score_offset) == (16, 0.3, 0.25)
     assert from_file.stability_score_thresh == 0.95  # not in the file: SAM's default
-    explicit = plain(SegmentOptions(generator={"pred_iou_thresh": 0.5, "crop_n_layers": 1}), generator=recommended).generator
+    explicit = plain(SegmentOptions(**{"pred_iou_thresh": 0.5, "crop_n_layers": 1}), generator=recommended).generator
     assert (explicit.points_per_side, explicit.pred_iou_thresh, explicit.crop_n_layers) == (16, 0.5, 1)
-    assert isinstance(plain(SegmentOptions(generator={"points_per_side": 8.0})).generator.points_per_side, int)
+    assert isinstance(plain(SegmentOptions(**{"points_per_side": 8.0})).generator.points_per_side, int)
 
 
-@pytest.mark.parametrize("where", ["file", "explicit"])
 @pytest.mark.parametrize("bad, words", [({"points_per_batch": 8}, "not a mask generator option"),
                                         ({"points_per_side": "8"}, "must be a number"),
                                         ({"points_per_side": 8.5}, "must be an integer"),
                                         ({"box_nms_thresh": True}, "must be a number")])
-def test_a_bad_generator_option_is_a_config_error_naming_where_it_came_from(where, bad, words):
+def test_a_bad_generator_option_in_generator_json_is_a_config_error_naming_the_file(bad, words):
     with pytest.raises(ConfigError, match=words) as info:
-        if where == "file":
-            plain(generator=bad)
-        else:
-            plain(SegmentOptions(generator=bad))
-    assert ("generator.json of SAM vit_b" if where == "file" else "the request's generator options") in str(info.value)
+        plain(generator=bad)
+    assert "generator.json of SAM vit_b" in str(info.value)
+
+
+@pytest.mark.parametrize("bad, words", [({"points_per_batch": 8}, "points_per_batch: Extra inputs"),
+                                        ({"points_per_side": "eight"}, "points_per_side"),
+                                        ({"points_per_side": 8.5}, "points_per_side"),
+                                        ({"box_nms_thresh": 1.5}, "box_nms_thresh")])
+def test_a_bad_explicit_generator_option_is_refused_by_the_declaration(bad, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        SegmentOptions.parse(bad)
+    assert str(info.value).startswith("invalid SegmentOptions: ") and "\n" not in str(info.value)
 
 
 def test_filters_the_papers_then_the_file_then_explicit():
@@ -110,7 +115,7 @@ def test_thresholds_none_then_the_calibrated_file_then_explicit():
         plain(SegmentOptions(threshold=(0.1, 0.2, 0.3))).result_digest(PROMPTS)
     for bad in (1.5, -1.01, float("nan"), (0.1, 2.0)):
         with pytest.raises(ConfigError, match="cosine similarity"):
-            plain(SegmentOptions(threshold=bad))
+            plain(SegmentOptions.parse({"threshold": bad}))
 
 
 def test_the_proposals_part_is_resolved_by_the_same_rules():
@@ -118,7 +123,7 @@ def test_the_proposals_part_is_resolved_by_the_same_rules():
     from slip.request import resolve_proposals
 
     recommended = {"points_per_side": 16, "pred_iou_thresh": 0.3}
-    for options in (SegmentOptions(), SegmentOptions(generator={"points_per_side": 8}, filters="none"),
+    for options in (SegmentOptions(), SegmentOptions(**{"points_per_side": 8}, filters="none"),
                     SegmentOptions(filters="containment")):
         generator, filters = resolve_proposals(options, sam_spec="vit_b", sam_generator=recommended,
                                                sam_filters=KEEP_LARGEST)
@@ -128,12 +133,11 @@ def test_the_proposals_part_is_resolved_by_the_same_rules():
         resolve_proposals(SegmentOptions(), sam_spec="synth", sam_generator={"points": 2}, sam_filters=None)
 
 
-@pytest.mark.parametrize("options, words", [(SegmentOptions(instances="some"), "instances"),
-                                            (SegmentOptions(top_k=-1), "top_k"),
-                                            (SegmentOptions(), "dtype")])
+@pytest.mark.parametrize("options, words", [({"instances": "some"}, "instances"), ({"top_k": -1}, "top_k"),
+                                            ({}, "dtype")])
 def test_other_bad_options_are_config_errors(options, words):
     with pytest.raises(ConfigError, match=words):
-        plain(options, dtype="fp8" if words == "dtype" else "fp32")
+        plain(SegmentOptions.parse(options), dtype="fp8" if words == "dtype" else "fp32")
 
 
 # --- digests: pinned and canonical ---------------------------------------------------------------------------
@@ -185,9 +189,9 @@ def test_two_spellings_of_one_filter_chain_give_one_digest(a, b):
 def test_one_request_reached_two_ways_gives_one_digest():
     recommended = {"points_per_side": 16, "pred_iou_thresh": 0.3}
     by_file = plain(generator=recommended, filters=KEEP_LARGEST, threshold=0.2)
-    explicit = plain(SegmentOptions(generator=recommended, filters=KEEP_LARGEST, threshold=0.2))
+    explicit = plain(SegmentOptions(**recommended, filters=KEEP_LARGEST, threshold=0.2))
     assert keys(by_file) == keys(explicit)
-    assert keys(plain()) == keys(plain(SegmentOptions(generator={"points_per_side": 32}, filters="containment")))
+    assert keys(plain()) == keys(plain(SegmentOptions(**{"points_per_side": 32}, filters="containment")))
     # one threshold for every prompt, or the same value per prompt: one result
     assert plain(SegmentOptions(threshold=0.3)).result_digest(PROMPTS) == \
         plain(SegmentOptions(threshold=(0.3, 0.3))).result_digest(PROMPTS)
@@ -207,11 +211,11 @@ def test_what_changes_which_key():
     base = keys(plain())
     changed = {
         "sam weights": plain(sam=ModelRef(spec="vit_b", arch="vit_b", sha256="c" * 64)),
-        "generator": plain(SegmentOptions(generator={"points_per_side": 16})),
+        "generator": plain(SegmentOptions(**{"points_per_side": 16})),
         "filters": plain(SegmentOptions(filters="none")),
         "dtype": plain(dtype="bf16"),
         "ranker weights": plain(ranker=ModelRef(spec="x", arch="hf-clip", sha256="d" * 64)),
-        "crop": plain(SegmentOptions(crop=CropSpec(background="gray"))),
+        "crop": plain(SegmentOptions(crop_background="gray")),
         "threshold": plain(threshold=0.2),
         "top_k": plain(SegmentOptions(top_k=3)),
         "instances": plain(SegmentOptions(instances="all")),
@@ -309,7 +313,7 @@ def test_editing_generator_json_changes_the_keys(sam_dir, clip_dir, tmp_path):
     assert all(keys(after)[k] != keys(before)[k] for k in keys(before))
     # the file's options asked for explicitly, without the file: the same request
     (sam_dir / GENERATOR_FILE).unlink()
-    given = SegmentOptions(generator={"points_per_side": 4, "pred_iou_thresh": 0.5})
+    given = SegmentOptions(**{"points_per_side": 4, "pred_iou_thresh": 0.5})
     explicit = resolved(str(sam_dir), str(clip_dir), given, cache=tmp_path)
     assert keys(explicit) == keys(after)
 
