@@ -12,6 +12,8 @@
 # user `slip`.
 FROM python:3.11-slim
 
+ARG SLIP_UID=1000
+
 # Every package comes from the lock requirements/runtime.txt (the project and its s3 extra, hash-checked,
 # the same versions CI tests against; `bash scripts/lock.sh` refreshes it): nothing is resolved at build.
 # torch is the pinned CUDA build from PyPI (Linux x86_64 wheels bundle the CUDA runtime).

@@ -38,6 +38,7 @@ class ExportItem:
     doc: dict | None  # the segments.json v2 document (done only)
     reason: str | None  # failure reason (failed only)
     image: Callable[[], bytes] | None  # reads the input image bytes from the store (gallery, --copy-images)
+    image_file: str | None = None  # the image as a local file (a directory store), for --link-images; else None
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ExportSummary:
     skipped: int  # items not written: other states, failures a format cannot hold, ids not in image_ids
     instances: int  # annotations / label rows / features written
     notes: tuple[str, ...] = ()  # one line each: renamed label files, skipped names, ...
+    uncertain: int = 0  # done images left out because an answer scored under min_score (counted in skipped)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class Tally:
     instances: int = 0
     notes: list[str] = field(default_factory=list)
     more_notes: int = 0
+    uncertain: int = 0
 
     def keep(self, items: Iterable[ExportItem], states: frozenset[str]) -> Iterator[ExportItem]:
         """The items whose state is in ``states``; the others are counted as skipped."""
@@ -148,6 +151,20 @@ class Tally:
             else:
                 self.skipped += 1
 
+    def confident(self, items: Iterable[ExportItem], prompts: Sequence[str],
+                  min_score: float | None) -> Iterator[ExportItem]:
+        """The items less the done ones with a chosen instance scoring under ``min_score`` (counted as
+        skipped and uncertain). A whole image is left out, not just the instance: an object that was there
+        must not become background in a training set. ``None``: every item."""
+        for item in items:
+            if min_score is not None and item.state == DONE and any(
+                    inst.score < min_score for a in answers(item_doc(item), prompts, name=item.name)
+                    for inst in a.instances):
+                self.skipped += 1
+                self.uncertain += 1
+            else:
+                yield item
+
     def note(self, line: str) -> None:
         if len(self.notes) < MAX_NOTES:
             self.notes.append(line)
@@ -156,7 +173,7 @@ class Tally:
 
     def summary(self, format: str, *paths: Path) -> ExportSummary:
         notes = self.notes + ([f"... and {self.more_notes} more"] if self.more_notes else [])
-        return ExportSummary(format, paths, self.written, self.skipped, self.instances, tuple(notes))
+        return ExportSummary(format, paths, self.written, self.skipped, self.instances, tuple(notes), self.uncertain)
 
 
 @contextmanager

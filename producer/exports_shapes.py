@@ -1,4 +1,4 @@
-"""Per-image exports: ``jsonl`` records, ``polygons`` (GeoJSON-like) and ``yolo`` segmentation labels.
+"""Per-image exports: ``jsonl`` records and ``polygons`` (GeoJSON-like), and the mask geometry they share.
 
 ``jsonl`` (one file, one line per image, done and failed)::
 
@@ -21,25 +21,12 @@ Coordinates are pixels ``[x, y]`` (x right, y down) of the mask's boundary pixel
 repeated). A part too thin to enclose an area (a line or a single pixel) is written as the box around
 its pixels (``±0.5``).
 
-``yolo`` (the Ultralytics segmentation layout, a folder)::
-
-    OUT/labels/<dir>/<stem>.txt   one row per instance: "class x1 y1 x2 y2 ..." (polygon, coordinates / W, H)
-    OUT/data.yaml                 path, train / val: images, names: {class: prompt} in prompt order
-    OUT/images/<dir>/<name>       only with copy_images
-
-Label paths mirror the item names, so ``ln -s SUBMITTED_ROOT OUT/images`` pairs them with the
-images. Two names with the same stem in one folder (``a.jpg``, ``a.png``) get ``a.txt`` and ``a-2.txt``
-(and, with ``copy_images``, ``images/a-2.png``); the summary notes each rename. YOLO has one polygon
-per instance: the parts and holes of a mask are joined into one ring by zero-width bridges (as
-Ultralytics does for COCO instances of several parts). Images with no instance get an empty label file.
-``data.yaml`` is written last: a folder without it is an unfinished export.
+``yolo`` lives in :mod:`producer.exports_yolo` (it uses :func:`mask_polygons` and :func:`single_ring`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -48,7 +35,6 @@ import numpy as np
 
 from producer.exports_items import (DONE, FAILED, Answer, ExportItem, Instance, Tally, answers, atomic_file,
                                     image_size, item_doc)
-from slip.errors import ConfigError, DatasetError, SlipError
 
 BOTH = frozenset({DONE, FAILED})
 
@@ -164,80 +150,3 @@ def _feature(answer: Answer, inst: Instance) -> dict:
                        "segment": inst.segment, "bbox": inst.bbox(), "area": inst.area()},
         "geometry": {"type": "MultiPolygon", "coordinates": coordinates},
     }
-
-
-# --- yolo ------------------------------------------------------------------------------------------
-
-
-def write_yolo(
-    items: Iterable[ExportItem], *, out: Path, prompts: Sequence[str], job_id: str, tally: Tally,
-    copy_images: bool = False,
-) -> None:
-    """The ``yolo`` folder (module docstring); refuses a non-empty ``OUT/labels``."""
-    labels = out / "labels"
-    if labels.is_dir() and any(labels.iterdir()):
-        raise ConfigError(f"{labels} is not empty: choose a new --out folder for a YOLO export")
-    for item in tally.keep(items, frozenset({DONE})):
-        stem = _free_stem(str(labels), item.name, tally)
-        height, width = image_size(item_doc(item))
-        rows = [_yolo_row(inst, width, height) for a in answers(item.doc, prompts, name=item.name)
-                for inst in a.instances]
-        _write(os.path.join(labels, stem + ".txt"), "".join(row + "\n" for row in rows).encode())
-        if copy_images:
-            _copy_image(item, os.path.join(out, "images", stem + posixpath.splitext(item.name)[1]), tally)
-        tally.written += 1
-        tally.instances += len(rows)
-    with atomic_file(out / "data.yaml") as f:
-        f.write(_data_yaml(out, prompts, job_id))
-
-
-def _yolo_row(inst: Instance, width: int, height: int) -> str:
-    polygons = mask_polygons(inst.mask())
-    if polygons:
-        ring = single_ring(polygons)
-    else:  # an empty mask: its (empty) box as a degenerate polygon keeps the instance
-        x, y, w, h = inst.bbox()
-        ring = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float64)
-    xy = np.clip(ring / np.array([width, height], np.float64), 0.0, 1.0)
-    return f"{inst.category} " + " ".join(["%.6f"] * xy.size) % tuple(xy.reshape(-1).tolist())
-
-
-def _free_stem(labels: str, name: str, tally: Tally) -> str:
-    """``<dir>/<stem>`` of the item name, made safe, with ``-2``, ``-3``... when its label file exists.
-    (Plain strings, not pathlib: pathlib interns every path part, which grows with the job.)"""
-    parts = [p if p != ".." else "__" for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts:
-        raise DatasetError(f"an item has an empty name ({name!r})")
-    base = posixpath.splitext("/".join(parts))[0]
-    stem, k = base, 1
-    while os.path.exists(os.path.join(labels, stem + ".txt")):
-        k += 1
-        stem = f"{base}-{k}"
-    if k > 1:
-        tally.note(f"{name}: labels/{stem}.txt (another image has the same stem)")
-    return stem
-
-
-def _write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _copy_image(item: ExportItem, path: str, tally: Tally) -> None:
-    if item.image is None:
-        tally.note(f"{item.name}: image not copied (the store gave no image)")
-        return
-    try:
-        data = item.image()
-    except SlipError as e:
-        tally.note(f"{item.name}: image not copied: {e}")
-        return
-    _write(path, data)
-
-
-def _data_yaml(out: Path, prompts: Sequence[str], job_id: str) -> str:
-    names = "".join(f"  {c}: {json.dumps(p)}\n" for c, p in enumerate(prompts))
-    return (f"# SLIP queue job {job_id}: YOLO segmentation labels (Ultralytics layout)\n"
-            f"path: {json.dumps(str(out.resolve()))}\ntrain: images\nval: images\nnames:\n{names}")
-

@@ -7,10 +7,13 @@ Layout written by :func:`write_gallery`::
 
 Per image: the thumbnail with each prompt's chosen mask(s) outlined over it in the prompt's colour and
 labelled with the prompt text (SVG in the image's pixel coordinates, so outlines stay sharp at any
-zoom); below it, per prompt, the scores of its instances, "not found" for an explicit empty answer (with
-the best score and the threshold), and, when ``truth`` knows the image, a hit / miss mark (IoU of the
-union of the chosen masks with the true mask > 0.5; an absent object correctly not found is a hit).
-Failed images show their reason. The summary (counts, hit rate) is written last but shown first.
+zoom). A segment chosen by several prompts is outlined once in all their colours, dash by dash, under one
+label naming each prompt in its colour. Below the picture, per prompt, the scores of its instances,
+"not found" for an explicit empty answer (with the best score and the threshold), and, when ``truth``
+knows the image, a mark: for an object that is there, hit (IoU of the union of the chosen masks with the
+true mask > 0.5) or miss; for an absent one, correctly not found or wrongly found. Failed images show
+their reason. The summary (counts; hits on present objects and correct "not found" on absent ones,
+reported apart) is written last but shown first.
 
 ``truth(name) -> {prompt: (H, W) bool mask} | None`` (None: nothing known about that image; a prompt
 missing from the dict: not judged; an all-False mask: the object is absent). :func:`coco_truth` reads
@@ -41,6 +44,7 @@ from slip.images import load_image
 
 THUMB_PX = 320  # longest side of a thumbnail
 HIT_IOU = 0.5  # a chosen mask is a hit above this IoU with the true mask
+DASHES = 12  # dashes of each colour around an outline shared by several prompts
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#0092a8", "#f032e6", "#9a6324", "#808000",
            "#000075")  # prompt colours, in prompt order; further prompts get spread hues
 Truth = Callable[[str], "Mapping[str, np.ndarray] | None"]
@@ -122,12 +126,19 @@ def _summary(counts: Counter, limit: int | None) -> str:
     if counts["other"]:
         parts.append(f"{counts['other']} not finished (not shown)")
     parts.append(f"{counts['found']} of {counts['asked']} prompt answers found something")
-    if counts["judged"]:
-        parts.append(f"against the truth: {counts['hit']} hits of {counts['judged']} "
-                     f"({100 * counts['hit'] / counts['judged']:.0f}%, IoU > {HIT_IOU})")
+    if counts["present"]:
+        parts.append(f"objects present: {counts['hit']} of {counts['present']} found "
+                     f"({_percent(counts['hit'], counts['present'])}, IoU > {HIT_IOU})")
+    if counts["absent"]:
+        parts.append(f"objects absent: {counts['rejected']} of {counts['absent']} correctly not found "
+                     f"({_percent(counts['rejected'], counts['absent'])})")
     if counts["limited"]:
         parts.append(f"stopped at the limit of {limit} images")
     return f'<section id="summary"><b>Summary:</b> {html.escape("; ".join(parts))}.</section>'
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%"
 
 
 def _card(item: ExportItem, *, out: Path, prompts: Sequence[str], truth: Truth | None, counts: Counter) -> str:
@@ -185,37 +196,59 @@ def _judge(answer: Answer, expected: Mapping[str, np.ndarray] | None, size: tupl
     chosen = np.zeros(size, bool)
     for inst in answer.instances:
         chosen |= inst.mask()
-    union = int((chosen | true).sum())
-    iou = int((chosen & true).sum()) / union if union else 1.0
-    hit = iou > HIT_IOU
-    counts["judged"] += 1
-    counts["hit"] += hit
-    if not true.any():
-        text = "hit: absent, not found" if hit else "miss: absent, but found"
+    if not true.any():  # absent: right when nothing was chosen
+        hit = not chosen.any()
+        counts["absent"] += 1
+        counts["rejected"] += hit
+        text = "absent, correctly not found" if hit else "absent, but found"
     else:
+        iou = int((chosen & true).sum()) / int((chosen | true).sum())
+        hit = iou > HIT_IOU
+        counts["present"] += 1
+        counts["hit"] += hit
         text = f"{'hit' if hit else 'miss'}: IoU {iou:.2f}" if chosen.any() else "miss: not found"
     return f' <span class="{"hit" if hit else "miss"}">{"✓" if hit else "✗"} {text}</span>'
 
 
 def _outlines(found: Sequence[Answer], size: tuple[int, int]) -> str:
-    """SVG over the image: each instance's outline, then its prompt's label above it (labels that would
+    """SVG over the image: each chosen segment's outline in the colour of every prompt that chose it (several:
+    dash by dash, so each stays visible), then one label above it naming those prompts (labels that would
     overlap are stacked downwards), in image pixel coordinates."""
     height, width = size
     epsilon = max(height, width) / THUMB_PX / 2  # simplify outlines to half a thumbnail pixel
     font = max(height, width) / 18
-    paths, labels, placed = [], [], []
+    by_segment: dict[int, list] = {}  # segment -> [(answer, instance)], in prompt order
     for answer in found:
-        colour, label = prompt_colour(answer.category), html.escape(answer.prompt)
         for inst in answer.instances:
-            d = " ".join(_svg_ring(ring, epsilon) for rings in mask_polygons(inst.mask()) for ring in rings)
-            paths.append(f'<path d="{d}" fill="{colour}" fill-opacity="0.15" fill-rule="evenodd" stroke="{colour}" '
-                         f'stroke-width="2.5" stroke-linejoin="round" vector-effect="non-scaling-stroke">'
-                         f"<title>{label} {inst.score:.3f}</title></path>")
-            x, y = _free_spot(inst.bbox(), placed, font, len(answer.prompt))
-            labels.append(f'<text x="{x:.0f}" y="{y:.0f}" font-size="{font:.1f}" fill="{colour}" '
-                          f'stroke-width="{font / 6:.1f}">{label}</text>')
+            by_segment.setdefault(inst.segment, []).append((answer, inst))
+    paths, labels, placed = [], [], []
+    for choices in by_segment.values():
+        inst = choices[0][1]
+        d = " ".join(_svg_ring(ring, epsilon) for rings in mask_polygons(inst.mask()) for ring in rings)
+        paths += [_outline(d, answer, chooser.score, k, len(choices)) for k, (answer, chooser) in enumerate(choices)]
+        text = " ".join(a.prompt for a, _ in choices)
+        x, y = _free_spot(inst.bbox(), placed, font, len(text))
+        spans = " ".join(f'<tspan fill="{prompt_colour(a.category)}">{html.escape(a.prompt)}</tspan>'
+                         for a, _ in choices)
+        labels.append(f'<text x="{x:.0f}" y="{y:.0f}" font-size="{font:.1f}" stroke-width="{font / 6:.1f}">'
+                      f"{spans}</text>")
     return (f'<svg viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
             f'xmlns="http://www.w3.org/2000/svg">{"".join(paths + labels)}</svg>')
+
+
+def _outline(d: str, answer: Answer, score: float, k: int, sharing: int) -> str:
+    """One prompt's outline of a segment, the ``k``-th of ``sharing`` prompts that chose it: a full stroke
+    alone, else every ``sharing``-th dash (``pathLength`` makes the dashes even whatever the outline's size)."""
+    colour = prompt_colour(answer.category)
+    dashes = ""
+    if sharing > 1:
+        dash = 100 / (DASHES * sharing)
+        dashes = (f' pathLength="100" stroke-dasharray="{dash:.3f} {dash * (sharing - 1):.3f}" '
+                  f'stroke-dashoffset="{-dash * k:.3f}"')
+    fill = 0.15 / sharing
+    return (f'<path d="{d}" fill="{colour}" fill-opacity="{fill:.3f}" fill-rule="evenodd" stroke="{colour}" '
+            f'stroke-width="2.5" stroke-linejoin="round" vector-effect="non-scaling-stroke"{dashes}>'
+            f"<title>{html.escape(answer.prompt)} {score:.3f}</title></path>")
 
 
 def _free_spot(bbox: list[float], placed: list[tuple[float, float, float]], font: float,

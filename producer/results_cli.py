@@ -4,8 +4,12 @@ Command functions only: the root ``slip`` app mounts them (``app.command("result
 
     slip results JOB --format coco|coco-results|jsonl|yolo|polygons --out PATH
                  [--image-ids-from GT.json]   (coco-results: the ground truth's image and category ids)
-                 [--copy-images]              (yolo: also write OUT/images/<name>)
-    slip gallery JOB [--out DIR] [--limit N] [--truth GT.json]
+                 [--copy-images | --link-images]   (yolo, one required: the images of the dataset)
+                 [--val-fraction 0.1] [--seed 0]   (yolo: the seeded train / val split)
+                 [--min-score S]              (coco, yolo: leave out images with an answer under S)
+                 [--order job|doubt] [--limit N]   (doubt: the least certain images first)
+                 [--image-base URL] [--shape brush|polygon|mask]   (label-studio, cvat)
+    slip gallery JOB [--out DIR] [--limit N] [--truth GT.json] [--order job|doubt]
 
 The job's items come from the queue (:func:`open_job`: the manifest's prompts and models, and
 ``QueueClient.export_items``), streamed into :func:`producer.exports.write_export` /
@@ -23,8 +27,10 @@ import typer
 
 from producer.common import client_from_env, queue_errors
 from slip.cli.common import fail
+from slip.errors import ConfigError
 
-FORMAT_HELP = "coco | coco-results | jsonl | yolo | polygons (producer.exports.FORMATS)."
+FORMAT_HELP = "coco | coco-results | jsonl | yolo | polygons | label-studio | cvat (producer.exports.FORMATS)."
+ORDER_HELP = "job: the job's order | doubt: the least certain images first (producer.doubt), done images only."
 
 DEFAULT_GALLERY_LIMIT = 200  # images in a gallery unless --limit says otherwise
 
@@ -39,13 +45,18 @@ class JobExport:
     items: Iterable  # producer.exports.ExportItem, streamed from the ledger
 
 
-def open_job(job_id: str) -> JobExport:
-    """The job from the queue named by the environment (``SLIP_STORE``, ``SLIP_BROKER_URL``, ...)."""
-    from worker.ledger import load_manifest
+def open_job(job_id: str, *, client=None) -> JobExport:
+    """The segment job from ``client`` (default: the queue named by the environment, ``SLIP_STORE``,
+    ``SLIP_BROKER_URL``, ...)."""
+    from jobs.ledger import load_manifest
 
-    client = client_from_env()
-    spec = load_manifest(client.store, job_id).spec
-    return JobExport(job_id, tuple(spec.prompts), f"SAM {spec.sam}, ranker {spec.clip}", client.export_items(job_id))
+    client = client or client_from_env()
+    manifest = load_manifest(client.store, job_id)
+    spec = manifest.spec
+    if manifest.kind != "segment" or not spec.get("prompts"):
+        raise ConfigError(f"job {job_id} is a {manifest.kind} job: results and galleries are of segment jobs")
+    models = f"SAM {spec.get('sam', '?')}, ranker {spec.get('clip', '?')}"
+    return JobExport(job_id, tuple(spec["prompts"]), models, client.export_items(job_id))
 
 
 def results(
@@ -55,20 +66,42 @@ def results(
     image_ids_from: Optional[Path] = typer.Option(
         None, "--image-ids-from", help="coco-results: take image ids (by file_name) and category ids (by name = "
         "prompt) from this COCO ground-truth file, so COCO(GT).loadRes and COCOeval accept the results."),
-    copy_images: bool = typer.Option(False, "--copy-images", help="yolo: also copy the images to OUT/images/."),
+    copy_images: bool = typer.Option(False, "--copy-images", help="yolo: copy the images into OUT/images/."),
+    link_images: bool = typer.Option(False, "--link-images", help="yolo: symlink OUT/images/ to the store's image "
+                                     "files (a directory store only; nothing copied)."),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", min=0.0, max=0.99, help="yolo: share of the images put in val, chosen by a seeded "
+        "hash of the image name (default 0.1; 0 = val is train)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="yolo: seed of the train / val split (default 0)."),
+    min_score: Optional[float] = typer.Option(
+        None, "--min-score", help="coco, yolo: leave out every image with an answer scoring under this "
+        "(the whole image, so an object that was there never becomes background)."),
+    order: str = typer.Option("job", "--order", help=ORDER_HELP),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Export at most this many images."),
+    image_base: Optional[str] = typer.Option(None, "--image-base", help="label-studio: put in front of each item "
+                                             "name (default /data/local-files/?d= : Label Studio local storage; or a "
+                                             "URL prefix where the submitted folder is served)."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="label-studio: brush (default) | polygon; cvat: mask "
+                                        "(default) | polygon."),
 ) -> None:
-    """Write a job's results as COCO, COCO results, JSON Lines, YOLO labels or polygons."""
+    """Write a job's results as COCO, COCO results, JSON Lines, a YOLO dataset or polygons."""
     from producer.exports import FORMATS, read_coco_ids, write_export  # numpy and OpenCV: only when exporting
 
     if format not in FORMATS:
         fail(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
+    if copy_images and link_images:
+        fail("--copy-images and --link-images exclude each other: pick one")
     with queue_errors():
         ids = read_coco_ids(image_ids_from) if image_ids_from is not None else None
         source = open_job(job)
+        from producer.doubt import ordered  # the review loop's order (issue 18)
+
+        items = ordered(source.items, order=order, limit=limit, prompts=source.prompts)
         summary = write_export(
-            source.items, format=format, out=out, prompts=source.prompts, job_id=source.job_id,
+            items, format=format, out=out, prompts=source.prompts, job_id=source.job_id,
             image_ids=None if ids is None else ids.image_ids, category_ids=None if ids is None else ids.category_ids,
-            copy_images=copy_images)
+            images="copy" if copy_images else "link" if link_images else None, val_fraction=val_fraction,
+            seed=seed, min_score=min_score, image_base=image_base, shape=shape)
     _report(summary)
 
 
@@ -78,6 +111,7 @@ def gallery(
     limit: int = typer.Option(DEFAULT_GALLERY_LIMIT, "--limit", "-n", min=1, help="Show at most this many images."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="COCO ground-truth file (category name = prompt): "
                                          "mark each answer hit or miss (IoU > 0.5)."),
+    order: str = typer.Option("job", "--order", help=ORDER_HELP),
 ) -> None:
     """Write an HTML gallery of a job: thumbnails with each prompt's masks outlined, scores, failures."""
     from producer.gallery import coco_truth, write_gallery
@@ -86,7 +120,11 @@ def gallery(
     with queue_errors():
         judge = coco_truth(truth) if truth is not None else None
         source = open_job(job)
-        page = write_gallery(source.items, out=out, prompts=source.prompts, job_id=source.job_id,
+        from producer.doubt import ordered  # the review loop's order (issue 18)
+
+        items = ordered(source.items, order=order, prompts=source.prompts,  # doubt: a bounded heap of the limit
+                        limit=limit if order == "doubt" else None)
+        page = write_gallery(items, out=out, prompts=source.prompts, job_id=source.job_id,
                              title=f"SLIP job {source.job_id}", note=f"Models: {source.models}.", truth=judge,
                              limit=limit)
     typer.echo(f"wrote {page} (open it in a browser; thumbnails in {out / 'thumbs'})")
@@ -96,5 +134,7 @@ def _report(summary) -> None:
     paths = ", ".join(str(p) for p in summary.paths)
     skipped = f", {summary.skipped} skipped" if summary.skipped else ""
     typer.echo(f"wrote {summary.written} images, {summary.instances} instances ({summary.format}){skipped}: {paths}")
+    if summary.uncertain:
+        typer.echo(f"  {summary.uncertain} images left out: an answer scored under --min-score")
     for note in summary.notes:
         typer.echo(f"  {note}")

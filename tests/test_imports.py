@@ -59,7 +59,8 @@ def test_importing_the_cli_and_the_worker_builds_nothing_and_imports_no_torch():
 def test_the_celery_entry_point_reads_the_environment_once_and_says_what_is_wrong():
     proc = _python("import worker.celery", BROKEN_ENV)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: SLIP_")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "SLIP_DEVICE='gpu'" in last, proc.stderr
 
 
 def test_help_works_with_a_broken_environment():

@@ -45,13 +45,12 @@ def synth_run(tmp_path_factory) -> SynthRun:
     truth = root / COCO_FILE
     gt = json.loads(truth.read_text())
     prompts = tuple(c["name"] for c in gt["categories"])
-    pipeline = build_slip(SlipConfig(sam="synth", clip="synth", device="cpu",
-                                     generator={"points_per_side": POINTS_PER_SIDE}))
+    pipeline = build_slip(SlipConfig.of(sam="synth", clip="synth", device="cpu", points_per_side=POINTS_PER_SIDE))
     items = []
     for k, image in enumerate(gt["images"]):
         path = root / image["file_name"]
         result = pipeline(load_image(path), prompts)
         doc = json.loads(json.dumps(result_record(result, prompts, pipeline.request, {})))  # as stored
         items.append(ExportItem(index=k, name=image["file_name"], state="done", doc=doc, reason=None,
-                                image=_reader(path)))
+                                image=_reader(path), image_file=str(path)))
     return SynthRun(root, truth, prompts, tuple(items))

@@ -50,3 +50,12 @@ def disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
 def ring_mask(h: int, w: int, cy: float, cx: float, r_out: float, r_in: float) -> np.ndarray:
     """A disc with a round hole."""
     return disc(h, w, cy, cx, r_out) & ~disc(h, w, cy, cx, r_in)
+
+
+def sample_masks(h: int, w: int) -> np.ndarray:
+    """(4, h, w) bool: a disc, a disc with a hole, two separate discs (one instance in two parts), a 1-pixel
+    speck (laid out for h, w = 60, 80)."""
+    speck = np.zeros((h, w), bool)
+    speck[3, 77] = True
+    return np.stack([disc(h, w, 20, 20, 10), ring_mask(h, w, 35, 50, 15, 6),
+                     disc(h, w, 50, 10, 5) | disc(h, w, 8, 70, 4), speck])

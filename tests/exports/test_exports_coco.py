@@ -140,7 +140,7 @@ def test_errors_name_the_item_and_the_option(tmp_path):
     with pytest.raises(ConfigError, match="coco-results only"):
         write_export([], format="coco", out=tmp_path / "c.json", prompts=PROMPTS, job_id="j", image_ids={})
     with pytest.raises(ConfigError, match="yolo only"):
-        write_export([], format="jsonl", out=tmp_path / "c.jsonl", prompts=PROMPTS, job_id="j", copy_images=True)
+        write_export([], format="jsonl", out=tmp_path / "c.jsonl", prompts=PROMPTS, job_id="j", images="copy")
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="cannot write"):
         write_export(_items(), format="coco", out=tmp_path / "file" / "c.json", prompts=PROMPTS, job_id="j")

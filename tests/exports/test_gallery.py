@@ -118,3 +118,58 @@ def test_coco_truth_refuses_a_non_coco_file(tmp_path):
         coco_truth(tmp_path / "gt.json")
     with pytest.raises(DatasetError, match="cannot read"):
         coco_truth(tmp_path / "missing.json")
+
+
+def _frame_box(pixels: np.ndarray, colour: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the pixels of exactly ``colour`` (the picture's flat background)."""
+    ys, xs = np.nonzero((pixels == colour).all(-1))
+    return ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+
+
+def test_prompts_that_share_a_segment_each_show_their_outline(tmp_path):
+    """Two prompts choose the same segment: both colours show along its outline (dash by dash, not one
+    outline hidden under the other), under one label naming both."""
+    h, w = 240, 320
+    background = (255, 255, 0)
+    image = np.zeros((h, w, 3), np.uint8) + np.array(background, np.uint8)
+    prompts = ("circle", "round thing", "square")
+    masks = np.stack([disc(h, w, 120, 160, 80), disc(h, w, 30, 30, 15)])
+    doc = v2_doc(masks, prompts, {"circle": [(0, 0.61)], "round thing": [(0, 0.55)], "square": [(1, 0.3)]})
+    page = write_gallery([done_item(0, "shared.png", doc, image=_png(image))], out=tmp_path / "g", prompts=prompts,
+                         job_id="j", title="shared", note="n")
+    dom = _chromium("--dump-dom", page.as_uri()).stdout
+    svg = re.search(r"<svg.*?</svg>", dom, re.S).group(0)
+    texts = re.findall(r"<text.*?</text>", svg, re.S)
+    assert len(texts) == 2, texts  # one label per outlined segment
+    shared = next(t for t in texts if "circle" in t)
+    assert "round thing" in shared and shared.count("<tspan") == 2
+
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=700,700", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    top, left, bottom, right = _frame_box(pixels, background)
+    lower = pixels[top + (bottom - top) * 3 // 5 : bottom, left:right]  # below the labels: outline only
+    counts = []
+    for c in range(2):
+        rgb = np.array([int(PALETTE[c][k : k + 2], 16) for k in (1, 3, 5)])
+        counts.append(int((np.abs(lower - rgb).sum(-1) < 40).sum()))
+    assert min(counts) > 40, f"outline pixels per prompt colour along the shared outline: {counts}"
+
+
+def test_summary_separates_hits_on_present_objects_from_correct_not_found(tmp_path):
+    h, w = 60, 80
+    present, elsewhere = disc(h, w, 30, 40, 12), disc(h, w, 10, 10, 6)
+    prompts = ("circle", "square", "star", "moon")
+    doc = v2_doc(np.stack([present, elsewhere]), prompts,
+                 {"circle": [(0, 0.9)], "square": [], "star": [], "moon": [(1, 0.4)]})
+    absent = np.zeros((h, w), bool)
+    truth = {"circle": present, "square": disc(h, w, 40, 60, 8), "star": absent, "moon": absent}
+    page = write_gallery([done_item(0, "a.png", doc)], out=tmp_path, prompts=prompts, job_id="j", title="t",
+                         note="n", truth=lambda name: truth).read_text()
+    summary = re.search(r'<section id="summary">(.*?)</section>', page).group(1)
+    assert "objects present: 1 of 2 found (50%, IoU &gt; 0.5)" in summary, summary
+    assert "objects absent: 1 of 2 correctly not found (50%)" in summary, summary
+    card = _cards(page)["a.png"]
+    assert re.search(r'<b class="prompt">star</b>.*?class="hit">✓ absent, correctly not found', card)
+    assert re.search(r'<b class="prompt">moon</b>.*?class="miss">✗ absent, but found', card)
+    assert re.search(r'<b class="prompt">square</b>.*?class="miss">✗ miss: not found', card)

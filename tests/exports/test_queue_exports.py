@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
 from queue_helpers import job_id_from, queue_env, require_redis, run_cli, start_worker, stop_worker, wait_worker_ready  # noqa: E402
+from ultralytics_check import load_in_ultralytics  # noqa: E402
 
 pytestmark = pytest.mark.integration
 DB = 9
@@ -75,14 +76,18 @@ def test_cocoeval_scores_a_real_workers_results(job):
     assert right > wrong + 0.25, (right, wrong)
 
 
-def test_yolo_export_reads_back(job):
-    import yaml
-
-    out = job["out"] / "yolo"
-    proc = run_cli(["results", job["job"], "--format", "yolo", "--out", str(out)], job["env"])
+@pytest.mark.parametrize("mode", ["--copy-images", "--link-images"])
+def test_yolo_export_is_a_dataset_ultralytics_loads(job, mode):
+    """``--link-images`` needs ``ExportItem.image_file`` from ``QueueClient.export_items`` (docs/CONTRACTS.md)."""
+    out = job["out"] / f"yolo{mode}"
+    proc = run_cli(["results", job["job"], "--format", "yolo", "--out", str(out), mode, "--val-fraction", "0.3"],
+                   job["env"])
     assert proc.returncode == 0, proc.stderr
-    names = yaml.safe_load((out / "data.yaml").read_text())["names"]
-    assert list(names.values() if isinstance(names, dict) else names) == job["prompts"]
+    loaded = load_in_ultralytics(out / "data.yaml", job["out"] / f"yolo-config{mode}")
+    assert list(loaded["names"].values()) == job["prompts"]
+    train, val = loaded["train"]["images"], loaded["val"]["images"]
+    assert train and val and not set(train) & set(val) and len(train) + len(val) == 6
+    assert loaded["train"]["instances"] + loaded["val"]["instances"] > 0
     labels = sorted((out / "labels").rglob("*.txt"))
     assert len(labels) == 6
     rows = [line.split() for path in labels for line in path.read_text().splitlines()]

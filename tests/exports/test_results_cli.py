@@ -12,6 +12,7 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 import producer.results_cli as results_cli
+from producer.exports import answers
 from producer.results_cli import JobExport, gallery, results
 
 app = typer.Typer()
@@ -38,11 +39,12 @@ def _one_line_error(run, text: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], run.stderr
 
 
-@pytest.mark.parametrize("format, name", [("coco", "r.coco.json"), ("jsonl", "r.jsonl"), ("polygons", "p.jsonl"),
-                                          ("yolo", "yolo")])
-def test_results_writes_each_format(job, tmp_path, format, name):
+@pytest.mark.parametrize("format, name, extra", [("coco", "r.coco.json", []), ("jsonl", "r.jsonl", []),
+                                                 ("polygons", "p.jsonl", []), ("yolo", "yolo", ["--copy-images"]),
+                                                 ("yolo", "linked", ["--link-images", "--val-fraction", "0.5"])])
+def test_results_writes_each_format(job, tmp_path, format, name, extra):
     out = tmp_path / name
-    run = _run("results", job.job_id, "--format", format, "--out", str(out))
+    run = _run("results", job.job_id, "--format", format, "--out", str(out), *extra)
     assert run.exit_code == 0, run.output
     assert "wrote 6 images" in run.stdout and str(out) in run.stdout
     assert out.exists()
@@ -64,6 +66,15 @@ def test_results_user_errors_are_one_line(job, synth_run, tmp_path):
                          str(synth_run.truth)), "coco-results only")
     _one_line_error(_run("results", job.job_id, "-f", "coco", "-o", str(tmp_path / "x"), "--copy-images"),
                     "yolo only")
+    _one_line_error(_run("results", job.job_id, "-f", "yolo", "-o", str(tmp_path / "y")),
+                    "needs --copy-images or --link-images")
+    assert not (tmp_path / "y").exists()
+    _one_line_error(_run("results", job.job_id, "-f", "yolo", "-o", str(tmp_path / "y"), "--copy-images",
+                         "--link-images"), "exclude each other")
+    _one_line_error(_run("results", job.job_id, "-f", "jsonl", "-o", str(tmp_path / "x"), "--min-score", "0.3"),
+                    "--min-score applies to --format coco and yolo only")
+    _one_line_error(_run("results", job.job_id, "-f", "coco", "-o", str(tmp_path / "x"), "--val-fraction", "0.2"),
+                    "--val-fraction / --seed apply to --format yolo only")
     _one_line_error(_run("results", job.job_id, "-f", "coco-results", "-o", str(tmp_path / "x"),
                          "--image-ids-from", str(tmp_path / "nope.json")), "cannot read the ground truth")
     (tmp_path / "file").write_text("")
@@ -78,13 +89,25 @@ def test_unknown_job_is_one_line_from_the_real_store(tmp_path, monkeypatch):
     _one_line_error(_run("results", "../etc", "-o", str(tmp_path / "r.jsonl")), "not a job id")
 
 
+def test_results_min_score_reports_the_images_left_out(job, tmp_path):
+    scores = sorted(i.score for item in job.items for a in answers(item.doc, job.prompts) for i in a.instances)
+    cut = scores[len(scores) // 2]  # about half the images hold an answer under it
+    expected = sum(any(i.score < cut for a in answers(item.doc, job.prompts) for i in a.instances)
+                   for item in job.items)
+    assert 0 < expected < len(job.items)
+    run = _run("results", job.job_id, "-f", "coco", "-o", str(tmp_path / "c.json"), "--min-score", str(cut))
+    assert run.exit_code == 0, run.output
+    assert f"wrote {len(job.items) - expected} images" in run.stdout
+    assert f"{expected} images left out: an answer scored under --min-score" in run.stdout
+
+
 def test_gallery_command_with_truth(job, synth_run, tmp_path):
     out = tmp_path / "g"
     run = _run("gallery", job.job_id, "--out", str(out), "--truth", str(synth_run.truth), "--limit", "4")
     assert run.exit_code == 0, run.output
     page = (out / "index.html").read_text()
     assert page.count("<figure") == 4 and job.job_id in page and "SAM synth, ranker synth" in page
-    assert "hits of" in page
+    assert "objects present:" in page and "correctly not found" in page
     _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "none.json")),
                     "cannot read the ground truth")
 

@@ -2,10 +2,11 @@
 engine.
 
 Every structural check runs twice: on the file as PyYAML reads it (anchors and merge keys resolved, ``${VAR}``
-interpolated by the small helper below) and on the output of ``docker-compose config`` (Debian's
+interpolated by ``tests/compose_file.py``) and on the output of ``docker-compose config`` (Debian's
 ``docker-compose`` package; that half is skipped only when the binary is missing). The checks tie the compose
-file to the real worker settings: every ``SLIP_*`` variable it sets must be one that ``worker.settings``
-reads, and the resolved environment must build valid :class:`worker.settings.Settings`.
+file to the real settings: every ``SLIP_*`` variable it sets must be one that ``jobs.settings`` or
+``slip.settings`` reads, and the resolved environment must build valid :class:`jobs.settings.Settings`.
+Redis's password and TLS options are run for real against ``redis-server`` in tests/ops/.
 """
 
 from __future__ import annotations
@@ -17,41 +18,31 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
 import pytest
 import yaml
 
+from compose_file import COMPOSE, TLS_OVERRIDE, interpolate, load_compose
+
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 WORKER_CMD = ["celery", "-A", "worker", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
               "--hostname", "worker@%h", "--loglevel", "INFO"]
 # what the tests export; nothing else from the caller's shell leaks into the interpolation
-TEST_ENV = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret"}
+TEST_ENV = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret", "REDIS_PASSWORD": "0123abcd"}
+FLOWER_CMD = ["python", "-m", "producer.flower_guard", "--port=5555"]
+TLS_OPTIONS = ["--port", "6379", "--tls-port", "6380", "--tls-cert-file", "/tls/redis.crt", "--tls-key-file",
+               "/tls/redis.key", "--tls-ca-cert-file", "/tls/ca.crt", "--tls-auth-clients", "no"]
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$`` substitution."""
-
-    def one(m: re.Match) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        value = env.get(name, "")
-        if op == ":-":
-            return value or arg
-        if op == ":?" and not value:
-            raise ValueError(f"{name}: {arg}")
-        return value
-
-    text = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, text.replace("$$", "\0"))
-    return text.replace("\0", "$")
-
-
 def _load_pyyaml() -> dict:
-    return yaml.safe_load(_interpolate(COMPOSE.read_text(), TEST_ENV))
+    return load_compose(COMPOSE, env=TEST_ENV)
 
 
 def _compose_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -61,16 +52,17 @@ def _compose_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _docker_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _docker_compose(*args: str, env: dict[str, str] | None = None,
+                    files: tuple[Path, ...] = (COMPOSE,)) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose); CI installs it")
-    return subprocess.run([exe, "-f", str(COMPOSE), "--project-directory", str(ROOT), *args],
+    return subprocess.run([exe, *(a for f in files for a in ("-f", str(f))), "--project-directory", str(ROOT), *args],
                           capture_output=True, text=True, timeout=60, env=_compose_env(env), cwd=ROOT)
 
 
-def _load_docker_compose() -> dict:
-    done = _docker_compose("--profile", "producer", "--profile", "multi-gpu", "config")
+def _load_docker_compose(*files: Path) -> dict:
+    done = _docker_compose("--profile", "producer", "--profile", "multi-gpu", "config", files=files or (COMPOSE,))
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -156,7 +148,33 @@ def test_redis_is_persistent_and_never_evicts(config):
     data = _volumes(redis)["/data"]
     assert data in config["volumes"], "the AOF must live on a named volume"
     test = redis["healthcheck"]["test"]
-    assert " ".join(test if isinstance(test, list) else [test]).endswith("redis-cli ping")
+    assert test == ["CMD-SHELL", "redis-cli ping | grep -q PONG"], "redis-cli exits 0 on NOAUTH: grep for PONG"
+    assert _env(redis)["REDISCLI_AUTH"] == TEST_ENV["REDIS_PASSWORD"], "the health check authenticates"
+
+
+def test_redis_requires_its_password_and_is_not_published(config):
+    redis = config["services"]["redis"]
+    cmd = _command(redis)
+    assert cmd[cmd.index("--requirepass") + 1] == TEST_ENV["REDIS_PASSWORD"]
+    assert not redis.get("ports"), "Redis stays on the Docker network (docker-compose.tls.yml publishes TLS)"
+
+
+def _broker_users(config: dict) -> dict[str, dict]:
+    """Every service that talks to Redis (all but Redis itself)."""
+    return {name: s for name, s in config["services"].items() if name != "redis"}
+
+
+def test_every_redis_url_carries_the_password(config):
+    users = _broker_users(config)
+    assert {"worker", "flower", "producer"} <= set(users)
+    for name, svc in users.items():
+        env = _env(svc)
+        for var in ("SLIP_BROKER_URL", "SLIP_RESULT_BACKEND"):
+            if env.get(var) is None:
+                continue
+            url = urlsplit(env[var])
+            assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379), (name, var)
+            assert url.password == TEST_ENV["REDIS_PASSWORD"], f"{name}: {var} has no Redis password"
 
 
 def test_workers_reserve_one_distinct_gpu_each(config):
@@ -190,12 +208,11 @@ def test_worker_is_scalable_and_stops_gracefully(config):
         limit = int(env["SLIP_TASK_TIME_LIMIT"])
         assert grace > limit, f"{name}: stop_grace_period {grace} s does not cover a {limit} s task"
         assert int(env["SLIP_VISIBILITY_TIMEOUT"]) > grace > limit
-        assert env["SLIP_BROKER_URL"].startswith("redis://redis:6379/")
 
 
 def test_time_limits_are_the_worker_defaults(config):
     """The README documents the worker's defaults; compose must not quietly run with others."""
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     defaults = Settings()
     for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
@@ -204,8 +221,13 @@ def test_time_limits_are_the_worker_defaults(config):
         assert int(env["SLIP_VISIBILITY_TIMEOUT"]) == defaults.visibility_timeout_s, name
 
 
+def _store_users(config: dict) -> list[tuple[str, dict]]:
+    """Workers, the producer and the dashboard: the services that read or write the store."""
+    return [*_workers(config).items(), *((n, config["services"][n]) for n in ("producer", "dashboard"))]
+
+
 def test_aws_variables_pass_through_to_store_users_only(config):
-    for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
+    for name, svc in _store_users(config):
         env = _env(svc)
         assert {v: env.get(v, "missing") for v in AWS_VARS} == dict.fromkeys(AWS_VARS), (
             f"{name}: AWS variables must be passed through from the host without a default")
@@ -239,11 +261,22 @@ def test_store_and_model_cache_are_shared_volumes(config):
 
 def test_flower_has_basic_auth_and_port_5555(config):
     flower = config["services"]["flower"]
-    cmd = _command(flower)
-    assert cmd[:4] == ["celery", "-A", "worker", "flower"] and "--port=5555" in cmd
+    assert _command(flower) == FLOWER_CMD, "Flower through the guard: /metrics and /healthcheck need auth too"
     assert _published_ports(flower) == [("127.0.0.1", "5555", "5555")], "Flower listens on loopback by default"
     assert _env(flower)["FLOWER_BASIC_AUTH"] == "ops:s3cret"
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_dashboard_is_read_only_behind_flowers_auth_on_loopback(config):
+    dashboard = config["services"]["dashboard"]
+    assert _command(dashboard) == ["slip", "dashboard", "--address", "0.0.0.0", "--port", "5556"]
+    assert _published_ports(dashboard) == [("127.0.0.1", "5556", "5556")], "loopback by default"
+    assert _env(dashboard)["FLOWER_BASIC_AUTH"] == _env(config["services"]["flower"])["FLOWER_BASIC_AUTH"]
+    store = _env(dashboard)["SLIP_STORE"]
+    mounts = {v["target"]: v for v in dashboard["volumes"]} if isinstance(dashboard["volumes"][0], dict) else \
+        {v.split(":")[1]: {"source": v.split(":")[0], "read_only": v.endswith(":ro")} for v in dashboard["volumes"]}
+    assert mounts[store]["source"] == "slip-store" and mounts[store]["read_only"], "the dashboard only reads"
+    assert "deploy" not in dashboard, "no GPU for a web page"
 
 
 def test_producer_runs_once(config):
@@ -257,15 +290,16 @@ def test_producer_runs_once(config):
 
 
 def test_compose_env_builds_valid_worker_settings(config):
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
-    known = set(re.findall(r'"(SLIP_[A-Z_]+)"', (ROOT / "worker" / "settings.py").read_text()))
-    for name, svc in [*_workers(config).items(), ("producer", config["services"]["producer"])]:
+    known = {name for path in (ROOT / "jobs" / "settings.py", ROOT / "slip" / "settings.py")
+             for name in re.findall(r'"(SLIP_[A-Z_]+)"', path.read_text())}
+    for name, svc in _store_users(config):
         env = _env(svc)
         unknown = {k for k in env if k.startswith("SLIP_")} - known
-        assert not unknown, f"{name} sets variables worker.settings never reads: {unknown}"
+        assert not unknown, f"{name} sets variables the settings never read: {unknown}"
         settings = Settings.from_env(env)
-        assert settings.store == "/store" and str(settings.cache_dir) == "/cache"
+        assert settings.store == "/store" and str(settings.models.cache_dir) == "/cache"
 
 
 def test_flower_can_be_published_on_purpose():
@@ -274,12 +308,13 @@ def test_flower_can_be_published_on_purpose():
     assert _published_ports(yaml.safe_load(done.stdout)["services"]["flower"]) == [("0.0.0.0", "8555", "5555")]
 
 
-def test_docker_compose_requires_flower_credentials():
-    done = _docker_compose("config", "-q", env={})
-    assert done.returncode != 0
-    assert "FLOWER_USER" in done.stderr and "FLOWER_PASSWORD" in done.stderr
-    with pytest.raises(ValueError, match="FLOWER_USER"):
-        _interpolate(COMPOSE.read_text(), {})
+@pytest.mark.parametrize("missing", ["FLOWER_USER", "FLOWER_PASSWORD", "REDIS_PASSWORD"])
+def test_docker_compose_requires_the_credentials(missing):
+    env = {k: v for k, v in TEST_ENV.items() if k != missing}
+    done = _docker_compose("config", "-q", env=env)
+    assert done.returncode != 0 and missing in done.stderr, done.stderr
+    with pytest.raises(ValueError, match=missing):
+        interpolate(COMPOSE.read_text(), env)
 
 
 def test_docker_compose_config_is_valid_for_every_profile():
@@ -287,7 +322,37 @@ def test_docker_compose_config_is_valid_for_every_profile():
         args = [a for p in profiles for a in ("--profile", p)]
         done = _docker_compose(*args, "config", "--services")
         assert done.returncode == 0, done.stderr
-        assert {"redis", "worker", "flower"} <= set(done.stdout.split())
+        assert {"redis", "worker", "flower", "dashboard"} <= set(done.stdout.split())
+
+
+# ---------------------------------------------------------------------------------------------- TLS override
+
+
+@pytest.fixture(params=["pyyaml", "docker-compose"], scope="module")
+def tls_config(request) -> dict:
+    """docker-compose.yml with docker-compose.tls.yml over it."""
+    if request.param == "pyyaml":
+        return load_compose(COMPOSE, TLS_OVERRIDE, env=TEST_ENV)
+    return _load_docker_compose(COMPOSE, TLS_OVERRIDE)
+
+
+def test_tls_override_is_the_same_redis_plus_a_tls_port(config, tls_config):
+    base, tls = config["services"]["redis"], tls_config["services"]["redis"]
+    assert _command(tls) == _command(base) + TLS_OPTIONS, "the override repeats the base command, TLS added"
+    assert _published_ports(tls) == [("0.0.0.0", "6380", "6380")], "only the TLS port is published"
+    assert _volumes(tls)["/tls"].endswith("tls") and _volumes(tls)["/data"] == "redis-data"
+    assert tls["healthcheck"] == base["healthcheck"] and _env(tls) == _env(base)
+    for name, svc in _broker_users(tls_config).items():  # the services beside Redis keep the plain port
+        assert urlsplit(_env(svc)["SLIP_BROKER_URL"]).port == 6379, name
+
+
+def test_tls_port_can_be_bound_to_one_interface():
+    env = {**TEST_ENV, "REDIS_TLS_BIND": "10.0.0.5", "REDIS_TLS_PORT": "16380", "REDIS_TLS_DIR": "/etc/slip/tls"}
+    done = _docker_compose("config", env=env, files=(COMPOSE, TLS_OVERRIDE))
+    assert done.returncode == 0, done.stderr
+    redis = yaml.safe_load(done.stdout)["services"]["redis"]
+    assert _published_ports(redis) == [("10.0.0.5", "16380", "6380")]
+    assert _volumes(redis)["/tls"] == "/etc/slip/tls"
 
 
 # ---------------------------------------------------------------------------------------------- image

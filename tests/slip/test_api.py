@@ -16,11 +16,11 @@ def test_unknown_name_raises_attribute_error():
 
 
 def test_requests_and_job_payloads_import_no_model_code():
-    """slip.request and worker.jobs are read by producers and light CLI commands: no torch behind them."""
+    """slip.request, slip.options and the job model are read by producers and light CLI commands: no torch."""
     import subprocess
     import sys
 
-    code = ("import sys, slip.request, worker.jobs, worker.ledger, producer.cli; "
+    code = ("import sys, slip.request, slip.options, slip.settings, jobs.model, jobs.ledger, jobs.view, producer.cli; "
             "heavy = sorted(m for m in ('torch', 'transformers', 'segment_anything') if m in sys.modules); "
             "print(','.join(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
