@@ -241,28 +241,3 @@ def save_calibration(calibration: Calibration, *, bundle: bool = False) -> Path:
     """Write ``threshold.json`` beside the ranker (see :func:`check_writable`)."""
     return write_threshold(check_writable(calibration.directory, calibration.spec, bundle=bundle), calibration.record)
 
-
-# --- on reviewed images (slip review, slip labels) ---------------------------------------------------------
-
-
-def calibrate_reviewed(labels: str | Path, spec: str, *, split: str = "train", heldout_split: str = "heldout",
-                       device: str = "auto", cache_dir: Path | None = None) -> Calibration:
-    """Pick ``spec``'s threshold on the reviewed images of a labels folder (:mod:`slip.review`): every
-    prompt of every image of ``split`` is a probe (present when the reviewer kept an object of it, hit when
-    its best segment among the job's proposals is that object); report it on ``heldout_split`` (when that
-    split has images, else on ``split`` itself)."""
-    from slip.rankers.loading import load_ranker_bundle
-    from slip.review import read_labels, score_reviewed
-
-    folder = read_labels(Path(labels))
-    bundle = load_ranker_bundle(spec, device=device, cache_dir=cache_dir)
-    fit = score_reviewed(bundle.ranker, folder, split=split)
-    point = best_threshold(fit.probes)
-    test_split = heldout_split if folder.split(heldout_split) else split
-    test = fit if test_split == split else score_reviewed(bundle.ranker, folder, split=test_split)
-    held = operating_point(test.probes, point.threshold)
-    setting = {"reviewed_labels": str(folder.root), "split": split, "images": fit.images,
-               "source": folder.review.get("source"), "job": folder.review.get("job")}
-    record = calibration_record(point, held, setting=setting, heldout={"split": test_split, "images": test.images},
-                                ranker=spec, ranker_sha256=bundle.ref.sha256)
-    return Calibration(spec, ranker_directory(spec, cache_dir), point, held, record)

@@ -7,6 +7,7 @@ The lead's app mounts these functions as commands (``app.command("train-ranker")
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -14,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from slip.cli.common import cache_dir_from_env, fail, user_errors
+from slip.settings import ModelSettings, model_flag
 
 
 def _logging(quiet: bool) -> None:
@@ -36,16 +38,22 @@ def train_ranker(
     text_pooling: Optional[str] = typer.Option(None, help="cls | mean; default: mean for MiniLM, cls otherwise."),
     proj_dim: int = typer.Option(128, help="Projection dimension (the paper's grid: 128, 512)."),
     image_size: int = typer.Option(224, help="Crop side in pixels the image backbone sees."),
-    lr: float = typer.Option(1e-3, help="Learning rate of the projection heads (the grid's lr)."),
-    image_lr: float = typer.Option(1e-4, help="Learning rate of the image backbone."),
-    text_lr: float = typer.Option(1e-5, help="Learning rate of the text encoder."),
-    loss: str = typer.Option("paper", help="Dual-encoder loss: paper (temperature 1, soft targets) | clip (unit "
-                             "norm, learnt temperature)."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    batch_size: int = typer.Option(64, help="Image-caption pairs per step."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the projection heads (the grid's lr); default "
+                                       "1e-3, with --init 5e-4 (the review recipe)."),
+    image_lr: Optional[float] = typer.Option(None, help="Learning rate of the image backbone; default 1e-4, with "
+                                             "--init 2e-4."),
+    text_lr: Optional[float] = typer.Option(None, help="Learning rate of the text encoder; default 1e-5."),
+    loss: Optional[str] = typer.Option(None, help="Dual-encoder loss: paper (temperature 1, soft targets) | clip (unit "
+                                       "norm, learnt temperature); default paper, with --init the one the ranker "
+                                       "was trained with."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs; default 10, with --init 15 or as many as 200 "
+                                         "optimiser steps need (a review is small)."),
+    batch_size: Optional[int] = typer.Option(None, help="Image-caption pairs per step; default 64, with --init 32."),
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
     segment_view_prob: float = typer.Option(0.5, help="Share of cut-out segment views for images with masks."),
-    init: Optional[str] = typer.Option(None, help="Fine-tune this ranker instead (HF CLIP id/DIR, dual-encoder DIR, tiny-random)."),
+    init: Optional[str] = typer.Option(None, help="Fine-tune this ranker from its current weights instead (HF CLIP "
+                                       "id/DIR, dual-encoder DIR, synth, tiny-random), e.g. on a `slip labels import` "
+                                       "folder, with the review recipe (slip/train/finetune.py)."),
     pretrained_image: bool = typer.Option(True, "--pretrained-image/--random-image",
                                           help="Start the image backbone from its pretrained weights (an error when "
                                                "they are not on disk), or from random init on purpose."),
@@ -71,6 +79,7 @@ def train_ranker(
 
     from slip.rankers.dual_encoder import DualEncoderConfig
     from slip.train import synth_clip
+    from slip.train.finetune import MIN_STEPS, REVIEW_RECIPE, fine_tune
     from slip.train.ranker import TrainConfig
     from slip.train.ranker import train_ranker as run
 
@@ -93,11 +102,18 @@ def train_ranker(
                                           text_pooling=pooling, proj_dim=proj_dim, image_size=image_size,
                                           pretrained_image=pretrained_image, pretrained_text=pretrained_text,
                                           freeze_text=freeze_text)
-            config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr, text_lr=text_lr,
-                                 seed=seed, split_seed=split_seed, caption_template=caption_template,
-                                 segment_view_prob=segment_view_prob, device=device, progress=not quiet,
-                                 save_initial=save_initial, loss=loss)
-        result = run(dataset, out, model=model, init=init, config=config, cache_dir=cache_dir_from_env())
+            base = REVIEW_RECIPE if init is not None else TrainConfig()
+            given = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
+                                            text_lr=text_lr, loss=loss).items() if v is not None}
+            config = replace(base, **given, seed=seed, split_seed=split_seed, caption_template=caption_template,
+                             segment_view_prob=segment_view_prob, device=device, progress=not quiet,
+                             save_initial=save_initial)
+        if init is not None and not bundle:
+            result = fine_tune(dataset, out, init=init, config=config, min_steps=0 if epochs else MIN_STEPS,
+                               keep_loss=loss is not None, cache_dir=cache_dir_from_env())
+            config = replace(config, epochs=len(result.history))
+        else:
+            result = run(dataset, out, model=model, init=init, config=config, cache_dir=cache_dir_from_env())
         target = synth_clip.install_bundle(result.out) if bundle else result.out
     typer.echo(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}/{config.epochs} "
                f"({result.seconds:.0f} s); checkpoint: {target} (use --clip {'synth' if bundle else target})")
@@ -113,14 +129,14 @@ def evaluate_local(
     caption_template: str = typer.Option("{name}", help="Caption template; {name} is the class name."),
     tile_size: int = typer.Option(128, help="Side of each composite tile in pixels."),
     proposals: str = typer.Option("oracle", help="oracle (known segments + distractors) | sam (SAM + filters)."),
-    sam: str = typer.Option("synth", help="SAM spec for --proposals sam."),
+    sam: Optional[str] = model_flag("sam"),
     filters: Optional[str] = typer.Option(None, help="Filter chain for --proposals sam, e.g. 'containment:0.8' or "
                                           "'none'; default: the SAM's recommended chain (filters.json beside the "
                                           "checkpoint), else the paper's 'containment'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary per ranker as JSON here."),
     report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
     judge: Optional[Path] = typer.Option(None, help="Also score with this classifier judge (slip train-judge)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    device: Optional[str] = model_flag("device"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Score rankers judge-free on seeded 2x2 composites: every class of every composite is queried."""
@@ -128,10 +144,11 @@ def evaluate_local(
 
     _logging(quiet)
     with user_errors():
+        models = ModelSettings.from_env(os.environ, ("sam", "device", "cache_dir"), sam=sam, device=device)
         runs = evaluate_rankers(dataset, ranker, composites=composites, seed=seed, split_seed=split_seed, split=split,
                                 caption_template=caption_template, tile_size=tile_size, proposals=proposals,
-                                sam=sam, device=device, cache_dir=cache_dir_from_env(), progress=not quiet,
-                                judge=judge, filters=filters)
+                                sam=models.sam, device=models.device, cache_dir=models.cache_dir,
+                                progress=not quiet, judge=judge, filters=filters)
         typer.echo(format_table(runs))
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ Output directory (a ranker: ``--clip OUT`` loads it)::
 
     OUT/config.json, model.safetensors, tokenizer files   best-validation checkpoint
     OUT/curve.json   {"epochs": [{"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}], "best_epoch", ...}
-    OUT/curve.png    loss per epoch (matplotlib)
+                     (rewritten every epoch)
+    OUT/curve.png    loss per epoch (matplotlib; drawn when training ends)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def train_ranker(dataset: str | Path, out: str | Path, *, model: DualEncoderConf
         if record["val_loss"] < best[1]:
             best = (epoch, record["val_loss"])
             run.trainee.save(out, training=_training_meta(run.folder, config, epoch, record["val_loss"]))
-        write_curve(out, history, best_epoch=best[0])
+        write_curve(out, history, best_epoch=best[0], plot=epoch == config.epochs)  # the PNG once, at the end
         log.info("epoch %d: train %.4f val %.4f acc %.3f", epoch, record["train_loss"], record["val_loss"],
                  record["val_accuracy"])
         if on_epoch is not None:
@@ -230,10 +231,11 @@ def _training_meta(folder: LabelledFolder, config: TrainConfig, epoch: int, val_
             "config": asdict(config), "best_epoch": epoch, "best_val_loss": val_loss}
 
 
-def write_curve(out: Path, history: list[dict], *, best_epoch: int) -> None:
-    """``curve.json`` and ``curve.png`` (train / validation loss per epoch, best epoch marked)."""
+def write_curve(out: Path, history: list[dict], *, best_epoch: int, plot: bool = True) -> None:
+    """``curve.json`` and (``plot``) ``curve.png`` (train / validation loss per epoch, best epoch marked)."""
     (out / "curve.json").write_text(json.dumps({"epochs": history, "best_epoch": best_epoch}, indent=2))
-    plot_curve(history, out / "curve.png", best_epoch=best_epoch)
+    if plot:
+        plot_curve(history, out / "curve.png", best_epoch=best_epoch)
 
 
 def plot_curve(history: list[dict], path: Path, *, best_epoch: int | None = None, title: str = "ranker training") -> None:

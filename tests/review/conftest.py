@@ -1,0 +1,84 @@
+"""Fixtures of the review-loop tests: a tiny "job" of synthetic scenes whose results are known masks.
+
+Each image is a :func:`slip.data.synth.render_scene` of two classes; its segments are the two true
+object masks, a background blob and half of the first object; the similarities are made up so the right
+object wins each prompt, by a margin that differs per image (so doubt has an order to find). No model
+runs: the exporters and importers are what is under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.exports_items import ExportItem
+from slip.data.synth import render_scene
+from slip.outputs import encode_rle
+from pycocotools import mask as mask_utils
+
+PROMPTS = ("circle", "square", "triangle")
+SCENES = (("circle", "square"), ("square", "triangle"), ("triangle", "circle"), ("circle", "triangle"),
+          ("square", "circle"))
+SIZE = 96
+
+
+@dataclass(frozen=True)
+class ReviewJob:
+    root: Path  # the submitted folder: img_<k>.png
+    prompts: tuple[str, ...]
+    items: tuple[ExportItem, ...]
+    truth: tuple[dict, ...]  # per item: {prompt: (H, W) bool} of the objects in it
+    margins: tuple[float, ...]  # the best-vs-second margin built into each image
+
+
+def make_doc(masks: np.ndarray, scores: np.ndarray, prompts, *, threshold: float | None, digest: str) -> dict:
+    """A segments.json v2 document: ``masks`` (N, H, W), ``scores`` (N, P); each prompt answered with its
+    argmax segment when it passes ``threshold``."""
+    n, h, w = masks.shape
+    rles = encode_rle(masks)
+    segments = [{"id": i, "segmentation": r, "bbox": [float(v) for v in mask_utils.toBbox(
+                    {"size": r["size"], "counts": r["counts"].encode()})], "area": int(masks[i].sum()),
+                 "predicted_iou": 0.9, "stability_score": 0.95, "point_coords": [0.0, 0.0], "crop_box": [0, 0, w, h],
+                 "similarity": {p: float(scores[i, c]) for c, p in enumerate(prompts)}} for i, r in enumerate(rles)]
+    matches = []
+    for c, p in enumerate(prompts):
+        best = int(np.argmax(scores[:, c]))
+        pair = {"segment": best, "score": float(scores[best, c])}
+        chosen = [pair] if threshold is None or pair["score"] >= threshold else []
+        matches.append({"prompt": p, "threshold": threshold, "instances": chosen, "best": pair, "top_k": [pair]})
+    return {"format_version": 2, "image_size": {"height": h, "width": w}, "prompts": list(prompts), "request": {},
+            "request_digest": digest, "generated": n, "filters": [], "segments": segments, "matches": matches,
+            "timings_s": {}}
+
+
+@pytest.fixture(scope="session")
+def review_job(tmp_path_factory) -> ReviewJob:
+    root = tmp_path_factory.mktemp("job")
+    items, truths, margins = [], [], []
+    for k, classes in enumerate(SCENES):
+        rng = np.random.default_rng([18, k])
+        image, objects = render_scene(list(classes), rng, size=SIZE, scale=(0.35, 0.45))
+        path = root / f"img_{k}.png"
+        Image.fromarray(image).save(path)
+        background = ~objects.any(0)
+        background[: SIZE // 2] = False
+        half = objects[0].copy()
+        half[:, : SIZE // 2] = False
+        masks = np.stack([objects[0], objects[1], background, half])
+        margin = 0.02 + 0.04 * k  # of the first object's prompt over the half object: the image's doubt
+        scores = np.zeros((4, len(PROMPTS)))  # absent prompts: far under the threshold, no margin
+        for j, name in enumerate(classes):
+            scores[j, PROMPTS.index(name)] = 0.3 + margin
+        scores[3, PROMPTS.index(classes[0])] = 0.3
+        doc = make_doc(masks, scores, PROMPTS, threshold=0.25, digest=f"{k:064x}")
+        items.append(ExportItem(index=k, name=path.name, state="done", doc=doc, reason=None,
+                                image=lambda p=path: p.read_bytes()))
+        truths.append({name: objects[j] for j, name in enumerate(classes)})
+        margins.append(margin)
+    items.append(ExportItem(index=len(SCENES), name="broken.png", state="failed", doc=None, reason="corrupt image",
+                            image=None))
+    return ReviewJob(root, PROMPTS, tuple(items), tuple(truths), tuple(margins))
