@@ -7,7 +7,8 @@
 # 1. Debian packages: redis-server (the broker); for the tests also docker-compose (validates
 #    docker-compose.yml) and chromium (renders the gallery, report and dashboard pages in their tests).
 # 2. uv (pinned, hash-checked, requirements/uv.txt) into .venv-uv/, then the venv .venv synced exactly to
-#    requirements/dev.txt (hash-checked) and the project installed editable on top. torch comes from
+#    requirements/dev.txt (hash-checked) and the project installed editable on top; for the tests also the
+#    Label Studio venv .venv-ls (scripts/setup-label-studio.sh, requirements/label-studio.txt). torch comes from
 #    $SLIP_FIND_LINKS (default /opt/pypi-more/files, where this kind of machine keeps the pinned wheels)
 #    when that folder exists, else from PyPI: the hashes are the same.
 # 3. Redis at 127.0.0.1:6379, started here if nothing answers.
@@ -46,7 +47,9 @@ links=(); [ -d "$FIND_LINKS" ] && links=(--find-links "$FIND_LINKS")
 SAM2_BUILD_CUDA=0 "$UV" pip sync -q --python "$VENV/bin/python" --require-hashes "${links[@]}" \
     --build-constraint requirements/torch.txt requirements/dev.txt
 "$UV" pip install -q --python "$VENV/bin/python" --no-deps -e .
-"$VENV/bin/python" -c "import slip, worker, producer" || { echo "setup: the project does not import" >&2; exit 1; }
+"$VENV/bin/python" -c "import slip, jobs, worker, producer" || { echo "setup: the project does not import" >&2; exit 1; }
+# the tests' Label Studio server lives in its own locked venv (it pins older redis / celery than ours)
+[ "$MODE" = demo ] || UV="$UV" bash scripts/setup-label-studio.sh
 
 # 3. Redis at 127.0.0.1:6379
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -71,7 +71,7 @@ def test_torch_is_the_pinned_pair_everywhere():
 
 
 def test_every_locked_line_carries_hashes():
-    for lock in ("dev.txt", "runtime.txt", "uv.txt"):
+    for lock in ("dev.txt", "runtime.txt", "uv.txt", "label-studio.txt"):
         text = (REQ / lock).read_text()
         for block in re.split(r"\n(?=[A-Za-z0-9])", text):
             if PIN.match(block):
