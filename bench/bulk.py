@@ -16,11 +16,11 @@ For each size N it measures what a 100k-image user meets before any GPU work:
 
 What runs for real: the producer's submit, a private Redis, the directory store (``--root``; /dev/shm by
 default so the disk's flush time does not hide the control plane's own cost) and moto's S3 server,
-status, export. What does not: no Celery worker and no model. The bench plays the worker's part in the
-control plane: it takes each ``slip.segment`` message the feeder published off the ``gpu`` list, writes a
-one-segment stand-in ``segments.json`` per image with ``Store.put_many``, the chunk's completion record
-with ``worker.ledger.record_chunk``, marks it finished in Redis (``JobBoard.mark_finished``) and tops the
-job up (``Feeder.feed``) — the same objects and Redis updates a worker makes after its model work.
+status, export. What does not: no Celery worker and no model. The bench plays the worker: it takes each
+``slip.segment`` message off the ``gpu`` queue through kombu's public consumer API (``SimpleQueue``, in the
+order a worker is served) and runs the real :func:`worker.tasks.run_chunk` on it — running mark, completion
+record, finish, top-up — with a stand-in unit that writes a one-segment ``segments.json`` per image instead
+of the model work.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
-import base64  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -74,48 +73,44 @@ def stand_in_request():
     return resolve(SegmentOptions(), sam=none, sam_generator={}, sam_filters=None, ranker=none, ranker_threshold=None)
 
 
-def finish_chunk(client, request, message: dict) -> None:
-    """What a worker does after its model work on one chunk: result files, completion record, Redis."""
+def stand_in_unit(request):
+    """A segment unit without model work: a one-segment ``segments.json`` for the image (the processor
+    signature of :data:`worker.tasks.PROCESSORS`)."""
     import torch
 
+    from jobs.model import ItemOutcome
+    from jobs.segment import SegmentSpec
     from slip.outputs import encode_rle, result_document
     from slip.types import Match
-    from worker.jobs import ChunkRecord, ItemOutcome, SegmentRequest
-    from worker.ledger import record_chunk
     from worker.processing import result_key
 
-    req = SegmentRequest.parse(message)
     mask = np.zeros((1, 8, 8), bool)
     mask[0, 2:6, 2:6] = True
     segment = {"id": 0, "segmentation": encode_rle(mask)[0], "bbox": [2.0, 2.0, 4.0, 4.0], "area": 16,
                "predicted_iou": 1.0, "stability_score": 1.0, "point_coords": [4.0, 4.0], "crop_box": [0.0, 0.0, 8.0, 8.0]}
     match = Match(prompt=PROMPT, instances=((0, 0.5),), best=(0, 0.5), threshold=None, top_k=((0, 0.5),))
-    files, outcomes = {}, []
-    for item in req.items:
-        prefix = result_key(item, request, req.spec)
-        doc = result_document(image_size=(8, 8), prompts=req.spec.prompts, request=request, segments=[segment],
+
+    def unit(res, manifest, item, **_):
+        spec = SegmentSpec.model_validate(manifest.spec)
+        prefix = result_key(item, request, spec)
+        doc = result_document(image_size=(8, 8), prompts=spec.prompts, request=request, segments=[segment],
                               similarity=torch.tensor([[0.5]]), matches=[match], generated=1, filters=[], timings={},
                               runtime={"note": "bench/bulk.py stand-in: no model work"})
-        files[f"{prefix}/segments.json"] = json.dumps(doc).encode()
-        outcomes.append(ItemOutcome(index=item.index, state="done", result_key=prefix, how="computed", found=[1]))
-    client.store.put_many(files)
-    record = ChunkRecord(job_id=req.job_id, chunk=req.chunk, task_id="bench", worker="bench", finished="", items=outcomes)
-    record_chunk(client.store, record, replace_earlier=False)
-    client.board.mark_finished(req.job_id, req.chunk)
-    client.feeder.feed(req.job_id)
+        res.store.put_many({f"{prefix}/segments.json": json.dumps(doc).encode()})
+        return ItemOutcome(index=item.index, state="done", result_key=prefix, how="computed", found=[1])
+
+    return unit
 
 
-def take_message(client) -> dict | None:
-    """The next ``slip.segment`` request on the ``gpu`` lists (as a worker's BRPOP would take it)."""
-    from worker.broker import MODEL_QUEUE, queue_lists
-
-    popped = client.board.r.brpop(list(queue_lists(MODEL_QUEUE)), timeout=0.01)  # in the order a worker serves them
-    if popped is None:
+def take_message(queue) -> dict | None:
+    """The next message's kwargs on the ``gpu`` queue (kombu ``SimpleQueue``: a worker's order), acked."""
+    try:
+        message = queue.get(block=True, timeout=0.05)
+    except queue.Empty:
         return None
-    raw = popped[1]
-    message = json.loads(raw)
-    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-    return kwargs["request"]
+    _, kwargs, _ = message.decode()
+    message.ack()
+    return kwargs
 
 
 def used_memory(client) -> int:
@@ -124,19 +119,28 @@ def used_memory(client) -> int:
 
 def run_job(client, folder: Path) -> dict:
     """Submit, play the workers until the job is finished, read its status; the figures."""
+    from jobs.broker import MODEL_QUEUE
+    from worker.resources import load_resources
+    from worker.tasks import run_chunk
+
     before = used_memory(client)
     start = time.perf_counter()
     job = client.submit_segment([folder], [PROMPT], {}, batch_size=BATCH, max_in_flight=WINDOW)
     submit_s = time.perf_counter() - start
     after_submit = used_memory(client)
-    request, peak, chunks = stand_in_request(), after_submit, 0
+    res = load_resources(client.settings, load_models=False, send=client.send, instance="bulk-bench")
+    processors = {"segment": stand_in_unit(stand_in_request())}
+    peak, chunks = after_submit, 0
     start = time.perf_counter()
-    while (message := take_message(client)) is not None:
-        finish_chunk(client, request, message)
-        chunks += 1
-        if chunks % 500 == 0:
-            peak = max(peak, used_memory(client))
+    with client.app.connection_for_read() as connection, connection.SimpleQueue(MODEL_QUEUE) as queue:
+        while (message := take_message(queue)) is not None:
+            run_chunk(res, message["job"], message["chunk"], message["attempt"], task_id="bench", node="bench",
+                      processors=processors)
+            chunks += 1
+            if chunks % 500 == 0:
+                peak = max(peak, used_memory(client))
     complete_s = time.perf_counter() - start
+    res.close()
     status = client.status(job)
     assert status.counts["done"] == status.manifest.total, status.counts
     polls = []
@@ -159,7 +163,7 @@ def export_in_child(broker: str, store: str, job: str, out: Path) -> dict:
     code = (
         "import json, sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
         "from producer.client import QueueClient; from producer.exports import write_export;"
-        "from worker.settings import Settings; s = Settings(broker_url=sys.argv[2], store=sys.argv[3]);"
+        "from jobs.settings import Settings; s = Settings(broker_url=sys.argv[2], store=sys.argv[3]);"
         "c = QueueClient(s); t = time.perf_counter();"
         "r = write_export(c.export_items(sys.argv[4]), format='coco', out=Path(sys.argv[5]), prompts=['object'], job_id=sys.argv[4]);"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1];"
@@ -175,8 +179,8 @@ def s3_status_cost(broker: str, local: Path, job: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from s3_server import S3Server, count_s3_requests
 
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.settings import Settings
 
     with S3Server() as server:
         os.environ.update(server.env)
@@ -194,8 +198,8 @@ def s3_status_cost(broker: str, local: Path, job: str) -> dict:
 
 
 def bench_size(n: int, root: Path) -> dict:
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.settings import Settings
 
     folder = make_images(root / f"images-{n}", n)
     store_root = root / f"store-{n}"

@@ -1,10 +1,12 @@
 """Chaos benchmark: a bulk job that must finish exactly once while its workers, its Redis and its producer die.
 
     python bench/chaos.py --images 1000 --workers 2 --kills 10 [--kill-every 10 40] [--redis-down 5 30]
-                          [--kill-producer at-id|registered|fed] [--baseline] [--out bench/results/chaos-1000.json]
+                          [--kill-producer at-id|registered|fed] [--side-jobs] [--baseline]
+                          [--out bench/results/chaos-1000.json]
 
-Everything is real and runs with the queue's **default settings** (``SLIP_DEAD_AFTER`` 15 s, ``SLIP_TICK``
-3 s, ``SLIP_HEARTBEAT`` 2 s, visibility timeout 3600 s, batch size 4, 32 chunks in flight):
+Everything is real and runs with the queue's **default settings** (``SLIP_DEAD_AFTER`` 10 s, a reaper beat
+every 1.7 s, ``SLIP_LOST_AFTER`` 30 s, ``SLIP_MAX_ATTEMPTS`` 3, visibility timeout 3600 s, batch size 4, 32
+chunks in flight):
 
 * a private ``redis-server`` on a free port with an append-only file fsynced on every write
   (``appendfsync always``), and a directory store, both in a temporary folder;
@@ -14,8 +16,10 @@ Everything is real and runs with the queue's **default settings** (``SLIP_DEAD_A
   supervisor loop that restarts a worker whose main process died, 1 s later (as systemd or Kubernetes
   would);
 * the producer, ``slip submit segment`` as a subprocess, SIGKILLed the moment it prints the job id
-  (``--kill-producer at-id``, the issue's scenario), or once Redis has the job (``registered``), or once its
-  first window of chunks is sent and its feed lease released (``fed``);
+  (``--kill-producer at-id``: the producer prints it once the job is registered and its first window sent),
+  or once Redis has the job (``registered``), or once its first chunks are claimed (``fed``);
+* with ``--side-jobs``, a training job (a 2-cell grid) and an evaluation job submitted beside it, on the same
+  workers and under the same faults: both must finish, as ``slip status JOB --json`` reports;
 * K SIGKILLs, one every 10-40 s at random, alternately of a whole worker (``killpg``: main process and
   pool, as when a machine dies) and of a worker's pool process alone (as the OOM killer does; ``--kinds``
   picks one kind only); a kill
@@ -27,8 +31,9 @@ Nobody retries anything by hand: the bench has no code path that calls ``slip re
 status says it is finished, the bench checks the store (:func:`verify`): every image has exactly one
 result (``results/<image sha>/<digest>/segments.json``, one digest per image), each parseable with every
 mask decodable; no torn result (a result folder without a readable ``segments.json``); how many
-temporary files a killed writer left (``.tmp/``: hidden, never read, swept at a later worker start once
-older than ``SLIP_TASK_TIME_LIMIT``); the COCO export loads in ``pycocotools``. The wall time runs from the
+temporary files a killed writer left (``.tmp/``: hidden, never read, swept by the reapers once their writer
+is gone); the COCO export loads in ``pycocotools``; for each kill that caught a chunk, the seconds until that
+chunk's completion record was written (target: 30 s for whole-worker and pool-process kills alike). The wall time runs from the
 job id (the job exists) to the first status poll that finds it finished. With ``--baseline`` it also runs
 the same job undisturbed and reports the ratio of the wall times (target: at most 1.5).
 
@@ -182,13 +187,11 @@ class Chaos:
 
 def registered(r: redis.Redis, job: str, *, fed: bool = False, timeout_s: float = 30.0) -> float:
     """Seconds until the cluster has ``job`` (``slip:job:<id>`` exists) and, with ``fed``, until its first
-    chunks are sent and nobody holds its feed lease; RuntimeError after ``timeout_s``."""
+    chunks are claimed (``next`` moved); RuntimeError after ``timeout_s``."""
     start = time.monotonic()
 
     def ready() -> bool:
-        if not fed:
-            return bool(r.exists(f"slip:job:{job}"))
-        return int(r.hget(f"slip:job:{job}", "next") or 0) > 0 and not r.exists(f"slip:lock:feed:{job}")
+        return bool(r.exists(f"slip:job:{job}")) and (not fed or int(r.hget(f"slip:job:{job}", "next") or 0) > 0)
 
     while not ready():
         if time.monotonic() - start > timeout_s:
@@ -197,13 +200,53 @@ def registered(r: redis.Redis, job: str, *, fed: bool = False, timeout_s: float 
     return time.monotonic() - start
 
 
+SIDE_DATASET = {"classes": 4, "per_class": 8, "size": 32}  # a tiny synthetic labelled folder
+SIDE_JOBS = {  # `slip submit ...` arguments after the dataset: seconds of CPU each
+    "train": ["--grid", "lr=1e-3,1e-2", "--image-backbone", "test_resnet", "--random-image", "--text-encoder",
+              "tiny-random", "--random-text", "--image-size", "32", "--epochs", "1", "--batch-size", "8"],
+    "evaluate": ["--ranker", "tiny-random", "--composites", "8", "--chunk", "2", "--tile-size", "32"],
+}
+
+
+def submit_side_jobs(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """A training and an evaluation job on a tiny synthetic dataset (``slip submit``, no --wait): kind -> id."""
+    import subprocess
+
+    from slip.data.synth import generate_dataset
+
+    dataset = generate_dataset(folder / "dataset", seed=0, **SIDE_DATASET)
+    ids = {}
+    for kind, args in SIDE_JOBS.items():
+        done = subprocess.run([sys.executable, "-m", "producer", "submit", kind, str(dataset), *args], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"slip submit {kind} failed: {done.stderr[-2000:]}")
+        ids[kind] = done.stdout.strip().splitlines()[0]
+    return ids
+
+
+def side_job_reports(env: dict[str, str], client, ids: dict[str, str], *, timeout_s: float) -> dict[str, dict]:
+    """Wait for the side jobs, then what `slip status JOB --json` says of each."""
+    import subprocess
+
+    reports = {}
+    for kind, job in ids.items():
+        wait_finished(client, job, timeout_s=timeout_s, poll_s=2.0)
+        done = subprocess.run([sys.executable, "-m", "producer", "status", job, "--json"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        reports[kind] = json.loads(done.stdout) if done.stdout.strip() else {"error": done.stderr[-2000:]}
+    return reports
+
+
 def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan | None = None,
         submit_args: Sequence[str] = (), timeout_s: float = 3600.0, coco: bool = True,
-        settle_s: float = 5.0, kill_producer: str = "at-id", progress: Callable[[str], None] | None = None) -> dict:
+        settle_s: float = 5.0, kill_producer: str = "at-id", side_jobs: bool = False,
+        progress: Callable[[str], None] | None = None) -> dict:
     """One run: a private Redis, ``workers`` supervised workers, the producer SIGKILLed the moment it prints
     the job id (``kill_producer="at-id"``, the issue's scenario), once the job is registered in Redis
-    (``"registered"``) or once its first window is sent (``"fed"``), the faults of ``plan`` (None:
-    undisturbed), then :func:`verify`. The figures as a dict."""
+    (``"registered"``) or once its first chunks are claimed (``"fed"``), the faults of ``plan`` (None:
+    undisturbed), with ``side_jobs`` a training and an evaluation job beside it, then :func:`verify`. The
+    figures as a dict."""
     say = progress or (lambda text: None)
     workdir.mkdir(parents=True, exist_ok=True)
     server = RedisServer(workdir / "redis").start()
@@ -234,6 +277,7 @@ def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan |
         job_start = time.monotonic()  # the job exists from here: the wall time is the job's, not the upload's
         if plan is not None:
             chaos = Chaos(plan, job=submitted.job_id, workers=pool, server=server).start()
+        side = submit_side_jobs(env, workdir) if side_jobs else {}
         status, poll = wait_finished(client, submitted.job_id, timeout_s=timeout_s, poll_s=2.0, start=job_start)
         wall = time.monotonic() - job_start
         time_to_finish = time.monotonic() - start
@@ -245,6 +289,7 @@ def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan |
         # a moment for what is still queued (re-sends) to land, then the final word
         time.sleep(settle_s)
         final, _ = wait_finished(client, submitted.job_id, timeout_s=60, poll_s=1.0)
+        side_reports = side_job_reports(env, client, side, timeout_s=600) if side else {}
         checks = verify(client, submitted.job_id)
         delays = finish_delays(client, submitted.job_id, chaos.kills) if chaos else {}
         coco_report = coco_check(client, submitted.job_id, workdir / "export.coco.json") if coco else {"skipped": "not asked"}
@@ -272,7 +317,7 @@ def run(images: Sequence[Path], *, workdir: Path, workers: int = 2, plan: Plan |
         "torn": checks["torn"], "not_done": checks["not_done"], "temporaries_left": checks["temporaries"],
         "segments": checks["segments"], "examples": checks["examples"], "manual_retries": 0,
         "status_polls_failed": poll.troubles, "status_ever_lost": poll.ever_lost,
-        "feeder": log_counts(pool), "coco": coco_report,
+        "reapers": log_counts(pool), "coco": coco_report, "side_jobs": side_reports,
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "progress": _thin(poll.samples),
     }
@@ -291,10 +336,11 @@ def _thin(samples: list[tuple[float, dict]], every_s: float = 15.0) -> list[tupl
 
 
 def passed(result: dict) -> bool:
-    """The issue's targets: every image exactly once, nothing lost or torn, no retry by hand, and (when a
-    baseline was run) a wall time at most 1.5 x the undisturbed one."""
+    """The issue's targets: every image exactly once, nothing lost or torn, no temporary left, no retry by
+    hand, the side jobs finished, and (when a baseline was run) a wall time at most 1.5 x the undisturbed one."""
     ok = (result["exactly_once"] == result["images"] and result["lost"] == 0 and result["torn"] == 0
-          and result["manual_retries"] == 0)
+          and result["manual_retries"] == 0 and result["temporaries_left"] == 0
+          and all(r.get("done") == r.get("total") for r in result.get("side_jobs", {}).values()))
     ratio = result.get("ratio")
     return ok and (ratio is None or ratio <= TARGET_RATIO)
 
@@ -307,6 +353,9 @@ def summary_line(result: dict) -> str:
             f"retries; {k['total']} kills ({k['main']} main, {k['pool']} pool, {k['mid_task']} mid-task), "
             f"{result['redis_restarts']} Redis restart(s); wall {result['wall_s']:.0f} s"
             + (f" vs {result['baseline_wall_s']:.0f} s undisturbed = {ratio:.2f}x" if ratio is not None else "")
+            + "".join(f"; {kind} job {r.get('done')}/{r.get('total')} done" for kind, r in result.get("side_jobs", {}).items())
+            + "".join(f"; {kind} kills' chunks done in {d['min_s']:.1f}/{d['median_s']:.1f}/{d['max_s']:.1f} s"
+                      for kind, d in result.get("killed_chunk_finished_after_s", {}).items())
             + f"; {'PASS' if passed(result) else 'FAIL'}")
 
 
@@ -324,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-wall", type=float, default=None, help="an undisturbed wall time measured before")
     parser.add_argument("--kill-producer", choices=("at-id", "registered", "fed"), default="at-id",
                         help="SIGKILL the producer the moment it prints the job id (the issue's scenario), once "
-                             "Redis has the job, or once its first chunks are sent")
+                             "Redis has the job, or once its first chunks are claimed")
+    parser.add_argument("--side-jobs", action="store_true",
+                        help="a training and an evaluation job in flight beside the segment job, under the same faults")
     parser.add_argument("--points-per-side", type=int, default=12,
                         help="SAM's point grid: more points, more work per image (a longer job holds more kills)")
     parser.add_argument("--seed", type=int, default=0)
@@ -332,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files here (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/chaos-<N>.json")
     args = parser.parse_args(argv)
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     out = args.out or ROOT / "bench" / "results" / f"chaos-{args.images}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slip-chaos-"))
@@ -345,22 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     say(f"chaos run: {args.images} images, {args.workers} workers, {args.kills} kills (workdir {workdir})")
     grid = ("--points-per-side", str(args.points_per_side))  # the last of a repeated option wins
     result = run(images, workdir=workdir / "chaos", workers=args.workers, plan=plan, timeout_s=args.timeout,
-                 submit_args=grid, kill_producer=args.kill_producer, progress=say)
+                 submit_args=grid, kill_producer=args.kill_producer, side_jobs=args.side_jobs, progress=say)
     baseline = args.baseline_wall
     if args.baseline:
         say("baseline run (undisturbed)")
         base = run(images, workdir=workdir / "baseline", workers=args.workers, plan=None, timeout_s=args.timeout,
                    submit_args=grid, coco=False, kill_producer=args.kill_producer, progress=say)
         baseline = base["wall_s"]
-        result["baseline"] = {k: base[k] for k in ("wall_s", "exactly_once", "lost", "torn", "loadavg", "feeder")}
+        result["baseline"] = {k: base[k] for k in ("wall_s", "exactly_once", "lost", "torn", "loadavg", "reapers")}
     if baseline:
         result["baseline_wall_s"] = baseline
         result["ratio"] = round(result["wall_s"] / baseline, 3)
     result["command"] = "python bench/chaos.py " + " ".join(sys.argv[1:] if argv is None else argv)
     defaults = Settings()
     result["settings"] = {"segment_args": [*SEGMENT_ARGS, *grid], "batch_size": 4, "max_in_flight": 32,
-                          "SLIP_DEAD_AFTER": defaults.dead_after_s, "SLIP_TICK": defaults.tick_s,
-                          "SLIP_HEARTBEAT": defaults.heartbeat_s, "SLIP_LOST_AFTER": defaults.lost_after_s,
+                          "SLIP_DEAD_AFTER": defaults.dead_after_s, "heartbeat_s": defaults.heartbeat_s,
+                          "SLIP_LOST_AFTER": defaults.lost_after_s, "SLIP_MAX_ATTEMPTS": defaults.max_attempts,
                           "SLIP_VISIBILITY_TIMEOUT": defaults.visibility_timeout_s, "cores": os.cpu_count()}
     result["passed"] = passed(result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,6 @@ image, no torn result, temporary files left, the COCO export)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
 import json
 import os
 import random
@@ -17,9 +12,11 @@ import select
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,6 +25,7 @@ from PIL import Image
 
 from bench.processes import Worker
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red box"
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -115,7 +113,7 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
 
 
 def running(r: redis.Redis, job: str) -> dict[int, dict]:
-    """``slip:job:<id>:running``: chunk -> {"task", "worker", "node", "at"}."""
+    """``slip:job:<id>:running``: chunk -> {"attempt", "worker", "pid", "node", "at"}."""
     return {int(k): json.loads(v) for k, v in r.hgetall(f"slip:job:{job}:running").items()}
 
 
@@ -175,7 +173,8 @@ def verify(client, job: str) -> dict:
     torn result folders, temporaries left by killed writers. Returns the counts and up to 10 examples."""
     from pycocotools import mask as mask_utils
 
-    from worker.ledger import chunk_records, iter_items, load_manifest
+    from jobs.ledger import load_manifest
+    from jobs.status import chunk_records, iter_items
 
     store = client.store
     manifest = load_manifest(store, job)
@@ -246,10 +245,10 @@ def coco_check(client, job: str, out: Path) -> dict:
 
     from pycocotools.coco import COCO
 
-    from worker.ledger import load_manifest
+    from jobs.ledger import load_manifest
 
     manifest = load_manifest(client.store, job)
-    summary = write_export(client.export_items(job), format="coco", out=out, prompts=manifest.spec.prompts,
+    summary = write_export(client.export_items(job), format="coco", out=out, prompts=manifest.spec["prompts"],
                            job_id=job)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(out))
@@ -260,15 +259,15 @@ def coco_check(client, job: str, out: Path) -> dict:
 
 
 def log_counts(workers: Sequence[Worker]) -> dict:
-    """What the workers' logs say the feeder did: re-sends by reason, chunks given up, poison chunks."""
+    """What the workers' logs say the reapers did: re-sends by reason, poison chunks."""
     text = "".join(w.log_path.read_text(errors="replace") for w in workers if w.log_path.exists())
-    reasons = re.findall(r"sending again \(\d+/\d+\): (.*)", text)
+    reasons = re.findall(r"sending again \(attempt \d+\): (.*)", text)
     by_reason: dict[str, int] = {}
     for reason in reasons:
-        key = "worker stopped beating" if "stopped beating" in reason else reason.strip()
+        key = re.sub(r"\S+@\S+|\b\d+\b", "N", reason.strip())  # node names and pids aside
         by_reason[key] = by_reason.get(key, 0) + 1
-    return {"resends": len(reasons), "resends_by_reason": by_reason, "gave_up": len(re.findall(r"gave up after", text)),
-            "poison": len(re.findall(r"poison: started", text)),
+    return {"resends": len(reasons), "resends_by_reason": by_reason,
+            "poison": len(re.findall(r"poison: sent", text)),
             "internal_errors": len(re.findall(r"internal error", text)),
             # Celery killed a new pool process still loading the models (worker_proc_alive_timeout)
             "pool_starts_killed": len(re.findall(r"Timed out waiting for UP message", text))}
@@ -280,7 +279,7 @@ def finish_delays(client, job: str, kills: list[dict]) -> dict:
     kill). Returns the spread per kind of kill."""
     from datetime import datetime
 
-    from worker.ledger import chunk_records
+    from jobs.status import chunk_records
 
     caught = {k["chunk"] for k in kills if k["chunk"] is not None}
     finished = {r.chunk: datetime.fromisoformat(r.finished).timestamp()

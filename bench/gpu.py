@@ -11,7 +11,12 @@ Measured (random weights of the real architectures; weights do not change the co
    variants interleaved (A, B, C, D, A, B, ...), ``--repeats`` times; medians with min/max; the masks of
    ours fp32 are compared with the official ones (count, mean best IoU), bf16 with fp32.
 2. ``clip``: a ViT-B/32-sized CLIP ranking 150 segment crops (crops + image encoder), fp32 and bf16.
-3. ``queue``: one end-to-end run through the real queue: a private ``redis-server``, one
+3. ``sam2``: SAM 2.1-L's automatic mask generation (random weights), the official ``SAM2AutomaticMaskGenerator``
+   vs ours (``Sam2MaskGenerator``), each in fp32 and bf16 (the official under ``torch.autocast``), per image;
+   ours fp32 compared with the official's masks, bf16 with fp32.
+4. ``sam3``: the SAM 3 engine (real-size random ``Sam3Model``) per image with 1 and 8 prompts, fp32 and bf16,
+   each a first pass (vision features computed), and a new prompt on an image already seen (features cached).
+5. ``queue``: one end-to-end run through the real queue: a private ``redis-server``, one
    ``celery -A worker worker`` on the GPU (vit_h + ViT-B/32, bf16), ``--queue-images`` 1024x768 JPEGs
    submitted with ``slip submit segment``: milliseconds per image from submit to the last result.
 
@@ -116,6 +121,81 @@ def clip_case(args, device: torch.device) -> dict:
         out[str(dtype).split(".")[-1]] = interleaved({"rank": lambda _: run()}, image, repeats=args.repeats,
                                                      device=device)["rank"]
     return {"crops": args.crops, "model": "ViT-B/32 (random)" if not args.dry_run else "tiny", "timings_s": out}
+
+
+def sam2_case(args, device: torch.device) -> dict:
+    """SAM 2.1 AMG: official vs ours, fp32 and bf16, on one random-weight model."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from slip.proposers.sam2_generator import Sam2MaskGenerator
+    from slip.proposers.sam2_model import SAM2_ARCHS, build_sam2
+
+    name = "tiny-random-sam2" if args.dry_run else "sam2.1-hiera-large"
+    torch.manual_seed(0)
+    model = build_sam2(SAM2_ARCHS[name]).to(device).eval()
+    image = scene(*args.image_size)
+    options = dict(points_per_side=args.points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    official = SAM2AutomaticMaskGenerator(model, **options)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def official_bf16(im):
+        with autocast():
+            return official.generate(im)
+
+    variants = {
+        "official_fp32": official.generate,
+        "official_bf16": official_bf16,
+        "ours_fp32": Sam2MaskGenerator(model, **options).generate_masks,
+        "ours_bf16": Sam2MaskGenerator(model, dtype="bf16", **options).generate_masks,
+    }
+    timings = interleaved(variants, image, repeats=args.repeats, device=device)
+    reference = official_masks(variants["official_fp32"](image), device)
+    ours = variants["ours_fp32"](image).masks
+    return {"arch": name, "image": list(args.image_size), "options": options, "timings_s": timings,
+            "ratio_official_over": {k: timings["official_fp32"]["median"] / v["median"] for k, v in timings.items()},
+            "ratio_official_bf16_over_ours_bf16": timings["official_bf16"]["median"] / timings["ours_bf16"]["median"],
+            "agreement": {"ours_fp32_vs_official": agreement(reference, ours),
+                          "ours_bf16_vs_ours_fp32": agreement(ours, variants["ours_bf16"](image).masks)}}
+
+
+def sam3_case(args, device: torch.device) -> dict:
+    """The SAM 3 engine per image: 1 and 8 prompts, fp32 and bf16, first pass and a new prompt (cached vision)."""
+    from slip.engines.build import SAM3_THRESHOLD
+    from slip.engines.sam3 import Sam3Concepts
+    from slip.engines.sam3_engine import Sam3Engine
+    from slip.engines.sam3_model import Sam3Bundle, build_tiny_sam3
+    from slip.options import SegmentOptions
+    from slip.request import ModelRef, resolve
+
+    model, processor = build_tiny_sam3()
+    if not args.dry_run:  # the real architecture, random weights (the gated checkpoint is not needed for timing)
+        from transformers import Sam3Config, Sam3Model
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Sam3Model(Sam3Config()).eval()
+        processor.image_processor.size = {"height": 1008, "width": 1008}
+    model = model.to(device).eval()
+    ref = ModelRef(spec="random sam3", arch="sam3", sha256="0" * 64)
+    image = scene(*args.image_size)
+    prompts = ["a red disc", "a blue box", "a green triangle", "a person", "a dog", "a car", "a tree", "a cup"]
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        request = resolve(SegmentOptions(), sam=ref, sam_generator={}, sam_filters="none", ranker=ref,
+                          ranker_threshold=SAM3_THRESHOLD, dtype=dtype, engine="sam3")
+        engine = Sam3Engine(Sam3Concepts(Sam3Bundle(model, processor, ref, None), dtype=dtype), request)
+
+        def first_pass(count):
+            def run(im):
+                engine.concepts.clear()
+                return engine(im, prompts[:count])
+            return run
+
+        variants = {f"{dtype}_1_prompt": first_pass(1), f"{dtype}_8_prompts": first_pass(8),
+                    f"{dtype}_new_prompt_cached": lambda im: engine(im, ["a yellow star"])}
+        out |= interleaved(variants, image, repeats=args.repeats, device=device)
+    return {"model": "Sam3Model random (real size)" if not args.dry_run else "tiny-random-sam3",
+            "image": list(args.image_size), "timings_s": out}
 
 
 def queue_case(args, device: torch.device, work: Path) -> dict:
@@ -227,7 +307,7 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=150)
     parser.add_argument("--queue-images", type=int, default=24)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--cases", nargs="+", default=["sam", "clip", "queue"])
+    parser.add_argument("--cases", nargs="+", default=["sam", "clip", "sam2", "sam3", "queue"])
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench/results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -249,6 +329,10 @@ def main() -> None:
                 figures = {arch: sam_case(arch, args, device) for arch in args.archs}
             elif case == "clip":
                 figures = clip_case(args, device)
+            elif case == "sam2":
+                figures = sam2_case(args, device)
+            elif case == "sam3":
+                figures = sam3_case(args, device)
             else:
                 figures = queue_case(args, device, Path(tmp))
             results[case] = {"case": case, "seconds": time.perf_counter() - start, "figures": figures}
@@ -271,6 +355,10 @@ def print_table(results: dict) -> None:
     if "clip" in results:
         t = results["clip"]["figures"]["timings_s"]
         print("clip: " + ", ".join(f"{k} {v['median'] * 1000:.0f} ms" for k, v in t.items()))
+    for case in ("sam2", "sam3"):
+        if case in results:
+            t = results[case]["figures"]["timings_s"]
+            print(f"{case}: " + ", ".join(f"{k} {v['median'] * 1000:.0f} ms" for k, v in t.items()))
     if "queue" in results:
         q = results["queue"]["figures"]
         print(f"queue: {q['images']} images, {q['ms_per_image']:.0f} ms per image end to end ({q['dtype']})")

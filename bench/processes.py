@@ -5,26 +5,22 @@ Used by ``bench/chaos.py``, ``bench/bulk.py`` and the queue tests that import th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 import redis
 
 from bench.servers import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKER_READY_S = 180.0  # a loaded 2-core machine may take this long to start a worker
-
-
 
 
 class RedisServer:
@@ -232,8 +228,8 @@ class Supervisor:
 
 def client_for(env: dict[str, str]):
     """A :class:`producer.client.QueueClient` for ``env`` (built in this process)."""
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.settings import Settings
 
     return QueueClient(Settings.from_env(env))
 

@@ -22,8 +22,8 @@ publishing rename sets; the client's polling interval is not counted). Per image
   RLE (``encode_proposals``, first segment only) and, with ``--render``, the mask and overlay PNGs
   (``decode_masks``, ``render``);
 * **queue**: the rest of the wall time: the submit's manifest, registration and first sends, Redis, Celery's
-  delivery and acks, the worker's per-chunk bookkeeping (running mark, completion record, top-up by the
-  feeder) and any worker time no stage accounts for. Being the remainder, it leaves nothing out.
+  delivery and acks, the worker's per-chunk bookkeeping (running mark, completion record, top-up) and any
+  worker time no stage accounts for. Being the remainder, it leaves nothing out.
 
 Protocol: a warm-up job first (2 other images, same options and prompts: the pipeline is assembled and the
 prompts encoded before anything is timed); then ``--repeats`` rounds, each running every K once
@@ -123,7 +123,7 @@ def bench_worker(env: dict[str, str], log_path: Path, *, name: str = "bench",
     health report says the models are loaded); yields ``{"node", "health", "process"}``. ``launcher``
     replaces ``celery`` as the command (``bench/requery.py --profile`` runs the worker under cProfile)."""
     from producer.client import QueueClient
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     command = [*(launcher or [sys.executable, "-m", "celery"]), "-A", "worker", "worker", "-Q", "gpu,cpu",
                "--concurrency", "1", "-n", f"{name}@%h"]
@@ -195,7 +195,7 @@ def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, ba
             poll_s: float = 0.05, timeout_s: float = 3600.0) -> dict:
     """Submit ``paths`` through ``client`` and wait for every completion record; the run's figures: wall time
     (submit to the last record published), the upload time, and per stage the seconds the worker reports."""
-    from worker.ledger import chunk_records
+    from jobs.status import chunk_records
 
     upload = client.upload = _Timed(client.upload)  # the instance attribute shadows the method: create_job calls it
     load_before = os.getloadavg()
@@ -263,9 +263,9 @@ def machine() -> dict:
 def segment_params(render: bool, filters: str | None = None):
     """The jobs' options: the synth SAM's recommended generator options and filter chain unless ``filters``
     names another chain (``none``: no filters)."""
-    from worker.jobs import SegmentParams
+    from slip.options import SegmentOptions
 
-    return SegmentParams(render=render, filters=filters)
+    return SegmentOptions(render=render, filters=filters)
 
 
 # --- the benchmark ----------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results" / ("queue-render.json" if args.render else "queue.json")
 
     from producer.client import QueueClient
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     params = segment_params(args.render, args.filters)
     before = machine()

@@ -112,9 +112,9 @@ def profiled_celery() -> None:
 def profile_requery(env: dict, store: Path, paths, params, *, batch_size: int, work: Path, top: int = 40) -> dict:
     """A warm-up re-query and a measured one in a profiled worker; the measured job's profile, summed over its
     tasks: wall figures and the ``top`` functions by cumulative and by own time."""
+    from jobs.status import chunk_records
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.ledger import chunk_records
-    from worker.settings import Settings
 
     folder = work / "profiles"
     launcher = [sys.executable, "-c", "from bench.requery import profiled_celery; profiled_celery()"]
@@ -173,16 +173,14 @@ def measure_barrier(env: dict, paths, params, *, batch_size: int, repeats: int) 
     barrier per chunk (:class:`HeldWrites`), interleaved, each time with a new prompt (encoded once per job)."""
     from dataclasses import replace
 
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.jobs import SegmentRequest
-    from worker.ledger import iter_items
     from worker.resources import load_resources
-    from worker.settings import Settings
     from worker.tasks import run_chunk
 
     settings = Settings.from_env(env)
     client = QueueClient(settings)
-    res = load_resources(settings, load_models=True, publish=client.app.slip_resources.publish, instance="inproc")
+    res = load_resources(settings, load_models=True, send=client.send, instance="inproc")
     results: dict[str, list[float]] = {"per_image": [], "per_chunk": []}
     prompts = [f"shape number {i}" for i in range(2 * (repeats + 1))]
     res.pipeline(res.resolve(params)).encode_prompts(prompts)  # the text encodes are not what is measured here
@@ -191,19 +189,15 @@ def measure_barrier(env: dict, paths, params, *, batch_size: int, repeats: int) 
             for variant in results:
                 prompt = prompts[2 * repeat + (variant == "per_chunk")]
                 manifest = client.create_job([str(p) for p in paths], [prompt], params, batch_size=batch_size)
-                client.board.register(manifest.job_id, chunks=manifest.chunks, window=manifest.chunks)
-                client.feeder.feed(manifest.job_id)  # every chunk sent now (no worker takes them), as a submit does
-                items = list(iter_items(client.store, manifest))
+                client.start(manifest, window=manifest.chunks)  # every chunk sent now (no worker takes them)
                 chunk_res = res if variant == "per_image" else replace(res, store=HeldWrites(res.store))
                 start = time.perf_counter()
                 for chunk in range(manifest.chunks):
-                    request = SegmentRequest(job_id=manifest.job_id, chunk=chunk, spec=manifest.spec,
-                                             items=tuple(items[i] for i in manifest.chunk_range(chunk)))
-                    record = run_chunk(chunk_res, request, task_id=str(uuid.uuid4()), node="inproc")
-                    if record.letters != "d" * len(request.items):
-                        raise RuntimeError(f"in-process chunk failed: {record.items}")
+                    done = run_chunk(chunk_res, manifest.job_id, chunk, 0, task_id=str(uuid.uuid4()), node="inproc")
+                    if done.get("failed") != 0:
+                        raise RuntimeError(f"in-process chunk failed: {done}")
                 if repeat:
-                    results[variant].append((time.perf_counter() - start) / len(items))
+                    results[variant].append((time.perf_counter() - start) / manifest.total)
     finally:
         res.close()
     ms = {k: spread([v * 1e3 for v in vs]) for k, vs in results.items()}
@@ -233,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("redis-server is not installed (apt-get install redis-server)")
 
     from producer.client import QueueClient
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     params = segment_params(args.render, args.filters)
     before = machine()

@@ -1,6 +1,9 @@
-"""Segmentation benchmark: slip.MaskGenerator vs segment_anything's SamAutomaticMaskGenerator.
+"""Segmentation benchmark: slip.MaskGenerator vs segment_anything's SamAutomaticMaskGenerator (SAM 1), and
+slip's Sam2MaskGenerator vs the sam2 package's SAM2AutomaticMaskGenerator (SAM 2 / 2.1).
 
     python bench/segment.py --sam synth --scene mosaic --points-per-side 32 --thresholds 0
+    python bench/segment.py --sam sam2.1-hiera-tiny --random-weights --points-per-side 16 --thresholds 0 --box-nms-thresh 1.0
+    python bench/segment.py --sam synth --scene mosaic --threads 2 --hog 2     # busy machine: a CPU hog per core
     python bench/segment.py --sam vit_b --random-weights --points-per-side 16 --thresholds 0
     python bench/segment.py --sam vit_b --random-weights --points-per-side 16 --thresholds 0 --dtype bf16
     python bench/segment.py --agreement --sam synth --scenes 20            # bf16 vs fp32 masks
@@ -18,6 +21,9 @@ autocasts and the comparison is the agreement (mask count, mean best IoU of each
 scenes (``producer.demo.demo_scene``, 256x256 2x2 composites) with the checkpoint's recommended options,
 or, for ``--random-weights`` models, on generated scenes keeping fp32 masks with predicted IoU above
 ``--min-iou``: mask counts and the mean over fp32 masks of the best IoU among the reduced-precision masks.
+
+``--hog N``: N processes spinning on a core each run beside both generators for the whole timed part (a busy
+machine: the worker's CPU shared with other work); the load average is recorded before and after.
 
 Stages: ``encode`` (image encoder), ``decode`` (prompt encoder + mask decoder), ``post`` (the rest:
 upscaling, filters, NMS, RLE, records); official cut by forward hooks on SAM's modules, ours by its
@@ -53,7 +59,10 @@ from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 from slip.device import resolve_device  # noqa: E402
 from slip.errors import SlipError, WeightsNotFoundError  # noqa: E402
 from slip.generator import MaskGenerator  # noqa: E402
-from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam, load_sam  # noqa: E402
+from slip.proposers.loading import load_proposer_model  # noqa: E402
+from slip.proposers.sam2_generator import Sam2MaskGenerator  # noqa: E402
+from slip.proposers.sam2_model import SAM2_ARCHS, TINY_SAM2, build_sam2  # noqa: E402
+from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, build_sam  # noqa: E402
 from slip.sam import recommended_generator_params  # noqa: E402
 
 RANDOM_BANNER = "!" * 100
@@ -61,7 +70,8 @@ RANDOM_BANNER = "!" * 100
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sam", default="vit_b", help="SAM spec: vit_h | vit_l | vit_b | synth | tiny-random | PATH")
+    p.add_argument("--sam", default="vit_b", help="SAM spec: vit_h | vit_l | vit_b | synth | tiny-random | "
+                   "sam2.1-hiera-{tiny,small,base-plus,large} | tiny-random-sam2 | PATH")
     p.add_argument("--random-weights", action="store_true",
                    help="when weights are missing, time a RANDOMLY INITIALISED model of the same architecture")
     p.add_argument("--scene", default="generated", help="generated | mosaic (8x6 demo scenes) | PATH to an image")
@@ -69,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (official, ours) after one warm-up")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--hog", type=int, default=0, help="CPU hogs (one spinning process per core) beside the runs")
     p.add_argument("--dtype", default="fp32", help="ours: fp32 | bf16 | fp16 (the official always runs fp32)")
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--points-per-batch", type=int, default=64)
@@ -130,17 +141,49 @@ def load_scene(args: argparse.Namespace) -> np.ndarray:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
-    """The SAM for ``--sam`` and ``"real"`` / ``"random"``; random only with ``--random-weights``."""
+    """The SAM (1 or 2) for ``--sam`` and ``"real"`` / ``"random"``; random only with ``--random-weights``."""
     cache_dir = Path(os.environ["SLIP_CACHE"]) if os.environ.get("SLIP_CACHE") else None
     try:
-        return load_sam(args.sam, device=device, cache_dir=cache_dir), "random" if args.sam == TINY_SPEC else "real"
+        model = load_proposer_model(args.sam, device=device, cache_dir=cache_dir).model
+        return model, "random" if args.sam in (TINY_SPEC, TINY_SAM2) else "real"
     except WeightsNotFoundError as e:
-        if not (args.random_weights and args.sam in OFFICIAL_TYPES):
+        if not (args.random_weights and (args.sam in OFFICIAL_TYPES or args.sam in SAM2_ARCHS)):
             sys.exit(f"error: {e}\n(add --random-weights to time a randomly initialised {args.sam} instead)")
         print(f"{RANDOM_BANNER}\n!!! {e}\n!!! RANDOM WEIGHTS: timing a randomly initialised {args.sam}. "
               f"Only the timings are meaningful;\n!!! the masks and scores are noise.\n{RANDOM_BANNER}")
         torch.manual_seed(0)
-        return build_sam(SAM_ARCHS[args.sam]).to(device).eval(), "random"
+        built = build_sam2(SAM2_ARCHS[args.sam]) if args.sam in SAM2_ARCHS else build_sam(SAM_ARCHS[args.sam])
+        return built.to(device).eval(), "random"
+
+
+def is_sam2(model) -> bool:
+    from sam2.modeling.sam2_base import SAM2Base
+
+    return isinstance(model, SAM2Base)
+
+
+def generators(model, options: dict, dtype: str):
+    """(official, ours) automatic mask generators of the model's family."""
+    if is_sam2(model):
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        return SAM2AutomaticMaskGenerator(model, **options), Sam2MaskGenerator(model, dtype=dtype, **options)
+    return SamAutomaticMaskGenerator(model, **options), MaskGenerator(model, dtype=dtype, **options)
+
+
+@contextmanager
+def cpu_hogs(count: int) -> Iterator[list[int]]:
+    """``count`` processes spinning on the CPU (pure Python busy loops) for the duration; their pids."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(1.0 if procs else 0.0)  # let them take their cores
+        yield [p.pid for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def generator_options(args: argparse.Namespace) -> dict:
@@ -160,7 +203,10 @@ class StageClock:
 
     def __init__(self, sam, device: torch.device) -> None:
         self.device, self.seconds, self._start = device, {"encode": 0.0, "decode": 0.0}, 0.0
-        stages = {sam.image_encoder: "encode", sam.prompt_encoder: "decode", sam.mask_decoder: "decode"}
+        if is_sam2(sam):
+            stages = {sam.image_encoder: "encode", sam.sam_prompt_encoder: "decode", sam.sam_mask_decoder: "decode"}
+        else:
+            stages = {sam.image_encoder: "encode", sam.prompt_encoder: "decode", sam.mask_decoder: "decode"}
         self._handles = [h for m, stage in stages.items() for h in self._hook(m, stage)]
 
     def _hook(self, module: torch.nn.Module, stage: str) -> list:
@@ -267,8 +313,7 @@ def compare(official: list[dict], ours: list[dict], exact: bool) -> dict:
 
 def bench_speed(args, sam, image, device) -> dict:
     options = generator_options(args)
-    official = SamAutomaticMaskGenerator(sam, **options)
-    ours = MaskGenerator(sam, dtype=args.dtype, **options)
+    official, ours = generators(sam, options, args.dtype)
     # warm-up (allocator, thread pools, the window upscaler's one-off check), then A, B, A, B
     run_official(official, sam, image, device)
     run_ours(ours, image, device)
@@ -304,7 +349,7 @@ def bench_agreement(args, sam, weights: str, device) -> dict:
     else:
         options = recommended_generator_params(args.sam)
         images = [demo_scene(i)[0] for i in range(args.scenes)]
-    fp32, reduced = MaskGenerator(sam, **options), MaskGenerator(sam, dtype=args.dtype, **options)
+    (_, fp32), (_, reduced) = generators(sam, options, "fp32"), generators(sam, options, args.dtype)
     per_scene = []
     for i, image in enumerate(images):
         start = time.perf_counter()
@@ -454,11 +499,12 @@ def main() -> None:
     except (SlipError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{args.sam} ({weights} weights) on {device}, {torch.get_num_threads()} thread(s), load {load_before}")
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_hogs(args.hog) as hogs:
         if args.agreement:
             result = bench_agreement(args, sam, weights, device)
         else:
             result = bench_speed(args, sam, image, device)
+        load_during = os.getloadavg()
     if not args.agreement:
         print_speed(result)
     else:
@@ -466,12 +512,14 @@ def main() -> None:
     scene = Path(args.scene).stem if args.scene not in ("generated", "mosaic") else args.scene
     sam_name = Path(args.sam).name
     case = f"agreement-{sam_name}" if args.agreement else f"{sam_name}-{scene}-{args.points_per_side}pts"
+    case += f"-{torch.get_num_threads()}threads-hog{args.hog}" if args.hog else ""
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "sam": args.sam, "sam_weights": weights, "device": str(device),
         "image": None if image is None else f"{args.scene} {image.shape[1]}x{image.shape[0]}",
         "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "load_average": {"before": load_before, "after": os.getloadavg()}, "cpu_count": os.cpu_count(),
+        "load_average": {"before": load_before, "end_of_runs": load_during, "after": os.getloadavg()},
+        "cpu_count": os.cpu_count(), "hogs": len(hogs),
         "torch": torch.__version__, "python": platform.python_version(), "result": result,
     }
     out = args.out or ROOT / "bench" / "results" / f"segment-{device.type}-{case}-{args.dtype}.json"

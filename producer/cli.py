@@ -28,10 +28,13 @@ def build_app() -> typer.Typer:
     submit.command("evaluate")(training_cli.submit_evaluate)
     submit.command("train-sam")(train_sam_cli.submit_train_sam)
     root.add_typer(submit, name="submit")
-    for name, command in (("status", queue_cli.status), ("wait", queue_cli.wait), ("retry", queue_cli.retry),
+    for name, command in (("status", queue_cli.status), ("jobs", queue_cli.jobs), ("wait", queue_cli.wait),
+                          ("retry", queue_cli.retry),
                           ("results", results_cli.results), ("gallery", results_cli.gallery),
                           ("report", training_cli.report), ("demo", queue_cli.demo)):
         root.command(name)(command)
+    __import__("producer.review_cli").review_cli.register(root)  # slip labels ..., slip review (issue 18)
+    root.command("dashboard")(__import__("producer.dashboard").dashboard.dashboard_command)  # web page + /metrics
     return root
 
 

@@ -1,44 +1,40 @@
-"""The queue's Python client: submit images and leave, follow a job, export results, re-run failures.
+"""The queue's Python client: submit jobs and leave, follow them, list them, export results, re-run failures.
 
 >>> client = QueueClient(Settings.from_env(os.environ))
 >>> job = client.submit_segment(["photos/"], ["a red car"])   # returns once the cluster has the job
 >>> client.wait(job); list(client.export_items(job))
 
-``submit_segment`` uploads each image into the store once (content-addressed, so a re-run uploads only
-what is missing), writes the job's manifest, registers the job with the cluster (Redis) and sends its
-first chunks. From then on the workers feed the job themselves (:mod:`worker.feeder`): the producer
-machine can be switched off. ``status`` reads one listing of the job's completion records plus one Redis
-round trip, whatever the job's size.
+A job of any kind is written to the store (its manifest and unit pages: :mod:`jobs.ledger`), handed to the
+cluster (its keys in Redis: :mod:`jobs.board`) and its first window of chunks is sent (``(job, chunk,
+attempt)`` messages: :mod:`jobs.broker`). From then on the workers feed it themselves: the producer machine
+can be switched off. ``status`` reads one listing of the job's completion records plus one Redis round trip,
+whatever the job's size; the read side for lists, dashboards and metrics is :mod:`jobs.view`.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import redis
-import secrets
 
-from slip.errors import BrokerError, InputError, StoreError
+from jobs import view
+from jobs.board import Board, connect
+from jobs.broker import celery_app, queue_depths, sender, task_id
+from jobs.errors import REDIS_ERRORS, BrokerError, StoreError
+from jobs.ledger import load_manifest, summary_key, write_job
+from jobs.model import Item, JobManifest, new_job_id
+from jobs.segment import SegmentSpec
+from jobs.settings import Settings
+from jobs.status import FailureGroup, JobStatus, chunk_records, iter_items, read_status
+from jobs.store import Store, input_key, sha256_bytes
+from slip.errors import InputError
 from slip.inputs import expand_paths, relative_names, submitted_root
-from worker.board import REDIS_ERRORS, JobBoard, connect
-from worker.broker import MODEL_QUEUE, holdings
-from worker.feeder import Feeder
-from worker.jobs import Item, JobManifest, SegmentParams, SegmentSpec, parse_model
-from worker.ledger import (
-    JobStatus,
-    chunk_letters,
-    chunk_records,
-    iter_items,
-    job_status,
-    load_manifest,
-    write_job,
-)
-from worker.settings import Settings
-from worker.store import Store, input_key, sha256_bytes
+from slip.options import SegmentOptions, parse_model
+from slip.timing import utc_now
 
 DEFAULT_BATCH = 4  # K: images per task
 DEFAULT_IN_FLIGHT = 32  # M: chunks in flight at once, per job
@@ -46,27 +42,34 @@ UPLOAD_THREADS = 8  # parallel uploads (object stores answer each PUT in tens of
 Progress = Callable[[JobStatus], None]
 
 
-def new_job_id() -> str:
-    """``YYYYmmdd-HHMMSS-xxxxxx``: sortable by time, unique by its random tail."""
-    return f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+def redis_hint(url: str, error: BaseException | None = None) -> str:
+    """What to do when Redis at ``url`` does not answer (``error``: why): names the URL (its password hidden),
+    its host and port; a refused password or a TLS failure is said as such."""
+    from kombu.utils.url import maybe_sanitize_url
 
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    parsed, shown = redis.connection.parse_url(url), maybe_sanitize_url(url)
+    host, port = parsed.get("host", "127.0.0.1"), parsed.get("port", 6379)
+    text = str(error or "").lower()
+    if isinstance(error, redis.exceptions.AuthenticationError) or "auth" in text or "noperm" in text:
+        return f"Redis at {shown} refused the password: set the one it expects in SLIP_BROKER_URL (REDIS_PASSWORD)"
+    if "ssl" in text or "certificate" in text or "tls" in text:
+        return (f"TLS with Redis at {shown} failed ({' '.join(str(error).split())[:200]}): check the rediss:// URL and "
+                f"its ssl_cert_reqs / ssl_ca_certs options")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return (f"cannot reach Redis at {shown}: start it with `redis-server --port {port} --daemonize yes` (or `bash "
+                f"scripts/setup.sh`), or point SLIP_BROKER_URL at a running one")
+    return f"cannot reach Redis at {shown}: is it running on {host}:{port} and reachable from here? (SLIP_BROKER_URL)"
 
 
 class QueueClient:
     """Talks to Redis and the object store on behalf of a producer (keyword-only injections for tests)."""
 
     def __init__(self, settings: Settings, *, app=None, store: Store | None = None) -> None:
-        from worker.app import create_app
-
         self.settings = settings
-        self.app = app or create_app(settings)
+        self.app = app or celery_app(settings)
         self.store = store or Store(settings.store)
-        self.board = JobBoard(connect(settings.broker_url))
-        self.feeder = Feeder(board=self.board, store=self.store, publish=self.app.slip_resources.publish,
-                             settings=settings, broker=lambda: holdings(self.board.r, (MODEL_QUEUE,)))
+        self.board = Board(connect(settings.broker_url))
+        self.send = sender(self.app)
 
     # --- connectivity -------------------------------------------------------------------------------
 
@@ -76,10 +79,7 @@ class QueueClient:
         try:
             client.ping()
         except (*REDIS_ERRORS, redis.exceptions.RedisError) as e:
-            raise BrokerError(
-                f"cannot reach Redis at {self.settings.broker_url}: start it with `redis-server --daemonize yes` "
-                f"(or `bash scripts/setup.sh`), or point SLIP_BROKER_URL at it"
-            ) from e
+            raise BrokerError(redis_hint(self.settings.broker_url, e)) from e
         finally:
             client.close()
 
@@ -117,13 +117,13 @@ class QueueClient:
         return key, sha
 
     def create_job(
-        self, paths: Iterable[str | Path], prompts: Sequence[str], params: SegmentParams | dict | None = None,
+        self, paths: Iterable[str | Path], prompts: Sequence[str], options: SegmentOptions | dict | None = None,
         *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
     ) -> JobManifest:
-        """Validate, upload and write the manifest (pages first); nothing is sent yet."""
-        params = params if isinstance(params, SegmentParams) else parse_model(SegmentParams, params or {})
-        spec = parse_model(SegmentSpec, {"prompts": list(prompts), "sam": sam or self.settings.sam,
-                                         "clip": clip or self.settings.clip, "params": params})
+        """Validate, upload and write a segment job's manifest (pages first); nothing is sent yet."""
+        options = options if isinstance(options, SegmentOptions) else SegmentOptions.parse(options or {})
+        spec = parse_model(SegmentSpec, {"prompts": list(prompts), "sam": sam or self.settings.models.sam,
+                                         "clip": clip or self.settings.models.clip, "options": options})
         if not 1 <= batch_size <= 64:
             raise InputError(f"batch size must be between 1 and 64 images per task, got {batch_size}")
         files = expand_paths(paths)
@@ -135,7 +135,7 @@ class QueueClient:
         return manifest
 
     def submit_segment(
-        self, paths: Iterable[str | Path], prompts: Sequence[str], params: SegmentParams | dict | None = None,
+        self, paths: Iterable[str | Path], prompts: Sequence[str], options: SegmentOptions | dict | None = None,
         *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
         max_in_flight: int = DEFAULT_IN_FLIGHT, on_job: Callable[[str], None] | None = None,
     ) -> str:
@@ -144,9 +144,26 @@ class QueueClient:
         if max_in_flight < 1:
             raise InputError(f"max in-flight chunks must be at least 1, got {max_in_flight}")
         self.check_broker()
-        manifest = self.create_job(paths, prompts, params, sam=sam, clip=clip, batch_size=batch_size)
-        self.board.register(manifest.job_id, chunks=manifest.chunks, window=max_in_flight)
-        self.feeder.feed(manifest.job_id)  # the first window now; the workers' ticker does the rest
+        manifest = self.create_job(paths, prompts, options, sam=sam, clip=clip, batch_size=batch_size)
+        return self.start(manifest, window=max_in_flight, on_job=on_job)
+
+    def submit(self, kind: str, spec: dict, requests: Sequence[dict], *, job_id: str | None = None,
+               names: Sequence[str] = (), on_job: Callable[[str], None] | None = None) -> str:
+        """A job of ``kind`` (train, evaluate, train-sam) with one unit per request, all sent at once."""
+        self.check_broker()
+        items = [Item(index=i, name=names[i] if i < len(names) else "", request=r) for i, r in enumerate(requests)]
+        manifest = JobManifest(job_id=job_id or new_job_id(), kind=kind, created=utc_now(), spec=spec, batch_size=1,
+                               total=len(items), page_size=JobManifest.page_size_for(1))
+        write_job(self.store, manifest, items)
+        return self.start(manifest, window=manifest.chunks, on_job=on_job)
+
+    def start(self, manifest: JobManifest, *, window: int, on_job: Callable[[str], None] | None = None) -> str:
+        """Hand a written job to the cluster and send its first window; ``on_job(id)`` once the cluster has it."""
+        created = datetime.fromisoformat(manifest.created).timestamp()
+        self.board.register(manifest.job_id, kind=manifest.kind, chunks=manifest.chunks, total=manifest.total,
+                            window=window, created=created)
+        for chunk in self.board.claim(manifest.job_id):
+            self.send(manifest.kind, manifest.job_id, chunk, 0, again=False)
         if on_job:
             on_job(manifest.job_id)  # only now: a printed id means the cluster has the job
         return manifest.job_id
@@ -155,11 +172,7 @@ class QueueClient:
 
     def status(self, job_id: str) -> JobStatus:
         """Counts by state: one manifest read, one listing of the completion records, one Redis round trip."""
-        manifest = load_manifest(self.store, job_id)
-        view = self.board.view(job_id)  # first: a chunk that finishes before the listing is then seen done
-        letters = chunk_letters(self.store, job_id)
-        return job_status(manifest, letters, active=view.active, running=set(view.running),
-                          sent=set(view.sent) | set(view.retry))
+        return read_status(self.board, self.store, job_id, dead_after_s=self.settings.dead_after_s)
 
     def wait(self, job_id: str, *, timeout_s: float | None = None, on_progress: Progress | None = None,
              on_trouble: Callable[[Exception], None] | None = None, poll_s: float = 1.0) -> JobStatus:
@@ -182,8 +195,8 @@ class QueueClient:
                 return last
             time.sleep(poll_s)
 
-    def failures(self, status: JobStatus, *, limit: int = 20) -> list[tuple[int, str, str]]:
-        """``(index, name, reason)`` of up to ``limit`` failed images (reads their chunks' records only)."""
+    def failed_units(self, status: JobStatus, *, limit: int = 20) -> list[tuple[int, str, str]]:
+        """``(index, name, reason)`` of up to ``limit`` failed units (reads their chunks' records only)."""
         chunks = [c for c, letters in sorted(status.letters.items()) if letters.strip("d")]
         found: list[tuple[int, str]] = []
         for record in chunk_records(self.store, status.manifest.job_id, chunks):
@@ -193,23 +206,56 @@ class QueueClient:
         names = self._names(status.manifest, {i for i, _ in found[:limit]})
         return [(i, names.get(i, ""), reason) for i, reason in found[:limit]]
 
+    def progress_notes(self, job_id: str) -> list[dict]:
+        """What the running units of a training job report (epoch, validation figures), from Celery's backend."""
+        marks = self.board.view(job_id).live(self.settings.dead_after_s)
+        results = [self.app.AsyncResult(task_id(job_id, c, m["attempt"])) for c, m in sorted(marks.items())]
+        return [r.info for r in results if r.state == "PROGRESS" and isinstance(r.info, dict)]
+
     def retry(self, job_id: str, *, max_in_flight: int = DEFAULT_IN_FLIGHT) -> int:
-        """Re-run the job's failed images on purpose, and hand the cluster back a job it lost (a Redis that lost
-        its data): the finished chunks are marked finished, the rest are sent. How many images go again."""
+        """Re-run the job's failed units on purpose, and hand the cluster back a job it lost (a Redis that lost
+        its data): the finished chunks are marked finished, the rest are sent. How many units go again."""
         self.check_broker()
         status = self.status(job_id)
-        failed = [c for c, letters in status.letters.items() if letters.strip("d")]
-        lost = status.counts["lost"]
-        if lost:  # re-register with what the store says is finished; the feeder sends everything else
-            window = self.board.view(job_id).window if status.active else max_in_flight
-            self.board.register(job_id, chunks=status.manifest.chunks, window=window)
-            self.board.mark_done(job_id, [c for c in status.letters if c not in failed])
-        if failed:
-            self.board.register(job_id, chunks=status.manifest.chunks, window=self.board.view(job_id).window)
+        view = self.board.view(job_id)
+        manifest, head = status.manifest, view.head
+        # chunks with failures that are finished for good (one still running its failures again is left alone)
+        failed = {c: v for c, v in status.letters.items() if v.strip("d") and (view.finished(c) or not head)}
+        if not head or not status.active:  # hand it (back) to the cluster; a lost job's finished chunks stay so
+            window = int(head.get("window", 0)) or (max_in_flight if manifest.kind == "segment" else manifest.chunks)
+            self.board.register(job_id, kind=manifest.kind, chunks=manifest.chunks, total=manifest.total, window=window,
+                                created=datetime.fromisoformat(manifest.created).timestamp())
+            if not head:
+                self.board.mark_done(job_id, {c: v for c, v in status.letters.items() if c not in failed})
+        if failed and head:
             self.board.reopen(job_id, failed)
-        if failed or lost:
-            self.feeder.feed(job_id)
-        return lost + sum(len(status.letters[c].replace("d", "")) for c in failed)
+            for chunk in sorted(failed):
+                self.send(manifest.kind, job_id, chunk, 0, again=False)
+        if failed or status.counts["lost"]:
+            self.store.delete(summary_key(job_id))
+            for chunk in self.board.claim(job_id):
+                self.send(manifest.kind, job_id, chunk, 0, again=False)
+        return status.counts["lost"] + sum(len(v) - v.count("d") for v in failed.values())
+
+    # --- the read side (jobs.view): `slip jobs`, the dashboard, metrics --------------------------------
+
+    def jobs(self, *, state: str | None = None, kind: str | None = None, limit: int = 100) -> list[view.JobRow]:
+        """The newest jobs of every kind (active first) with counts, rate, ETA and age."""
+        return view.list_jobs(self.board, self.store, dead_after_s=self.settings.dead_after_s, state=state, kind=kind,
+                              limit=limit)
+
+    def job(self, job_id: str) -> view.JobRow:
+        return view.job(self.board, self.store, job_id, dead_after_s=self.settings.dead_after_s)
+
+    def failures(self, job_id: str, *, examples: int = 3) -> list[FailureGroup]:
+        """The job's failed units grouped by reason, biggest group first, with a few examples each."""
+        return view.failures(self.board, self.store, job_id, dead_after_s=self.settings.dead_after_s, examples=examples)
+
+    def workers(self) -> list[view.WorkerRow]:
+        return view.workers(self.board, dead_after_s=self.settings.dead_after_s)
+
+    def queue_depths(self) -> dict[str, int]:
+        return queue_depths(self.app)
 
     # --- results --------------------------------------------------------------------------------------
 
@@ -219,20 +265,15 @@ class QueueClient:
         from producer.exports import ExportItem
 
         manifest = load_manifest(self.store, job_id)
-        outcomes = self._outcomes(job_id)
+        outcomes = _Outcomes(chunk_records(self.store, job_id))
         for item in iter_items(self.store, manifest):
             outcome = outcomes.get(item.index)
             state = "pending" if outcome is None else outcome.state
-            doc = self._result_doc(outcome.result_key) if state == "done" else None
+            doc = self.store.get_json(f"{outcome.result_key}/segments.json") if state == "done" else None
             yield ExportItem(index=item.index, name=item.name, state=state, doc=doc,
                              reason=None if outcome is None else outcome.reason,
-                             image=lambda key=item.image_key: self.store.get_bytes(key))
-
-    def _outcomes(self, job_id: str) -> "_Outcomes":
-        return _Outcomes(chunk_records(self.store, job_id))
-
-    def _result_doc(self, prefix: str) -> dict:
-        return self.store.get_json(f"{prefix}/segments.json")
+                             image=lambda key=item.image_key: self.store.get_bytes(key),
+                             image_file=self.store.path(item.image_key) if self.store.local else None)
 
     def _names(self, manifest: JobManifest, indices: set[int]) -> dict[int, str]:
         names = {}
@@ -245,7 +286,7 @@ class QueueClient:
 
 
 class _Outcomes:
-    """Item outcomes by index, read lazily from completion records in chunk order (streamed): ask for
+    """Unit outcomes by index, read lazily from completion records in chunk order (streamed): ask for
     indices in increasing order."""
 
     def __init__(self, records: Iterator) -> None:

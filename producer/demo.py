@@ -176,9 +176,9 @@ def write_outputs(client, job_id: str, out: Path, *, note: str) -> list[Path]:
 
 def run_demo(*, out: Path, images: int, sam: str | None, clip: str | None, timeout_s: float, env: dict[str, str]) -> int:
     """The demo (see the module docstring); returns the exit code."""
+    from jobs.settings import Settings
     from producer.client import QueueClient
     from producer.common import follow
-    from worker.settings import Settings
 
     if sam is None or clip is None:
         default_sam, default_clip = default_models()

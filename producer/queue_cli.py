@@ -2,6 +2,7 @@
 
     slip submit segment PATH... --prompt TEXT [--prompt ...] [--wait] [--batch-size K] [--max-in-flight M]
     slip status JOB [--json]
+    slip jobs [--state active|finished|lost] [--kind KIND] [--limit N] [--json]
     slip wait JOB [--timeout S]
     slip retry JOB [--wait]
     slip demo --out DIR [--images N] [--sam SPEC --clip SPEC]
@@ -21,15 +22,11 @@ from typing import List, Optional
 import typer
 
 from producer.common import client_from_env, follow, print_summary, queue_errors
-from slip.cli.common import synth_warning, thresholds
-
-# SAM options left unset take the worker SAM's generator.json value, else segment_anything's default
-RECOMMENDED_HELP = ("default: the worker SAM's recommended value (generator.json beside the checkpoint), "
-                    "else SAM's default")
-THRESHOLD_HELP = ("Similarity below which a segment is not an answer: one value, or one per --prompt (repeat); "
-                  "default: the worker ranker's calibrated threshold.json, if any.")
+from slip.cli.common import synth_warning
+from slip.options import SegmentOptions, with_segment_options
 
 
+@with_segment_options()
 def submit_segment(
     paths: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (at most 32)."),
@@ -39,45 +36,14 @@ def submit_segment(
                                       help="Tasks in flight at once (M); the cluster keeps the job topped up."),
     sam: Optional[str] = typer.Option(None, help="SAM spec the workers must serve (default: $SLIP_SAM or vit_b)."),
     clip: Optional[str] = typer.Option(None, help="Ranker spec the workers must serve (default: $SLIP_CLIP)."),
-    points_per_side: Optional[int] = typer.Option(None, help=f"SAM point grid side; {RECOMMENDED_HELP} 32."),
-    pred_iou_thresh: Optional[float] = typer.Option(None, help=f"SAM predicted-IoU threshold; {RECOMMENDED_HELP} 0.88."),
-    stability_score_thresh: Optional[float] = typer.Option(None, help=f"SAM stability-score threshold; {RECOMMENDED_HELP} 0.95."),
-    box_nms_thresh: Optional[float] = typer.Option(None, help=f"SAM box NMS IoU threshold; {RECOMMENDED_HELP} 0.7."),
-    filters: Optional[str] = typer.Option(None, help="Filter chain, e.g. 'containment:0.8,min_area:50' or 'none'; "
-                                          "default: the worker SAM's recommended chain (filters.json beside the "
-                                          "checkpoint), else the paper's 'containment'."),
-    crop_background: str = typer.Option("black", help="Background of segment crops: black | gray | blur | none."),
-    crop_padding: float = typer.Option(0.0, help="Crop padding as a fraction of the box side."),
-    square: bool = typer.Option(True, "--square/--no-square", help="Pad crops to a square before resizing."),
-    top_k: int = typer.Option(5, help="Candidates listed per prompt."),
-    threshold: Optional[List[float]] = typer.Option(None, help=THRESHOLD_HELP),
-    calibrated: bool = typer.Option(True, "--calibrated/--no-threshold",
-                                    help="Without --threshold, use the worker ranker's calibrated threshold (or none)."),
-    instances: str = typer.Option("one", help="one: the best segment per prompt; all: every segment above the "
-                                  "threshold (deduplicated)."),
-    one_to_one: bool = typer.Option(False, help="One-to-one assignment: prompts never share a segment."),
-    render: bool = typer.Option(False, "--render/--no-render", help="Workers also write mask_<i>.png and "
-                                "overlay_<i>.png (else segments.json only; `slip gallery` renders on demand)."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels than this."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop following after this many seconds."),
+    options: SegmentOptions = SegmentOptions(),
 ) -> None:
     """Upload images, hand the job to the cluster and print its id; the workers do the rest."""
-    from worker.jobs import SegmentParams, parse_model
-
     with queue_errors():
-        raw = {
-            "points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
-            "stability_score_thresh": stability_score_thresh, "box_nms_thresh": box_nms_thresh,
-            "filters": filters, "crop_background": crop_background, "crop_padding": crop_padding,
-            "square": square, "top_k": top_k, "threshold": thresholds(threshold), "calibrated": calibrated,
-            "instances": instances, "one_to_one": one_to_one, "render": render,
-        }
-        if max_pixels is not None:
-            raw["max_pixels"] = max_pixels
-        params = parse_model(SegmentParams, raw)
         client = client_from_env()
-        synth_warning(sam or client.settings.sam, clip or client.settings.clip)
-        job_id = client.submit_segment(paths, prompt, params, sam=sam, clip=clip, batch_size=batch_size,
+        synth_warning(sam or client.settings.models.sam, clip or client.settings.models.clip)
+        job_id = client.submit_segment(paths, prompt, options, sam=sam, clip=clip, batch_size=batch_size,
                                        max_in_flight=max_in_flight, on_job=typer.echo)
         code = follow(client, job_id, timeout) if wait else 0
     raise typer.Exit(code)
@@ -85,18 +51,55 @@ def submit_segment(
 
 def status(
     job: str = typer.Argument(..., help="Job id printed by `slip submit`."),
-    as_json: bool = typer.Option(False, "--json", help="Counts as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Counts and failures grouped by reason, as one JSON object."),
 ) -> None:
     """Counts by state: done, failed, running, queued, waiting (not sent yet: normal), lost."""
+    from jobs.status import failure_groups
+
     with queue_errors():
         client = client_from_env()
         client.check_broker()  # one line at once when Redis is away (not after the client's ~40 s of retries)
         st = client.status(job)
         if as_json:
-            typer.echo(json.dumps(st.summary()))
+            groups = failure_groups(client.store, st) if st.counts["failed"] else []
+            typer.echo(json.dumps({**st.summary(), "failures": [g.to_json() for g in groups]}))
             return
         code = print_summary(client, st)
     raise typer.Exit(code)
+
+
+def jobs(
+    state: Optional[str] = typer.Option(None, help="Only jobs in this state: active | finished | lost."),
+    kind: Optional[str] = typer.Option(None, help="Only jobs of this kind: segment | train | evaluate | train-sam."),
+    limit: int = typer.Option(50, min=1, max=10_000, help="The newest jobs to look at."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list of jobs."),
+) -> None:
+    """Jobs of every kind, newest first: state, progress, rate, ETA, age."""
+    with queue_errors():
+        if state not in (None, "active", "finished", "lost"):
+            raise InputError(f"--state {state!r}: use active, finished or lost")
+        client = client_from_env()
+        client.check_broker()
+        rows = client.jobs(state=state, kind=kind, limit=limit)
+        if as_json:
+            typer.echo(json.dumps([r.to_json() for r in rows]))
+            return
+        typer.echo(f"{'job':<24} {'kind':<9} {'state':<8} {'progress':>15} {'failed':>7} {'rate':>12} {'eta':>8} {'age':>8}")
+        for r in rows:
+            rate = f"{r.rate:.2f} {r.unit}/s" if r.rate else "-"
+            typer.echo(f"{r.job_id:<24} {r.kind:<9} {r.state:<8} {f'{r.done + r.failed}/{r.total}':>15} {r.failed:>7} "
+                       f"{rate:>12} {_duration(r.eta_s):>8} {_duration(r.age_s):>8}")
+        if not rows:
+            typer.echo("no jobs" + (f" in state {state}" if state else "") + (f" of kind {kind}" if kind else ""))
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def wait(
@@ -115,11 +118,11 @@ def retry(
     wait: bool = typer.Option(False, "--wait", help="Follow the job until every image is finished."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop following after this many seconds."),
 ) -> None:
-    """Run a job's failed images again, on purpose (failures that pass by themselves are re-run automatically)."""
+    """Run a job's failed units again, on purpose (failures that pass by themselves are re-run automatically)."""
     with queue_errors():
         client = client_from_env()
         count = client.retry(job)
-        typer.echo(f"job {job}: sent {count} failed image(s) again")
+        typer.echo(f"job {job}: sent {count} failed unit(s) again")
         code = follow(client, job, timeout) if wait and count else 0
     raise typer.Exit(code)
 

@@ -3,8 +3,8 @@
     slip submit train-sam IMAGES --coco instances.json --sam vit_b --freeze-image-encoder --wait --out sam-ft
     slip submit train-sam data/synth --arch synth-sam --epochs 12 --wait
 
-The dataset is uploaded content-addressed (the COCO file, wherever it lives, goes inside the upload); the
-worker writes the checkpoint to ``models/sam/<job>/`` in the store and the summary to
+A job like any other (:mod:`jobs`: one unit, followed by ``slip status / wait / retry / jobs``). The dataset
+is uploaded content-addressed (the COCO file, wherever it lives, goes inside the upload); the worker writes the checkpoint to ``models/sam/<job>/`` in the store and the summary to
 ``jobs/<job>/result.json``. ``--wait`` shows per-epoch progress, prints the summary and, with ``--out``,
 copies the checkpoint directory here (then ``--sam DIR`` loads it everywhere). ``--sam job:<id>``
 fine-tunes the result of an earlier job.
@@ -17,14 +17,14 @@ from typing import Optional
 
 import typer
 
-from slip.errors import InputError, ObjectNotFoundError
+from jobs.errors import ObjectNotFoundError
+from slip.errors import InputError
 
 
 def _start_spec(client, spec: str) -> str:
     """A start spec workers can load: ``job:<id>`` is that job's checkpoint, a local directory is uploaded."""
-    from worker.store import digest
-    from worker.train_sam_task import sam_prefix
-    from worker.train_tasks import STORE_SPEC, directory_manifest, put_directory
+    from jobs.training import STORE_SPEC, directory_manifest, put_directory, sam_prefix
+    from slip.request import digest
 
     if spec.startswith("job:"):
         prefix = sam_prefix(spec[4:])
@@ -42,9 +42,8 @@ def _start_spec(client, spec: str) -> str:
 
 def _upload(client, dataset: Path, coco: Optional[Path]) -> tuple[str, Optional[str]]:
     """The dataset's manifest digest and the COCO file's path inside the upload (None without ``coco``)."""
+    from jobs.training import COCO_PATH, upload_directory
     from producer.training_cli import upload_dataset
-    from worker.train_sam_task import COCO_PATH
-    from worker.train_tasks import upload_directory
 
     if coco is None:
         return upload_dataset(client, dataset), None
@@ -80,12 +79,10 @@ def submit_train_sam(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Train a SAM on the workers (one task on the gpu queue); prints the job id (then, with --wait, the result)."""
-    from producer.common import queue_errors
-    from producer.client import new_job_id, utc_now
-    from producer.common import client_from_env
-    from producer.training_cli import enqueue, wait_tasks
-    from worker.jobs import parse_model
-    from worker.train_sam_task import SamTrainRequest, result_key, sam_prefix
+    from jobs.model import new_job_id
+    from slip.options import parse_model
+    from jobs.training import SamTrainRequest, result_key, sam_prefix
+    from producer.common import client_from_env, queue_errors, watch
 
     with queue_errors():
         fields = dict(epochs=epochs, lr=lr, batch_images=batch_images, prompts_per_image=prompts_per_image,
@@ -102,22 +99,17 @@ def submit_train_sam(
         digest, coco_key = _upload(client, dataset, coco)
         request = parse_model(SamTrainRequest, {"job_id": job_id, "dataset": digest, "coco": coco_key, "sam": start,
                                                 "arch": arch, **fields})
-        # 3. the ledger, then the task
-        ledger = {"kind": "train-sam", "job_id": job_id, "created": utc_now(), "dataset": digest,
-                  "dataset_path": str(dataset), "coco_path": str(coco) if coco else None,
-                  "requests": [request.model_dump(mode="json")], "task_ids": []}
-        enqueue(client, ledger, "slip.train_sam", ledger["requests"],
-                 lambda _: f"job={job_id} sam={sam or arch} epochs={epochs}")
-        typer.echo(job_id)
+        # 3. the job: one unit
+        spec = {"dataset": digest, "dataset_path": str(dataset), "coco_path": str(coco) if coco else None}
+        client.submit("train-sam", spec, [request.model_dump(mode="json")], job_id=job_id,
+                      names=[f"sam={sam or arch} epochs={epochs}"], on_job=typer.echo)
         if not wait:
             typer.echo(f"when the worker finishes: the checkpoint in store {client.store.url} under "
                        f"{sam_prefix(job_id)}/, the summary in {result_key(job_id)}", err=True)
             return
-        states = wait_tasks(client, ledger["task_ids"], label=f"train-sam {job_id}", units=[epochs], timeout=timeout,
-                       detail=_describe_epoch)
-        state = states[ledger["task_ids"][0]]
-        if state != "SUCCESS":
-            typer.echo(f"job {job_id}: {_unfinished(client, job_id, ledger['task_ids'][0], state, timeout)}", err=True)
+        status = watch(client, job_id, timeout, detail=_describe_epoch)
+        if status.counts["done"] != 1:
+            typer.echo(f"job {job_id}: {_unfinished(client, status, timeout)}", err=True)
             raise typer.Exit(1)
         summary = client.store.get_json(result_key(job_id))
         typer.echo(format_summary(summary, client.store))
@@ -126,15 +118,13 @@ def submit_train_sam(
             typer.echo(f"checkpoint copied to {out} (use --sam {out}, or SLIP_SAM={out} for workers)")
 
 
-def _unfinished(client, job_id: str, task_id: str, state: str, timeout: Optional[float]) -> str:
-    if state == "FAILURE":
-        error = client.app.AsyncResult(task_id).result
-        return f"SAM training failed: {type(error).__name__}: {error}"
-    if state == "REVOKED":
-        return "SAM training was revoked"
-    from worker.train_sam_task import result_key
+def _unfinished(client, status, timeout: Optional[float]) -> str:
+    if status.counts["failed"]:
+        (_, _, reason), = client.failed_units(status, limit=1)
+        return f"SAM training failed: {reason}"
+    from jobs.training import result_key
 
-    return f"still {state.lower()} after {timeout} s; the summary will be in {result_key(job_id)}"
+    return f"still running after {timeout} s; the summary will be in {result_key(status.manifest.job_id)}"
 
 
 def _describe_epoch(info: dict) -> str:
@@ -144,7 +134,7 @@ def _describe_epoch(info: dict) -> str:
 
 
 def _copy_out(client, prefix: str, out: Path) -> None:
-    from worker.train_tasks import get_directory
+    from jobs.training import get_directory
 
     try:
         get_directory(client.store, prefix, out)

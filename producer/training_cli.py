@@ -4,27 +4,26 @@
     slip submit evaluate DATASET --ranker SPEC [--ranker SPEC ...] [--proposals oracle|sam] [--wait]
     slip report JOB [JOB ...] --out report.html
 
-``submit train`` fans out one ``slip.train`` task per grid cell and prints the paper's Table 1 (the
-best cell marked); ``submit evaluate`` fans composites out in chunks (``slip.evaluate``) and prints
-the accuracy per ranker. A ranker spec may be a hub id, ``synth``, ``tiny-random``, a local
+Both are jobs like any other (:mod:`jobs`): a manifest whose units are the requests, one completion
+record per unit, followed by ``slip status / wait / retry / jobs``. ``submit train`` has one unit per grid
+cell (``slip.train``) and prints the paper's Table 1 (the best cell marked); ``submit evaluate`` one unit per
+chunk of composites and ranker (``slip.evaluate``) and prints the accuracy per ranker. A ranker spec may be a hub id, ``synth``, ``tiny-random``, a local
 directory (uploaded to the store), ``store:<prefix>`` or ``job:<train job id>`` (its best cell).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-import uuid
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
 from producer.common import client_from_env, queue_errors
-from slip.errors import ConfigError, InputError, ObjectNotFoundError
+from jobs.errors import ObjectNotFoundError
+from slip.errors import ConfigError, InputError
 
 GRID_KEYS = {"lr": float, "proj_dim": int, "image_lr": float, "text_lr": float}
-DONE_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
 # --- shared plumbing ------------------------------------------------------------------------------------
@@ -45,74 +44,44 @@ def parse_grid(specs: list[str]) -> list[dict]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] or [{}]
 
 
-def _ledger_key(job_id: str) -> str:
-    from worker.store import job_prefix
+def load_job(store, job_id: str, kind: str):
+    """The manifest of a ``kind`` job; a clear error when the job is not one."""
+    from jobs.ledger import load_manifest
 
-    return f"{job_prefix(job_id)}/training.json"
-
-
-def load_ledger(store, job_id: str) -> dict:
-    """A training/evaluation job's ledger; a clear error when the job is not one."""
     try:
-        return store.get_json(_ledger_key(job_id))
+        manifest = load_manifest(store, job_id)
     except ObjectNotFoundError as e:
         raise InputError(f"no training or evaluation job {job_id!r} in store {store.url}") from e
+    if manifest.kind != kind:
+        raise InputError(f"job {job_id} is not a{'n' if kind[0] in 'ae' else ''} {kind} job (it is {manifest.kind})")
+    return manifest
 
 
-def send_task(client, name: str, request: dict, describe: str) -> str:
-    task_id = str(uuid.uuid4())
-    client.app.backend.store_result(task_id, None, "SENT")
-    client.app.send_task(name, kwargs={"request": request}, task_id=task_id, kwargsrepr=describe)
-    return task_id
+def job_requests(store, manifest) -> list[dict]:
+    """The units' requests of a training or evaluation job, in order."""
+    from jobs.status import iter_items
+
+    return [item.request for item in iter_items(store, manifest)]
 
 
-def enqueue(client, ledger: dict, task: str, requests: list[dict], describe: Callable[[int], str]) -> list[str]:
-    """Write the job's ``ledger``, send one ``task`` per request (``describe(i)`` labels request ``i`` in the
-    logs), record the task ids in the ledger and write it again; returns the task ids."""
-    client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
-    for i, request in enumerate(requests):
-        ledger["task_ids"].append(send_task(client, task, request, describe(i)))
-    client.store.put_json(_ledger_key(ledger["job_id"]), ledger)
-    return ledger["task_ids"]
+def unit_reasons(client, job_id: str) -> dict[int, str]:
+    """Why each failed unit of a job failed (from its completion record)."""
+    from jobs.status import chunk_records
 
-
-def wait_tasks(client, task_ids: list[str], *, label: str, units: list[int], timeout: Optional[float],
-          detail: Callable[[dict], str] | None = None) -> dict[str, str]:
-    """Poll task states with a rich progress bar (``units[i]`` work units per task); final states."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    start, states = time.monotonic(), {}
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        bar = progress.add_task(label, total=sum(units), info="")
-        while True:
-            results = [client.app.AsyncResult(t) for t in task_ids]
-            states = {t: r.state for t, r in zip(task_ids, results)}
-            done = sum(u for t, u in zip(task_ids, units) if states[t] in DONE_STATES)
-            info = ""
-            if detail:
-                running = [r.info for r in results if r.state == "PROGRESS" and isinstance(r.info, dict)]
-                info = "; ".join(detail(i) for i in running[:3])
-            progress.update(bar, completed=done, info=info)
-            if all(s in DONE_STATES for s in states.values()):
-                return states
-            if timeout is not None and time.monotonic() - start > timeout:
-                return states
-            time.sleep(0.5)
+    return {o.index: f"{o.error}: {o.reason}" for r in chunk_records(client.store, job_id) for o in r.items
+            if o.state == "failed"}
 
 
 def upload_dataset(client, dataset: Path) -> str:
-    from worker.train_tasks import upload_directory
+    from jobs.training import upload_directory
 
     return upload_directory(client.store, dataset.expanduser())
 
 
 def _resolve_ranker(client, spec: str) -> str:
     """A spec workers can load: local directories are uploaded, ``job:<id>`` is its best cell."""
-    from worker.store import digest
-    from worker.train_tasks import STORE_SPEC, directory_manifest, put_directory
+    from jobs.training import STORE_SPEC, directory_manifest, put_directory
+    from slip.request import digest
 
     if spec.startswith("job:"):
         rows = train_rows(client.store, spec[4:])
@@ -159,10 +128,11 @@ def submit_train(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Fan out one training task per grid cell; prints the job id (then, with --wait, Table 1)."""
-    from producer.client import new_job_id, utc_now
+    from jobs.model import new_job_id
+    from jobs.training import TrainRequest
+    from producer.common import watch
     from slip.rankers.dual_encoder import MINILM_ALIASES, DualEncoderConfig
     from slip.train.ranker import TrainConfig
-    from worker.train_tasks import TrainRequest
 
     with queue_errors():
         cells = parse_grid(grid)
@@ -183,21 +153,19 @@ def submit_train(
             train_json = {k: v for k, v in train.__dict__.items() if k not in ("device", "progress")}
             requests.append(TrainRequest(job_id=job_id, cell=i, dataset=digest, model={} if init_spec else model_json,
                                          train=train_json, init=init_spec))
-        ledger = {"kind": "train", "job_id": job_id, "created": utc_now(), "dataset": digest,
-                  "dataset_path": str(dataset), "cells": cells, "requests": [r.model_dump(mode="json") for r in requests],
-                  "task_ids": []}
-        enqueue(client, ledger, "slip.train", ledger["requests"],
-                 lambda i: f"job={job_id} cell={requests[i].cell} {cells[requests[i].cell]}")
-        typer.echo(job_id)
+        spec = {"dataset": digest, "dataset_path": str(dataset), "cells": cells}
+        client.submit("train", spec, [r.model_dump(mode="json") for r in requests], job_id=job_id,
+                      names=[" ".join(f"{k}={v}" for k, v in c.items()) or f"cell {i}" for i, c in enumerate(cells)],
+                      on_job=typer.echo)
         if not wait:
             return
-        wait_tasks(client, ledger["task_ids"], label=f"train {job_id}", units=[1] * len(cells), timeout=timeout,
-              detail=lambda i: f"cell {i.get('cell')}: epoch {i.get('epoch')} val {i.get('val_loss', 0):.3f}")
+        watch(client, job_id, timeout, detail=lambda i: f"cell {i.get('cell')}: epoch {i.get('epoch')} "
+                                                         f"val {i.get('val_loss', 0):.3f}")
         rows = train_rows(client.store, job_id, client=client)
         typer.echo(format_grid(rows))
         best = best_row(rows)
         if out is not None and best is not None:
-            from worker.train_tasks import get_directory
+            from jobs.training import get_directory
 
             get_directory(client.store, best["checkpoint"][len("store:"):], out)
             typer.echo(f"best checkpoint copied to {out} (use --clip {out})")
@@ -206,24 +174,19 @@ def submit_train(
 
 def train_rows(store, job_id: str, *, client=None) -> list[dict]:
     """One row per cell: its result record, or its parameters and why it has none."""
-    from worker.train_tasks import cell_prefix
+    from jobs.training import cell_prefix
 
-    ledger = load_ledger(store, job_id)
-    if ledger.get("kind") != "train":
-        raise InputError(f"job {job_id} is not a training job")
+    requests = job_requests(store, load_job(store, job_id, "train"))
+    reasons = unit_reasons(client, job_id) if client is not None else {}
     rows = []
-    for i, request in enumerate(ledger["requests"]):
+    for i, request in enumerate(requests):
         try:
             rows.append(store.get_json(f"{cell_prefix(job_id, i)}/result.json"))
             continue
         except ObjectNotFoundError:
             pass
-        reason = "not finished"
-        if client is not None and i < len(ledger["task_ids"]):
-            result = client.app.AsyncResult(ledger["task_ids"][i])
-            reason = f"{result.state}: {result.info}" if result.state == "FAILURE" else result.state.lower()
         rows.append({"cell": i, "lr": request["train"]["lr"], "proj_dim": request["model"].get("proj_dim"),
-                     "best_val_loss": None, "reason": reason})
+                     "best_val_loss": None, "reason": reasons.get(i, "not finished")})
     return rows
 
 
@@ -264,8 +227,9 @@ def submit_evaluate(
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop waiting after this many seconds."),
 ) -> None:
     """Fan composites out to the workers for each ranker; prints the job id (then, with --wait, the table)."""
-    from producer.client import new_job_id, utc_now
-    from worker.train_tasks import EvaluateRequest
+    from jobs.model import new_job_id
+    from jobs.training import EvaluateRequest
+    from producer.common import watch
 
     with queue_errors():
         if proposals not in ("oracle", "sam"):
@@ -284,31 +248,26 @@ def submit_evaluate(
                     dataset=digest, seed=seed, split_seed=split_seed, split=split, caption_template=caption_template,
                     tile_size=tile_size, proposals=proposals, sam=sam, judge=judge_spec,
                     gallery=max(0, min(start + chunk, composites, gallery) - start)))
-        ledger = {"kind": "evaluate", "job_id": job_id, "created": utc_now(), "dataset": digest,
-                  "dataset_path": str(dataset), "rankers": list(ranker), "specs": specs, "composites": composites,
-                  "requests": [q.model_dump(mode="json") for q in requests], "task_ids": []}
-        enqueue(client, ledger, "slip.evaluate", ledger["requests"],
-                 lambda i: f"job={job_id} ranker={requests[i].ranker_index} "
-                           f"composites={requests[i].start}..{requests[i].stop - 1}")
-        typer.echo(job_id)
+        spec = {"dataset": digest, "dataset_path": str(dataset), "rankers": list(ranker), "specs": specs,
+                "composites": composites}
+        client.submit("evaluate", spec, [q.model_dump(mode="json") for q in requests], job_id=job_id,
+                      names=[f"ranker {q.ranker_index} composites {q.start}..{q.stop - 1}" for q in requests],
+                      on_job=typer.echo)
         if not wait:
             return
-        states = wait_tasks(client, ledger["task_ids"], label=f"evaluate {job_id}", units=[q.stop - q.start for q in requests],
-                       timeout=timeout)
+        status = watch(client, job_id, timeout)
         summaries = evaluation_summaries(client.store, job_id)
         typer.echo(format_evaluation(summaries))
-    raise typer.Exit(0 if all(s == "SUCCESS" for s in states.values()) else 1)
+    raise typer.Exit(0 if status.counts["done"] == status.manifest.total else 1)
 
 
 def evaluation_chunks(store, job_id: str) -> list[list[dict]]:
     """Per ranker of the job: the chunk files found in the store."""
-    from worker.train_tasks import chunk_key
+    from jobs.training import chunk_key
 
-    ledger = load_ledger(store, job_id)
-    if ledger.get("kind") != "evaluate":
-        raise InputError(f"job {job_id} is not an evaluation job")
-    chunks: list[list[dict]] = [[] for _ in ledger["specs"]]
-    for q in ledger["requests"]:
+    manifest = load_job(store, job_id, "evaluate")
+    chunks: list[list[dict]] = [[] for _ in manifest.spec["specs"]]
+    for q in job_requests(store, manifest):
         try:
             chunks[q["ranker_index"]].append(store.get_json(chunk_key(job_id, q["ranker_index"], q["chunk"])))
         except ObjectNotFoundError:
@@ -319,16 +278,17 @@ def evaluation_chunks(store, job_id: str) -> list[list[dict]]:
 def evaluation_summaries(store, job_id: str) -> list[dict]:
     """``[{"ranker", "summary", "composites_scored", "composites"}]``, aggregated from every chunk; also
     written to ``jobs/<job>/evaluation.json``."""
+    from jobs.keys import job_prefix
     from slip.evaluate import QueryResult, summarize
 
-    ledger = load_ledger(store, job_id)
+    spec = load_job(store, job_id, "evaluate").spec
     out = []
-    for name, chunks in zip(ledger["rankers"], evaluation_chunks(store, job_id)):
+    for name, chunks in zip(spec["rankers"], evaluation_chunks(store, job_id)):
         results = [QueryResult.from_json(r) for c in chunks for r in c["results"]]
         summary = summarize(results)
-        out.append({"ranker": name, "summary": summary, "composites": ledger["composites"],
+        out.append({"ranker": name, "summary": summary, "composites": spec["composites"],
                     "composites_scored": summary["plain"]["composites"]})
-    store.put_json(f"{_ledger_key(job_id).rsplit('/', 1)[0]}/evaluation.json", out)
+    store.put_json(f"{job_prefix(job_id)}/evaluation.json", out)
     return out
 
 
@@ -358,13 +318,17 @@ def report(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where the HTML page goes."),
 ) -> None:
     """One self-contained HTML page: accuracy (Table 2), grid search (Table 1), curves, gallery."""
+    from jobs.ledger import load_manifest
     from slip.report import GalleryItem, build_report
 
     with queue_errors():
         store = client_from_env().store
         evals, grid, curves, gallery = [], [], {}, []
         for job in jobs:
-            kind = load_ledger(store, job).get("kind")
+            try:
+                kind = load_manifest(store, job).kind
+            except ObjectNotFoundError as e:
+                raise InputError(f"no training or evaluation job {job!r} in store {store.url}") from e
             if kind == "train":
                 for row in train_rows(store, job):
                     grid.append({"lr": row["lr"], "proj_dim": row["proj_dim"], "val_loss": row.get("best_val_loss")})
@@ -384,5 +348,5 @@ def report(
     typer.echo(f"wrote {out}")
 
 
-__all__ = ["enqueue", "format_grid", "parse_grid", "report", "submit_evaluate", "submit_train", "train_rows",
-           "upload_dataset", "wait_tasks"]
+__all__ = ["format_grid", "load_job", "parse_grid", "report", "submit_evaluate", "submit_train", "train_rows",
+           "upload_dataset"]

@@ -11,6 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "SlipConfig": "slip.config",
+    "ModelSettings": "slip.settings",
+    "SegmentOptions": "slip.options",
     "build_slip": "slip.config",
     "CropConfig": "slip.crops",
     "crop_segments": "slip.crops",
@@ -23,6 +25,9 @@ _EXPORTS = {
     "default_filters": "slip.filters",
     "parse_filters": "slip.filters",
     "MaskGenerator": "slip.generator",
+    "build_engine": "slip.engines.build",
+    "load_proposer_model": "slip.proposers.loading",
+    "Sam2MaskGenerator": "slip.proposers.sam2_generator",
     "load_image": "slip.images",
     "SLIP": "slip.pipeline",
     "Ranker": "slip.rankers.base",

@@ -1,4 +1,4 @@
-"""One typed configuration for a whole SLIP pipeline, and the builder that loads its models.
+"""One typed configuration for a whole SLIP pipeline (or another engine), and the builder that loads its models.
 
 >>> config = SlipConfig.of(sam="vit_b", clip="openai/clip-vit-base-patch32", instances="all")
 >>> pipeline = build_slip(config)
@@ -37,17 +37,9 @@ class SlipConfig:
 
 
 def build_slip(config: SlipConfig):
-    """Load both models once, resolve the request against them (:func:`slip.request.resolve`) and assemble
-    the pipeline (a :class:`slip.SLIP`)."""
-    from slip.pipeline import SLIP
-    from slip.rankers.loading import load_ranker_bundle
-    from slip.request import resolve
-    from slip.sam import load_sam_bundle
+    """Load the models once, resolve the request against them (:func:`slip.request.resolve`) and assemble the
+    engine the settings name (:func:`slip.engines.build.build_engine`: ``slip``, SAM + ranker, is a
+    :class:`slip.SLIP`; ``sam3`` and ``sam3-rank`` use SAM 3)."""
+    from slip.engines.build import build_engine
 
-    m = config.models
-    sam = load_sam_bundle(m.sam, device=m.device, cache_dir=m.cache_dir)
-    ranker = load_ranker_bundle(m.clip, device=m.device, dtype=m.dtype, cache_dir=m.cache_dir)
-    request = resolve(config.options, sam=sam.ref, sam_generator=sam.generator, sam_filters=sam.filters,
-                      ranker=ranker.ref, ranker_threshold=ranker.threshold, dtype=m.dtype)
-    return SLIP.build(sam.model, ranker.ranker, request, points_per_batch=m.points_per_batch,
-                      batch_size=m.batch_size)
+    return build_engine(config.models, config.options)

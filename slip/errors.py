@@ -5,10 +5,11 @@ wrong and what to do about it. Each class has one meaning, carried by its ``tran
 
 * ``transient = False`` (permanent): the request, its input or its weights are wrong; retrying the same
   request cannot help, so queue code never retries it;
-* ``transient = True``: the world was in the way (a store or broker blip, device memory, a worker holding
-  other models); the same request may succeed later, so queue code retries it with back-off.
+* ``transient = True``: the world was in the way (device memory, a service that did not answer); the same
+  request may succeed later, so callers may try it again.
 
-Queue code reads the flag from the class (:func:`is_transient`), never a class name.
+Callers read the flag from the class (:func:`is_transient`), never a class name. Errors of the queue (its
+broker, store and workers) live with the queue, in ``jobs.errors``, as subclasses of these.
 """
 
 from __future__ import annotations
@@ -46,20 +47,12 @@ class PromptError(InputError):
     """A text prompt is empty, blank or otherwise unusable."""
 
 
-class InvalidKeyError(InputError):
-    """An object-store key is absolute, escapes its root (``..``) or has forbidden characters."""
-
-
 class ConfigError(InputError):
     """A model spec, parameter or setting is invalid."""
 
 
 class DatasetError(InputError):
     """A dataset directory or annotation file is missing or malformed."""
-
-
-class ObjectNotFoundError(InputError):
-    """A key the request names does not exist in the object store (a wrong job id, a deleted input)."""
 
 
 # --- weights: permanent -------------------------------------------------------------------------------
@@ -88,15 +81,3 @@ class TransientError(SlipError):
 
 class DeviceOutOfMemoryError(TransientError):
     """The accelerator (or the host) ran out of memory; retry with a smaller points batch."""
-
-
-class StoreError(TransientError):
-    """The object store could not be reached or did not answer in time (after the store's own retries)."""
-
-
-class BrokerError(TransientError):
-    """Redis (the broker or result backend) could not be reached."""
-
-
-class ModelMismatchError(TransientError):
-    """This worker holds other models than the request names; another worker can serve it."""

@@ -48,7 +48,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from slip.device import resolve_dtype
 from slip.errors import ConfigError, DeviceOutOfMemoryError, ImageError
-from slip.sam_fast import PointDecoder, WindowUpscaler, encode_image
+from slip.sam_fast import PointDecoder, WindowUpscaler, encode_image, in_threes, kernel_key
 from slip.types import MaskSet
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -139,7 +139,8 @@ class MaskGenerator:
         self.crop_overlap_ratio = float(crop_overlap_ratio)
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self._transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._prepare_model(sam)
+        self._threads = torch.get_num_threads()  # the caller's intra-op threads (set again by every call)
         self._upscalers: dict[tuple, Optional[WindowUpscaler]] = {}  # per (low-res, input, crop) geometry
 
     @property
@@ -153,7 +154,7 @@ class MaskGenerator:
 
     def replace(self, **changes: Any) -> "MaskGenerator":
         """A generator on the same model with some options changed (e.g. a smaller ``points_per_batch``)."""
-        return MaskGenerator(self.sam, **(self._options | changes))
+        return type(self)(self.sam, **(self._options | changes))
 
     def generate(self, image: np.ndarray, *, timings: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
         """The official generator's records for an ``(H, W, 3) uint8`` RGB image, in its order.
@@ -182,6 +183,7 @@ class MaskGenerator:
     def _run(self, image: np.ndarray, timings: Optional[dict[str, float]]) -> MaskSet:
         """Validated, OOM-classified generation; ``point_coords`` stay float64 for the records."""
         _check_image(image)
+        self._threads = torch.get_num_threads()  # the caller's: the official kernels we reproduce depend on it
         try:
             return self._generate(image, _Clock(timings, self.device))
         except torch.cuda.OutOfMemoryError as e:
@@ -203,7 +205,7 @@ class MaskGenerator:
             with clock("postprocess"):
                 found = found.select(self._crop_nms(found))
         # 3. fill small holes and drop small islands (OpenCV, CPU), then NMS again
-        if self.min_mask_region_area > 0 and len(found):
+        if self.min_mask_region_area > 0 and len(found) and self.removes_small_regions_last:
             with clock("small_regions"):
                 found = self._remove_small_regions(found)
         return found
@@ -215,7 +217,7 @@ class MaskGenerator:
         with clock("encode"):
             features, input_size = self._encode(crop_image)
         with clock("decode"), self._autocast():
-            decoder = PointDecoder(self.sam, features)
+            decoder = self._decoder(features)
         crop = _Crop(crop_box, input_size, image.shape[:2], None, [])
         # 2. the crop's point grid, in batches; each batch keeps the candidates that pass the filters
         points = self.point_grids[layer] * np.array(crop.size)[None, ::-1]
@@ -223,7 +225,7 @@ class MaskGenerator:
             self._process_batch(batch, decoder, crop, clock)
             for (batch,) in batch_iterator(self.points_per_batch, points)
         ]
-        with clock("postprocess"):
+        with clock("postprocess"), self._post():
             cands = _Candidates.cat(parts)
             # 3. duplicates within the crop: the higher predicted IoU wins
             keep = batched_nms(cands.boxes.float(), cands.iou.float(), _zeros(cands.iou), self.box_nms_thresh)
@@ -238,15 +240,15 @@ class MaskGenerator:
             features = encode_image(self.sam.image_encoder, self.sam.preprocess(resized))
         return features, tuple(resized.shape[-2:])
 
-    def _process_batch(self, points: np.ndarray, decoder: PointDecoder, crop: _Crop, clock: "_Clock") -> _Candidates:
+    def _process_batch(self, points: np.ndarray, decoder, crop: _Crop, clock: "_Clock") -> _Candidates:
         """Candidates from ``(B, 2)`` XY crop-pixel points: 3 masks per point, then the filters."""
         with clock("decode"):
-            coords = torch.as_tensor(self._transform.apply_coords(points, crop.size), device=self.device)
+            coords = self._model_coords(points, crop)
             with self._autocast():
                 logits, iou = decoder(coords)
-        with clock("postprocess"):
-            logits, iou = logits.flatten(0, 1).float(), iou.flatten(0, 1).float()
-            pts = torch.as_tensor(points, device=self.device).repeat_interleave(3, dim=0)
+        with clock("postprocess"), self._post():
+            logits, iou = self._low_res(logits.float()).flatten(0, 1), iou.flatten(0, 1).float()
+            pts = self._record_points(points).repeat_interleave(3, dim=0)
             # 1. predicted IoU, on the low-resolution logits (before upscaling)
             if self.pred_iou_thresh > 0.0:
                 logits, iou, pts = _take(iou > self.pred_iou_thresh, logits, iou, pts)
@@ -271,9 +273,9 @@ class MaskGenerator:
         if crop.upscaler is None:  # full upscaling: keep the logits, upscale survivors again at the end
             masks = self._upscale(logits, crop)
             crop.pieces.extend(logits)
-            stability = calculate_stability_score(masks, self.sam.mask_threshold, self.stability_score_offset)
-            return batched_mask_to_box(masks > self.sam.mask_threshold).long(), stability
-        windows = crop.upscaler.windows(logits, self.sam.mask_threshold - self.stability_score_offset).tolist()
+            stability = calculate_stability_score(masks, self.mask_threshold, self.stability_score_offset)
+            return batched_mask_to_box(masks > self.mask_threshold).long(), stability
+        windows = crop.upscaler.windows(logits, self.mask_threshold - self.stability_score_offset).tolist()
         measured = [self._measure_one(mask, window, crop) for mask, window in zip(logits, windows)]
         boxes = torch.tensor([m[0] for m in measured], dtype=torch.long).reshape(-1, 4)
         counts = torch.tensor([m[1:3] for m in measured], dtype=torch.int32).reshape(-1, 2)
@@ -283,7 +285,7 @@ class MaskGenerator:
     def _measure_one(self, logits: torch.Tensor, window: list[int], crop: _Crop) -> tuple:
         """``(box XYXY, pixels above threshold + offset, above threshold - offset, bool piece or None)``
         of one ``(h, w)`` logit map upscaled to the crop, computed inside its ``[r0, r1, c0, c1]`` window."""
-        threshold, offset = self.sam.mask_threshold, self.stability_score_offset
+        threshold, offset = self.mask_threshold, self.stability_score_offset
         r0, r1, c0, c1 = window
         if r0 < 0:
             return (0, 0, 0, 0), 0, 0, None
@@ -304,14 +306,15 @@ class MaskGenerator:
     def _upscaler(self, low_res: tuple[int, int], input_size: tuple[int, int], crop_size: tuple[int, int]
                   ) -> Optional[WindowUpscaler]:
         """The window upscaler of a geometry (cached), None when this build cannot reproduce the official."""
-        key = (low_res, input_size, crop_size)
-        if key not in self._upscalers:
-            if len(self._upscalers) >= 64:
-                self._upscalers.clear()
-            try:
-                self._upscalers[key] = WindowUpscaler(self.sam, low_res, input_size, crop_size)
-            except ValueError:
-                self._upscalers[key] = None
+        with _intra_op(self._threads):  # built (and checked) under the caller's kernels
+            key = (low_res, input_size, crop_size, kernel_key())
+            if key not in self._upscalers:
+                if len(self._upscalers) >= 64:
+                    self._upscalers.clear()
+                try:
+                    self._upscalers[key] = self._new_upscaler(low_res, input_size, crop_size)
+                except ValueError:
+                    self._upscalers[key] = None
         return self._upscalers[key]
 
     def _materialise(self, cands: _Candidates, crop: _Crop) -> MaskSet:
@@ -322,7 +325,7 @@ class MaskGenerator:
             chunks = [torch.zeros((0, height, width), dtype=torch.bool, device=self.device)]
             pieces = [crop.pieces[i] for i in cands.ref.tolist()]
             for part in torch.stack(pieces).split(3 * self.points_per_batch) if pieces else ():
-                binary = self._upscale(part, crop) > self.sam.mask_threshold
+                binary = self._upscale(part, crop) > self.mask_threshold
                 chunks.append(uncrop_masks(binary, crop.box, height, width))
             masks = torch.cat(chunks)
         else:  # paste each piece at its box
@@ -340,10 +343,45 @@ class MaskGenerator:
             crop_boxes=crop_xywh.expand(len(masks), 4).clone(),
         )
 
+    # --- what depends on the model family (SAM 1 here; slip.proposers.sam2_generator overrides them) --------
+
+    removes_small_regions_last = True  # min_mask_region_area: OpenCV on the final masks (SAM 1's generator)
+    integer_boxes = True  # records carry bbox / crop_box as ints (SAM 1's generator; SAM 2's has floats)
+
+    def _prepare_model(self, sam: Sam) -> None:
+        """The model's mask threshold and input transform."""
+        self.mask_threshold = float(sam.mask_threshold)  # logits above it are inside the mask
+        self._transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    def _decoder(self, features: torch.Tensor) -> PointDecoder:
+        """The point decoder over one crop's image embedding."""
+        return PointDecoder(self.sam, features)
+
+    def _model_coords(self, points: np.ndarray, crop: _Crop) -> torch.Tensor:
+        """``(B, 2)`` XY crop pixels -> the decoder's input frame (float64, as the official generator)."""
+        return torch.as_tensor(self._transform.apply_coords(points, crop.size), device=self.device)
+
+    def _record_points(self, points: np.ndarray) -> torch.Tensor:
+        """``(B, 2)`` XY crop pixels as the records carry them (float64)."""
+        return torch.as_tensor(points, device=self.device)
+
+    def _low_res(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, h, w)`` low-resolution logits before any measurement (unchanged for SAM 1)."""
+        return logits
+
+    def _new_upscaler(self, low_res: tuple[int, int], input_size: tuple[int, int], crop_size: tuple[int, int]
+                      ) -> WindowUpscaler:
+        return WindowUpscaler(self.sam, low_res, input_size, crop_size)
+
     def _upscale(self, logits: torch.Tensor, crop: _Crop) -> torch.Tensor:
-        """``(K, h, w)`` low-resolution logits -> ``(K, H, W)`` logits at crop resolution (SAM's own
-        upscaling, which treats each mask independently)."""
-        return self.sam.postprocess_masks(logits[:, None], crop.input_size, crop.size)[:, 0]
+        """``(K, h, w)`` low-resolution logits -> ``(K, H, W)`` logits at crop resolution, under the caller's
+        thread count (PyTorch's bilinear kernel depends on it, as the official generator's does)."""
+        with _intra_op(self._threads):
+            return self._resize(logits, crop)
+
+    def _resize(self, logits: torch.Tensor, crop: _Crop) -> torch.Tensor:
+        """SAM's own upscaling (``postprocess_masks``), three masks to an image as the official passes them."""
+        return in_threes(lambda x: self.sam.postprocess_masks(x, crop.input_size, crop.size), logits)
 
     def _crop_nms(self, found: MaskSet) -> torch.Tensor:
         """Indices kept by NMS across crops, best first; the score is ``1 / crop area``."""
@@ -376,18 +414,26 @@ class MaskGenerator:
         if self.output_mode != "binary_mask":
             encode = _rle_encode if self.output_mode == "uncompressed_rle" else _coco_encode
             segmentations = encode(masks)
+        number = torch.long if self.integer_boxes else torch.float32
         xyxy = found.boxes.cpu().long()
-        bbox = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).tolist()
+        bbox = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1).to(number).tolist()
         fields = zip(
             segmentations, masks.sum((1, 2)).tolist(), bbox,
             found.predicted_iou.tolist(), found.point_coords.tolist(), found.stability_score.tolist(),
-            found.crop_boxes.cpu().long().tolist(),
+            found.crop_boxes.cpu().long().to(number).tolist(),
         )
         return [
             {"segmentation": seg, "area": area, "bbox": box, "predicted_iou": iou, "point_coords": [point],
              "stability_score": stability, "crop_box": crop}
             for seg, area, box, iou, point, stability, crop in fields
         ]
+
+    def _post(self):
+        """Post-processing on CPU runs on one intra-op thread: it is thousands of small operations, and with
+        several threads each one waits at a barrier for all of them — on a busy machine (a thread descheduled)
+        that costs a time slice per operation. Values do not change: the window arithmetic is elementwise, and
+        upscalers are built, and SAM's own upscaling runs, under the caller's thread count."""
+        return _intra_op(1 if self.device.type == "cpu" else self._threads)
 
     def _autocast(self):
         """Autocast to the compute dtype unless it is fp32."""
@@ -416,6 +462,20 @@ class _Clock:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+@contextmanager
+def _intra_op(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (restored after)."""
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _take(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The rows ``keep`` (a bool or index tensor) of each tensor."""
     return tuple(t[keep] for t in tensors)
@@ -432,7 +492,7 @@ def _compute_dtype(name: Any, sam: Sam) -> torch.dtype:
     if not isinstance(name, str):
         raise ConfigError(f"dtype must be one of fp32, bf16, fp16, got {name!r}")
     dtype = resolve_dtype(name, sam.device)
-    weights = sam.pixel_mean.dtype
+    weights = next(sam.parameters()).dtype
     return weights if dtype == torch.float32 and weights != torch.float32 else dtype
 
 

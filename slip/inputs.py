@@ -3,7 +3,9 @@
 ``slip segment`` and ``slip submit segment`` take the same arguments: files, directories (searched
 recursively for image files, hidden ones skipped) and glob patterns. Each image is named by its path
 relative to the *submitted root* — the deepest folder holding every input — with ``/`` separators, so
-exports carry ``cats/a.jpg`` rather than one machine's absolute path. Output folders derived from those
+exports carry ``cats/a.jpg`` rather than one machine's absolute path. Names come from the paths as given,
+never from where a symbolic link points: a link in a submitted folder to a file elsewhere is named as the
+link (its bytes are the target's); links to folders are not followed. Output folders derived from those
 names stay inside the output directory whatever the file is called (``...png``, ``..``, odd characters).
 """
 
@@ -28,7 +30,8 @@ def is_image_name(path: Path) -> bool:
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     """Absolute image files from files, directories (recursive, image extensions, no hidden parts) and glob
-    patterns, in the order given, each once; InputError naming the argument that matched nothing."""
+    patterns, in the order given, each once; InputError naming the argument that matched nothing. Paths are
+    made absolute without resolving symbolic links (a link keeps its own name and folder)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -43,7 +46,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
         if not files:
             raise InputError(f"no images found in {raw} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         found.extend(files)
-    return list(dict.fromkeys(p.resolve() for p in found))
+    return list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
 
 
 def submitted_root(files: Sequence[Path]) -> Path:

@@ -117,6 +117,9 @@ class SegmentOptions(BaseModel):
                                               "the threshold (deduplicated).")
     one_to_one: bool = option(False, "One-to-one assignment: prompts never share a segment.",
                               flag="--one-to-one/--no-one-to-one")
+    # engines (slip.engines.build: the engine itself is a model setting, --engine / SLIP_ENGINE)
+    propose: Optional[str] = option(None, "--engine sam3-rank: the generic concept SAM 3 proposes segments for, "
+                                    "e.g. 'animal' (default 'object').", min_length=1)
     # outputs and input limits
     render: bool = option(False, "Also write mask_<i>.png and overlay_<i>.png (else segments.json alone).",
                           flag="--render/--no-render")

@@ -10,22 +10,22 @@ depend only on the image and the models, ``rank`` only on the embeddings and the
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from slip.crops import CropConfig, crop_segments
 from slip.errors import DeviceOutOfMemoryError, PromptError
-from slip.filters import apply_filters, parse_filters
-from slip.generator import MaskGenerator
+from slip.proposers.base import Proposer, out_of_memory
+from slip.proposers.loading import mask_generator_for
 from slip.rankers.base import Ranker
+from slip.rankers.scores import rank_scores, ranker_scores
 from slip.ranking import rank
 from slip.ranking import validate_prompts as check_prompts
 from slip.request import ResolvedRequest
+from slip.timing import StageTimer
 from slip.types import Match, MaskSet, Proposals, SlipResult
 
 MAX_PROMPT_CHARS = 300
@@ -38,21 +38,6 @@ def validate_prompts(prompts: Sequence[str]) -> tuple[str, ...]:
         if len(p) > MAX_PROMPT_CHARS:
             raise PromptError(f"prompt of {len(p)} characters is too long (limit {MAX_PROMPT_CHARS})")
     return cleaned
-
-
-class _Timer:
-    """Collects wall-clock seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str, device: torch.device) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class SLIP:
@@ -70,7 +55,8 @@ class SLIP:
         self.request = request
         self.generator = generator  # a MaskGenerator (or anything with generate_masks(image, timings=))
         self.ranker = ranker
-        self.filters = parse_filters(request.filter_chain())
+        self.proposer = Proposer(generator, request.filter_chain(), ref=request.sam, device=ranker.device)
+        self.filters = self.proposer.filters
         self.crop = CropConfig(**request.crop.to_json())
         self.batch_size = batch_size
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -79,9 +65,9 @@ class SLIP:
     @staticmethod
     def build(sam, ranker: Ranker, request: ResolvedRequest, *, points_per_batch: int = 64,
               batch_size: int = 64) -> "SLIP":
-        """The pipeline over a loaded SAM: its mask generator takes the request's options and dtype."""
-        generator = MaskGenerator(sam, points_per_batch=points_per_batch, dtype=request.dtype,
-                                  **request.generator.to_json())
+        """The pipeline over a loaded SAM (1 or 2): its mask generator takes the request's options and dtype."""
+        generator = mask_generator_for(sam, points_per_batch=points_per_batch, dtype=request.dtype,
+                                       **request.generator.to_json())
         return SLIP(generator, ranker, request, batch_size=batch_size)
 
     @property
@@ -92,29 +78,13 @@ class SLIP:
         """The resolved request's record (every setting that changes the output)."""
         return self.request.to_json()
 
-    def propose(self, image: np.ndarray, timer: _Timer | None = None) -> Proposals:
+    def propose(self, image: np.ndarray, timer: StageTimer | None = None) -> Proposals:
         """SAM proposals of an ``(H, W, 3) uint8`` image, after the annotation filters."""
-        timer = timer or _Timer()
-        # 1. every segment SAM finds (host memory running out is the same condition as device memory)
-        with timer.stage("sam", self.device):
-            try:
-                masks = self.generator.generate_masks(image, timings=timer.seconds)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not out_of_memory(e):
-                    raise
-                raise DeviceOutOfMemoryError(
-                    f"out of memory while generating masks for a {image.shape[1]}x{image.shape[0]} image with "
-                    f"points_per_batch={getattr(self.generator, 'points_per_batch', '?')}: retry with a smaller "
-                    "points_per_batch"
-                ) from e
-        # 2. remove duplicates, background and contained segments
-        with timer.stage("filters", self.device):
-            kept, stats = apply_filters(masks, self.filters)
-        return Proposals(segments=kept, filter_stats=stats, generated=len(masks))
+        return self.proposer.propose(image, timer)
 
-    def embed(self, image: np.ndarray, proposals: Proposals, timer: _Timer | None = None) -> torch.Tensor:
+    def embed(self, image: np.ndarray, proposals: Proposals, timer: StageTimer | None = None) -> torch.Tensor:
         """``(N, D)`` unit-norm ranker embeddings of the crops of each proposed segment."""
-        timer = timer or _Timer()
+        timer = timer or StageTimer()
         segments = proposals.segments
         chunks = []
         for start in range(0, len(segments), self.batch_size):
@@ -149,33 +119,38 @@ class SLIP:
 
     def rank(
         self, embeddings: torch.Tensor, prompts: Sequence[str], segments: MaskSet | None = None,
-        timer: _Timer | None = None,
+        timer: StageTimer | None = None,
     ) -> tuple[torch.Tensor, tuple[Match, ...]]:
         """Segments x prompts similarity ``(N, P)`` (CPU) and the match of each prompt; ``segments`` (the
         proposals' masks) are needed to deduplicate instances when the request asks for all of them."""
-        timer = timer or _Timer()
+        timer = timer or StageTimer()
         prompts = validate_prompts(prompts)
         req = self.request
         with timer.stage("clip_text", self.device):
             texts = self.encode_prompts(prompts)
         with timer.stage("rank", self.device):
-            return rank(
-                embeddings.to(texts.device),
-                texts,
-                prompts,
-                top_k=req.top_k,
-                threshold=list(req.thresholds(len(prompts))),
-                one_to_one=req.one_to_one,
-                instances=req.instances,
-                masks=None if segments is None else segments.masks,
-            )
+            masks = None if segments is None else segments.masks
+            thresholds = list(req.thresholds(len(prompts)))
+            scores = ranker_scores(self.ranker, embeddings.to(texts.device), texts)
+            if scores is not None:  # a calibrated ranker: its own score is the scale (SigLIP's sigmoid)
+                return rank_scores(scores, prompts, top_k=req.top_k, threshold=thresholds,
+                                   one_to_one=req.one_to_one, instances=req.instances, masks=masks)
+            return rank(embeddings.to(texts.device), texts, prompts, top_k=req.top_k, threshold=thresholds,
+                        one_to_one=req.one_to_one, instances=req.instances, masks=masks)
 
-    def __call__(self, image: np.ndarray, prompts: Sequence[str]) -> SlipResult:
-        """Segment ``image`` for each prompt; see :class:`slip.types.SlipResult`."""
-        prompts = validate_prompts(prompts)
-        timer = _Timer()
+    def prepare(self, image: np.ndarray, timer: StageTimer | None = None) -> tuple[Proposals, torch.Tensor]:
+        """The prompt-independent half (what the segment-once, query-many cache keeps): the filtered proposals
+        and their ``(N, D)`` crop embeddings."""
+        timer = timer or StageTimer()
         proposals = self.propose(image, timer)
-        embeddings = self.embed(image, proposals, timer)
+        return proposals, self.embed(image, proposals, timer)
+
+    def answer(self, image: np.ndarray, state: tuple[Proposals, torch.Tensor], prompts: Sequence[str],
+               timer: StageTimer | None = None) -> SlipResult:
+        """The prompt-dependent half: the result for ``prompts`` from :meth:`prepare`'s state."""
+        prompts = validate_prompts(prompts)
+        timer = timer or StageTimer()
+        proposals, embeddings = state
         similarity, matches = self.rank(embeddings, prompts, proposals.segments, timer)
         return SlipResult(
             image_size=(int(image.shape[0]), int(image.shape[1])),
@@ -185,15 +160,11 @@ class SLIP:
             timings=timer.seconds,
         )
 
+    def __call__(self, image: np.ndarray, prompts: Sequence[str]) -> SlipResult:
+        """Segment ``image`` for each prompt; see :class:`slip.types.SlipResult`."""
+        prompts = validate_prompts(prompts)
+        timer = StageTimer()
+        return self.answer(image, self.prepare(image, timer), prompts, timer)
+
     def _embedding_dim(self) -> int:
         return int(self.encode_prompts(["object"]).shape[1])
-
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether a torch error is an allocation that failed: on a GPU ``torch.OutOfMemoryError``; on the host a
-    ``RuntimeError`` from the CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return "can't allocate memory" in text or "not enough memory" in text

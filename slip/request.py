@@ -89,6 +89,14 @@ class ResolvedRequest:
     threshold: float | tuple[float | None, ...] | None  # similarity threshold(s), resolved
     instances: str  # one | all
     one_to_one: bool  # Hungarian assignment across prompts
+    engine: str = "slip"  # how prompts become masks: slip | sam3 | sam3-rank (slip.engines.build)
+    propose: str | None = None  # sam3-rank: the concept SAM 3 proposes for; None for the other engines
+
+    def engine_identity(self) -> dict:
+        """``{}`` for the slip engine (its digests stay what they were), else the engine and its concept."""
+        if self.engine == "slip":
+            return {}
+        return {"engine": self.engine, **({"propose": self.propose} if self.propose is not None else {})}
 
     def filter_chain(self) -> str:
         """The filter chain as a ``slip.filter_chain.parse_filters`` string (``"none"`` when empty)."""
@@ -104,7 +112,7 @@ class ResolvedRequest:
 
     def proposal_identity(self) -> dict:
         return {"sam": self.sam.identity(), "dtype": self.dtype, "generator": self.generator.to_json(),
-                "filters": list(self.filters)}
+                "filters": list(self.filters), **self.engine_identity()}
 
     def embedding_identity(self) -> dict:
         return {"proposals": self.proposal_digest(), "ranker": self.ranker.identity(), "dtype": self.dtype,
@@ -133,11 +141,13 @@ class ResolvedRequest:
 
 
 def resolve(options: SegmentOptions, *, sam: ModelRef, sam_generator: Mapping[str, Any], sam_filters: str | None,
-            ranker: ModelRef, ranker_threshold: float | None, dtype: str = "fp32") -> ResolvedRequest:
+            ranker: ModelRef, ranker_threshold: float | None, dtype: str = "fp32", engine: str = "slip",
+            propose: str | None = None) -> ResolvedRequest:
     """The request ``options`` resolved against the loaded models' recommendations.
 
     ``sam_generator`` / ``sam_filters``: the SAM checkpoint's generator.json options and filters.json chain
-    ({} / None when it has none); ``ranker_threshold``: the ranker's threshold.json value (None if none).
+    ({} / None when it has none); ``ranker_threshold``: the ranker's threshold.json value (None if none);
+    ``engine`` / ``propose``: the engine that answers and sam3-rank's resolved concept (slip.engines.build).
     Raises ConfigError for an invalid recommendation, naming where it came from (the options themselves were
     validated by their declaration).
     """
@@ -149,6 +159,7 @@ def resolve(options: SegmentOptions, *, sam: ModelRef, sam_generator: Mapping[st
     return ResolvedRequest(
         sam=sam, ranker=ranker, dtype=dtype, generator=generator, filters=filters, crop=crop, top_k=options.top_k,
         threshold=_threshold(options, ranker_threshold), instances=options.instances, one_to_one=options.one_to_one,
+        engine=engine, propose=propose,
     )
 
 

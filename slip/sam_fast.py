@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from types import MethodType
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ class PointDecoder:
                 image_embeddings=self.features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
             )
-        sizes = _chunk_sizes(len(sparse), self.chunk)
+        sizes = chunk_sizes(len(sparse), self.chunk)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         parts = [self._decode(part, start, len(sparse)) for part, start in zip(sparse.split(sizes), starts)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -209,9 +209,9 @@ class PointDecoder:
         self.key_pe = pe.flatten(2).permute(0, 2, 1)
         keys_pe = self.keys + self.key_pe
         # 2. projections that see only image tokens (token->image keys / values, image->token queries)
-        self.t2i_k = _project(layer.cross_attn_token_to_image.k_proj, keys_pe)
-        self.t2i_v = _project(layer.cross_attn_token_to_image.v_proj, self.keys)
-        self.i2t_q = _project(layer.cross_attn_image_to_token.q_proj, keys_pe)
+        self.t2i_k = project(layer.cross_attn_token_to_image.k_proj, keys_pe)
+        self.t2i_v = project(layer.cross_attn_token_to_image.v_proj, self.keys)
+        self.i2t_q = project(layer.cross_attn_image_to_token.q_proj, keys_pe)
 
     def _decode(self, sparse: Tensor, start: int, batch: int) -> tuple[Tensor, Tensor]:
         """``MaskDecoder.predict_masks`` for ``(b, T, C)`` sparse embeddings, rows ``start:start + b`` of a
@@ -260,7 +260,7 @@ class PointDecoder:
         return queries, layer.norm4(self.keys + attn_out)
 
 
-def _chunk_sizes(total: int, chunk: int) -> list[int]:
+def chunk_sizes(total: int, chunk: int) -> list[int]:
     """``total`` points split into parts of ``chunk`` (at least 4), the remainder merged into the last
     part when it is under 4: tiny matrix products take other BLAS kernels than the official batch's."""
     chunk = max(chunk, 4)
@@ -273,7 +273,7 @@ def _chunk_sizes(total: int, chunk: int) -> list[int]:
     return sizes
 
 
-def _project(linear: torch.nn.Linear, x: Tensor) -> Tensor:
+def project(linear: torch.nn.Linear, x: Tensor) -> Tensor:
     """``linear(x)`` for ``(1, N, C)`` image tokens, computed the way the official decoder computes it for
     a batch of points (a contiguous copy, a matrix product, then the bias), so the values are the same."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -308,35 +308,65 @@ class WindowUpscaler:
     Bilinear weights are non-negative, so an output pixel can exceed a threshold only if one of its
     low-resolution sources does (up to rounding, covered by a margin): each mask is evaluated in the
     window those sources span. Inside it, the values are computed with PyTorch's own index and weight
-    formulas and its fused multiply-add, so they are bit-identical to ``postprocess_masks``; the
-    constructor checks that on random logits and refuses (``ValueError``) when this build differs.
+    formulas and its fused multiply-add, so they are bit-identical to ``postprocess_masks`` of the
+    official generators' ``(B, 3, h, w)`` logits; the constructor checks that on random logits and refuses
+    (``ValueError``) when this build differs.
+
+    PyTorch's CPU kernel depends on the thread count: with one thread, 3-channel inputs take its
+    channels-last kernel (each output pixel from its four corners, ``fma`` chained), otherwise the generic
+    separable one (columns, then rows). An upscaler matches the kernel of the thread count it was built
+    under (callers key their caches by it: :func:`kernel_key`).
+
+    :meth:`direct` builds the one-pass variant SAM 2 uses (``F.interpolate`` of the low-resolution logits
+    straight to the crop size).
     """
 
     def __init__(self, sam: Sam, low_res: tuple[int, int], input_size: tuple[int, int], crop_size: tuple[int, int]):
-        self.sam, self.input_size, self.crop_size = sam, input_size, crop_size
         img = sam.image_encoder.img_size
-        for index_fma, combine in ((True, "addcmul"), (True, "double"), (False, "addcmul"), (False, "plain")):
-            self.rows = _Axis(low_res[0], img, input_size[0], crop_size[0], index_fma)
-            self.cols = _Axis(low_res[1], img, input_size[1], crop_size[1], index_fma)
+        stages = [((low_res[i], img, input_size[i]), (input_size[i], crop_size[i], crop_size[i])) for i in (0, 1)]
+        reference = lambda x: sam.postprocess_masks(x[None], input_size, crop_size)[0]  # noqa: E731
+        self._build(stages, reference, low_res, crop_size)
+
+    @classmethod
+    def direct(cls, low_res: tuple[int, int], crop_size: tuple[int, int]) -> "WindowUpscaler":
+        """One bilinear resize (``align_corners=False``) of ``low_res`` logits to ``crop_size``."""
+        upscaler = cls.__new__(cls)
+        stages = [((low_res[i], crop_size[i], crop_size[i]),) for i in (0, 1)]
+        reference = lambda x: F.interpolate(x[None], crop_size, mode="bilinear", align_corners=False)[0]  # noqa
+        upscaler._build(stages, reference, low_res, crop_size)
+        return upscaler
+
+    def _build(self, stages: list, reference: Callable[[Tensor], Tensor], low_res: tuple[int, int],
+               crop_size: tuple[int, int]) -> None:
+        """``stages``: per axis (rows, columns), ``(n_in, n_out, kept)`` per resize (``kept``: the first output
+        pixels kept, the crop to the input size); ``reference``: ``(3, h, w)`` -> ``(3, H, W)`` logits, computed
+        as the official generators compute them (three masks per point: one 3-channel image)."""
+        self.reference, self.crop_size = reference, crop_size
+        variants = [(fma, combine) for fma in (True, False) for combine in ("corner", "addcmul", "double", "plain")]
+        for index_fma, combine in variants:
+            self.rows = _Axis(stages[0], index_fma)
+            self.cols = _Axis(stages[1], index_fma)
             self.combine = combine
             if self._agrees(low_res):
                 return
         raise ValueError(f"this PyTorch build's bilinear upscaling could not be reproduced for {crop_size}")
 
     def values(self, logits: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
-        """``postprocess_masks`` of one ``(h, w)`` float32 logit map, output rows ``rows[0]..rows[1]`` and
+        """The upscaled values of one ``(h, w)`` float32 logit map, output rows ``rows[0]..rows[1]`` and
         columns ``cols[0]..cols[1]`` (inclusive) -> ``(rows, cols)`` float32."""
-        (lr, _, r_stage1, r_stage2), (lc, _, c_stage1, c_stage2) = self.rows.plan(*rows), self.cols.plan(*cols)
-        block = logits[lr[0] : lr[1] + 1, lc[0] : lc[1] + 1]
-        # 1. low-res -> img_size (cropped to input_size): columns, then rows (PyTorch's order)
-        mid = self._lerp(self._lerp(block, c_stage1, -1), r_stage1, -2)
-        # 2. input_size -> crop_size, same order
-        return self._lerp(self._lerp(mid, c_stage2, -1), r_stage2, -2)
+        (lr, r_tables), (lc, c_tables) = self.rows.plan(*rows), self.cols.plan(*cols)
+        out = logits[lr[0] : lr[1] + 1, lc[0] : lc[1] + 1]
+        for r_table, c_table in zip(r_tables, c_tables):
+            if self.combine == "corner":  # channels-last kernel: four corners, fma chained
+                out = _corners(out, r_table, c_table)
+            else:  # generic kernel: columns, then rows (PyTorch's order)
+                out = self._lerp(self._lerp(out, c_table, -1), r_table, -2)
+        return out
 
     def windows(self, logits: Tensor, threshold: float) -> np.ndarray:
         """``(K, 4)`` int64 inclusive output windows ``[row0, row1, col0, col1]`` of ``(K, h, w)`` logits:
-        outside its window, ``postprocess_masks`` of a mask is surely ``<= threshold`` (``row0 = -1`` when
-        no pixel can exceed it). The margin covers rounding: ~20x the error of two bilinear passes."""
+        outside its window, the upscaled mask is surely ``<= threshold`` (``row0 = -1`` when no pixel can
+        exceed it). The margin covers rounding: ~20x the error of two bilinear passes."""
         margin = 1e-4 + 1e-5 * logits.abs().amax((1, 2))
         support = logits > (threshold - margin)[:, None, None]
         out = np.full((len(logits), 4), -1, dtype=np.int64)
@@ -362,10 +392,10 @@ class WindowUpscaler:
         return a * w0 + b * w1
 
     def _agrees(self, low_res: tuple[int, int]) -> bool:
-        """Whether :meth:`values` reproduces ``postprocess_masks`` bit for bit, whole and in sub-windows."""
+        """Whether :meth:`values` reproduces the reference bit for bit, whole and in sub-windows."""
         gen = torch.Generator().manual_seed(0)
         logits = torch.randn((3, *low_res), generator=gen) * 8
-        reference = self.sam.postprocess_masks(logits[:, None], self.input_size, self.crop_size)[:, 0]
+        reference = self.reference(logits)
         h, w = self.crop_size
         windows = [((0, h - 1), (0, w - 1)), ((h // 3, h - 1), (w // 5, w // 2)), ((0, h // 2), (w // 3, w - 1))]
         return all(
@@ -374,32 +404,64 @@ class WindowUpscaler:
         )
 
 
-class _Axis:
-    """One axis of the two resizes: for each stage, per output pixel the two source indices and weights."""
+def in_threes(upscale: Callable[[Tensor], Tensor], logits: Tensor) -> Tensor:
+    """``upscale`` (``(B, 3, h, w)`` -> ``(B, 3, H, W)``) of ``(K, h, w)`` logits laid out three to an image, as
+    the official generators pass them (PyTorch's CPU kernel depends on the channel count): ``(K, H, W)``."""
+    k = len(logits)
+    padded = torch.cat([logits, logits.new_zeros((-k % 3, *logits.shape[1:]))]) if k % 3 else logits
+    out = upscale(padded.view(-1, 3, *logits.shape[1:]))
+    return out.view(-1, *out.shape[2:])[:k]
 
-    def __init__(self, n_low: int, n_img: int, n_input: int, n_out: int, index_fma: bool) -> None:
-        first = _bilinear_table(n_low, n_img, index_fma)
-        self.stage1 = tuple(t[:n_input] for t in first)  # cropped to the resized image, before padding
-        self.stage2 = _bilinear_table(n_input, n_out, index_fma)
-        self.np1 = [t.numpy() for t in self.stage1[:2]]
-        self.np2 = [t.numpy() for t in self.stage2[:2]]
+
+def kernel_key() -> bool:
+    """Which of PyTorch's CPU bilinear kernels 3-channel inputs take now (True: channels-last, one thread)."""
+    return torch.get_num_threads() == 1
+
+
+def _corners(x: Tensor, rows: tuple, cols: tuple) -> Tensor:
+    """One bilinear resize as PyTorch's channels-last CPU kernel computes a pixel:
+    ``fma(x11, w11, fma(x10, w10, fma(x00, w00, x01 * w01)))`` with ``wAB = hA * wB`` (float32); each fma is
+    evaluated exactly in float64 and rounded once to float32."""
+    i0, i1, h0, h1 = rows
+    j0, j1, w0, w1 = cols
+    top, bottom = x.index_select(0, i0), x.index_select(0, i1)
+    x00, x01 = top.index_select(1, j0), top.index_select(1, j1)
+    x10, x11 = bottom.index_select(1, j0), bottom.index_select(1, j1)
+    h0, h1, w0, w1 = h0[:, None], h1[:, None], w0[None], w1[None]
+    out = x01 * (h0 * w1)
+    for corner, weight in ((x00, h0 * w0), (x10, h1 * w0), (x11, h1 * w1)):
+        out = (corner.double() * weight.double() + out.double()).float()
+    return out
+
+
+class _Axis:
+    """One axis of the resizes: for each, per output pixel the two source indices and weights."""
+
+    def __init__(self, stages: Sequence[tuple[int, int, int]], index_fma: bool) -> None:
+        # (n_in, n_out, kept): the first `kept` outputs of each resize are kept (the crop to the input size)
+        self.stages = [tuple(t[:kept] for t in _bilinear_table(n_in, n_out, index_fma)) for n_in, n_out, kept in stages]
+        self.sources = [[t.numpy() for t in stage[:2]] for stage in self.stages]
 
     def spans(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         """``(K, 2)`` inclusive ranges of output pixels that read any low-res pixel in ``low..high``
         (``(K,)`` each); ``-1`` where none does."""
-        mid = _reading(self.np1, low, high)
-        out = _reading(self.np2, np.maximum(mid[:, 0], 0), mid[:, 1])
-        out[(mid[:, 0] < 0) | (out[:, 0] < 0)] = -1
+        out = np.stack([low, high], 1)
+        dead = np.zeros(len(low), dtype=bool)
+        for sources in self.sources:
+            out = _reading(sources, np.maximum(out[:, 0], 0), out[:, 1])
+            dead |= out[:, 0] < 0
+        out[dead] = -1
         return out
 
     def plan(self, first: int, last: int):
-        """For output pixels ``first..last``: the low-res and stage-1 ranges they need, and both stages'
-        tables re-indexed into those ranges."""
-        i0, i1, w0, w1 = (t[first : last + 1] for t in self.stage2)
-        mid = int(i0[0]), int(i1[-1])
-        j0, j1, v0, v1 = (t[mid[0] : mid[1] + 1] for t in self.stage1)
-        low = int(j0[0]), int(j1[-1])
-        return low, mid, (j0 - low[0], j1 - low[0], v0, v1), (i0 - mid[0], i1 - mid[0], w0, w1)
+        """For output pixels ``first..last``: the low-res range they need, and each resize's table
+        re-indexed into the range of its input that is needed."""
+        tables = []
+        for stage in reversed(self.stages):
+            i0, i1, w0, w1 = (t[first : last + 1] for t in stage)
+            first, last = int(i0[0]), int(i1[-1])
+            tables.append((i0 - first, i1 - first, w0, w1))
+        return (first, last), tables[::-1]
 
 
 def _reading(table: list, low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from slip.errors import WeightsError, WeightsNotFoundError
-from slip.sam import OFFICIAL_TYPES, SAM_ARCHS, SamArch, build_sam
+from slip.sam_arch import OFFICIAL_TYPES, SAM_ARCHS, SamArch, build_sam
 
 MODEL_TYPE = "sam"  # config.json "model_type" of a transformers SamModel
 CONFIG_FILE = "config.json"

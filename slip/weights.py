@@ -5,8 +5,10 @@ env var and pass ``cache_dir`` inward, ``None`` meaning the default):
 
 * ``<cache>/sam/sam_vit_{h,l,b}_*.pth`` — official SAM checkpoints, fetched by ``slip weights fetch
   vit_b`` (``fetch_sam``) and verified against their published SHA-256;
-* ``<cache>/hf/`` — a Hugging Face hub cache holding CLIP snapshots, fetched by ``slip weights fetch
-  <hub-id>`` (``fetch_clip``).
+* ``<cache>/hf/`` — a Hugging Face hub cache holding model snapshots (CLIP, SigLIP, open_clip, SAM 2 / 2.1,
+  SAM 3), fetched by ``slip weights fetch <hub-id>`` (``fetch_clip``); the engines' short names
+  (``sam2.1-hiera-large``, ``sam3`` ...) are aliases of their hub ids (:data:`HUB_ALIASES`), and gated repos
+  (SAM 3) say where to accept the licence and that ``HF_TOKEN`` must be set (:func:`gated_hint`).
 
 Models bundled with the package (trained on the synthetic world) live in ``slip/weights/<name>/``.
 """
@@ -258,8 +260,35 @@ def _progress_bar(total: int | None, label: str, *, enabled: bool):
 
 # --- Hugging Face CLIP snapshots ------------------------------------------------------------------------
 
-# files of a CLIP repo that transformers needs (skips TF / Flax / duplicate .bin weights)
+# files of a model repo that transformers / open_clip need (skips TF / Flax / duplicate .bin weights)
 HF_PATTERNS = ("*.json", "*.txt", "*.safetensors", "*.model")
+OPEN_CLIP_PREFIX = "hf-hub:"  # open_clip's spelling of a hub id: hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K
+
+# short names of the engines' models -> their Hugging Face hub ids
+HUB_ALIASES: Mapping[str, str] = {
+    **{f"sam{v}-hiera-{size}": f"facebook/sam{v}-hiera-{size}"
+       for v in ("2", "2.1") for size in ("tiny", "small", "base-plus", "large")},
+    "sam3": "facebook/sam3",
+    "siglip": "google/siglip-base-patch16-224",
+    "siglip2": "google/siglip2-base-patch16-224",
+}
+# gated repos: where to accept the licence (downloads need HF_TOKEN of an account that accepted it)
+GATED: Mapping[str, str] = {"facebook/sam3": "https://huggingface.co/facebook/sam3"}
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face hub id of a fetchable name: an alias, an ``hf-hub:`` open_clip id, or the id itself."""
+    name = name[len(OPEN_CLIP_PREFIX):] if name.startswith(OPEN_CLIP_PREFIX) else name
+    return HUB_ALIASES.get(name, name)
+
+
+def gated_hint(repo: str) -> str:
+    """For a gated repo: where to accept its licence and that HF_TOKEN must be set; "" otherwise."""
+    page = GATED.get(repo)
+    if page is None:
+        return ""
+    return (f"; {repo} is gated: accept its licence at {page} (access is granted per account, often after a "
+            f"review), then set HF_TOKEN to a token of that account and run `slip weights fetch {repo}`")
 
 
 def hf_cache(cache_dir: Path | None) -> Path:
@@ -285,10 +314,8 @@ def fetch_clip(hub_id: str, cache_dir: Path | None, *, endpoint: str | None = No
                 endpoint=endpoint,
             ))
     except Exception as e:  # the hub raises httpx, OSError and its own errors; all mean "not fetched"
-        raise WeightsError(
-            f"cannot download {hub_id!r} from the Hugging Face hub: {_first_line(e)} "
-            "(no network, or a wrong id?)"
-        ) from e
+        hint = gated_hint(hub_id) or " (no network, or a wrong id?)"
+        raise WeightsError(f"cannot download {hub_id!r} from the Hugging Face hub: {_first_line(e)}{hint}") from e
     return path
 
 
@@ -303,7 +330,7 @@ def clip_path(hub_id: str, cache_dir: Path | None, *, what: str = "CLIP model") 
     except Exception as e:  # LocalEntryNotFoundError, or HFValidationError for a malformed id
         raise WeightsNotFoundError(
             f"{what} {hub_id!r} is not in the Hugging Face cache {cache} (weights cache set by the "
-            f"env var {CACHE_ENV}); download it with `slip weights fetch {hub_id}`"
+            f"env var {CACHE_ENV}); download it with `slip weights fetch {hub_id}`{gated_hint(hub_id)}"
         ) from e
 
 

@@ -1,18 +1,16 @@
-"""The Celery application factory: :func:`create_app` builds a configured app from typed settings.
+"""The worker's Celery application: :func:`create_app` builds one from typed settings.
 
 Nothing here runs at import time. ``celery -A worker worker -Q gpu,cpu`` and ``celery -A worker flower``
-find the app in :mod:`worker.celery`, the one module that reads the environment (at process start).
+find the app in :mod:`worker.celery`, the one module that reads the environment (at process start). The
+configuration is the queue's (:func:`jobs.broker.celery_app`); a worker app adds the tasks
+(:mod:`worker.tasks`), its resources and the worker signals, each connected once per process whatever the
+number of apps (``dispatch_uid``; a handler finds its app through the signal's sender or, in a pool process,
+Celery's current app):
 
-Configuration: Redis broker and result backend; JSON only (pickle refused); late acks + reject on worker
-loss + prefetch 1, so a killed pool process's task goes back to the queue and is delivered again; a
-visibility timeout above the task time limit (the backstop: a killed worker's chunk is sent again within
-``SLIP_DEAD_AFTER`` seconds by the feeder, long before); soft/hard time limits; task events for Flower;
-two queues named for their hardware:
-
-* ``gpu`` — model work (``slip.segment``, training tasks); its workers hold the models warm;
-* ``cpu`` — light work (``slip.health``, ``slip.feed``); a worker consuming only ``cpu`` loads no models.
-
-Each worker also has a direct queue (``worker_direct``) so a health check can reach one named worker.
+* ``worker_init`` (main process, before the fork): the log level (``SLIP_LOG_LEVEL``), the device check (a
+  worker that cannot start says one line and exits 1), the shared counters, model code imported once;
+* ``worker_ready`` / ``worker_shutdown``: the reaper thread (:mod:`jobs.reaper`) starts and stops;
+* ``worker_process_init`` / ``worker_process_shutdown`` (each pool process): models loaded, then released.
 """
 
 from __future__ import annotations
@@ -23,81 +21,52 @@ import multiprocessing
 import os
 import signal
 
-from celery import Celery, signals
-from kombu import Exchange, Queue
+from celery import Celery, current_app, signals
 
+from jobs.board import Board, connect
+from jobs.broker import MODEL_QUEUE, celery_app, queue_depths, sender
+from jobs.reaper import Reaper
+from jobs.settings import Settings
+from jobs.store import Store
 from slip.errors import SlipError
-from worker.broker import LIGHT_QUEUE, MODEL_QUEUE, PRIORITY_SEP, PRIORITY_STEPS
 from worker.resources import ResourceHolder, set_threads
-from worker.settings import Settings
+from worker.tasks import run
 
 log = logging.getLogger("slip.worker")
 
-TASK_MODULES = ("worker.tasks", "worker.train_tasks", "worker.train_sam_task")  # each has register(app)
-QUEUES = (MODEL_QUEUE, LIGHT_QUEUE)
 EXIT_CANNOT_START = 1  # exit code of a worker whose models cannot load
 PROCESS_START_S = 600.0  # a pool process may take this long to load its models before it counts as failed
-ROUTES = {
-    "slip.segment": {"queue": "gpu"},
-    "slip.train*": {"queue": "gpu"},
-    "slip.evaluate": {"queue": "gpu"},
-    "slip.health": {"queue": "cpu"},
-    "slip.feed": {"queue": "cpu"},
-}
 
 
 def create_app(settings: Settings, *, worker: bool = False) -> Celery:
-    """A Celery app configured from ``settings``. A client (producer) app sends tasks by name and imports no
-    task code; ``worker`` registers the tasks and connects the worker-process signals (model loading after
-    the fork, the ticker, a clean exit when models cannot load)."""
-    from worker.feeder import publisher
-
-    app = Celery("slip", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,  # ack after the task ran: a crash mid-task leaves the message queued
-        task_reject_on_worker_lost=True,  # a killed pool process puts its task back on the queue
-        worker_prefetch_multiplier=1,  # a worker reserves one message per process, no hoarding
-        worker_concurrency=1,  # one pool process = one copy of the models per GPU (--concurrency overrides)
-        # a pool process reports "up" only after worker_process_init has loaded the models: a vit_h load (and
-        # the first hash of its 2.5 GB) takes far more than Celery's default 4 s, and a replacement for a
-        # killed process would otherwise be killed and replaced again, forever
-        worker_proc_alive_timeout=PROCESS_START_S,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_throttle": 1,
-            "unacked_restore_interval": max(1.0, settings.visibility_timeout_s / 4),
-            "priority_steps": list(PRIORITY_STEPS),  # the layout worker.broker reads
-            "sep": PRIORITY_SEP,
-        },
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,  # a worker waits for Redis as long as it takes
-        result_backend_always_retry=True,  # task states survive a Redis restart
-        result_backend_max_retries=30,
-        task_time_limit=settings.task_time_limit_s,
-        task_soft_time_limit=settings.soft_time_limit_s,
-        result_expires=settings.result_expires_s,
-        worker_send_task_events=True,  # Flower
-        task_send_sent_event=True,  # Flower sees queued tasks too
-        task_track_started=True,  # STARTED state for the training tasks' progress
-        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
-        task_default_queue=MODEL_QUEUE,
-        task_routes=ROUTES,
-        worker_direct=True,  # a queue per worker, for targeted health checks
-        # on a broker blip let the running task finish: its result lands in the store and is recorded
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_hijack_root_logger=True,
-    )
-    app.slip_settings = settings
-    app.slip_resources = ResourceHolder(settings, publish=publisher(app))
+    """A Celery app configured from ``settings``. A client app sends tasks by name and holds nothing; a
+    ``worker`` app registers the tasks, holds the process's resources and answers the worker signals."""
+    app = celery_app(settings)
     if worker:
-        for name in TASK_MODULES:
-            importlib.import_module(name).register(app)
-        connect_worker_signals(app)
+        # a pool process reports "up" only after worker_process_init has loaded the models: a vit_h load takes
+        # far more than Celery's default 4 s, and a replacement for a killed process would be killed forever
+        app.conf.worker_proc_alive_timeout = PROCESS_START_S
+        app.slip_resources = ResourceHolder(settings, send=sender(app))
+        register(app)
+        for handler in (_worker_init, _worker_ready, _exit_code, _worker_shutdown, _process_init, _process_shutdown):
+            handler.signal.connect(handler, weak=False, dispatch_uid=f"slip.worker.{handler.__name__}")
     return app
+
+
+def register(app: Celery) -> None:
+    """The tasks: the chunk runner under one name per job kind (Flower tells them apart; the training kinds
+    keep results, for their per-epoch progress), and the health check."""
+    for name, keep in (("slip.segment", False), ("slip.train", True), ("slip.evaluate", True), ("slip.train_sam", True)):
+        app.task(name=name, bind=True, ignore_result=not keep)(run)
+    app.task(name="slip.health", bind=True)(health)
+
+
+def health(task) -> dict:
+    """What this worker process has loaded (specs, digests, device, dtype, memory), its pid and host."""
+    report = task.app.slip_resources.get().health()
+    report["queues"] = sorted(task.app.amqp.queues.consume_from)
+    report["worker"] = task.request.hostname
+    return report
 
 
 def consumes_model_queue(app: Celery) -> bool:
@@ -105,61 +74,97 @@ def consumes_model_queue(app: Celery) -> bool:
     return MODEL_QUEUE in app.amqp.queues.consume_from
 
 
-def connect_worker_signals(app: Celery) -> None:
-    """Load resources after the fork in every pool process; the ticker in the main process; release at exit."""
-    holder: ResourceHolder = app.slip_resources
-    state: dict = {}
+def _holder(app) -> ResourceHolder | None:
+    return getattr(app, "slip_resources", None)
 
-    @signals.worker_init.connect(weak=False)
-    def _remember_main(sender=None, **_):
-        holder.main_pid = os.getpid()
-        holder.cannot_start = multiprocessing.Value("b", 0, lock=False)  # shared with the pool processes
-        state["worker"] = sender  # its exitcode is what `celery worker` exits with
-        holder.concurrency = int(getattr(sender, "concurrency", None) or app.conf.worker_concurrency or 1)
-        store = holder.settings.store
-        if "://" not in store or store.startswith("file://"):
-            _sweep_temporaries(holder)
-        if consumes_model_queue(app):
-            _preimport_model_code()
 
-    @signals.worker_ready.connect(weak=False)
-    def _start_ticker(sender=None, **_):
-        from worker.board import JobBoard, connect
-        from worker.broker import holdings
-        from worker.feeder import Feeder
-        from worker.heartbeat import Ticker
-        from worker.store import Store
+def _worker_init(sender=None, **_) -> None:
+    """Main process, before the fork: log level, device check, shared counters, model code imported."""
+    holder = _holder(sender.app)
+    if holder is None:
+        return
+    logging.getLogger("slip").setLevel(holder.settings.models.log_level)
+    holder.main_pid, holder.worker = os.getpid(), sender
+    holder.cannot_start = multiprocessing.Value("b", 0, lock=False)  # shared with the pool processes
+    holder.units = multiprocessing.Value("q", 0)
+    holder.concurrency = int(getattr(sender, "concurrency", None) or sender.app.conf.worker_concurrency or 1)
+    if consumes_model_queue(sender.app):
+        problem = device_problem(holder.settings.models.device)
+        if problem:
+            os.write(2, f"error: this worker cannot start: {problem}\n".encode())
+            os._exit(EXIT_CANNOT_START)  # before any fork: nothing to clean up
+        _preimport_model_code()
 
-        board = JobBoard(connect(holder.settings.broker_url))
-        feeder = Feeder(board=board, store=Store(holder.settings.store), publish=holder.publish,
-                        settings=holder.settings, broker=lambda: holdings(board.r, (MODEL_QUEUE,)))
-        node = getattr(sender, "hostname", None) or "worker"
-        state["ticker"] = Ticker(board=board, feeder=feeder, settings=holder.settings, instance=holder.instance,
-                                 node=node)
-        state["ticker"].start()
 
-    @signals.worker_shutting_down.connect(weak=False)
-    def _exit_code(sender=None, **_):  # in the main process, when a shutdown signal arrives
-        if holder.cannot_start is not None and holder.cannot_start.value and state.get("worker") is not None:
-            state["worker"].exitcode = EXIT_CANNOT_START
+def _worker_ready(sender=None, **_) -> None:
+    """Main process: the reaper thread (heartbeat, dead holders, top-ups, lost messages, temporaries)."""
+    app = sender.app
+    holder = _holder(app)
+    if holder is None:
+        return
+    settings = holder.settings
+    holder.reaper = Reaper(board=Board(connect(settings.broker_url)), store=Store(settings.store), settings=settings,
+                           send=holder.send, queue_empty=lambda: queue_depths(app, (MODEL_QUEUE,))[MODEL_QUEUE] == 0,
+                           instance=holder.instance, node=getattr(sender, "hostname", None) or "worker",
+                           units=lambda: holder.units.value if holder.units is not None else 0)
+    holder.reaper.start()
 
-    @signals.worker_shutdown.connect(weak=False)
-    def _stop_ticker(sender=None, **_):
-        if "ticker" in state:
-            state["ticker"].stop()
 
-    @signals.worker_process_init.connect(weak=False)
-    def _load(sender=None, **_):
-        try:
-            threads = set_threads(holder.settings, holder.concurrency)
-            log.info("torch intra-op threads: %d (SLIP_THREADS, else cores / concurrency %d)", threads, holder.concurrency)
-            holder.start(load_models=consumes_model_queue(app))
-        except SlipError as e:
-            _exit_cannot_start(holder, e)
+def _exit_code(sender=None, **_) -> None:
+    """Main process, on a shutdown signal: exit 1 when a pool process could not load the models."""
+    holder = _holder(current_app)
+    if holder is not None and holder.cannot_start is not None and holder.cannot_start.value and holder.worker:
+        holder.worker.exitcode = EXIT_CANNOT_START
 
-    @signals.worker_process_shutdown.connect(weak=False)
-    def _release(sender=None, **_):
+
+def _worker_shutdown(sender=None, **_) -> None:
+    holder = _holder(current_app)
+    if holder is not None and holder.reaper is not None:
+        holder.reaper.stop()
+
+
+def _process_init(**_) -> None:
+    """Each pool process, after the fork: torch threads, then the resources (models on the gpu queue)."""
+    app = current_app
+    holder = _holder(app)
+    if holder is None:
+        return
+    try:
+        threads = set_threads(holder.settings, holder.concurrency)
+        log.info("torch intra-op threads: %d (SLIP_THREADS, else cores / concurrency %d)", threads, holder.concurrency)
+        holder.start(load_models=consumes_model_queue(app))
+    except SlipError as e:
+        _exit_cannot_start(holder, e)
+
+
+def _process_shutdown(**_) -> None:
+    holder = _holder(current_app)
+    if holder is not None:
         holder.stop()
+
+
+_worker_init.signal = signals.worker_init
+_worker_ready.signal = signals.worker_ready
+_exit_code.signal = signals.worker_shutting_down
+_worker_shutdown.signal = signals.worker_shutdown
+_process_init.signal = signals.worker_process_init
+_process_shutdown.signal = signals.worker_process_shutdown
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``SLIP_DEVICE`` cannot be used on this machine, or None (checked without initialising CUDA)."""
+    if not device.startswith("cuda"):
+        return None
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # count GPUs through NVML: fork-safe
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index < count:
+        return None
+    seen = f"{count} CUDA GPU(s)" if count else "no CUDA GPU"
+    return (f"SLIP_DEVICE={device}, but this machine has {seen} (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set SLIP_DEVICE=cpu or SLIP_DEVICE=auto")
 
 
 def _preimport_model_code() -> None:
@@ -171,20 +176,11 @@ def _preimport_model_code() -> None:
         importlib.import_module(name)
 
 
-def _sweep_temporaries(holder: ResourceHolder) -> None:
-    """Remove temporary files a killed writer left in a directory store (object stores have none)."""
-    from worker.store import Store
-
-    removed = Store(holder.settings.store).remove_stale_temporaries(holder.settings.task_time_limit_s)
-    if removed:
-        log.warning("removed %d temporary file(s) left by a killed writer", removed)
-
-
 def _exit_cannot_start(holder: ResourceHolder, e: SlipError) -> None:
     """One line on stderr, then the whole worker stops with exit code 1: it never serves without models."""
     os.write(2, f"error: this worker cannot start: {e}\n".encode())  # fd 2 itself: Celery proxies sys.stderr
     if holder.main_pid is not None and holder.main_pid != os.getpid():
         if holder.cannot_start is not None:
-            holder.cannot_start.value = 1  # read by the main process's worker_shutdown handler
+            holder.cannot_start.value = 1  # read by the main process's worker_shutting_down handler
         os.kill(holder.main_pid, signal.SIGQUIT)  # cold shutdown of the main process
     os._exit(EXIT_CANNOT_START)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+from jobs.settings import Settings
 from slip.errors import ConfigError
 from worker.app import create_app
-from worker.settings import Settings
 
 try:
     app = create_app(Settings.from_env(os.environ), worker=True)

@@ -6,24 +6,26 @@ the SAM proposals and crop embeddings from the proposals cache — a cached imag
 computes and caches them, ranks them against the prompts and writes the result with one store
 ``put_many`` (one durability barrier, ``segments.json`` last, so its presence means the whole result is
 there). Errors propagate; the failure policy (:mod:`worker.policy`) decides what they mean.
+:func:`segment_unit` is the segment kind's unit: one image of a job, checked against the worker's models.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from slip.errors import ImageError, ObjectNotFoundError
+from jobs.errors import ModelMismatchError, ObjectNotFoundError
+from jobs.model import Item, ItemOutcome, JobManifest
+from jobs.segment import SegmentSpec
+from jobs.store import Store, result_prefix
+from slip.errors import ImageError
 from slip.images import load_image
 from slip.outputs import RESULT_FILE, result_document, rendered_files
 from slip.request import ResolvedRequest
+from slip.timing import StageTimer
 from slip.types import Proposals
-from worker.jobs import Item, ItemOutcome, SegmentSpec
 from worker.proposals import (
     CachedProposals,
     embeddings_key,
@@ -33,22 +35,18 @@ from worker.proposals import (
     save_embeddings,
     save_proposals,
 )
-from worker.store import Store, result_prefix
 
 
-class StageTimer:
-    """Wall-clock seconds per named stage (same protocol as the pipeline's own timer)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str, device: torch.device | None = None) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+def segment_unit(res, manifest: JobManifest, item: Item, *, points_per_batch: int, node: str = "",
+                 progress=None) -> ItemOutcome:
+    """One image of a segment job on this worker's models (``res``: :class:`worker.resources.WorkerResources`);
+    ModelMismatchError (transient: another worker may serve it) when the job names other models."""
+    spec = res.spec(manifest)
+    if not res.serves(spec.sam, spec.clip):
+        raise ModelMismatchError(
+            f"worker {res.hostname} serves sam={res.settings.models.sam} clip={res.settings.models.clip}, but the job asks for "
+            f"sam={spec.sam} clip={spec.clip}: start a worker with SLIP_SAM={spec.sam} SLIP_CLIP={spec.clip}")
+    return process_item(res.store, res.pipeline(res.resolve(spec.options), points_per_batch=points_per_batch), spec, item)
 
 
 def result_key(item: Item, request: ResolvedRequest, spec: SegmentSpec) -> str:
@@ -76,7 +74,7 @@ def process_item(store: Store, pipeline, spec: SegmentSpec, item: Item) -> ItemO
         image = _read_image(store, item, spec, timer)
         cached, embeddings, how = _compute(store, pipeline, item, image, timer, cached)
     # 2. prompt-dependent work: one text encode per prompt and a matrix product
-    render = spec.params.render
+    render = spec.options.render
     masks = None
     if render or request.instances == "all":
         with timer.stage("decode_masks"):
@@ -109,7 +107,7 @@ def _existing(store: Store, prefix: str, spec: SegmentSpec, item: Item, timer: S
             doc = store.get_json(f"{prefix}/{RESULT_FILE}")
     except ObjectNotFoundError:
         return None
-    if spec.params.render and not store.exists(f"{prefix}/mask_0.png"):
+    if spec.options.render and not store.exists(f"{prefix}/mask_0.png"):
         _render_existing(store, prefix, doc, spec, item, timer)
     found = [len(m.get("instances", ())) for m in doc.get("matches", [])]
     return ItemOutcome(index=item.index, state="done", result_key=prefix, how="existing", found=found,
@@ -160,4 +158,4 @@ def _read_image(store: Store, item: Item, spec: SegmentSpec, timer: StageTimer) 
         except ObjectNotFoundError as e:
             raise ImageError(f"input {item.image_key} ({item.name}) is missing from the store: submit it again") from e
     with timer.stage("decode_image"):
-        return load_image(data, max_pixels=spec.params.max_pixels)
+        return load_image(data, max_pixels=spec.options.max_pixels)

@@ -27,11 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from slip.errors import ObjectNotFoundError, StoreError
+from jobs.errors import ObjectNotFoundError, StoreError
+from jobs.store import Store, proposals_prefix, validate_key
 from slip.outputs import filter_stat_record, maskset_from_records, segment_records
 from slip.request import ResolvedRequest
 from slip.types import MaskSet, Proposals
-from worker.store import Store, proposals_prefix, validate_key
 
 FORMAT_VERSION = 2
 SEGMENTS_FILE = "segments.json"

@@ -1,4 +1,4 @@
-"""Per-process worker resources: settings, store, Redis, the feeder and the warm SLIP models.
+"""Per-process worker resources: settings, store, Redis, the sender, job manifests and the warm SLIP models.
 
 Models are loaded ONCE per worker process, in the process that uses them: the Celery signal
 ``worker_process_init`` fires in each prefork child after the fork (and once in a ``-P solo`` worker),
@@ -21,17 +21,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.board import Board, connect
+from jobs.broker import MODEL_QUEUE, Send
+from jobs.ledger import chunk_items, load_manifest, load_page
+from jobs.model import Item, JobManifest
+from jobs.segment import SegmentSpec
+from jobs.settings import Settings
+from jobs.store import Store
 from slip.errors import ConfigError, SlipError
-from worker.board import JobBoard, connect
-from worker.broker import MODEL_QUEUE, holdings
-from worker.feeder import Feeder, Publish
-from worker.jobs import SegmentParams
-from worker.settings import Settings
-from worker.store import Store, canonical_json
+from slip.options import SegmentOptions
+from slip.request import canonical_json
 
 log = logging.getLogger("slip.worker")
 
 PIPELINE_CACHE = 8  # distinct requests kept as assembled pipelines per process
+JOB_CACHE = 16  # manifests (and their pages) kept per process
 
 
 @dataclass
@@ -40,35 +44,59 @@ class WorkerResources:
 
     settings: Settings
     store: Store
-    board: JobBoard  # the cluster's job state in Redis (the broker's Redis)
-    feeder: Feeder  # tops jobs up after a chunk finishes
-    sam: Any | None  # slip.sam.SamBundle, warm on settings.device; None on a cpu-only worker
+    board: Board  # the jobs' keys in Redis (the broker's Redis)
+    send: Send  # sends a chunk's message (a retry of its failures, the job's next chunks)
+    sam: Any | None  # slip.sam.SamBundle, warm on settings.models.device; None on a cpu-only worker
     ranker: Any | None  # slip.rankers.loading.RankerBundle, warm; None on a cpu-only worker
     load_seconds: float  # time spent loading both models
-    instance: str = ""  # this worker's id (its main process), named in heartbeats and running chunks
+    instance: str = ""  # this worker's id (its main process), named in heartbeats and running marks
+    units: Any = None  # a shared counter (multiprocessing.Value) of the units this worker finished
     pid: int = field(default_factory=os.getpid)
     hostname: str = field(default_factory=socket.gethostname)
     _requests: OrderedDict = field(default_factory=OrderedDict)
     _pipelines: OrderedDict = field(default_factory=OrderedDict)
+    _jobs: OrderedDict = field(default_factory=OrderedDict)  # job id -> (manifest, its pages by number)
 
     @property
     def models_loaded(self) -> bool:
         return self.sam is not None and self.ranker is not None
 
     def serves(self, sam: str, clip: str) -> bool:
-        return self.settings.sam == sam and self.settings.clip == clip
+        return self.settings.models.sam == sam and self.settings.models.clip == clip
 
-    def resolve(self, params: SegmentParams):
-        """The request ``params`` resolved against this worker's models (:func:`slip.request.resolve`)."""
+    def manifest(self, job_id: str) -> JobManifest:
+        """The job's manifest, read once per process (a few jobs kept)."""
+        if job_id not in self._jobs:
+            self._jobs[job_id] = (load_manifest(self.store, job_id), {})
+        self._jobs.move_to_end(job_id)
+        _bound(self._jobs, JOB_CACHE)
+        return self._jobs[job_id][0]
+
+    def items(self, manifest: JobManifest, chunk: int) -> list[Item]:
+        """The units of ``chunk`` from the job's pages (each page read once per process)."""
+        pages = self._jobs[manifest.job_id][1] if manifest.job_id in self._jobs else {}
+        return chunk_items(pages, manifest, chunk, lambda page: load_page(self.store, manifest, page))
+
+    def spec(self, manifest: JobManifest) -> SegmentSpec:
+        return SegmentSpec.model_validate(manifest.spec)
+
+    def count(self, units: int) -> None:
+        """Add finished units to this worker's counter (its heartbeat reports the rate)."""
+        if self.units is not None:
+            with self.units.get_lock():
+                self.units.value += units
+
+    def resolve(self, options: SegmentOptions):
+        """The request ``options`` resolved against this worker's models (:func:`slip.request.resolve`)."""
         from slip.request import resolve
 
         self._require_models()
-        key = params.model_dump_json()
+        key = options.model_dump_json()
         if key not in self._requests:
             self._requests[key] = resolve(
-                params.to_options(), sam=self.sam.ref, sam_generator=self.sam.generator, sam_filters=self.sam.filters,
-                ranker=self.ranker.ref, ranker_threshold=self.ranker.threshold, dtype=self.settings.dtype)
-        _bound(self._requests)
+                options, sam=self.sam.ref, sam_generator=self.sam.generator, sam_filters=self.sam.filters,
+                ranker=self.ranker.ref, ranker_threshold=self.ranker.threshold, dtype=self.settings.models.dtype)
+        _bound(self._requests, PIPELINE_CACHE)
         return self._requests[key]
 
     def pipeline(self, request, *, points_per_batch: int | None = None):
@@ -76,32 +104,26 @@ class WorkerResources:
         from slip.pipeline import SLIP
 
         self._require_models()
-        ppb = points_per_batch or self.settings.points_per_batch
+        ppb = points_per_batch or self.settings.models.points_per_batch
         key = (canonical_json(request.to_json()), ppb)
         if key not in self._pipelines:
             self._pipelines[key] = SLIP.build(self.sam.model, self.ranker.ranker, request, points_per_batch=ppb,
-                                              batch_size=self.settings.batch_size)
-        _bound(self._pipelines)
+                                              batch_size=self.settings.models.batch_size)
+        _bound(self._pipelines, PIPELINE_CACHE)
         return self._pipelines[key]
 
     def health(self) -> dict:
         """What is loaded (with the weights' digests and recommendations), where, and how much memory."""
         device = str(self.ranker.ranker.device) if self.ranker is not None else None
         return {
-            "hostname": self.hostname,
-            "pid": self.pid,
-            "instance": self.instance,
+            "hostname": self.hostname, "pid": self.pid, "instance": self.instance,
             "models_loaded": self.models_loaded,
             "sam": self.sam.ref.to_json() if self.sam is not None else None,
             "clip": self.ranker.ref.to_json() if self.ranker is not None else None,
-            "device": device,
-            "dtype": self.settings.dtype,
-            "threads": _threads(),
-            "load_seconds": round(self.load_seconds, 3),
-            "memory": memory_report(device),
-            "store": self.settings.store,
-            "max_deliveries": self.settings.max_deliveries,
-            "points_per_batch": self.settings.points_per_batch,
+            "device": device, "dtype": self.settings.models.dtype, "threads": _threads(),
+            "load_seconds": round(self.load_seconds, 3), "memory": memory_report(device),
+            "store": self.settings.store, "max_attempts": self.settings.max_attempts,
+            "points_per_batch": self.settings.models.points_per_batch,
             "recommended_generator": dict(self.sam.generator) if self.sam is not None else None,
             "recommended_filters": self.sam.filters if self.sam is not None else None,
             "recommended_threshold": self.ranker.threshold if self.ranker is not None else None,
@@ -115,27 +137,26 @@ class WorkerResources:
             raise ConfigError(f"worker {self.hostname} loaded no models: start it with -Q {MODEL_QUEUE}")
 
 
-def load_resources(settings: Settings, *, load_models: bool, publish: Publish, instance: str = "") -> WorkerResources:
+def load_resources(settings: Settings, *, load_models: bool, send: Send, instance: str = "",
+                   units=None) -> WorkerResources:
     """Open the store and Redis, and (when ``load_models``) load SAM and the ranker onto the device."""
     from slip.cli.common import SYNTH_SPEC, SYNTH_WARNING
 
     store = Store(settings.store)
-    board = JobBoard(connect(settings.broker_url))
-    feeder = Feeder(board=board, store=store, publish=publish, settings=settings,
-                    broker=lambda: holdings(board.r, (MODEL_QUEUE,)))
+    board = Board(connect(settings.broker_url))
     sam = ranker = None
     start = time.perf_counter()
     if load_models:
         from slip.rankers.loading import load_ranker_bundle
         from slip.sam import load_sam_bundle
 
-        sam = load_sam_bundle(settings.sam, device=settings.device, cache_dir=settings.cache_dir)
-        ranker = load_ranker_bundle(settings.clip, device=settings.device, dtype=settings.dtype,
-                                    cache_dir=settings.cache_dir)
-        if SYNTH_SPEC in (settings.sam, settings.clip):
+        sam = load_sam_bundle(settings.models.sam, device=settings.models.device, cache_dir=settings.models.cache_dir)
+        ranker = load_ranker_bundle(settings.models.clip, device=settings.models.device, dtype=settings.models.dtype,
+                                    cache_dir=settings.models.cache_dir)
+        if SYNTH_SPEC in (settings.models.sam, settings.models.clip):
             log.warning("%s", SYNTH_WARNING)
-    return WorkerResources(settings=settings, store=store, board=board, feeder=feeder, sam=sam, ranker=ranker,
-                           load_seconds=time.perf_counter() - start, instance=instance)
+    return WorkerResources(settings=settings, store=store, board=board, send=send, sam=sam, ranker=ranker,
+                           load_seconds=time.perf_counter() - start, instance=instance, units=units)
 
 
 def set_threads(settings: Settings, concurrency: int) -> int:
@@ -144,7 +165,7 @@ def set_threads(settings: Settings, concurrency: int) -> int:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = settings.threads or max(1, cores // max(1, concurrency))
+    threads = settings.models.threads or max(1, cores // max(1, concurrency))
     torch.set_num_threads(threads)
     return threads
 
@@ -175,30 +196,33 @@ def _threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
-def _bound(cache: OrderedDict) -> None:
-    while len(cache) > PIPELINE_CACHE:
+def _bound(cache: OrderedDict, size: int) -> None:
+    while len(cache) > size:
         cache.popitem(last=False)
 
 
 class ResourceHolder:
     """The process's resources: created by :meth:`start` after the fork, read by tasks via :meth:`get`."""
 
-    def __init__(self, settings: Settings, *, publish: Publish) -> None:
+    def __init__(self, settings: Settings, *, send: Send) -> None:
         self.settings = settings
-        self.publish = publish
+        self.send = send
         self.main_pid: int | None = None  # pid of the worker's main process, set before any fork
         self.instance: str = uuid.uuid4().hex[:12]  # this worker's id; re-drawn at worker start, before any fork
         self.concurrency: int = 1  # pool processes of this worker, set at worker start
         self.cannot_start = None  # a shared flag (multiprocessing.Value) a pool process sets when its models fail
+        self.units = None  # a shared counter (multiprocessing.Value) of finished units, set at worker start
+        self.worker = None  # the WorkController (main process): its exit code
+        self.reaper = None  # the main process's reaper thread
         self._resources: WorkerResources | None = None
 
     def start(self, *, load_models: bool) -> WorkerResources:
         """Load everything in this process (idempotent within a process)."""
         if self._resources is None or self._resources.pid != os.getpid():
-            log.info("loading SLIP resources (sam=%s clip=%s device=%s dtype=%s)", self.settings.sam,
-                     self.settings.clip, self.settings.device, self.settings.dtype)
-            self._resources = load_resources(self.settings, load_models=load_models, publish=self.publish,
-                                             instance=self.instance)
+            log.info("loading SLIP resources (sam=%s clip=%s device=%s dtype=%s)", self.settings.models.sam,
+                     self.settings.models.clip, self.settings.models.device, self.settings.models.dtype)
+            self._resources = load_resources(self.settings, load_models=load_models, send=self.send,
+                                             instance=self.instance, units=self.units)
             log.info("SLIP resources ready in %.1f s (models loaded: %s)", self._resources.load_seconds,
                      self._resources.models_loaded)
         return self._resources
@@ -216,4 +240,3 @@ class ResourceHolder:
         if self._resources is not None and self._resources.pid == os.getpid():
             self._resources.close()
         self._resources = None
-

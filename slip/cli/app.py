@@ -22,6 +22,7 @@ def add_library_commands(root: typer.Typer) -> None:
     root.command("train-judge")(train_judge)
     root.command("train-sam")(train_sam)
     root.command("calibrate")(calibrate)
+    root.command("compare")(__import__("slip.cli.compare", fromlist=["compare"]).compare)
 
 
 def library_app() -> typer.Typer:

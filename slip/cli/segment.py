@@ -19,7 +19,7 @@ from slip.options import SegmentOptions, with_segment_options
 from slip.settings import ModelSettings, configure_logging, model_flag
 
 log = logging.getLogger("slip.segment")
-USES = ("sam", "clip", "device", "dtype", "threads", "cache_dir", "points_per_batch", "batch_size", "log_level")
+USES = ("engine", "sam", "clip", "device", "dtype", "threads", "cache_dir", "points_per_batch", "batch_size", "log_level")
 
 
 @with_segment_options(defaults={"render": True})
@@ -27,6 +27,7 @@ def segment(
     images: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns."),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (one folder per image)."),
+    engine: Optional[str] = model_flag("engine"),
     sam: Optional[str] = model_flag("sam"),
     clip: Optional[str] = model_flag("clip"),
     device: Optional[str] = model_flag("device"),
@@ -37,7 +38,8 @@ def segment(
     from slip.inputs import expand_paths, relative_names, unique_folders
 
     with user_errors():
-        models = ModelSettings.from_env(os.environ, USES, sam=sam, clip=clip, device=device, dtype=dtype)
+        models = ModelSettings.from_env(os.environ, USES, engine=engine, sam=sam, clip=clip, device=device,
+                                        dtype=dtype)
         configure_logging(models.log_level)
         options.check_prompts(len(prompt))
         files = expand_paths(images)
@@ -61,9 +63,9 @@ def _pipeline(models: ModelSettings, options: SegmentOptions, prompts: list[str]
         torch.set_num_threads(models.threads)
     pipeline = build_slip(SlipConfig(models=models, options=options))
     request = pipeline.request
-    log.info("sam %s (%s, sha256 %s...), ranker %s (%s, sha256 %s...), device %s, dtype %s", models.sam,
-             request.sam.arch, request.sam.sha256[:12], models.clip, request.ranker.arch, request.ranker.sha256[:12],
-             pipeline.device, request.dtype)
+    log.info("engine %s: sam %s (%s, sha256 %s...), ranker %s (%s, sha256 %s...), device %s, dtype %s",
+             models.engine, request.sam.spec, request.sam.arch, request.sam.sha256[:12], request.ranker.spec,
+             request.ranker.arch, request.ranker.sha256[:12], pipeline.device, request.dtype)
     return pipeline
 
 

@@ -11,10 +11,13 @@ from slip.errors import ConfigError
 from slip.weights import (
     BUNDLE_COMMANDS,
     BUNDLED_DIR,
+    HUB_ALIASES,
     OFFICIAL_SAM,
+    OPEN_CLIP_PREFIX,
     fetch_clip,
     fetch_sam,
     hf_cache,
+    hub_id,
     resolve_cache_dir,
 )
 
@@ -26,8 +29,11 @@ weights_app = typer.Typer(
 
 @weights_app.command()
 def fetch(
-    name: str = typer.Argument(..., help="vit_b, vit_l, vit_h (official SAM) or a Hugging Face id "
-                                         "such as openai/clip-vit-base-patch32."),
+    name: str = typer.Argument(..., help="vit_b, vit_l, vit_h (official SAM); an engine's short name "
+                                         "(sam2.1-hiera-tiny .. sam2.1-hiera-large, sam2-hiera-*, sam3, siglip, "
+                                         "siglip2); or a Hugging Face id such as openai/clip-vit-base-patch32, "
+                                         "facebook/sam2.1-hiera-large, google/siglip2-base-patch16-224 or "
+                                         "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K (open_clip)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Download one model into the weights cache and verify it."""
@@ -35,8 +41,8 @@ def fetch(
     with user_errors():
         if name in OFFICIAL_SAM:
             path = fetch_sam(name, cache_dir, progress=not quiet)
-        elif "/" in name:
-            path = fetch_clip(name, cache_dir)
+        elif name in HUB_ALIASES or "/" in name:
+            path = fetch_clip(hub_id(name), cache_dir)
         elif name in ("synth", *BUNDLE_COMMANDS):
             raise ConfigError(
                 f"{name!r} is bundled, not downloaded: build it with "
@@ -44,8 +50,8 @@ def fetch(
             )
         else:
             raise ConfigError(
-                f"unknown weights name {name!r}: use {', '.join(OFFICIAL_SAM)} or a Hugging Face id "
-                "such as openai/clip-vit-base-patch32"
+                f"unknown weights name {name!r}: use {', '.join(OFFICIAL_SAM)}, one of {', '.join(HUB_ALIASES)}, "
+                f"or a Hugging Face id such as openai/clip-vit-base-patch32 ({OPEN_CLIP_PREFIX}org/name for open_clip)"
             )
     typer.echo(str(path))
 

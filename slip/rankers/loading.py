@@ -2,12 +2,18 @@
 
 A ranker spec is one of:
 
-* ``tiny-random`` — a seeded, randomly initialised toy CLIP; used only when asked for by name;
+* ``tiny-random`` / ``tiny-random-siglip`` — a seeded, randomly initialised toy CLIP / SigLIP; used only when
+  asked for by name;
 * ``synth`` — the dual encoder bundled with this package (``slip/weights/synth-clip``);
-* a directory — our own dual encoder (``config.json`` has ``"architecture": "slip-dual-encoder"``) or a
-  Hugging Face CLIP directory;
-* a Hugging Face hub id (default ``openai/clip-vit-base-patch32``), looked up in ``<cache>/hf``
-  without touching the network; ``slip weights fetch <id>`` downloads it.
+* a directory — our own dual encoder (``config.json`` has ``"architecture": "slip-dual-encoder"``), a
+  Hugging Face CLIP, SigLIP or SigLIP 2 directory (``model_type`` clip / siglip / siglip2), or an open_clip
+  checkpoint (``open_clip_config.json`` + weights);
+* a Hugging Face hub id (default ``openai/clip-vit-base-patch32``; ``google/siglip2-base-patch16-224`` ...), or an
+  open_clip ``hf-hub:org/name`` id, looked up in ``<cache>/hf`` without touching the network; ``slip weights
+  fetch <id>`` downloads it.
+
+A ranker with its own calibrated pairwise score (SigLIP's sigmoid; open_clip models with a ``logit_bias``) has
+``calibrated = True`` and a ``score(cosines)`` method: the pipeline ranks and thresholds on that score.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from slip.device import resolve_device, resolve_dtype
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.rankers.base import Ranker
 from slip.rankers.hf_clip import TINY_SPEC, HFClipRanker, build_tiny_clip, load_hf_clip
+from slip.rankers.open_clip import is_open_clip_dir, open_clip_directory
+from slip.rankers.siglip import MODEL_TYPES as SIGLIP_TYPES
+from slip.rankers.siglip import TINY_SIGLIP, SiglipRanker, build_tiny_siglip, load_siglip
 from slip.request import ModelRef
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -52,7 +61,7 @@ def load_ranker_bundle(
     Raises ``WeightsNotFoundError`` (message names the fetch / build command) when the weights are not
     on disk, ``WeightsError`` for unreadable ones, ``ConfigError`` for a bad spec, device or dtype.
     """
-    from slip.calibrate import read_threshold
+    from slip.threshold import read_threshold
     from slip.weights import directory_sha256, tensors_sha256
 
     if not spec or not spec.strip():
@@ -64,6 +73,10 @@ def load_ranker_bundle(
         model, tokenizer = build_tiny_clip()
         ref = ModelRef(spec=spec, arch=TINY_SPEC, sha256=tensors_sha256(model.state_dict()))
         return RankerBundle(HFClipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
+    if spec == TINY_SIGLIP:
+        model, tokenizer = build_tiny_siglip()
+        ref = ModelRef(spec=spec, arch=TINY_SIGLIP, sha256=tensors_sha256(model.state_dict()))
+        return RankerBundle(SiglipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
     directory = _resolve_spec(spec, cache_dir)
     ranker, arch = _load_directory(directory, device=dev, dtype=torch_dtype, spec=spec)
     ranker.spec = spec
@@ -89,6 +102,9 @@ def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
 
     if spec == SYNTH_SPEC:
         return bundled_path("synth-clip")
+    open_clip_dir = open_clip_directory(spec, cache_dir)
+    if open_clip_dir is not None:
+        return open_clip_dir
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -96,7 +112,7 @@ def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
         return clip_path(spec, cache_dir)
     raise WeightsNotFoundError(
         f"ranker spec {spec!r} is neither an existing directory, a Hugging Face hub id (e.g. "
-        f"{DEFAULT_CLIP}), {SYNTH_SPEC} nor {TINY_SPEC}"
+        f"{DEFAULT_CLIP}), an open_clip hf-hub:org/name id, {SYNTH_SPEC}, {TINY_SPEC} nor {TINY_SIGLIP}"
     )
 
 
@@ -118,7 +134,12 @@ def _read_config(directory: Path) -> dict:
 
 
 def _load_directory(directory: Path, *, device: torch.device, dtype: torch.dtype, spec: str) -> tuple[Ranker, str]:
-    """Dispatch on ``config.json``: our dual encoder or a Hugging Face CLIP; the ranker and its architecture."""
+    """Dispatch on the directory's config: our dual encoder, a Hugging Face CLIP / SigLIP / SigLIP 2, or an
+    open_clip checkpoint; the ranker and its architecture."""
+    if is_open_clip_dir(directory):
+        from slip.rankers.open_clip import load_open_clip
+
+        return load_open_clip(directory, spec=spec, device=device, dtype=dtype), "open-clip"
     config = _read_config(directory)
     if config.get("architecture") == DUAL_ENCODER_ARCH:
         from slip.rankers.dual_encoder import load_dual_encoder  # written by the training code
@@ -126,7 +147,9 @@ def _load_directory(directory: Path, *, device: torch.device, dtype: torch.dtype
         return load_dual_encoder(directory, device=device, dtype=dtype), DUAL_ENCODER_ARCH
     if config.get("model_type") == "clip" or "CLIPModel" in config.get("architectures", ()):
         return load_hf_clip(directory, spec=spec, device=device, dtype=dtype), "hf-clip"
+    if config.get("model_type") in SIGLIP_TYPES:
+        return load_siglip(directory, spec=spec, device=device, dtype=dtype), f"hf-{config['model_type']}"
     raise ConfigError(
-        f"{directory / 'config.json'} describes neither a Hugging Face CLIP (model_type clip) nor a "
-        f"{DUAL_ENCODER_ARCH}; this ranker format is not supported"
+        f"{directory / 'config.json'} describes neither a Hugging Face CLIP / SigLIP / SigLIP 2 (model_type clip, "
+        f"siglip, siglip2) nor a {DUAL_ENCODER_ARCH}; this ranker format is not supported"
     )

@@ -73,9 +73,6 @@ def worker(session_env, tmp_path_factory) -> Iterator[dict]:
 @pytest.fixture(scope="session")
 def client(worker):
     """A QueueClient on the session worker's broker and store."""
-    from producer.client import QueueClient
-    from worker.settings import Settings
-
-    client = QueueClient(Settings.from_env(worker["env"]))
+    client = client_for(worker["env"])
     yield client
     client.board.r.close()

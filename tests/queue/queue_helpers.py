@@ -59,13 +59,9 @@ def queue_env(store: Path, *, db: int = SESSION_DB, port: int = REDIS_PORT, **ov
         SLIP_DEVICE="cpu",
         SLIP_TASK_TIME_LIMIT="120",
         SLIP_VISIBILITY_TIMEOUT="150",
-        SLIP_RETRY_BACKOFF="0.5",
-        SLIP_MAX_RETRIES="2",
-        SLIP_HEARTBEAT="0.5",  # liveness beats and feeder passes often, so tests need not wait long
-        SLIP_TICK="1",
-        SLIP_DEAD_AFTER="8",
+        SLIP_DEAD_AFTER="6",  # a reaper beat every second, so tests need not wait long
         SLIP_LOST_AFTER="5",
-        SLIP_MAX_RESENDS="1",  # a chunk that failed for now is sent again once (after 10 s), then given up
+        SLIP_MAX_ATTEMPTS="2",  # a chunk that failed for now runs once more, then stays failed
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",
@@ -108,10 +104,7 @@ def wait_worker_ready(env: dict[str, str], name: str, *, process: subprocess.Pop
     """The worker's health report (answered by its pool process), via its direct queue."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from producer.client import QueueClient
-    from worker.settings import Settings
-
-    client = QueueClient(Settings.from_env(env))
+    client = client_for(env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -177,30 +170,31 @@ def read_json(path: Path) -> dict:
 
 
 def client_for(env: dict[str, str]):
-    """A :class:`producer.client.QueueClient` for ``env`` (as the CLI builds one)."""
+    """A :class:`producer.client.QueueClient` for ``env`` (every setting read, as a worker reads them)."""
+    from jobs.settings import Settings
     from producer.client import QueueClient
-    from worker.settings import Settings
 
     return QueueClient(Settings.from_env(env))
 
 
 def items_of(store, job_id: str) -> list:
-    """The job's items (``worker.jobs.Item``: index, image_key, image_sha, name), in index order."""
-    from worker.ledger import iter_items, load_manifest
+    """The job's items (``jobs.model.Item``: index, image_key, image_sha, name), in index order."""
+    from jobs.ledger import load_manifest
+    from jobs.status import iter_items
 
     return list(iter_items(store, load_manifest(store, job_id)))
 
 
 def outcomes(store, job_id: str) -> dict:
     """Item index -> its ``ItemOutcome`` from the chunks' completion records (the best record per chunk)."""
-    from worker.ledger import chunk_records
+    from jobs.status import chunk_records
 
     return {o.index: o for record in chunk_records(store, job_id) for o in record.items}
 
 
 def records(store, job_id: str) -> list:
     """The job's completion records (``ChunkRecord``), the best one per chunk, in chunk order."""
-    from worker.ledger import chunk_records
+    from jobs.status import chunk_records
 
     return list(chunk_records(store, job_id))
 

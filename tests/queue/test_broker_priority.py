@@ -1,45 +1,40 @@
 """A chunk sent again (its worker died, its message vanished) is served before every first send: through the
-real Celery app and kombu's Redis transport, the worker's pop order over the lists ``worker.broker`` names
-takes it first, and ``holdings`` sees messages at every priority."""
+real Celery app, kombu's Redis transport and kombu's public consumer API (the order a worker is served in),
+with nothing read from kombu's own keys. The queue depth comes from kombu's public API too."""
 
 from __future__ import annotations
 
-import json
+from queue_helpers import flush, redis_url
 
-import redis
+from jobs.broker import MODEL_QUEUE, celery_app, queue_depths, sender, task_id
+from jobs.settings import Settings
 
-from queue_helpers import REDIS_HOST, REDIS_PORT, flush, redis_url
-from worker.app import create_app
-from worker.broker import MODEL_QUEUE, holdings, queue_lists
-from worker.feeder import publisher
-from worker.jobs import Item, SegmentParams, SegmentRequest, SegmentSpec
-from worker.settings import Settings
-
-PRIORITY_DB = 5  # nothing listens here: the messages stay where the publisher put them
-
-
-def _request(chunk: int) -> SegmentRequest:
-    spec = SegmentSpec(prompts=("a cat",), sam="tiny-random", clip="tiny-random", params=SegmentParams())
-    item = Item(index=chunk, image_key=f"inputs/{'a' * 64}.png", image_sha="a" * 64, name="a.png")
-    return SegmentRequest(job_id="20991231-000000-abcdef", chunk=chunk, items=(item,), spec=spec)
+PRIORITY_DB = 5  # nothing listens here: the messages stay where the sender put them
 
 
 def test_a_chunk_sent_again_is_served_before_first_sends(tmp_path):
     flush(PRIORITY_DB)
-    app = create_app(Settings(broker_url=redis_url(PRIORITY_DB), store=str(tmp_path / "store")))
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=PRIORITY_DB)
+    app = celery_app(Settings(broker_url=redis_url(PRIORITY_DB), store=str(tmp_path / "store")))
+    job = "20991231-000000-abcdef"
     try:
-        publish = publisher(app)
+        assert queue_depths(app) == {"gpu": 0, "cpu": 0}  # a queue never used counts 0
+        send = sender(app)
         for chunk in range(3):
-            publish(_request(chunk), f"first-{chunk}", False)
-        publish(_request(7), "again-7", True)
-        held = holdings(client, (MODEL_QUEUE,))
-        assert held.queued == {"first-0", "first-1", "first-2", "again-7"}
+            send("segment", job, chunk, 0, again=False)
+        send("segment", job, 7, 1, again=True)
+        assert queue_depths(app)["gpu"] == 4
         served = []
-        while (popped := client.brpop(list(queue_lists(MODEL_QUEUE)), timeout=1)) is not None:
-            served.append(json.loads(popped[1])["headers"]["id"])  # BRPOP over the lists: a worker's order
-        assert served == ["again-7", "first-0", "first-1", "first-2"]
+        with app.connection_for_read() as connection, connection.SimpleQueue(MODEL_QUEUE) as queue:
+            while True:
+                try:
+                    message = queue.get(block=True, timeout=1)
+                except queue.Empty:
+                    break
+                served.append((message.headers["id"], message.decode()[1]))
+                message.ack()
+        assert [s[0] for s in served] == [task_id(job, 7, 1)] + [task_id(job, c, 0) for c in range(3)]
+        assert served[0][1] == {"job": job, "chunk": 7, "attempt": 1}  # the message names the chunk, not its items
+        assert queue_depths(app)["gpu"] == 0
     finally:
-        client.close()
         app.close()
         flush(PRIORITY_DB)

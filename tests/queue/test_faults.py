@@ -2,19 +2,19 @@
 and restarted), real ``celery -A worker worker`` subprocesses, the ``slip`` CLI, tiny-random models.
 
 * a worker SIGKILLed mid-job (main process and pool child, as when a machine dies): it stops beating, and
-  ``SLIP_DEAD_AFTER`` seconds later the live worker's ticker sends its chunk again; every image completes
+  ``SLIP_DEAD_AFTER`` seconds later the live worker's reaper sends its chunk again; every image completes
   exactly once (no result written twice), nothing is lost or torn. The visibility timeout (the broker's
   backstop) is set far beyond the test, so only the heartbeat can rescue the chunk;
 * Redis SIGKILLed mid-batch and restarted on the same port: the worker reconnects, the batch completes;
 * two workers: both take work, the batch completes;
-* a poison chunk: a chunk whose worker process dies on every delivery (here the test plays the OOM killer:
-  once the chunk has counted its delivery in Redis, ``slip:job:<id>:deliveries``, it SIGKILLs the pool
-  process mid-model) is failed for good without running once it was started ``SLIP_MAX_DELIVERIES`` times;
-  the worker lives on and serves the next job.
+* a poison chunk: a chunk whose worker process dies on every attempt (here the test plays the OOM killer:
+  once a new attempt of the chunk holds it in Redis, ``slip:job:<id>:running``, it SIGKILLs the pool
+  process mid-model; the worker's reaper sends the chunk again at once) is failed for good without running
+  once it was sent ``SLIP_MAX_ATTEMPTS`` times; the worker lives on and serves the next job.
 
 Jobs are made slow enough to be caught mid-flight with a finer SAM point grid (``--points-per-side 12``),
 a real request parameter: no sleeps or test hooks in production code. Short heartbeats come from the
-environment (``SLIP_HEARTBEAT``, ``SLIP_DEAD_AFTER``, ``SLIP_TICK``), as a deployment would set them.
+environment (``SLIP_DEAD_AFTER``, a beat every sixth of it), as a deployment would set them.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def workers(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
 
 
 def fault_env(tmp_path: Path, server: PrivateRedis, **overrides: str) -> dict[str, str]:
-    timing = {"SLIP_HEARTBEAT": "0.5", "SLIP_TICK": "0.5", "SLIP_DEAD_AFTER": str(DEAD_AFTER_S),
-              "SLIP_LOST_AFTER": "3", "SLIP_TASK_TIME_LIMIT": "60", "SLIP_VISIBILITY_TIMEOUT": "600"}
+    timing = {"SLIP_DEAD_AFTER": str(DEAD_AFTER_S), "SLIP_LOST_AFTER": "3", "SLIP_TASK_TIME_LIMIT": "60",
+              "SLIP_VISIBILITY_TIMEOUT": "600"}
     return queue_env(tmp_path / "store", db=0, port=server.port, **{**timing, **overrides})
 
 
@@ -196,7 +196,8 @@ def wait_job_done(env: dict[str, str], job: str, total: int, folder: Path, timeo
 
 def finished(job: str, total: int) -> dict:
     """What `slip status --json` says of a finished job whose images are all done."""
-    return {"job_id": job, "total": total, **all_done(total), "active": False, "retryable": 0}
+    return {"job_id": job, "kind": "segment", "total": total, **all_done(total), "active": False, "retryable": 0,
+            "failures": []}
 
 
 def result_files(store: Path) -> list[Path]:
@@ -282,10 +283,9 @@ def test_worker_killed_mid_job_every_image_completes_exactly_once(private_redis,
     time.sleep(0.2)
     held = client.board.view(job).running
     assert 2 <= len(writes.seen) < len(images), "the kill must land mid-batch"
-    assert private_redis.client().hlen("unacked") >= 1, "the killed worker held no unacknowledged message"
     assert held, "a chunk was held by the killed worker"
 
-    # the dead worker stops beating; the new worker's ticker sends its chunk again (the visibility timeout,
+    # the dead worker stops beating; the new worker's reaper sends its chunk again (the visibility timeout,
     # 600 s, cannot have brought the message back)
     workers(env, "rescuer")
     assert wait_job_done(env, job, len(images), tmp_path, timeout_s=120) == finished(job, 10)
@@ -348,9 +348,9 @@ def test_two_workers_both_take_work_and_the_batch_finishes(private_redis, worker
 
 
 class PoolKiller(threading.Thread):
-    """The OOM killer of a poison chunk: each time a chunk counts a new delivery in Redis (the documented
-    ``slip:job:<id>:deliveries`` hash, incremented as the task starts, before the model runs), SIGKILL the
-    worker's pool process, up to ``times`` times."""
+    """The OOM killer of a poison chunk: each time a new attempt of a chunk holds it in Redis (its running mark
+    in the documented ``slip:job:<id>:running`` hash, written as the task starts, before the model runs),
+    SIGKILL the worker's pool process, up to ``times`` times."""
 
     def __init__(self, server: PrivateRedis, worker_pid: int, *, times: int) -> None:
         super().__init__(daemon=True)
@@ -363,11 +363,12 @@ class PoolKiller(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            counts = [int(v) for key in self.redis.scan_iter("slip:job:*:deliveries") for v in self.redis.hvals(key)]
-            if counts and max(counts) > len(self.kills) and len(self.kills) < self.times:
+            attempts = [json.loads(v)["attempt"] for key in self.redis.scan_iter("slip:job:*:running")
+                        for v in self.redis.hvals(key)]
+            if attempts and max(attempts) >= len(self.kills) and len(self.kills) < self.times:
                 for pid in bench_module("processes").children_of(self.worker_pid):
                     os.kill(pid, signal.SIGKILL)
-                self.kills.append(max(counts))
+                self.kills.append(max(attempts))
             time.sleep(0.01)
 
     def stop(self) -> None:
@@ -375,13 +376,13 @@ class PoolKiller(threading.Thread):
         self.join(timeout=5)
 
 
-def test_poison_chunk_stops_after_max_deliveries_and_is_failed_for_good(private_redis, workers, tmp_path):
-    max_deliveries = 2
-    env = fault_env(tmp_path, private_redis, SLIP_MAX_DELIVERIES=str(max_deliveries))
+def test_poison_chunk_stops_after_max_attempts_and_is_failed_for_good(private_redis, workers, tmp_path):
+    max_attempts = 2
+    env = fault_env(tmp_path, private_redis, SLIP_MAX_ATTEMPTS=str(max_attempts))
     make_images(tmp_path / "poison", 1, seed=7)
     make_images(tmp_path / "good", 1, seed=8)
     worker = workers(env, "victim")
-    killer = PoolKiller(private_redis, worker.pid, times=max_deliveries)
+    killer = PoolKiller(private_redis, worker.pid, times=max_attempts)
     client = client_for(env)
     try:
         job = submit(env, tmp_path / "poison", POISON_ARGS)
@@ -390,13 +391,14 @@ def test_poison_chunk_stops_after_max_deliveries_and_is_failed_for_good(private_
     finally:
         killer.stop()
 
-    assert killer.kills == [1, 2], killer.kills  # killed on its first and second delivery; the third is poison
+    assert killer.kills == [0, 1], killer.kills  # killed on its attempts 0 and 1; the third send is poison
     summary = status(env, job)  # what `slip status` shows
     assert summary["failed"] == 1 and summary["retryable"] == 0 and not summary["active"]
+    assert [(g["error"], g["count"]) for g in summary["failures"]] == [("Poison", 1)], summary
     (outcome,) = outcomes(client.store, job).values()
     assert outcome.state == "failed" and outcome.permanent and outcome.error == "Poison"
-    assert outcome.reason.startswith(f"poison: started {max_deliveries} times without finishing")
-    assert f"SLIP_MAX_DELIVERIES={max_deliveries}" in outcome.reason
+    assert outcome.reason.startswith(f"poison: sent {max_attempts} times, never finished")
+    assert f"SLIP_MAX_ATTEMPTS={max_attempts}" in outcome.reason
     assert not list(Path(env["SLIP_STORE"]).glob("proposals/*")), "the poison chunk never got to write anything"
     # the worker lives on and serves the next job
     assert worker.poll() is None

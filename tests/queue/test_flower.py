@@ -129,15 +129,16 @@ def test_flower_shows_finished_tasks_with_readable_names_and_small_arguments(sta
     for task_id, task in tasks.items():
         assert task["name"] == "slip.segment"
         assert task["worker"] == node
-        assert re.fullmatch(rf"job={stack['job']} chunk=\d items=\d\.\.\d \(1\) prompts=\[a red box\]", task["kwargs"]), \
-            task["kwargs"]
+        assert re.fullmatch(rf"{{'job': '{stack['job']}', 'chunk': \d+, 'attempt': 0}}", task["kwargs"]), task["kwargs"]
+        chunk = re.search(r"'chunk': (\d+)", task["kwargs"]).group(1)
+        assert task_id == f"{stack['job']}.{chunk}.0", task_id  # (job, chunk, attempt): readable in Flower
         assert len(task["kwargs"]) < 300 and len(task.get("args") or "") < 300, "arguments must stay small"
         assert task["runtime"] is not None and task["runtime"] > 0
         detail = api(stack, f"/api/task/info/{task_id}")
         assert detail["state"] == "SUCCESS"
         assert len(detail.get("result") or "") < 4000, "a task result is a small JSON record, no masks"
-        assert "'letters': 'd'" in (detail.get("result") or ""), detail.get("result")
-    assert sorted(int(re.search(r"chunk=(\d+)", t["kwargs"]).group(1)) for t in tasks.values()) == list(range(IMAGES))
+        assert "'done': 1, 'failed': 0, 'letters': 'd'" in (detail.get("result") or ""), detail.get("result")
+    assert sorted(int(re.search(r"'chunk': (\d+)", t["kwargs"]).group(1)) for t in tasks.values()) == list(range(IMAGES))
 
 
 def test_flower_requires_basic_auth(stack):

@@ -53,7 +53,7 @@ def test_bad_inputs_fail_for_good_with_their_reason_and_good_ones_complete(worke
         "notimage.png": ("ImageError", "not an image"),
         "huge.png": ("ImageTooLargeError", "over the limit"),
     }
-    failures = {name: reason for _, name, reason in client.failures(status)}
+    failures = {name: reason for _, name, reason in client.failed_units(status)}
     log = worker["log"].read_text()
     for name, (error, words) in expected.items():
         outcome = by_name[name]
@@ -94,10 +94,10 @@ SUBMIT_ERRORS = {
 def test_submit_validation_errors_are_one_line_and_submit_nothing(worker, client, tmp_path, case):
     args, words = SUBMIT_ERRORS[case]
     make_images(tmp_path / "imgs", 1, seed=6)
-    before = client.store.list("jobs"), client.store.list("inputs"), client.board.active_jobs()
+    before = client.store.list("jobs"), client.store.list("inputs"), client.board.active()
     line = one_line_error(invoke_cli(["submit", "segment", str(tmp_path / "imgs"), *args], worker["env"]))
     assert words in line, line
-    assert (client.store.list("jobs"), client.store.list("inputs"), client.board.active_jobs()) == before
+    assert (client.store.list("jobs"), client.store.list("inputs"), client.board.active()) == before
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_submit_validation_errors_are_one_line_and_submit_nothing(worker, client
         (["submit", "segment", "/nonexistent/x.png", "-p", "cat"], {}, "no such file or directory: /nonexistent/x.png"),
         (["submit", "segment", "/nonexistent/x.png", "-p", "cat"], {"SLIP_BROKER_URL": "redis://127.0.0.1:1/0"},
          "cannot reach Redis at redis://127.0.0.1:1/0"),
-        (["status", "x"], {"SLIP_MAX_DELIVERIES": "many"}, "SLIP_MAX_DELIVERIES='many' is not a valid int"),
+        (["status", "x"], {"SLIP_MAX_ATTEMPTS": "many"}, "SLIP_MAX_ATTEMPTS='many' is not a valid int"),
     ],
     ids=["status-of-no-job", "wait-for-no-job", "retry-of-no-job", "status-of-a-bad-id", "submit-a-missing-file",
          "submit-without-redis", "a-bad-setting"],

@@ -12,21 +12,18 @@ import os
 import re
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from jobs.ledger import done_prefix
+from slip.options import SegmentOptions
 from slip.outputs import decode_rle
 from slip.request import ModelRef, resolve
-from worker.broker import queue_lists
-from worker.jobs import SegmentParams, SegmentRequest
-from worker.ledger import done_prefix
 
 from queue_helpers import (
     TINY_CLI_ARGS,
@@ -67,17 +64,9 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def submit_chunk(client, request: SegmentRequest, task_id: str) -> None:
-    """One ``slip.segment`` message on the model queue, sent by name as the feeder sends it."""
-    client.app.send_task("slip.segment", kwargs={"request": request.model_dump(mode="json")}, task_id=task_id,
-                         queue="gpu")
-
-
-def chunk_request(client, paths, prompts=("a red box",), params=TINY_PARAMS) -> SegmentRequest:
-    """A written job (manifest + items, not handed to the cluster) and the request of its chunk 0."""
-    manifest = client.create_job(paths, prompts, params, batch_size=len(paths))
-    return SegmentRequest(job_id=manifest.job_id, chunk=0, items=tuple(items_of(client.store, manifest.job_id)),
-                          spec=manifest.spec)
+def written_job(client, paths, prompts=("a red box",), params=TINY_PARAMS):
+    """A written job of one chunk (manifest + items, not handed to the cluster): its manifest."""
+    return client.create_job(paths, prompts, params, batch_size=len(paths))
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
@@ -112,7 +101,7 @@ def test_every_result_is_present_and_valid(batch, client, worker):
     assert status.counts == all_done(IMAGES) and not status.active and status.finished
     health, root = worker["health"], store_root(worker)
     # the key a result lives under follows from the worker's weights (its health report) and the request
-    request = resolve(SegmentParams(**TINY_PARAMS).to_options(), sam=ModelRef(**health["sam"]),
+    request = resolve(SegmentOptions(**TINY_PARAMS), sam=ModelRef(**health["sam"]),
                       sam_generator=health["recommended_generator"], sam_filters=health["recommended_filters"],
                       ranker=ModelRef(**health["clip"]), ranker_threshold=health["recommended_threshold"])
     found, matched = outcomes(client.store, batch["job"]), 0
@@ -173,11 +162,15 @@ def test_results_coco_jsonl_and_status_through_the_cli(batch, worker, client, tm
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(lines) == IMAGES and all(r["state"] == "done" for r in lines)
     proc = invoke_cli(["status", batch["job"], "--json"], worker["env"])
-    summary = {"job_id": batch["job"], "total": IMAGES, **all_done(IMAGES), "active": False, "retryable": 0}
+    summary = {"job_id": batch["job"], "kind": "segment", "total": IMAGES, **all_done(IMAGES), "active": False,
+               "retryable": 0, "failures": []}
     assert json.loads(proc.stdout) == summary
-    # the light task on the cpu queue: a feeder pass over a finished job sends nothing
-    fed = client.app.send_task("slip.feed", args=[batch["job"]]).get(timeout=60)
-    assert fed["job_id"] == batch["job"] and not fed.get("sent") and not fed.get("resent")
+    # the job list: the finished job with its counts, from Redis alone
+    proc = invoke_cli(["jobs", "--json", "--state", "finished"], worker["env"])
+    assert proc.exit_code == 0, proc.output
+    (row,) = [r for r in json.loads(proc.stdout) if r["job_id"] == batch["job"]]
+    assert (row["kind"], row["unit"], row["total"], row["done"], row["failed"]) == ("segment", "image", IMAGES, IMAGES, 0)
+    assert row["rate"] > 0 and row["eta_s"] is None and row["finished"] and row["in_flight"] == 0
 
 
 def test_resubmit_reuses_every_result_and_rewrites_nothing(batch, worker, client):
@@ -194,44 +187,53 @@ def test_resubmit_reuses_every_result_and_rewrites_nothing(batch, worker, client
     assert (snapshot(store_root(worker) / "results"), snapshot(store_root(worker) / "proposals")) == before
 
 
-def test_redelivered_task_writes_one_result(worker, client, tmp_path):
-    request = chunk_request(client, make_images(tmp_path, 1, seed=7))
-    task_id = str(uuid.uuid4())
-    done_key = f"{done_prefix(request.job_id)}/c0000000-d.json"
-    submit_chunk(client, request, task_id)
+def test_a_redelivered_or_stale_message_writes_nothing_and_a_rerun_finds_the_results(worker, client, tmp_path):
+    manifest = written_job(client, make_images(tmp_path, 1, seed=7))
+    job, done_key = manifest.job_id, f"{done_prefix(manifest.job_id)}/c0000000-d.json"
+    client.send("segment", job, 0, 0, again=False)
     wait_until(lambda: client.store.exists(done_key), 120, "the first delivery to finish")
-    (outcome,) = outcomes(client.store, request.job_id).values()
+    (outcome,) = outcomes(client.store, job).values()
     assert outcome.how == "computed"
-    item = request.items[0]
     result_dir = store_root(worker) / outcome.result_key
-    proposals_dir = store_root(worker) / "proposals" / item.image_sha
+    proposals_dir = store_root(worker) / "proposals" / items_of(client.store, job)[0].image_sha
     first = (snapshot(result_dir), snapshot(proposals_dir))
-    # the broker delivers the same message again (as after a worker loss)
-    submit_chunk(client, request, task_id)
-    wait_until(lambda: outcomes(client.store, request.job_id)[0].how == "existing", 120, "the redelivery")
+    # the broker delivers the same message again (as after a worker loss), and a late copy of an older attempt
+    client.send("segment", job, 0, 0, again=False)
+    wait_until(lambda: re.findall(rf"slip\.segment\[{job}\.0\.0\] succeeded.*", worker["log"].read_text())[1:],
+               120, "the redelivery")
     assert (snapshot(result_dir), snapshot(proposals_dir)) == first, "the redelivery rewrote nothing"
+    assert client.store.list(done_prefix(job)) == [done_key], "one completion record per chunk"
+    runs = re.findall(rf"slip\.segment\[{job}\.0\.0\] succeeded.*", worker["log"].read_text())
+    assert "'letters': 'd'" in runs[0] and "'done': 1, 'failed': 0" in runs[0], runs  # the counts show in Flower
+    assert "'stale': True" in runs[1], runs  # acknowledged without work: the chunk is finished
+    # the chunk made unfinished (as `slip retry` does) and run again: the result exists, nothing is recomputed
+    client.board.reopen(job, {0: "d"})
+    client.send("segment", job, 0, 0, again=False)
+    wait_until(lambda: len(re.findall(rf"slip\.segment\[{job}\.0\.0\] succeeded", worker["log"].read_text())) == 3,
+               120, "the re-run")
+    assert outcomes(client.store, job)[0].how == "existing"
+    assert (snapshot(result_dir), snapshot(proposals_dir)) == first
     assert sorted(os.listdir(result_dir)) == ["segments.json"], "no PNGs unless asked for"
-    assert client.store.list(done_prefix(request.job_id)) == [done_key], "one completion record per chunk"
-    runs = re.findall(rf"slip\.segment\[{task_id}\] succeeded.*", worker["log"].read_text())
-    assert len(runs) == 2 and all("'letters': 'd'" in run for run in runs)
 
 
-def test_poison_message_is_failed_without_running(worker, client, tmp_path):
-    request = chunk_request(client, make_images(tmp_path, 1, seed=9))
-    max_deliveries = client.settings.max_deliveries
-    # it started that often and killed its worker each time (the counter a delivery increments as it starts)
-    client.board.r.hset(client.board.key(request.job_id, "deliveries"), 0, max_deliveries)
-    submit_chunk(client, request, str(uuid.uuid4()))
-    wait_until(lambda: records(client.store, request.job_id), 120, "the poison chunk's record")
-    (record,) = records(client.store, request.job_id)
+def test_a_chunk_out_of_attempts_is_poison_and_fails_without_running(worker, client, tmp_path):
+    manifest = written_job(client, make_images(tmp_path, 1, seed=9))
+    max_attempts = client.settings.max_attempts
+    # its earlier attempts killed their workers (each was sent again by a reaper): this one is past the budget
+    client.send("segment", manifest.job_id, 0, max_attempts, again=True)
+    wait_until(lambda: records(client.store, manifest.job_id), 120, "the poison chunk's record")
+    (record,) = records(client.store, manifest.job_id)
     (outcome,) = record.items
     assert record.letters == "p" and outcome.permanent and outcome.error == "Poison"
-    assert outcome.reason.startswith(f"poison: started {max_deliveries} times without finishing")
-    assert f"SLIP_MAX_DELIVERIES={max_deliveries}" in outcome.reason
-    assert not (store_root(worker) / "proposals" / request.items[0].image_sha).exists(), "the poison chunk did not run"
-    status = client.status(request.job_id)
+    assert outcome.reason.startswith(f"poison: sent {max_attempts} times, never finished")
+    assert f"SLIP_MAX_ATTEMPTS={max_attempts}" in outcome.reason
+    item = items_of(client.store, manifest.job_id)[0]
+    assert not (store_root(worker) / "proposals" / item.image_sha).exists(), "the poison chunk did not run"
+    status = client.status(manifest.job_id)
     assert status.counts["failed"] == 1 and status.retryable == 0, "a poison chunk is failed for good"
-    assert client.failures(status) == [(0, request.items[0].name, outcome.reason)]
+    assert client.failed_units(status) == [(0, item.name, outcome.reason)]
+    (group,) = client.failures(manifest.job_id)
+    assert (group.error, group.count, group.permanent, group.examples) == ("Poison", 1, True, [(0, item.name)])
 
 
 def test_lost_images_are_found_and_handed_over_again(worker, client, tmp_path):
@@ -247,14 +249,14 @@ def test_lost_images_are_found_and_handed_over_again(worker, client, tmp_path):
 
 def test_the_in_flight_window_bounds_what_is_sent(worker, client, tmp_path):
     window, seen, stop = 2, [], threading.Event()
-    broker = redis.Redis.from_url(worker["env"]["SLIP_BROKER_URL"])
     job_ids: list[str] = []
 
     def watch() -> None:
         while not stop.is_set():
             if job_ids:
                 view = client.board.view(job_ids[0])
-                seen.append((len(view.sent), sum(broker.llen(name) for name in queue_lists("gpu"))))
+                in_flight = sum(not view.finished(c) for c in range(view.next))
+                seen.append((in_flight, client.queue_depths()["gpu"]))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -266,13 +268,12 @@ def test_the_in_flight_window_bounds_what_is_sent(worker, client, tmp_path):
     finally:
         stop.set()
         watcher.join()
-        broker.close()
     assert seen and max(sent for sent, _ in seen) == window, "the window was used, and never exceeded"
     assert max(queued for _, queued in seen) <= window, "the broker never held more than the window"
     assert len(records(client.store, job)) == 6
 
 
-def test_a_store_failure_is_retried_sent_again_then_given_up_and_slip_retry_recovers(worker, client, tmp_path):
+def test_a_store_failure_fails_for_now_runs_again_then_stays_failed_and_slip_retry_recovers(worker, client, tmp_path):
     (image,) = make_images(tmp_path, 1, seed=12, prefix="blocked")
     manifest = client.create_job([image], ["a red box"], TINY_PARAMS)
     (item,) = items_of(client.store, manifest.job_id)
@@ -280,18 +281,18 @@ def test_a_store_failure_is_retried_sent_again_then_given_up_and_slip_retry_reco
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_bytes(b"a file where the proposals folder must go: every write under it fails")
     try:
-        client.board.register(manifest.job_id, chunks=1, window=4)
-        client.feeder.feed(manifest.job_id)
-        status = client.wait(manifest.job_id, timeout_s=120, poll_s=0.5)  # retried, sent again once, given up
+        client.start(manifest, window=4)
+        status = client.wait(manifest.job_id, timeout_s=120, poll_s=0.5)  # failed for now, run again once, stays so
     finally:
         blocker.unlink()
     assert status.counts["failed"] == 1 and status.retryable == 1 and not status.active
-    (outcome,) = outcomes(client.store, manifest.job_id).values()
+    (record,) = records(client.store, manifest.job_id)
+    (outcome,) = record.items
+    assert record.attempt == 1, "the chunk ran again (SLIP_MAX_ATTEMPTS=2), then stayed failed for now"
     assert outcome.state == "failed" and not outcome.permanent and outcome.error == "StoreError"
-    assert outcome.reason.startswith("gave up after 2 retries: StoreError"), outcome.reason
+    assert outcome.reason.startswith(f"store {client.store.url}: cannot write"), outcome.reason
     log = worker["log"].read_text()
-    assert len(re.findall(rf"{re.escape(item.name)}: .*; retry 1/2 in", log)) == 2, "back-off retries, in each of 2 runs"
-    assert re.search(rf"job {manifest.job_id} chunk 0: sending again \(1/1\): some images failed for now", log)
+    assert re.search(rf"job {manifest.job_id} chunk 0: sending again \(attempt 1\): 1 unit\(s\) failed for now", log)
     proc = invoke_cli(["retry", manifest.job_id, "--wait"], worker["env"])
-    assert proc.exit_code == 0 and "sent 1 failed image(s) again" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.exit_code == 0 and "sent 1 failed unit(s) again" in proc.stdout, proc.stdout + proc.stderr
     assert client.status(manifest.job_id).counts == all_done(1)

@@ -1,11 +1,11 @@
-"""The segment task's failure policy (worker.policy), run in-process on real resources: ``worker.tasks.run_chunk``
+"""The failure policy (worker.policy) of a chunk, run in-process on real resources: ``worker.tasks.run_chunk``
 over the tiny-random models, a real directory store and the real Redis (db 14).
 
 Every branch of the policy is reached by a real cause: a corrupt image (permanent), a store that refuses
-writes (transient: back-off, then failed for now and sent again later), a malformed cache entry (a bug:
-failed for now, traceback logged), a chunk started too often (poison), a worker holding other models, and
-a real out-of-memory error: the mask decoder's allocation refused by the operating system (a subprocess
-whose address space is limited with ``RLIMIT_AS``), which must halve ``points_per_batch``.
+writes (transient: failed for now, the chunk sent once more), a malformed cache entry (a bug: failed for now,
+traceback logged), a chunk sent past its attempts (poison), a worker holding other models, and a real
+out-of-memory error: the mask decoder's allocation refused by the operating system (a subprocess whose
+address space is limited with ``RLIMIT_AS``), which must halve ``points_per_batch``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,17 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs.ledger import done_key
+from jobs.model import Item
+from jobs.settings import Settings
+from jobs.store import Store
 from slip.errors import DeviceOutOfMemoryError
-from worker.jobs import Item, SegmentRequest
-from worker.ledger import done_key
-from worker.policy import FailurePolicy
+from worker.policy import run_unit
 from worker.proposals import proposals_key
 from worker.resources import load_resources
-from worker.settings import Settings
-from worker.store import Store
 from worker.tasks import run_chunk
 
-from queue_helpers import REPO, TINY_PARAMS, flush, items_of, make_images, outcomes, queue_env
+from queue_helpers import REPO, TINY_PARAMS, client_for, flush, items_of, make_images, outcomes, queue_env, records
 
 DB = 14
 
@@ -41,97 +40,115 @@ DB = 14
 def resources(redis_alive, tmp_path):
     flush(DB)
     settings = Settings.from_env(queue_env(tmp_path / "store", db=DB, SLIP_POINTS_PER_BATCH="32"))
-    sent: list = []
-    res = load_resources(settings, load_models=True, publish=lambda request, task_id: sent.append(task_id))
+    res = load_resources(settings, load_models=True, send=lambda *args, **kw: res.sent.append((args, kw)))
+    res.sent = []  # what the chunk sent: (kind, job, chunk, attempt), {"again": ...}
     yield res
     res.close()
     flush(DB)
-    assert sent == [], "a chunk run outside a registered job sends nothing"
 
 
-def chunk_of(settings: Settings, store, paths, prompts=("a red box",), params=TINY_PARAMS, **changes) -> SegmentRequest:
-    """Chunk 0 of a job holding ``paths``, written to ``store`` (``changes``: to the job's spec)."""
+def job_of(res, paths, prompts=("a red box",), params=TINY_PARAMS, **options) -> str:
+    """A written job of one chunk holding ``paths`` (``options``: sam=, clip= of the job): its id."""
+    return client_of(res).create_job(paths, prompts, params, batch_size=len(paths), **options).job_id
+
+
+def client_of(res):
+    """The producer's client on the resources' Redis and store."""
     from producer.client import QueueClient
 
-    manifest = QueueClient(settings, store=store).create_job(paths, prompts, params, batch_size=len(paths))
-    spec = manifest.spec.model_copy(update=changes)
-    return SegmentRequest(job_id=manifest.job_id, chunk=0, items=tuple(items_of(store, manifest.job_id)), spec=spec)
+    return QueueClient(res.settings, store=res.store)
 
 
-def request_for(res, paths, **options) -> SegmentRequest:
-    return chunk_of(res.settings, res.store, paths, **options)
+def run(res, job: str, attempt: int = 0) -> dict:
+    return run_chunk(res, job, 0, attempt, task_id=f"{job}.0.{attempt}", node="w")
 
 
 def test_a_bad_image_in_a_chunk_fails_alone_for_good(resources, tmp_path):
     good = make_images(tmp_path, 2, seed=30)
     bad = tmp_path / "broken.png"
     bad.write_bytes(good[0].read_bytes()[:40])
-    request = request_for(resources, [good[0], bad, good[1]])
-    record = run_chunk(resources, request, task_id="t1", node="w")
-    assert record.letters == "dpd" and record.task_id == "t1" and record.worker == "w"
+    job = job_of(resources, [good[0], bad, good[1]])
+    done = run(resources, job)
+    assert (done["letters"], done["done"], done["failed"]) == ("dpd", 2, 1)
+    (record,) = records(resources.store, job)
+    assert record.task_id == f"{job}.0.0" and record.worker == "w" and record.attempt == 0
     failed = record.items[1]
     assert failed.error == "ImageError" and failed.permanent and "not an image" in failed.reason
-    assert resources.store.get_json(done_key(request.job_id, 0, "dpd"))["items"][1]["reason"] == failed.reason
-    board = resources.board
-    assert board.done_bits(request.job_id) == b"\x80", "finished: nothing left to retry"
-    assert not board.r.hexists(board.key(request.job_id, "deliveries"), 0)
-    assert not board.r.hexists(board.key(request.job_id, "running"), 0)
-    again = run_chunk(resources, request_for(resources, good), task_id="t2", node="w")
-    assert [o.how for o in again.items] == ["existing", "existing"], "results that exist are not recomputed"
+    assert resources.store.get_json(done_key(job, 0, "dpd"))["items"][1]["reason"] == failed.reason
+    view = resources.board.view(job)
+    assert view.finished(0) and not view.running, "finished for good: nothing held, nothing left to retry"
+    assert resources.sent == [], "a chunk failed for good is not sent again"
+    again = job_of(resources, good)
+    assert run(resources, again)["letters"] == "dd"
+    assert [o.how for o in outcomes(resources.store, again).values()] == ["existing", "existing"], \
+        "results that exist are not recomputed"
 
 
-def test_a_store_failure_is_retried_with_back_off_then_failed_for_now_and_due_again(resources, tmp_path, caplog):
-    request = request_for(resources, make_images(tmp_path, 1, seed=33))
-    blocker = Path(resources.settings.store) / "proposals" / request.items[0].image_sha
+def test_a_store_failure_fails_for_now_and_the_chunk_runs_again(resources, tmp_path):
+    job = job_of(resources, make_images(tmp_path, 1, seed=33))
+    item = items_of(resources.store, job)[0]
+    blocker = Path(resources.settings.store) / "proposals" / item.image_sha
     blocker.parent.mkdir(parents=True)
     blocker.write_bytes(b"a file where a folder must go")
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="slip.worker"):
-        record = run_chunk(resources, request, task_id="t3", node="w")
-    (outcome,) = record.items
-    assert record.letters == "t" and outcome.error == "StoreError" and not outcome.permanent
-    assert outcome.reason.startswith("gave up after 2 retries: StoreError: ")
-    retries = [m for m in caplog.messages if "; retry " in m]
-    assert len(retries) == 2 and "retry 1/2 in 0.5 s" in retries[0] and "retry 2/2 in 1.0 s" in retries[1], retries
-    assert time.monotonic() - started >= 1.5, "the back-off was slept (0.5 s, then 1.0 s)"
-    due = resources.board.view(request.job_id).retry[0]
-    assert 5 < due - time.time() <= 10, "the chunk is due to be sent again in about 10 s"
-    assert resources.board.done_bits(request.job_id) == b""
+    done = run(resources, job)
+    (outcome,) = records(resources.store, job)[0].items
+    assert done["letters"] == "t" and outcome.error == "StoreError" and not outcome.permanent
+    assert outcome.reason.startswith(f"store {resources.store.url}: cannot write"), outcome.reason
+    assert resources.sent == [(("segment", job, 0, 1), {"again": False})], "once more, behind the waiting chunks"
+    view = resources.board.view(job)
+    assert not view.finished(0) and view.head["a0"] == "1"
+    last = run(resources, job, attempt=1)  # SLIP_MAX_ATTEMPTS=2: the last attempt stays failed for now
+    assert last["letters"] == "t" and len(resources.sent) == 1 and resources.board.view(job).finished(0)
+    assert client_of(resources).status(job).retryable == 1, "`slip retry` can run it again"
 
 
 def test_an_unexpected_error_is_a_bug_failed_for_now_with_its_traceback_logged(resources, tmp_path, caplog):
-    request = request_for(resources, make_images(tmp_path, 1, seed=34))
-    item = request.items[0]
-    resolved = resources.resolve(request.spec.params)
+    job = job_of(resources, make_images(tmp_path, 1, seed=34))
+    item = items_of(resources.store, job)[0]
+    resolved = resources.resolve(resources.spec(resources.manifest(job)).options)
     malformed = {"format_version": 2, "image_size": {"height": 8, "width": 8}, "generated": 1, "filters": [],
                  "segments": [{"id": 0}]}  # a cache entry whose segment lost its fields
     resources.store.put_json(proposals_key(item.image_sha, resolved), malformed)
     with caplog.at_level(logging.ERROR, logger="slip.worker"):
-        record = run_chunk(resources, request, task_id="t4", node="w")
-    (outcome,) = record.items
-    assert record.letters == "t" and not outcome.permanent and outcome.error == "KeyError"
+        done = run(resources, job)
+    (outcome,) = records(resources.store, job)[0].items
+    assert done["letters"] == "t" and not outcome.permanent and outcome.error == "KeyError"
     assert outcome.reason.startswith("internal error: KeyError")
     logged = [r for r in caplog.records if r.levelno == logging.ERROR and "internal error" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info is not None, "the traceback is logged"
 
 
-def test_a_chunk_started_too_often_is_poison_and_fails_without_running(resources, tmp_path):
-    request = request_for(resources, make_images(tmp_path, 1, seed=32))
-    board, max_deliveries = resources.board, resources.settings.max_deliveries
-    board.r.hset(board.key(request.job_id, "deliveries"), 0, max_deliveries)  # it killed its worker each time
-    record = run_chunk(resources, request, task_id="t5", node="w")
-    (outcome,) = record.items
-    assert record.letters == "p" and outcome.error == "Poison" and outcome.permanent
-    assert outcome.reason.startswith(f"poison: started {max_deliveries} times without finishing")
+def test_a_chunk_sent_past_its_attempts_is_poison_and_fails_without_running(resources, tmp_path):
+    job = job_of(resources, make_images(tmp_path, 1, seed=32))
+    max_attempts = resources.settings.max_attempts
+    done = run(resources, job, attempt=max_attempts)  # each earlier attempt killed its worker
+    (outcome,) = records(resources.store, job)[0].items
+    assert done["letters"] == "p" and outcome.error == "Poison" and outcome.permanent
+    assert outcome.reason.startswith(f"poison: sent {max_attempts} times, never finished")
     assert not (Path(resources.settings.store) / "proposals").exists(), "it did not run"
-    fresh = request_for(resources, make_images(tmp_path / "fresh", 1, seed=35))
-    assert run_chunk(resources, fresh, task_id="t6", node="w").letters == "d"
-    assert not board.r.hexists(board.key(fresh.job_id, "deliveries"), 0), "a finished chunk's count is cleared"
+    assert run(resources, job)["stale"], "an older attempt delivered late does nothing: the chunk is finished"
+    fresh = job_of(resources, make_images(tmp_path / "fresh", 1, seed=35))
+    assert run(resources, fresh)["letters"] == "d"
+
+
+def test_a_soft_time_limit_is_named_a_time_limit_not_poison(resources, tmp_path):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    job = job_of(resources, make_images(tmp_path, 2, seed=37))
+
+    def slow(res, manifest, item, **_):
+        raise SoftTimeLimitExceeded()
+
+    run_chunk(resources, job, 0, 0, task_id="t", node="w", processors={"segment": slow})
+    outcomes_ = records(resources.store, job)[0].items
+    assert [o.error for o in outcomes_] == ["TimeLimit", "TimeLimit"] and not any(o.permanent for o in outcomes_)
+    assert outcomes_[0].reason.startswith("time limit: the task ran past 108.0 s (SLIP_TASK_TIME_LIMIT)")
 
 
 def test_a_job_for_other_models_fails_for_now_naming_what_to_start(resources, tmp_path):
-    request = request_for(resources, make_images(tmp_path, 1, seed=36), sam="vit_b")
-    (outcome,) = run_chunk(resources, request, task_id="t7", node="w").items
+    job = job_of(resources, make_images(tmp_path, 1, seed=36), sam="vit_b")
+    run(resources, job)
+    (outcome,) = records(resources.store, job)[0].items
     assert outcome.state == "failed" and not outcome.permanent and outcome.error == "ModelMismatchError"
     assert "the job asks for sam=vit_b" in outcome.reason and "SLIP_SAM=vit_b" in outcome.reason
 
@@ -140,12 +157,8 @@ def test_a_job_for_other_models_fails_for_now_naming_what_to_start(resources, tm
                                    DeviceOutOfMemoryError("out of memory while generating masks")])
 def test_the_policy_halves_points_per_batch_on_out_of_memory(error):
     """The policy's arithmetic, alone (the real error from the real decoder: the next test)."""
-    policy = FailurePolicy(max_retries=3, backoff_s=60.0, max_deliveries=3, max_resends=1)
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64, name="big.png")
     asked = []
-
-    def no_sleep(seconds: float) -> None:
-        pytest.fail(f"an out-of-memory error is retried at once, not after {seconds} s")
 
     def attempt(points_per_batch: int):
         asked.append(points_per_batch)
@@ -153,12 +166,12 @@ def test_the_policy_halves_points_per_batch_on_out_of_memory(error):
             raise error
         return "done"
 
-    assert policy.run_item(attempt, item, points_per_batch=64, sleep=no_sleep) == "done"
+    assert run_unit(attempt, item, points_per_batch=64) == "done"
     assert asked == [64, 32, 16, 8], "halved at once, no back-off"
     asked.clear()
-    gave_up = policy.run_item(attempt, item, points_per_batch=128, sleep=no_sleep)
-    assert asked == [128, 64, 32, 16] and gave_up.state == "failed" and not gave_up.permanent
-    assert gave_up.reason.startswith("out of memory even with points_per_batch=16")
+    gave_up = run_unit(lambda ppb: attempt(ppb * 100), item, points_per_batch=128)
+    assert asked == [12800, 6400, 3200, 1600, 800, 400, 200, 100] and gave_up.state == "failed"
+    assert not gave_up.permanent and gave_up.reason.startswith("out of memory even with points_per_batch=1")
 
 
 # --- the real out-of-memory path -----------------------------------------------------------------------------
@@ -172,12 +185,12 @@ def test_the_policy_halves_points_per_batch_on_out_of_memory(error):
 
 OOM_POINTS = 196  # points_per_batch the chunk starts with: a 14 x 14 grid in one batch
 OOM_SCRIPT = """
-import json, logging, os, resource, sys
+import dataclasses, json, logging, os, resource, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                     force=True)
-from worker.jobs import SegmentRequest
+from jobs.status import chunk_records
+from jobs.settings import Settings
 from worker.resources import load_resources, set_threads
-from worker.settings import Settings
 from worker.tasks import run_chunk
 
 
@@ -186,12 +199,17 @@ def status(key):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
+def run(name, points_per_batch=None):
+    models = dataclasses.replace(settings.models, points_per_batch=points_per_batch or settings.models.points_per_batch)
+    with_ppb = dataclasses.replace(res, settings=dataclasses.replace(settings, models=models))
+    run_chunk(with_ppb, args[name], 0, 0, task_id=name, node="oom")
+    return next(chunk_records(res.store, args[name]))
+
+
 args = json.loads(sys.argv[1])
 settings = Settings.from_env(os.environ)
 set_threads(settings, 1)
-res = load_resources(settings, load_models=True, publish=lambda request, task_id: None)
-run = lambda name, **update: run_chunk(res, SegmentRequest.model_validate(args[name]).model_copy(update=update),
-                                       task_id=name, node="oom")
+res = load_resources(settings, load_models=True, send=lambda *a, **k: None)
 run("warm")  # a few points: lazy imports, the encoder's and allocator's first-run set-up
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
@@ -224,8 +242,9 @@ def test_a_real_out_of_memory_error_halves_points_per_batch_and_the_image_comple
     """The host refuses the decoder's allocations at 196 points per batch: the worker must retry with 98,
     which fit, and finish the image (worker.policy: OOM halves points_per_batch)."""
     flush(DB)
-    env = queue_env(tmp_path / "store", db=DB, SLIP_SAM=str(oom_sam(tmp_path / "sam")), SLIP_MAX_RETRIES="4")
+    env = queue_env(tmp_path / "store", db=DB, SLIP_SAM=str(oom_sam(tmp_path / "sam")))
     settings = Settings.from_env(env)
+    client = client_for(env)
     store = Store(settings.store)
     rng = np.random.default_rng(0)
     # pred_iou_thresh 1.0 keeps no candidate: the decoder runs in full, nothing after it costs time
@@ -235,7 +254,7 @@ def test_a_real_out_of_memory_error_halves_points_per_batch_and_the_image_comple
         path = tmp_path / f"{name}.png"
         Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(path)
         options = {**params, "points_per_side": 2} if name == "warm" else params
-        args[name] = chunk_of(settings, store, [path], params=options).model_dump(mode="json")
+        args[name] = client.create_job([path], ["a red box"], options, batch_size=1).job_id
     try:
         done = subprocess.run([sys.executable, "-c", OOM_SCRIPT, json.dumps(args)], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=300)
@@ -251,3 +270,4 @@ def test_a_real_out_of_memory_error_halves_points_per_batch_and_the_image_comple
     doc = store.get_json(f"{outcome['result_key']}/segments.json")
     assert doc["runtime"]["points_per_batch"] < OOM_POINTS
     assert outcomes(store, record["job_id"])[0].state == "done"
+    client.board.r.close()

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from jobs.segment import SegmentSpec
+from jobs.settings import Settings
+from slip.errors import ConfigError
+from slip.options import SegmentOptions
 from slip.request import canonical_filters
 from slip.sam import FILTERS_FILE, GENERATOR_FILE, SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
-from worker.jobs import SegmentParams
 from worker.processing import process_item
 from worker.proposals import proposals_key
 from worker.resources import load_resources
-from worker.settings import Settings
 
 from queue_helpers import invoke_cli, items_of, make_images, queue_env
 
@@ -29,13 +31,13 @@ GENERATOR = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thre
 KEEP_LARGEST = "containment:drop_largest=false"
 
 
-# --- SegmentParams --------------------------------------------------------------------------------------
+# --- SegmentOptions --------------------------------------------------------------------------------------
 
 
 def test_filters_default_to_none_and_the_worker_resolves_them():
-    assert SegmentParams().filters is None and SegmentParams().to_options().filters is None
-    assert SegmentParams(filters=KEEP_LARGEST).to_options().filters == KEEP_LARGEST
-    assert SegmentParams(filters="none").to_options().filters == "none"
+    assert SegmentOptions().filters is None
+    assert SegmentOptions(filters=KEEP_LARGEST).filters == KEEP_LARGEST
+    assert SegmentOptions(filters="none").filters == "none"
 
 
 def test_submit_help_names_the_defaults_and_survives_typer():
@@ -58,7 +60,7 @@ def resources(tmp_path):
     (checkpoint / GENERATOR_FILE).write_text(json.dumps(GENERATOR))
     (checkpoint / FILTERS_FILE).write_text(json.dumps({"filters": KEEP_LARGEST, "why": "test"}))
     env = queue_env(tmp_path / "store", db=DB, SLIP_SAM=str(checkpoint), SLIP_CACHE=str(tmp_path / "cache"))
-    res = load_resources(Settings.from_env(env), load_models=True, publish=lambda request, task_id: None)
+    res = load_resources(Settings.from_env(env), load_models=True, send=lambda *args, **kw: None)
     yield res
     res.close()
 
@@ -69,23 +71,24 @@ def segment(res, image: Path, prompt: str, **params):
 
     manifest = QueueClient(res.settings, store=res.store).create_job([image], [prompt], params)
     (item,) = items_of(res.store, manifest.job_id)
-    request = res.resolve(manifest.spec.params)
-    return manifest.spec, item, request, process_item(res.store, res.pipeline(request), manifest.spec, item)
+    spec = SegmentSpec.model_validate(manifest.spec)
+    request = res.resolve(spec.options)
+    return spec, item, request, process_item(res.store, res.pipeline(request), spec, item)
 
 
 def test_worker_loads_the_recommendation_once_and_reports_it(resources):
     assert resources.sam.filters == KEEP_LARGEST
     assert resources.health()["recommended_filters"] == KEEP_LARGEST
-    (default,) = resources.pipeline(resources.resolve(SegmentParams())).filters
+    (default,) = resources.pipeline(resources.resolve(SegmentOptions())).filters
     assert default.params()["drop_largest"] is False
-    assert resources.pipeline(resources.resolve(SegmentParams(filters="none"))).filters == ()
-    assert resources.resolve(SegmentParams()) is resources.resolve(SegmentParams()), "resolved once per request"
+    assert resources.pipeline(resources.resolve(SegmentOptions(filters="none"))).filters == ()
+    assert resources.resolve(SegmentOptions()) is resources.resolve(SegmentOptions()), "resolved once per request"
 
 
 def test_worker_records_and_keys_proposals_by_the_resolved_chain(resources, tmp_path):
     image = make_images(tmp_path / "images", 1, seed=40)[0]
     spec, item, request, outcome = segment(resources, image, "a red box")
-    assert spec.params.filters is None  # the job leaves it to the worker
+    assert spec.options.filters is None  # the job leaves it to the worker
     assert outcome.state == "done" and outcome.how == "computed"
     doc = resources.store.get_json(f"{outcome.result_key}/segments.json")
     assert doc["request"]["filters"] == list(canonical_filters(KEEP_LARGEST))  # the resolved chain is recorded
@@ -109,7 +112,8 @@ def test_worker_records_and_keys_proposals_by_the_resolved_chain(resources, tmp_
 
 def test_queue_evaluation_with_the_warm_sam_uses_its_recommended_chain(resources, tmp_path):
     from slip.data.synth import generate_dataset
-    from worker.train_tasks import EvaluateRequest, run_evaluate, upload_directory
+    from jobs.training import EvaluateRequest, upload_directory
+    from worker.train_tasks import run_evaluate
 
     dataset = generate_dataset(tmp_path / "ds", classes=4, per_class=5, size=32, seed=0)
     request = EvaluateRequest(job_id="filter-defaults", ranker_index=0, ranker="tiny-random", chunk=0, start=0,
@@ -126,8 +130,8 @@ def test_queue_evaluation_with_the_warm_sam_uses_its_recommended_chain(resources
 
 
 def test_a_bad_filter_chain_is_refused_at_submit_and_nothing_is_uploaded(tmp_path):
-    with pytest.raises(ValueError, match="keep must be 'parent' or 'child'"):
-        SegmentParams(filters="containment:keep=sideways")
+    with pytest.raises(ConfigError, match="keep must be 'parent' or 'child'"):
+        SegmentOptions.parse({"filters": "containment:keep=sideways"})
     store = tmp_path / "store"
     (image,) = make_images(tmp_path / "images", 1)
     proc = invoke_cli(["submit", "segment", str(image), "--prompt", "disc", "--filters", "containment:keep=sideways"],
@@ -146,7 +150,7 @@ def test_the_rankers_calibrated_threshold_reaches_the_workers_results(tmp_path):
     (ranker / "threshold.json").write_text(json.dumps({"threshold": 0.99, "metric": "f1"}))
     env = queue_env(tmp_path / "store", db=DB, SLIP_SAM="tiny-random", SLIP_CLIP=str(ranker),
                     SLIP_CACHE=str(tmp_path / "cache"))
-    res = load_resources(Settings.from_env(env), load_models=True, publish=lambda request, task_id: None)
+    res = load_resources(Settings.from_env(env), load_models=True, send=lambda *args, **kw: None)
     try:
         assert res.ranker.threshold == 0.99 and res.health()["recommended_threshold"] == 0.99
         image = make_images(tmp_path / "images", 1, seed=41)[0]

@@ -10,37 +10,39 @@ from pathlib import Path
 
 import pytest
 
+from jobs.segment import SegmentSpec
+from jobs.settings import Settings
 from slip.errors import ConfigError
+from slip.options import SegmentOptions
 from slip.sam import GENERATOR_FILE, SAM_ARCHS, TINY_SPEC, build_tiny_sam, save_sam
-from worker.jobs import GENERATOR_FIELDS, SegmentParams, parse_model
 from worker.processing import process_item
 from worker.proposals import proposals_key
 from worker.resources import load_resources
-from worker.settings import Settings
 
 from queue_helpers import items_of, make_images, queue_env
 
 DB = 14  # process_item needs no Redis; the settings need a broker URL (this folder's failure-policy db)
 # a 2x2 point grid with no score thresholds: the tiny-random SAM returns masks, fast
+GENERATOR_FIELDS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
 RECOMMENDED = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
 
 
-# --- SegmentParams --------------------------------------------------------------------------------------
+# --- SegmentOptions --------------------------------------------------------------------------------------
 
 
 def test_sam_options_default_to_none_and_only_given_ones_reach_the_request():
-    params = SegmentParams()
-    assert all(getattr(params, name) is None for name in GENERATOR_FIELDS)
-    assert params.to_options().generator == {}
-    assert SegmentParams(points_per_side=8, box_nms_thresh=0.5).to_options().generator == {"points_per_side": 8,
-                                                                                           "box_nms_thresh": 0.5}
+    options = SegmentOptions()
+    assert all(getattr(options, name) is None for name in GENERATOR_FIELDS)
+    assert options.generator_overrides() == {}
+    assert SegmentOptions(points_per_side=8, box_nms_thresh=0.5).generator_overrides() == {"points_per_side": 8,
+                                                                                          "box_nms_thresh": 0.5}
 
 
 @pytest.mark.parametrize("bad", [{"points_per_side": 0}, {"points_per_side": 257}, {"pred_iou_thresh": 1.5},
                                  {"stability_score_thresh": -0.1}, {"box_nms_thresh": 2.0}])
 def test_given_sam_options_keep_their_bounds(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
-        parse_model(SegmentParams, bad)
+        SegmentOptions.parse(bad)
 
 
 # --- the worker ---------------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def resources(tmp_path):
     save_sam(build_tiny_sam(), checkpoint / "sam.pth", SAM_ARCHS[TINY_SPEC])
     (checkpoint / GENERATOR_FILE).write_text(json.dumps(RECOMMENDED))
     env = queue_env(tmp_path / "store", db=DB, SLIP_SAM=str(checkpoint), SLIP_CACHE=str(tmp_path / "cache"))
-    res = load_resources(Settings.from_env(env), load_models=True, publish=lambda request, task_id: None)
+    res = load_resources(Settings.from_env(env), load_models=True, send=lambda *args, **kw: None)
     yield res
     res.close()
 
@@ -63,18 +65,19 @@ def segment(res, image: Path, prompt: str, **params):
 
     manifest = QueueClient(res.settings, store=res.store).create_job([image], [prompt], {"filters": "none", **params})
     (item,) = items_of(res.store, manifest.job_id)
-    request = res.resolve(manifest.spec.params)
-    return item, request, process_item(res.store, res.pipeline(request), manifest.spec, item)
+    spec = SegmentSpec.model_validate(manifest.spec)
+    request = res.resolve(spec.options)
+    return item, request, process_item(res.store, res.pipeline(request), spec, item)
 
 
 def test_worker_loads_the_recommendation_once_and_reports_it(resources):
     assert dict(resources.sam.generator) == RECOMMENDED
     assert resources.health()["recommended_generator"] == RECOMMENDED
-    request = resources.resolve(SegmentParams(points_per_side=3))
+    request = resources.resolve(SegmentOptions(points_per_side=3))
     generator = resources.pipeline(request).generator.params()
     assert generator["points_per_side"] == 3 and generator["pred_iou_thresh"] == 0.0  # explicit, then the file
     assert generator["crop_n_layers"] == 0  # SAM's default
-    assert generator["points_per_batch"] == resources.settings.points_per_batch  # the worker's, not the request's
+    assert generator["points_per_batch"] == resources.settings.models.points_per_batch  # the worker's, not the request's
     assert resources.pipeline(request, points_per_batch=8).generator.params()["points_per_batch"] == 8
 
 
@@ -102,7 +105,8 @@ def test_queue_evaluation_with_the_warm_sam_merges_its_recommendation(resources,
     from dataclasses import replace
 
     from slip.data.synth import generate_dataset
-    from worker.train_tasks import EvaluateRequest, run_evaluate, upload_directory
+    from jobs.training import EvaluateRequest, upload_directory
+    from worker.train_tasks import run_evaluate
 
     dataset = generate_dataset(tmp_path / "ds", classes=4, per_class=5, size=32, seed=0)
     request = EvaluateRequest(job_id="gen-defaults", ranker_index=0, ranker="tiny-random", chunk=0, start=0, stop=1,

@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from slip.errors import ConfigError, InputError, InvalidKeyError, ObjectNotFoundError, PromptError, StoreError
+from jobs.errors import InvalidKeyError, ObjectNotFoundError, StoreError
+from jobs.settings import Settings
+from jobs.store import TEMP_DIR, Store, content_type, input_key, sync_filesystem, validate_key
+from slip.errors import ConfigError, InputError, PromptError
 from slip.types import FilterStat, MaskSet, Proposals
-from worker.settings import Settings
-from worker.store import TEMP_DIR, Store, content_type, input_key, sync_filesystem, validate_key
 
 from queue_helpers import make_images
 
@@ -113,9 +114,10 @@ def test_temporaries_live_in_one_hidden_folder_and_stale_ones_are_swept(tmp_path
     fresh.write_bytes(b"being written")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert store.list() == ["a/b.bin"]
-    assert store.remove_stale_temporaries(600) == 1
+    assert store.sweep_temporaries(600) == 1  # a writer elsewhere: gone once older than the limit
     assert sorted(p.name for p in temp.iterdir()) == [".tmp-live"]
-    assert Store(str(tmp_path / "fresh")).remove_stale_temporaries(0) == 0
+    assert Store(str(tmp_path / "fresh")).sweep_temporaries(0) == 0
+    # a writer of this host that is gone: swept at once, whatever its age (test_reaper.py: the reaper does it)
 
 
 def test_content_types_and_options():
@@ -133,7 +135,7 @@ def test_fsspec_urls_slot_in():
     assert store.get_json("jobs/j1/manifest.json") == {"ok": True}
     assert store.list("jobs") == ["jobs/j1/manifest.json"]
     assert store.put_many({"r/m.png": b"1", "r/segments.json": b"{}"}) == ["r/m.png", "r/segments.json"]
-    assert store.exists("r/segments.json") and store.remove_stale_temporaries(0) == 0
+    assert store.exists("r/segments.json") and store.sweep_temporaries(0) == 0
     with pytest.raises(ObjectNotFoundError):
         store.get_bytes("r/missing.json")
 
@@ -154,7 +156,7 @@ def test_inputs_are_content_addressed_and_deduplicated(tmp_path):
 
 
 def test_expand_paths(tmp_path):
-    from producer.client import expand_paths
+    from slip.inputs import expand_paths
 
     make_images(tmp_path / "d" / "sub", 2)
     (tmp_path / "d" / "notes.txt").write_text("ignored in directories")
@@ -168,22 +170,29 @@ def test_expand_paths(tmp_path):
 
 
 def test_settings_from_env():
+    from jobs.settings import PRODUCER_MODELS
+
     s = Settings.from_env({})
     assert s.broker_url == s.result_backend == "redis://127.0.0.1:6379/0" and s.store == "./slip-store"
-    assert (s.sam, s.clip, s.device) == ("vit_b", "openai/clip-vit-base-patch32", "auto")
-    s = Settings.from_env({"SLIP_BROKER_URL": "redis://h:1/2", "SLIP_MAX_DELIVERIES": "5", "SLIP_DEVICE": "cuda:1"})
-    assert s.result_backend == "redis://h:1/2" and s.max_deliveries == 5 and s.device == "cuda:1"
-    for env in ({"SLIP_MAX_DELIVERIES": "zero"}, {"SLIP_MAX_DELIVERIES": "0"}, {"SLIP_DEVICE": "gpu0"},
+    assert (s.models.sam, s.models.clip, s.models.device) == ("vit_b", "openai/clip-vit-base-patch32", "auto")
+    assert (s.dead_after_s, s.heartbeat_s, s.lost_after_s, s.max_attempts) == (10.0, 10.0 / 6, 30.0, 3)
+    s = Settings.from_env({"SLIP_BROKER_URL": "redis://h:1/2", "SLIP_MAX_ATTEMPTS": "5", "SLIP_DEVICE": "cuda:1"})
+    assert s.result_backend == "redis://h:1/2" and s.max_attempts == 5 and s.models.device == "cuda:1"
+    for env in ({"SLIP_MAX_ATTEMPTS": "zero"}, {"SLIP_MAX_ATTEMPTS": "0"}, {"SLIP_DEVICE": "gpu0"},
                 {"SLIP_DTYPE": "fp8"}, {"SLIP_BROKER_URL": "amqp://x"},
                 {"SLIP_TASK_TIME_LIMIT": "100", "SLIP_VISIBILITY_TIMEOUT": "100"}):
         with pytest.raises(ConfigError, match=next(iter(env)) if len(env) == 1 else "VISIBILITY"):
             Settings.from_env(env)
+    # a producer reads the models a job names, not the device it never uses
+    s = Settings.from_env({"SLIP_DEVICE": "gpu0", "SLIP_SAM": "synth"}, models=PRODUCER_MODELS)
+    assert s.models.sam == "synth" and s.models.device == "auto"
 
 
 def test_celery_app_configuration():
     from worker.app import create_app
 
-    conf = create_app(Settings.from_env({"SLIP_TASK_TIME_LIMIT": "60", "SLIP_VISIBILITY_TIMEOUT": "90"})).conf
+    conf = create_app(Settings.from_env({"SLIP_TASK_TIME_LIMIT": "60", "SLIP_VISIBILITY_TIMEOUT": "90"}),
+                      worker=True).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.worker_concurrency == 1, "one model copy per GPU unless asked"
@@ -192,12 +201,15 @@ def test_celery_app_configuration():
     assert conf.worker_send_task_events and conf.task_send_sent_event
     assert {q.name for q in conf.task_queues} == {"gpu", "cpu"}
     assert conf.task_routes["slip.segment"]["queue"] == "gpu" and conf.task_routes["slip.health"]["queue"] == "cpu"
+    assert all(conf.task_routes[f"slip.{name}"]["queue"] == "gpu" for name in ("train", "evaluate", "train_sam"))
 
 
 def test_request_keys_are_deterministic():
     """Result keys come from the resolved request (the worker's weights), never from the spec strings."""
+    from jobs.model import Item
+    from jobs.segment import SegmentSpec
+    from slip.options import SegmentOptions
     from slip.request import ModelRef, resolve
-    from worker.jobs import Item, SegmentParams, SegmentSpec
     from worker.processing import result_key
 
     item = Item(index=0, image_key="inputs/" + "a" * 64 + ".png", image_sha="a" * 64)
@@ -206,19 +218,19 @@ def test_request_keys_are_deterministic():
     sam, clip = ModelRef("vit_b", "vit_b", "1" * 64), ModelRef("c", "hf-clip", "2" * 64)
 
     def key(spec: SegmentSpec, sam: ModelRef = sam, clip: ModelRef = clip) -> str:
-        request = resolve(spec.params.to_options(), sam=sam, sam_generator={}, sam_filters=None, ranker=clip,
+        request = resolve(spec.options, sam=sam, sam_generator={}, sam_filters=None, ranker=clip,
                           ranker_threshold=None)
         return result_key(item, request, spec)
 
-    same = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=5, points_per_side=None))
-    explicit = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=32))
+    same = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", options=SegmentOptions(top_k=5, points_per_side=None))
+    explicit = SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", options=SegmentOptions(points_per_side=32))
     assert key(spec) == key(same) == key(explicit), "the same effective request, however it was given"
     assert key(spec).startswith(f"results/{'a' * 64}/") and len(key(spec).rsplit("/", 1)[1]) == 64
     others = [key(SegmentSpec(prompts=["a dog"], sam="vit_b", clip="c")),
               key(spec, sam=ModelRef("vit_b", "vit_b", "3" * 64)),  # other SAM weights
               key(spec, clip=ModelRef("c", "hf-clip", "4" * 64)),  # other ranker weights
-              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(top_k=3))),
-              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", params=SegmentParams(points_per_side=16)))]
+              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", options=SegmentOptions(top_k=3))),
+              key(SegmentSpec(prompts=["a cat"], sam="vit_b", clip="c", options=SegmentOptions(points_per_side=16)))]
     assert len({key(spec), *others}) == 6
     for bad in ([], [""], ["   "], ["x" * 301]):
         with pytest.raises(PromptError):

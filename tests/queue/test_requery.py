@@ -48,7 +48,7 @@ def private_redis() -> Iterator[int]:
 def setup(private_redis, tmp_path_factory) -> Iterator[dict]:
     """One real worker (gpu + cpu queues, tiny-random models) on the private Redis; a client; the store root."""
     from producer.client import QueueClient
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     store = tmp_path_factory.mktemp("requery-store")
     env = queue_env(store, db=0, port=private_redis, SLIP_CACHE=str(tmp_path_factory.mktemp("requery-cache")))

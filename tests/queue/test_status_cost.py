@@ -7,7 +7,8 @@ botocore sends is counted (``count_s3_requests``); Redis is a private ``redis-se
 
 The jobs are written with the ledger's own functions, as a finished run leaves them: the manifest and its
 item pages, one completion record per chunk (``jobs/<id>/done/c<chunk>-<letters>.json``), and the job
-registered in Redis with chunks sent and running. No worker is needed to count what a reader pays.
+registered in Redis with chunks sent and running (``jobs.board``). No worker is needed to count what a reader
+pays.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def private_redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(s3, private_redis):
+    from jobs.settings import Settings
+    from jobs.store import Store
     from producer.client import QueueClient
-    from worker.settings import Settings
-    from worker.store import Store
 
     settings = Settings(broker_url=private_redis.url(), store=s3.store_url("status-cost"))
     return QueueClient(settings, store=Store(settings.store))
@@ -68,8 +69,11 @@ def finished_job(client, images: int, *, running: int = 2, sent: int = 3, filter
     """A job of ``images`` images as a run leaves it in the store (manifest, pages, one completion record
     per chunk, the last ``running + sent`` chunks without one), registered in Redis with ``running``
     chunks held by a worker and ``sent`` more queued. Its id."""
-    from worker.jobs import ChunkRecord, Item, ItemOutcome, JobManifest, SegmentParams, SegmentSpec
-    from worker.ledger import record_chunk, write_job
+    from jobs.ledger import record_chunk, write_job
+    from jobs.model import ChunkRecord, Item, ItemOutcome, JobManifest
+    from jobs.reaper import mark_json
+    from jobs.segment import SegmentSpec
+    from slip.options import SegmentOptions
 
     job = f"cost-{images}" + ("" if filters is None else "-filters")
     items = []
@@ -78,7 +82,7 @@ def finished_job(client, images: int, *, running: int = 2, sent: int = 3, filter
         items.append(Item(index=i, image_key=f"inputs/{sha}.png", image_sha=sha, name=f"img_{i:05d}.png"))
     manifest = JobManifest(job_id=job, created="2026-01-01T00:00:00+00:00", batch_size=BATCH, total=images,
                            spec=SegmentSpec(prompts=("a red box",), sam="tiny-random", clip="tiny-random",
-                                            params=SegmentParams(filters=filters)),
+                                            options=SegmentOptions(filters=filters)),
                            page_size=JobManifest.page_size_for(BATCH))
     write_job(client.store, manifest, items)
     open_chunks = running + sent
@@ -94,14 +98,14 @@ def finished_job(client, images: int, *, running: int = 2, sent: int = 3, filter
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(record, finished))
     board = client.board
-    board.register(job, chunks=manifest.chunks, window=32)
-    board.advance(job, manifest.chunks)
-    for chunk in range(manifest.chunks - open_chunks, manifest.chunks):
-        board.mark_sent(job, chunk, f"task-{chunk}", attempt=0)
-    for chunk in range(manifest.chunks - running, manifest.chunks):
-        board.mark_running(job, chunk, task_id=f"task-{chunk}", worker="instance", node="w@h")
+    board.register(job, kind="segment", chunks=manifest.chunks, total=images, window=manifest.chunks, created=1.0)
+    assert board.claim(job) == list(range(manifest.chunks))
+    marks = {c: mark_json({"attempt": 0, "worker": "instance", "pid": 1, "node": "w@h", "at": 1.0})
+             for c in range(manifest.chunks)}
+    for chunk in [*finished, *range(manifest.chunks - running, manifest.chunks)]:
+        assert board.begin(job, chunk, 0, marks[chunk])
     for chunk in finished:
-        board.mark_finished(job, chunk)
+        board.finish(job, chunk, 0, marks[chunk], again=False, done=BATCH, failed=0)
     return job
 
 
@@ -138,6 +142,7 @@ def command_stats(server) -> dict[str, int]:
 
 
 def test_status_counts_are_right(client, jobs):
+    client.board.beat("instance", {"node": "w@h", "at": __import__("time").time()})  # the holder is alive
     for images, job in jobs.items():
         chunks = images // BATCH
         counts = client.status(job).counts

@@ -14,8 +14,8 @@ import botocore.exceptions
 import pytest
 
 from s3_server import S3Server, count_s3_requests
-from slip.errors import InvalidKeyError, ObjectNotFoundError, StoreError
-from worker.store import Store
+from jobs.errors import InvalidKeyError, ObjectNotFoundError, StoreError
+from jobs.store import Store
 
 FAST = {"retries": 3, "backoff_s": 0.05, "max_backoff_s": 0.2}  # 4 attempts, 0.35 s of pauses at most
 
@@ -141,7 +141,7 @@ def test_put_many_never_writes_the_last_key_when_another_fails(s3):
 def test_no_request_to_sweep_temporaries(s3):
     store = new_store(s3)
     with count_s3_requests(store) as counts:
-        assert store.remove_stale_temporaries(0) == 0
+        assert store.sweep_temporaries(0) == 0
     assert counts == {}, "object PUTs leave no temporaries: nothing to list at worker start"
 
 

@@ -2,25 +2,23 @@
 worker, a killed pool process, a Redis restart and an S3 outage, and nobody ever retries by hand.
 (About 5 minutes on a loaded 2-core machine: worker start-ups, and the fault timings the defaults imply.)
 
-Everything runs with the queue's default timing (``SLIP_DEAD_AFTER`` 15 s, ``SLIP_TICK`` 3 s,
-``SLIP_HEARTBEAT`` 2 s, visibility timeout 3600 s) against a private ``redis-server`` with an AOF fsynced on
+Everything runs with the queue's default timing (``SLIP_DEAD_AFTER`` 10 s, a reaper beat every 1.7 s,
+visibility timeout 3600 s) against a private ``redis-server`` with an AOF fsynced on
 every write (it can be SIGKILLed and restarted on the same port), real ``celery -A worker worker``
 processes with the ``tiny-random`` models, the ``slip`` CLI (a subprocess where the process matters), a
 directory store, and moto's S3 server (``tests/s3_server.py``) for the S3 outage. Images take ~0.2-0.5 s
 each (a 12 x 12 SAM grid, every proposal kept: ``SEGMENT_ARGS`` of bench/chaos.py), slow enough to catch
 a chunk mid-flight; no sleeps in production code. The process helpers are bench/chaos.py's.
 
-A few control-plane properties are checked in-process, where a real run would make them a matter of luck:
-the feeder's pass after a worker's death (the next tick, not 15 s of waiting), a chunk finishing between
-a status poll's two reads, a chunk whose images keep failing for now. Those tests call the real feeder,
-ledger and board against the private Redis and a real store; only the message publisher is a recorder
-(nothing reaches Celery), and "time passes" is a retry made due now.
+The control plane's properties that a real run would make a matter of luck are checked in-process in
+``test_reaper.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -124,40 +122,45 @@ def slip(args: list[str], env: dict[str, str]):
 def new_jobs(cluster: Cluster, known: set[str]) -> set[str]:
     """Ids of the jobs the cluster feeds now, but for ``known``."""
     with cluster.server.client() as r:
-        return {m.decode() for m in r.smembers("slip:jobs")} - known
+        return {m.decode() for m in r.smembers("slip:active")} - known
 
 
 # ---------------------------------------------------------------------------------------------- heartbeats
 
 
-def test_heartbeats_stay_on_time_while_the_ticker_feeds_a_job(cluster, tmp_path):
-    """A job handed to the cluster and fed by nobody else: the workers' tickers send its chunks (the first
-    feeder pass of a main process reads the manifest). Meanwhile every heartbeat must come on time (every
-    SLIP_HEARTBEAT, 2 s): a beat late by SLIP_DEAD_AFTER (15 s) makes a live worker dead to the others, which
-    then send its running chunk again. (First in this file: the workers' main processes are fresh.)"""
-    from worker.jobs import JobManifest, SegmentParams, SegmentSpec
-    from worker.ledger import write_job
-    from worker.settings import Settings
+def test_heartbeats_stay_on_time_while_the_reapers_feed_a_job(cluster, tmp_path):
+    """A job handed to the cluster and fed by nobody else: the workers' reapers send its chunks (the first
+    pass of a main process reads Redis only). Meanwhile every heartbeat must come on time (every
+    SLIP_DEAD_AFTER / 6): a beat late by SLIP_DEAD_AFTER (10 s) makes a live worker dead to the others, which
+    then send its running chunk again."""
+    from datetime import datetime
+
+    from jobs.ledger import write_job
+    from jobs.model import JobManifest
+    from jobs.segment import SegmentSpec
+    from jobs.settings import Settings
 
     defaults, client = Settings(), cluster.client
     items = client.upload(chaos.make_images(tmp_path / "images", 8, seed=10))
-    manifest = JobManifest(job_id="ticker-fed", created="2026-01-01T00:00:00+00:00", batch_size=2, total=8,
+    manifest = JobManifest(job_id="reaper-fed", created="2026-01-01T00:00:00+00:00", batch_size=2, total=8,
                            page_size=JobManifest.page_size_for(2),
                            spec=SegmentSpec(prompts=(PROMPT,), sam="tiny-random", clip="tiny-random",
-                                            params=SegmentParams(**FAST_PARAMS)))
+                                            options=FAST_PARAMS))
     write_job(client.store, manifest, items)
+    created = datetime.fromisoformat(manifest.created).timestamp()
     with cluster.server.client() as r:
-        beats = [k.decode() for k in r.keys("slip:hb:*")]
-        assert len(beats) == 2, beats
-        client.board.register("ticker-fed", chunks=manifest.chunks, window=4)  # no feed: the tickers do it
-        lowest, deadline = defaults.dead_after_s, time.monotonic() + SLOW
-        while time.monotonic() < deadline and not client.status("ticker-fed").finished:
-            lowest = min([lowest] + [r.pttl(k) / 1000 for k in beats])
+        assert len(r.hkeys("slip:workers")) == 2, r.hkeys("slip:workers")
+        client.board.register("reaper-fed", kind="segment", chunks=manifest.chunks, total=8, window=4,
+                              created=created)  # nothing sent: the reapers do it
+        oldest, deadline = 0.0, time.monotonic() + SLOW
+        while time.monotonic() < deadline and not client.status("reaper-fed").finished:
+            beats = [json.loads(v)["at"] for v in r.hvals("slip:workers")]
+            oldest = max([oldest] + [time.time() - at for at in beats])
             time.sleep(0.05)
-    assert client.status("ticker-fed").counts["done"] == 8, client.status("ticker-fed").summary()
-    assert lowest >= defaults.dead_after_s - 2 * defaults.heartbeat_s, (
-        f"a heartbeat came {defaults.dead_after_s - lowest:.1f} s after the previous one (beats every "
-        f"{defaults.heartbeat_s} s; dead after {defaults.dead_after_s} s)")
+    assert client.status("reaper-fed").counts["done"] == 8, client.status("reaper-fed").summary()
+    assert oldest <= defaults.dead_after_s - 2 * defaults.heartbeat_s, (
+        f"a heartbeat was {oldest:.1f} s old (beats every {defaults.heartbeat_s:.1f} s; dead after "
+        f"{defaults.dead_after_s} s)")
 
 
 # ---------------------------------------------------------------------------------------------- submit and leave
@@ -204,7 +207,7 @@ def test_a_job_left_alone_finishes_with_exactly_one_result_per_image(cluster, le
 
 
 def test_status_of_a_backpressured_job_is_waiting_never_lost(left_alone):
-    from worker.ledger import STATES
+    from jobs.status import STATES
 
     outputs = []
     for code, stdout in left_alone["cli"]:
@@ -257,7 +260,7 @@ def test_a_printed_job_id_means_the_cluster_has_the_job(cluster, tmp_path):
 
 def test_a_job_with_default_options_finishes(cluster, tmp_path):
     """SAM's default filter chain (containment) and thresholds: what most users submit."""
-    from worker.ledger import chunk_letters, chunk_records
+    from jobs.status import chunk_letters, chunk_records
 
     paths = chaos.make_images(tmp_path / "images", 2, seed=4)
     client = cluster.client
@@ -268,7 +271,7 @@ def test_a_job_with_default_options_finishes(cluster, tmp_path):
 
 
 def test_retry_is_for_permanent_failures_and_reruns_only_them(cluster, tmp_path):
-    from worker.ledger import chunk_records
+    from jobs.status import chunk_records
 
     folder = tmp_path / "images"
     chaos.make_images(folder, 3, seed=5)
@@ -278,183 +281,23 @@ def test_retry_is_for_permanent_failures_and_reruns_only_them(cluster, tmp_path)
     first = finish(cluster, job)
     assert first.counts["done"] == 3 and first.counts["failed"] == 1, first.summary()
     assert first.retryable == 0  # failed for good: the cluster does not re-send it by itself
-    ((index, name, reason),) = client.failures(first)
+    ((index, name, reason),) = client.failed_units(first)
     assert name == "img_00003.png" and reason and "\n" not in reason
+    shown = json.loads(slip(["status", job, "--json"], cluster.env).stdout)
+    assert shown["failures"] == [{"reason": reason, "error": "ImageError", "permanent": True, "count": 1,
+                                  "examples": [{"index": index, "name": name}]}], shown
     before = {r.chunk: r for r in chunk_records(client.store, job)}
 
     done = slip(["retry", job], cluster.env)
-    assert done.exit_code == 0 and "sent 1 failed image(s) again" in done.stdout, done.stdout
+    assert done.exit_code == 0 and "sent 1 failed unit(s) again" in done.stdout, done.stdout
     again = finish(cluster, job)
     after = {r.chunk: r for r in chunk_records(client.store, job)}
     assert again.counts["done"] == 3 and again.counts["failed"] == 1, again.summary()
-    assert client.failures(again) == [(index, name, reason)]  # the same one-line reason
+    assert client.failed_units(again) == [(index, name, reason)]  # the same one-line reason
     assert after[0] == before[0], "a chunk without failures ran again"
-    assert after[1].task_id != before[1].task_id, "the failed image's chunk did not run again"
+    assert after[1].finished != before[1].finished, "the failed image's chunk did not run again"
     outcomes = {o.index: o for o in after[1].items}
     assert outcomes[2].state == "done" and outcomes[2].how == "existing", outcomes[2]  # not recomputed
-
-
-# ---------------------------------------------------------------------------------------------- in-process control plane
-
-
-class Recorder:
-    """A publisher that keeps the messages instead of handing them to Celery."""
-
-    def __init__(self) -> None:
-        self.sent = []
-
-    def __call__(self, request, task_id: str, again: bool) -> None:
-        self.sent.append((request, task_id))
-
-
-@pytest.fixture
-def plane(cluster, tmp_path):
-    """The real feeder, board and ledger on a fresh db of the private Redis (no worker listens there) and
-    a directory store; messages are recorded, not sent."""
-    from worker.board import JobBoard, connect
-    from worker.broker import MODEL_QUEUE, holdings
-    from worker.feeder import Feeder
-    from worker.settings import Settings
-    from worker.store import Store
-
-    settings = Settings(broker_url=cluster.server.url(3), store=str(tmp_path / "store"))
-    board = JobBoard(connect(settings.broker_url))
-    board.r.flushdb()
-    store = Store(settings.store)
-    recorder = Recorder()
-    feeder = Feeder(board=board, store=store, publish=recorder, settings=settings,
-                    broker=lambda: holdings(board.r, (MODEL_QUEUE,)))
-    yield {"settings": settings, "board": board, "store": store, "feeder": feeder, "sent": recorder.sent}
-    board.r.flushdb()
-    board.r.close()
-
-
-def write_job(store, job: str, *, images: int, batch: int, sam: str = "tiny-random"):
-    import hashlib
-
-    from worker.jobs import Item, JobManifest, SegmentSpec
-    from worker.ledger import write_job as write
-
-    items = []
-    for i in range(images):
-        sha = hashlib.sha256(f"{job}-{i}".encode()).hexdigest()
-        items.append(Item(index=i, image_key=f"inputs/{sha}.png", image_sha=sha, name=f"{i}.png"))
-    manifest = JobManifest(job_id=job, created="2026-01-01T00:00:00+00:00", batch_size=batch, total=images,
-                           spec=SegmentSpec(prompts=(PROMPT,), sam=sam, clip="tiny-random"),
-                           page_size=JobManifest.page_size_for(batch))
-    write(store, manifest, items)
-    return manifest
-
-
-def test_one_dead_worker_means_one_resend_of_its_chunk(plane):
-    """A dead worker's chunk is sent again once; while that message waits in the queue behind others, the
-    next ticks must not send it again (each re-send counts against SLIP_MAX_RESENDS: three ticks of
-    waiting and the chunk is given up, failed for now, while its messages still sit in the queue)."""
-    board, feeder = plane["board"], plane["feeder"]
-    write_job(plane["store"], "dead", images=4, batch=2)
-    board.register("dead", chunks=2, window=2)
-    first = feeder.feed("dead")
-    assert first.sent == [0, 1]
-    board.mark_running("dead", 0, task_id=plane["sent"][0][1], worker="gone-instance", node="gone@host")
-    resent = feeder.feed("dead")  # no heartbeat for gone-instance: dead
-    assert list(resent.resent) == [0] and "gone@host stopped beating" in resent.resent[0]
-    later = [feeder.feed("dead") for _ in range(3)]  # the next ticks; the re-sent message is still queued
-    assert [r.resent for r in later] == [{}, {}, {}], (
-        f"chunk 0 sent again on every tick while its re-sent message waited: {[r.resent for r in later]}, "
-        f"gave up: {[r.gave_up for r in later]}")
-
-
-def test_a_chunk_finishing_during_a_status_poll_is_never_called_lost(plane):
-    """The last chunk finishes (record, Redis, the job closed) between the poll's listing of done/ and its
-    Redis read: the poll must say done (or running), never lost."""
-    from producer.client import QueueClient
-    from worker.jobs import ChunkRecord, ItemOutcome
-    from worker.ledger import record_chunk
-    from worker.store import Store
-
-    board, feeder = plane["board"], plane["feeder"]
-    manifest = write_job(plane["store"], "race", images=4, batch=2)
-    board.register("race", chunks=2, window=2)
-    feeder.feed("race")
-
-    def finish_chunk(chunk: int) -> None:
-        outcomes = [ItemOutcome(index=i, state="done", result_key="results/x/y") for i in manifest.chunk_range(chunk)]
-        record_chunk(plane["store"], ChunkRecord(job_id="race", chunk=chunk, task_id="t", worker="w", finished="now",
-                                                 items=outcomes), replace_earlier=False)
-        board.mark_finished("race", chunk)
-        feeder.feed("race")  # what the worker does next: the job is complete, it is closed
-
-    finish_chunk(0)
-    board.mark_running("race", 1, task_id="t1", worker="alive", node="alive@host")
-
-    class ListingThenTheWorkerFinishes(Store):
-        def list(self, prefix: str = "") -> list[str]:
-            keys = super().list(prefix)
-            if prefix.endswith("/done") and not hooks_ran:
-                hooks_ran.append(True)
-                finish_chunk(1)
-            return keys
-
-    hooks_ran: list[bool] = []
-    client = QueueClient(plane["settings"], store=ListingThenTheWorkerFinishes(plane["settings"].store))
-    status = client.status("race")
-    assert hooks_ran and not board.view("race").active  # the job did close between the two reads
-    assert status.counts["lost"] == 0, (
-        f"a chunk that finished during the poll was called lost: {status.summary()} (a `slip wait` ending on this "
-        f"poll exits non-zero and tells the user to `slip retry`)")
-
-
-def test_a_chunk_that_keeps_failing_for_now_ends_failed_for_now_not_poison(plane):
-    """Every run of the chunk finishes (its images fail for now: no worker serves the job's models); the
-    feeder sends it again SLIP_MAX_RESENDS times; the last outcome must be 'failed for now' with the real
-    reason, not a poison verdict (which is for chunks that kill their worker)."""
-    from worker.ledger import chunk_letters, job_status
-    from worker.resources import WorkerResources
-    from worker.tasks import run_chunk
-
-    board, feeder, settings = plane["board"], plane["feeder"], plane["settings"]
-    write_job(plane["store"], "flaky", images=2, batch=2, sam="some-other-sam")
-    board.register("flaky", chunks=1, window=1)
-    feeder.feed("flaky")
-    res = WorkerResources(settings=settings, store=plane["store"], board=board, feeder=feeder, sam=None, ranker=None,
-                          load_seconds=0.0, instance="in-process")
-    records = []
-    while plane["sent"] and len(records) < 10:
-        request, task_id = plane["sent"].pop(0)
-        records.append(run_chunk(res, request, task_id=task_id, node="in-process@host"))  # one delivery, as a worker runs it
-        if board.view("flaky").retry:
-            board.r.hset(board.key("flaky", "retry"), 0, 0)  # time passes: the back-off is over
-            feeder.feed("flaky")
-    assert len(records) == settings.max_resends + 1, [r.letters for r in records]
-    status = job_status(load_manifest_of(plane["store"], "flaky"), chunk_letters(plane["store"], "flaky"),
-                        active=False, running=set(), sent=set())
-    assert status.retryable == 2 and not board.view("flaky").retry  # finished: failed for now, `slip retry` can
-    runs = [(r.letters, r.items[0].reason) for r in records]
-    assert all(letters == "tt" and "serves sam=" in reason for letters, reason in runs), (
-        f"each delivery of the chunk finished, yet the last one was refused as poison without running: {runs}")
-
-
-def test_a_chunks_new_record_replaces_its_earlier_ones(plane):
-    """A chunk that ran twice (a re-send, `slip retry`) keeps one completion record: the newer one."""
-    from worker.jobs import ChunkRecord, ItemOutcome
-    from worker.ledger import done_prefix, record_chunk
-
-    store = plane["store"]
-
-    def record(state: str) -> ChunkRecord:
-        return ChunkRecord(job_id="twice", chunk=0, task_id=state, worker="w", finished="now",
-                           items=[ItemOutcome(index=0, state=state, permanent=False, reason=None if state == "done" else "x")])
-
-    record_chunk(store, record("failed"), replace_earlier=False)
-    record_chunk(store, record("done"), replace_earlier=True)
-    assert store.list(done_prefix("twice")) == ["jobs/twice/done/c0000000-d.json"], (
-        "the earlier record of the chunk is still there after a record with replace_earlier=True")
-
-
-def load_manifest_of(store, job: str):
-    from worker.ledger import load_manifest
-
-    return load_manifest(store, job)
 
 
 # ---------------------------------------------------------------------------------------------- dead worker
@@ -464,7 +307,7 @@ def load_manifest_of(store, job: str):
 def dead_worker(cluster, tmp_path_factory) -> dict:
     """48 images, 4 per chunk, 8 chunks in flight; once a chunk runs, its worker (main process and pool) is
     SIGKILLed; how long until that chunk's complete record is in the store."""
-    from worker.ledger import chunk_letters
+    from jobs.status import chunk_letters, chunk_records
 
     folder = tmp_path_factory.mktemp("dead-worker")
     paths = chaos.make_images(folder / "images", 48, seed=6)
@@ -479,9 +322,11 @@ def dead_worker(cluster, tmp_path_factory) -> dict:
                f"chunk {chunk} of the killed worker {victim.name} to complete", cluster.logs, interval_s=0.2)
     seconds = time.monotonic() - killed
     status = finish(cluster, job, timeout_s=120)
+    (record,) = chunk_records(client.store, job, [chunk])
     result = {"job": job, "chunk": chunk, "victim": victim.name, "seconds": seconds, "status": status,
-              "checks": chaos.verify(client, job), "resends": int(r.hget(f"slip:job:{job}:resends", chunk) or 0),
-              "feeder": chaos.log_counts(cluster.workers)}
+              "checks": chaos.verify(client, job), "attempt": record.attempt,
+              "sent_again": len(re.findall(rf"job {job} chunk {chunk}: sending again", _logs(cluster.workers))),
+              "reapers": chaos.log_counts(cluster.workers)}
     victim.start()  # as a process manager would
     chaos.wait_ready(client, [victim])  # (a worker loading its models holds the messages it reserved)
     r.close()
@@ -498,9 +343,43 @@ def test_a_dead_workers_chunk_finishes_elsewhere_within_60_s(dead_worker):
 
 
 def test_a_dead_workers_chunk_is_sent_again_once(dead_worker):
-    assert dead_worker["resends"] == 1, (
-        f"chunk {dead_worker['chunk']} of the one dead worker was sent again {dead_worker['resends']} times "
-        f"(feeder: {dead_worker['feeder']})")
+    assert dead_worker["sent_again"] == 1 and dead_worker["attempt"] == 1, (
+        f"chunk {dead_worker['chunk']} of the one dead worker was sent again {dead_worker['sent_again']} times "
+        f"(reapers: {dead_worker['reapers']})")
+
+
+def _logs(workers) -> str:
+    return "".join(w.log_path.read_text(errors="replace") for w in workers if w.log_path.exists())
+
+
+# ---------------------------------------------------------------------------------------------- pool process killed mid-chunk
+
+
+def test_a_killed_pool_processs_chunk_is_sent_again_by_its_worker_and_running_stays_true(cluster, tmp_path):
+    """The OOM killer takes the pool process running a chunk while many chunks wait: its worker's reaper sends
+    the chunk again (attempt 1, ahead of the waiting chunks: test_broker_priority.py) on its next beat, the
+    message Celery put back is stale when it comes up, and `running` never counts more chunks than there are
+    pool processes (2 workers x 1)."""
+    from jobs.status import chunk_records
+
+    paths = chaos.make_images(tmp_path / "images", 30, seed=12)
+    client, r = cluster.client, cluster.server.client()
+    job = client.submit_segment([str(p) for p in paths], [PROMPT], SEGMENT_PARAMS, batch_size=1, max_in_flight=16)
+    victim, chunk = first(lambda: chaos.holder_of(r, job, cluster.workers, pool=True), SLOW,
+                          "a chunk running on a worker", cluster.logs)
+    assert victim.kill_pool()
+    running = []
+    while not (status := client.status(job)).finished:
+        running.append(status.counts["running"])
+        time.sleep(0.1)
+    r.close()
+    (record,) = chunk_records(client.store, job, [chunk])
+    checks = chaos.verify(client, job)
+    assert status.counts["done"] == 30 and checks["exactly_once"] == 30 and checks["torn"] == 0, checks
+    assert record.attempt == 1, f"chunk {chunk} was finished by attempt {record.attempt}\n{cluster.logs()}"
+    assert re.search(rf"job {job} chunk {chunk}: sending again \(attempt 1\): its pool process \d+ died",
+                     _logs(cluster.workers)), cluster.logs()
+    assert max(running) <= 2, f"`running` counted {max(running)} images with 2 pool processes"
 
 
 # ---------------------------------------------------------------------------------------------- Redis restart
@@ -579,10 +458,10 @@ def test_a_pool_process_has_time_to_load_the_models():
     """A new pool process loads the models (worker_process_init) before it reports up to Celery, which kills
     it when that takes longer than worker_proc_alive_timeout (Celery's default: 4 s; a model load takes
     seconds to minutes)."""
+    from jobs.settings import Settings
     from worker.app import create_app
-    from worker.settings import Settings
 
-    assert create_app(Settings()).conf.worker_proc_alive_timeout >= 60
+    assert create_app(Settings(), worker=True).conf.worker_proc_alive_timeout >= 60
 
 
 def test_a_worker_whose_pool_process_was_killed_serves_again(cluster, tmp_path):

@@ -202,5 +202,5 @@ def test_slip_log_level_applies(images, tmp_path, level, shown):
          *TINY], capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "SLIP_LOG_LEVEL": level})
     assert proc.returncode == 0, proc.stderr
-    startup = [line for line in proc.stderr.splitlines() if line.startswith("INFO slip.segment: sam tiny-random")]
+    startup = [line for line in proc.stderr.splitlines() if line.startswith("INFO slip.segment: engine slip: sam tiny-random")]
     assert bool(startup) is shown, proc.stderr

@@ -140,7 +140,7 @@ def test_install_bundle_writes_the_recommendation(tmp_path):
 
 def test_build_slip_uses_the_recommendation_unless_a_chain_is_given():
     def chain(**options) -> tuple:
-        return build_slip(SlipConfig(clip="tiny-random", device="cpu", **options)).filters
+        return build_slip(SlipConfig.of(clip="tiny-random", device="cpu", **options)).filters
 
     assert drop_largest(chain(sam="synth")) == [False]  # synth-sam's filters.json
     assert chain(sam="synth", filters="none") == ()  # explicit wins

@@ -129,7 +129,7 @@ def test_the_sam_bundle_carries_the_checked_options(checkpoint, tmp_path):
 
 
 def test_build_slip_merges_recommended_under_explicit_options():
-    config = SlipConfig(sam="synth", clip="tiny-random", device="cpu", generator={"points_per_side": 8})
+    config = SlipConfig.of(sam="synth", clip="tiny-random", device="cpu", points_per_side=8)
     params = build_slip(config).generator.params()
     assert params["points_per_side"] == 8  # explicit wins
     assert params["pred_iou_thresh"] == 0.3 and params["stability_score_offset"] == 0.25  # generator.json
@@ -137,7 +137,7 @@ def test_build_slip_merges_recommended_under_explicit_options():
 
 
 def test_build_slip_without_a_recommendation_keeps_sam_defaults():
-    params = build_slip(SlipConfig(sam="tiny-random", clip="tiny-random", device="cpu")).generator.params()
+    params = build_slip(SlipConfig.of(sam="tiny-random", clip="tiny-random", device="cpu")).generator.params()
     defaults = GeneratorOptions().to_json()
     assert {k: params[k] for k in defaults} == defaults
 

@@ -28,7 +28,7 @@ def scene():
         pixels, mask = render_object(name, np.random.default_rng(seed), TILE)
         y, x = (k // 2) * TILE, (k % 2) * TILE
         image[y : y + TILE, x : x + TILE], truth[k, y : y + TILE, x : x + TILE] = pixels, mask
-    slip = build_slip(SlipConfig(sam="synth", clip="synth", device="cpu"))
+    slip = build_slip(SlipConfig.of(sam="synth", clip="synth", device="cpu"))
     proposals = slip.propose(image)
     embeddings = slip.embed(image, proposals)
     yield image, truth, proposals, embeddings, slip

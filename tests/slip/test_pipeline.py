@@ -112,12 +112,12 @@ def test_ranking_really_ranks():
 
 @pytest.fixture(scope="module")
 def tiny_pipeline() -> SLIP:
-    config = SlipConfig(
+    config = SlipConfig.of(
         sam="tiny-random",
         clip="tiny-random",
         device="cpu",
         # random weights give near-identical masks: keep them (NMS off) so every stage has work
-        generator={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
+        points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
         filters="dedup:0.97,min_area:4",
     )
     return build_slip(config)

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from worker.broker import queue_lists
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
 from queue_helpers import (  # noqa: E402
-    REDIS_HOST,
-    REDIS_PORT,
     invoke_cli,
     job_id_from,
     module_worker,
@@ -35,7 +30,7 @@ from slip.data.synth import generate_dataset, render_object  # noqa: E402
 from slip.sam import SAM_ARCHS, load_sam  # noqa: E402
 from slip.train.sam import arch_of  # noqa: E402
 
-DB = 9  # this module's own Redis db (queue tests use 10-15, test_queue_training 12)
+DB = 9  # this module's own Redis db (queue tests use 10, 11, 13-15, test_queue_training 12)
 FAST = ["--epochs", "2", "--scenes-per-epoch", "8", "--batch-images", "4", "--prompts-per-image", "4",
         "--val-scenes", "4", "--val-fraction", "0.25"]
 pytestmark = pytest.mark.integration
@@ -142,44 +137,42 @@ def test_bad_options_fail_before_anything_is_uploaded(sam_worker, dataset):
 
 
 def test_bad_requests_fail_once_on_the_worker_with_the_reason(sam_worker):
-    from producer.client import QueueClient
-    from worker.settings import Settings
+    """Requests no CLI would send (a job written by another client) fail on the worker with the reason, for
+    good: not queued again, not held, not run twice."""
+    from jobs.status import chunk_records
+    from queue_helpers import client_for
 
-    client = QueueClient(Settings.from_env(sam_worker["env"]))
-    base = {"job_id": "badsam", "dataset": "0" * 64, "epochs": 1}
-    sent = {
-        "both": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "sam": "tiny-random",
-                                                                            "arch": "tiny-random"}}),
-        "missing dataset": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "arch": "tiny-random"}}),
-        "unknown field": client.app.send_task("slip.train_sam", kwargs={"request": {**base, "arch": "tiny-random",
-                                                                                     "lr_schedule": "x"}}),
-    }
-    expected = {"both": ("ConfigError", "exactly one"), "missing dataset": ("DatasetError", "is not in store"),
-                "unknown field": ("ConfigError", "lr_schedule")}
-    for name, result in sent.items():
-        result.get(timeout=60, propagate=False)
-        assert result.state == "FAILURE", name
-        kind, text = expected[name]
-        assert type(result.result).__name__ == kind and text in str(result.result), (name, result.result)
-    time.sleep(1.0)  # nothing comes back: not queued again, not held unacknowledged, not retried
-    broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
-    try:
-        assert sum(broker.llen(name) for name in queue_lists("gpu")) == 0 and broker.hlen("unacked") == 0
-    finally:
-        broker.close()
+    client = client_for(sam_worker["env"])
+    job = "20240101-000000-badsam"
+    base = {"job_id": job, "dataset": "0" * 64, "epochs": 1}
+    requests = [{**base, "sam": "tiny-random", "arch": "tiny-random"}, {**base, "arch": "tiny-random"},
+                {**base, "arch": "tiny-random", "lr_schedule": "x"}]
+    client.submit("train-sam", {}, requests, job_id=job, names=["both", "missing dataset", "unknown field"])
+    status = client.wait(job, timeout_s=60, poll_s=0.5)
+    assert status.counts["failed"] == 3 and status.retryable == 0, status.summary()
+    expected = {0: ("ConfigError", "exactly one"), 1: ("DatasetError", "is not in store"),
+                2: ("ConfigError", "lr_schedule")}
+    records = list(chunk_records(client.store, job))
+    for record in records:
+        (outcome,) = record.items
+        kind, text = expected[outcome.index]
+        assert record.attempt == 0 and outcome.permanent, record
+        assert outcome.error == kind and text in outcome.reason, outcome
+    time.sleep(1.0)  # nothing comes back: not queued again, not held, not retried
+    assert client.queue_depths()["gpu"] == 0 and not client.board.view(job).running
     log = sam_worker["log"].read_text(errors="replace")
-    for result in sent.values():
-        assert log.count(f"slip.train_sam[{result.id}] received") == 1 and f"[{result.id}] retry" not in log
+    for chunk in range(3):
+        assert log.count(f"slip.train_sam[{job}.{chunk}.0] received") == 1 and f"{job}.{chunk}.1" not in log
 
 
 def test_progress_is_reported_per_epoch(sam_worker, dataset):
-    from producer.client import QueueClient
-    from worker.settings import Settings
+    from jobs.broker import task_id
+    from queue_helpers import client_for
 
     env, store = sam_worker["env"], sam_worker["store"]
     job = job_id_from(_run(["submit", "train-sam", str(dataset), "--arch", "tiny-random", *FAST, "--epochs", "5"], env))
-    task_id = json.loads((store / "jobs" / job / "training.json").read_text())["task_ids"][0]
-    result = QueueClient(Settings.from_env(env)).app.AsyncResult(task_id)
+    client = client_for(env)
+    result = client.app.AsyncResult(task_id(job, 0, 0))  # the job's one unit, first attempt
     seen, deadline = [], time.monotonic() + 60
     while result.state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
         if result.state == "PROGRESS" and isinstance(result.info, dict):
@@ -189,3 +182,4 @@ def test_progress_is_reported_per_epoch(sam_worker, dataset):
     assert seen and all(i["job_id"] == job and i["epochs"] == 5 and 1 <= i["epoch"] <= 5 for i in seen)
     history = _summary(store, job)["history"]
     assert all(i["val_miou"] == history[i["epoch"]]["val_miou"] for i in seen)
+    assert client.status(job).counts["done"] == 1  # followed like any job

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from slip.errors import DatasetError
-from worker.store import Store
-from worker.train_tasks import materialize, ranker_directory, upload_directory
+from jobs.store import Store
+from jobs.training import materialize, ranker_directory, upload_directory
 
 
 def _files(root):

@@ -5,19 +5,21 @@
 ``s3`` extra (``pip install 'slip-queue[s3]'``); credentials, region and ``AWS_ENDPOINT_URL`` (MinIO, R2,
 Ceph, ...) come from the usual AWS variables, which botocore reads itself.
 
-The key layout is in :mod:`worker.keys` (its helpers are importable from here too).
+The key layout is in :mod:`jobs.keys` (its helpers are importable from here too).
 
-Writes are atomic: a local file is written under ``.tmp/`` and renamed into place with ``os.replace``
-(one filesystem); other non-object filesystems write a temporary key there and ``mv`` it; object stores
+Writes are atomic: a local file is written under ``.tmp/`` (named after its writer's host and pid) and
+renamed into place with ``os.replace`` (one filesystem); a writer killed in between leaves its temporary,
+which :meth:`Store.sweep_temporaries` removes once that process is gone (the workers' reaper calls it on
+every beat); other non-object filesystems write a temporary key there and ``mv`` it; object stores
 (S3, GCS, Azure, memory) publish a whole object in one PUT, with a ``Content-Type`` from the key's
 extension. Keys are validated: no ``..``, no absolute paths, no backslashes, no empty segments, only
 ``[A-Za-z0-9._-]`` and never a leading dot.
 
 Failures: every backend error (OSError, botocore, aiohttp, timeouts) is retried inside the store with
 exponential back-off (by default about 40 s in all, enough to ride out a short outage) and then raised as
-one-line :class:`slip.errors.StoreError` naming the store, the key, the action and the attempts. Errors
+one-line :class:`jobs.errors.StoreError` naming the store, the key, the action and the attempts. Errors
 that waiting cannot fix (access denied, missing bucket, bad request) are raised at once; a missing key
-on read is :class:`slip.errors.ObjectNotFoundError` at once.
+on read is :class:`jobs.errors.ObjectNotFoundError` at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import mimetypes
 import os
 import random
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +40,9 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 
-from slip.errors import ConfigError, ObjectNotFoundError, StoreError
-from slip.request import canonical_json, digest  # noqa: F401  (re-exported: the one definition of a digest)
-from worker.backend_errors import backend_errors, is_permanent, one_line
-from worker.keys import (  # noqa: F401  (re-exported: callers import key helpers with the store)
+from jobs.backend_errors import backend_errors, is_permanent, one_line
+from jobs.errors import ObjectNotFoundError, StoreError
+from jobs.keys import (  # noqa: F401  (re-exported: callers import key helpers with the store)
     IMAGE_EXTENSIONS,
     RESULT_FILE,
     input_key,
@@ -50,6 +52,8 @@ from worker.keys import (  # noqa: F401  (re-exported: callers import key helper
     sha256_bytes,
     validate_key,
 )
+from jobs.processes import alive
+from slip.errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,6 +157,12 @@ class Store:
                 keys.append(rel)
         return sorted(keys)
 
+    def children(self, prefix: str) -> list[str]:
+        """Sorted names one level under ``prefix`` (folders and objects; one LIST page per 1,000 on S3)."""
+        base = self.path(prefix)
+        found = self._call("list", prefix, lambda: self._ls(base))
+        return sorted(name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in found) if not name.startswith("."))
+
     # --- writes -----------------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes) -> str:
@@ -186,10 +196,11 @@ class Store:
         path = self.path(key)
         self._call("delete", key, lambda: self._remove(path))
 
-    def remove_stale_temporaries(self, older_than_s: float) -> int:
-        """Delete temporary files a killed writer left in ``.tmp/`` (older than ``older_than_s`` seconds,
-        so a live writer's file is never touched); returns how many were removed. Lists ``.tmp/`` only,
-        never the whole store; object stores have no temporaries and are not touched at all."""
+    def sweep_temporaries(self, older_than_s: float) -> int:
+        """Delete the temporary files of writers that are gone: a process of this host that no longer runs,
+        or any file older than ``older_than_s`` seconds (a writer on another host); a live writer's file is
+        never touched. Returns how many were removed. Lists ``.tmp/`` only, never the whole store; object
+        stores have no temporaries and are not touched at all."""
         if self.objects:
             return 0
         return self._call("sweep temporaries in", TEMP_DIR, lambda: self._sweep(older_than_s))
@@ -253,6 +264,12 @@ class Store:
         except _MISSING as e:
             raise ObjectNotFoundError(f"no object {key!r} in store {self.url}") from e
 
+    def _ls(self, base: str) -> list[str]:
+        try:
+            return self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+
     def _find(self, base: str) -> list[str]:
         try:
             return self.fs.find(base)
@@ -299,7 +316,7 @@ class Store:
         for info in entries:
             mtime = info.get("mtime") or info.get("created") or now
             mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
-            if info.get("type") == "file" and now - mtime > older_than_s:
+            if info.get("type") == "file" and (_writer_gone(info["name"]) or now - mtime > older_than_s):
                 self._remove(info["name"])
                 removed += 1
         return removed
@@ -307,7 +324,7 @@ class Store:
     # --- local and move-based writes --------------------------------------------------------------
 
     def _temp_path(self) -> str:
-        return f"{self._temp_root}/.tmp-{uuid.uuid4().hex}"
+        return f"{self._temp_root}/.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
 
     def _write_temp(self, data: bytes, *, sync: bool) -> str:
         """A new local temporary file holding ``data`` (fsync'ed when ``sync``); its path."""
@@ -366,6 +383,15 @@ def _open_filesystem(url: str, options: Mapping[str, Any]) -> tuple[fsspec.Abstr
                          f"pip install 'slip-queue[s3]')") from e
     except (ValueError, TypeError) as e:
         raise StoreError(f"cannot open store {url!r}: {e}") from e
+
+
+_HOST = socket.gethostname().replace("-", "_")  # temporaries are named .tmp-<host>-<pid>-<random>
+
+
+def _writer_gone(path: str) -> bool:
+    """Whether the temporary at ``path`` was written by a process of this host that no longer runs."""
+    parts = path.rsplit("/", 1)[-1].split("-")
+    return len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit() and not alive(int(parts[2]))
 
 
 def _unlink(path: str) -> None:

@@ -1,4 +1,4 @@
-"""Which storage-backend errors may pass by waiting (retried by :class:`worker.store.Store`) and which not.
+"""Which storage-backend errors may pass by waiting (retried by :class:`jobs.store.Store`) and which not.
 
 Transient: ``OSError`` and timeouts, botocore's and aiohttp's errors (an endpoint down, a reset connection,
 a slow answer). Permanent (raised at once): access denied, a missing bucket or folder, a bad request,

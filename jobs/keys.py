@@ -10,10 +10,10 @@ Layout (every key relative to the store's root)::
     proposals/<image sha256>/<proposal digest>/    prompt-independent SAM work ("segment once, query many")
         segments.json                              filtered proposals: COCO RLE, boxes, SAM scores, filter stats
         embeddings/<embedding digest>.safetensors  {"embeddings": (N, D) float32}, one per ranker + crop
-    jobs/<job id>/manifest.json                    the job (worker.ledger): prompts, models, options, counts
-    jobs/<job id>/items/p<page>.json               its images
-    jobs/<job id>/done/c<chunk>-<letters>.json     one completion record per chunk
-    .tmp/                                          local and move-based stores only: temporary files
+    jobs/<job id>/...                              the job (jobs.ledger): manifest, unit pages, completion
+                                                   records, summary; training outputs beside them
+    .tmp/                                          local and move-based stores only: temporary files, named
+                                                   .tmp-<host>-<pid>-<random> after their writer
 
 The digests are :class:`slip.request.ResolvedRequest`'s (SHA-256 of canonical JSON naming the weights by
 their own SHA-256). Keys are validated: no ``..``, no absolute paths, no backslashes, no empty segments,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from slip.errors import InvalidKeyError
+from jobs.errors import InvalidKeyError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 MAX_KEY_CHARS = 1024

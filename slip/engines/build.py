@@ -1,0 +1,141 @@
+"""The one builder of engines: models loaded once by spec, the request resolved, a pipeline per image.
+
+An engine turns ``(image, prompts)`` into a :class:`slip.types.SlipResult`; three exist (``--engine``,
+``SLIP_ENGINE``):
+
+=============  ============================================  ==========================================
+engine         proposals                                     answers
+=============  ============================================  ==========================================
+``slip``       SAM 1 or SAM 2 automatic masks + filters      the ranker (CLIP, SigLIP, open_clip, ours)
+``sam3``       SAM 3's instances of each prompt              SAM 3's own scores (presence included)
+``sam3-rank``  SAM 3's instances of one generic concept      the ranker
+               (``--propose``, default "object") + filters
+=============  ============================================  ==========================================
+
+Every engine has the same two halves, so callers can cache the first (the worker's segment-once,
+query-many store): :meth:`Engine.prepare` (prompt-independent: proposals and their crop embeddings, or SAM 3's
+vision features) and :meth:`Engine.answer` (prompt-dependent). ``engine(image, prompts)`` runs both.
+
+:func:`build_engine` checks everything before loading anything heavy: a bad engine, a request option the
+engine cannot honour, or a SAM 3 checkpoint given to the ``slip`` engine is one :class:`ConfigError` line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from slip.errors import ConfigError
+from slip.request import ResolvedRequest, resolve
+from slip.settings import ENGINES  # declared with the settings (SLIP_ENGINE)
+from slip.timing import StageTimer
+from slip.types import SlipResult
+
+DEFAULT_CONCEPT = "object"  # what sam3-rank asks SAM 3 for unless --propose says otherwise
+SAM3_THRESHOLD = 0.5  # SAM 3's score threshold when none is given or calibrated (its own default)
+PROPOSAL_ONLY = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
+                 "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
+                 "crop_n_points_downscale_factor", "min_mask_region_area")  # SAM's automatic generator only
+
+
+class Engine(Protocol):
+    """What every engine offers (see the module docstring)."""
+
+    request: ResolvedRequest  # every output-changing setting, engine included (digests, segments.json)
+    device: torch.device
+
+    def prepare(self, image: np.ndarray, timer: StageTimer | None = None) -> Any:
+        """The prompt-independent state of an ``(H, W, 3) uint8`` image."""
+
+    def answer(self, image: np.ndarray, state: Any, prompts: Sequence[str],
+               timer: StageTimer | None = None) -> SlipResult:
+        """The result for ``prompts`` from a prepared state."""
+
+    def __call__(self, image: np.ndarray, prompts: Sequence[str]) -> SlipResult:
+        """``answer(image, prepare(image), prompts)``."""
+
+
+def check_engine(engine: str, options: Any) -> None:
+    """ConfigError, before any model loads, for an unknown engine or options the engine cannot honour."""
+    propose = getattr(options, "propose", None)
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)} (--engine / SLIP_ENGINE)")
+    if propose is not None and engine != "sam3-rank":
+        raise ConfigError(f"--propose names the concept SAM 3 proposes for --engine sam3-rank; the {engine} engine "
+                          f"has no use for it")
+    if propose is not None and not propose.strip():
+        raise ConfigError("--propose is empty: name a generic concept such as 'object' or 'animal'")
+    if engine != "slip":
+        given = [name for name in PROPOSAL_ONLY if getattr(options, name, None) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} is an option of SAM's automatic mask generator; the "
+                              f"{engine} engine proposes with SAM 3, which has none")
+    if engine == "sam3" and getattr(options, "filters", None) is not None:
+        raise ConfigError("--filters applies to proposals ranked by a ranker; --engine sam3 returns SAM 3's own "
+                          "instances (use --engine sam3-rank to filter and rank them)")
+
+
+def build_engine(models: Any, options: Any) -> Engine:
+    """Load the models of ``models`` (a :class:`slip.settings.ModelSettings`: engine, sam, clip, device, dtype,
+    cache_dir, points_per_batch, batch_size) once and assemble the engine for the request ``options`` (a
+    :class:`slip.options.SegmentOptions`; ``options.propose``: sam3-rank's concept, default "object")."""
+    check_engine(models.engine, options)
+    if models.engine == "slip":
+        from slip.proposers.loading import refuse_sam3
+
+        refuse_sam3(models.sam, models.cache_dir)
+        return _slip_engine(models, options)
+    from slip.engines.sam3_model import is_sam3_spec
+
+    if not is_sam3_spec(models.sam):
+        raise ConfigError(f"--engine {models.engine} needs a SAM 3 checkpoint as --sam (sam3, facebook/sam3, a SAM 3 "
+                          f"directory or tiny-random-sam3), got {models.sam!r}")
+    if models.engine == "sam3":
+        return _sam3_engine(models, options)
+    return _sam3_rank_engine(models, options, (options.propose or DEFAULT_CONCEPT).strip())
+
+
+# --- the three engines --------------------------------------------------------------------------------------
+
+
+def _slip_engine(models: Any, options: Any):
+    from slip.pipeline import SLIP
+    from slip.proposers.loading import load_proposer_model
+    from slip.rankers.loading import load_ranker_bundle
+
+    sam = load_proposer_model(models.sam, device=models.device, cache_dir=models.cache_dir)
+    ranker = load_ranker_bundle(models.clip, device=models.device, dtype=models.dtype, cache_dir=models.cache_dir)
+    request = resolve(options, sam=sam.ref, sam_generator=sam.generator, sam_filters=sam.filters, ranker=ranker.ref,
+                      ranker_threshold=ranker.threshold, dtype=models.dtype)
+    generator = sam.mask_generator(request.generator.to_json(), dtype=models.dtype,
+                                   points_per_batch=models.points_per_batch)
+    return SLIP(generator, ranker.ranker, request, batch_size=models.batch_size)
+
+
+def _sam3_engine(models: Any, options: Any):
+    from slip.engines.sam3 import Sam3Concepts
+    from slip.engines.sam3_engine import Sam3Engine
+    from slip.engines.sam3_model import load_sam3
+
+    bundle = load_sam3(models.sam, device=models.device, cache_dir=models.cache_dir)
+    threshold = bundle.threshold if bundle.threshold is not None else SAM3_THRESHOLD
+    request = resolve(options, sam=bundle.ref, sam_generator={}, sam_filters="none", ranker=bundle.ref,
+                      ranker_threshold=threshold, dtype=models.dtype, engine="sam3")
+    return Sam3Engine(Sam3Concepts(bundle, dtype=models.dtype), request)
+
+
+def _sam3_rank_engine(models: Any, options: Any, concept: str):
+    from slip.engines.sam3 import Sam3Concepts
+    from slip.engines.sam3_engine import Sam3Proposer
+    from slip.engines.sam3_model import load_sam3
+    from slip.pipeline import SLIP
+    from slip.rankers.loading import load_ranker_bundle
+
+    bundle = load_sam3(models.sam, device=models.device, cache_dir=models.cache_dir)
+    ranker = load_ranker_bundle(models.clip, device=models.device, dtype=models.dtype, cache_dir=models.cache_dir)
+    request = resolve(options, sam=bundle.ref, sam_generator={}, sam_filters=None, ranker=ranker.ref,
+                      ranker_threshold=ranker.threshold, dtype=models.dtype, engine="sam3-rank", propose=concept)
+    proposer = Sam3Proposer(Sam3Concepts(bundle, dtype=models.dtype), concept)
+    return SLIP(proposer, ranker.ranker, request, batch_size=models.batch_size)

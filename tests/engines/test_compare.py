@@ -1,0 +1,116 @@
+"""``slip compare`` in process on ``slip data synth --coco`` data: the bundled synth pair scores far above the
+tiny-random pair, compare.json holds every figure, the page renders in headless Chromium, and every bad
+configuration or truth file is one line before any model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from slip.cli.compare import compare
+from slip.data.synth import generate_dataset
+
+SYNTH = "synth=sam=synth,clip=synth"
+TINY = "tiny=sam=tiny-random,clip=tiny-random,points_per_side=4,filters=none"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, classes=3, per_class=2, size=128, seed=5, coco=True)
+    return root
+
+
+def run(*args: str):
+    import typer
+
+    app = typer.Typer()
+    app.command()(compare)
+    app.command("noop")(lambda: None)  # a second command keeps `compare` a sub-command, as in slip
+    return CliRunner().invoke(app, ["compare", *args])
+
+
+def test_the_synth_pair_scores_far_above_tiny_random_and_the_page_renders(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIP_THREADS", "1")
+    out = tmp_path / "out"
+    result = run(str(dataset), "--truth", str(dataset / "instances.coco.json"), "--config", SYNTH, "--config", TINY,
+                 "--out", str(out), "--device", "cpu", "--examples", "3", "--job-size", "1000", "--workers", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    assert report["images"] == 6 and report["prompts"] == ["circle", "square", "triangle"]
+    synth, tiny = report["configs"]
+    assert synth["ap"] >= 0.5 and synth["ap"] > tiny["ap"] + 0.4
+    assert synth["f1"] >= 0.5 and synth["f1"] > tiny["f1"] + 0.4
+    assert synth["counts"]["pairs"] == 18  # every prompt on every image, absent categories included
+    assert synth["seconds_p90"] >= synth["seconds_p50"] > 0
+    assert synth["projected_hours"] == pytest.approx(1000 * synth["seconds_p50"] / 4 / 3600)
+    assert synth["request"]["sam"]["arch"] == "synth-sam" and len(synth["request"]["sam"]["sha256"]) == 64
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
+    page = (out / "index.html").as_uri()
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True).stdout
+    for text in ("synth", "tiny", "AP50", "truth: circle", "sam=synth,clip=synth"):
+        assert text in dom, text
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,900", page], capture_output=True, timeout=120,
+                   check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.std() > 20  # tables and example images, not a blank page
+    assert len(list((out / "examples").glob("*.png"))) == 3 * 3  # truth + 2 configs, 3 examples
+
+
+@pytest.mark.parametrize("config, words", [
+    ("nameonly", "expected NAME=SPEC"),
+    ("a=sam=vit_b,colour=red", "unknown key 'colour'"),
+    ("a=sam=vit_b,clip", "is not key=value"),
+    ("a=engine=sam4,sam=vit_b", "engine"),
+    ("a=engine=sam3,sam=tiny-random-sam3,points_per_side=8", "--points-per-side"),
+    ("a=sam=tiny-random,propose=animal", "--propose"),
+    ("a=sam=tiny-random,instances=some", "instances"),
+])
+def test_a_bad_config_is_one_line_before_any_work(dataset, tmp_path, config, words):
+    result = run(str(dataset), "--truth", str(dataset / "instances.coco.json"), "--config", config, "--out",
+                 str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_names_are_refused(dataset, tmp_path):
+    result = run(str(dataset), "--truth", str(dataset / "instances.coco.json"), "--config", "a=sam=synth",
+                 "--config", "a=sam=tiny-random", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "must differ" in result.output
+
+
+@pytest.mark.parametrize("case", ["no-matching-category", "not-coco", "missing", "no-image-in-truth"])
+def test_a_bad_truth_file_is_one_line(dataset, tmp_path, case):
+    truth = dataset / "instances.coco.json"
+    images = str(dataset)
+    extra: list[str] = []
+    if case == "no-matching-category":
+        extra = ["--prompt", "giraffe"]
+    elif case == "not-coco":
+        truth = tmp_path / "bad.json"
+        truth.write_text(json.dumps({"images": []}))
+    elif case == "missing":
+        truth = tmp_path / "nowhere.json"
+    else:
+        other = tmp_path / "other"
+        other.mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / "x.png")
+        images = str(other)
+    result = run(images, "--truth", str(truth), "--config", SYNTH, "--out", str(tmp_path / "out"), *extra)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    if case == "no-matching-category":
+        assert "match none of the prompts" in lines[0] and "giraffe" in lines[0]
