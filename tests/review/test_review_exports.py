@@ -17,6 +17,7 @@ from producer.doubt import certainties, ordered, review_score
 from producer.exports_cvat import mask_runs, runs_mask, write_cvat
 from producer.exports_items import Tally, answers
 from producer.exports_labelstudio import brush_mask, brush_rle, config_path, write_label_studio
+from review_docs import make_doc
 from slip.errors import ConfigError, DatasetError
 from slip.review import DOUBT_SCALE, image_doubt, prompt_certainty
 
@@ -157,8 +158,6 @@ def test_doubt_order_takes_the_prompts_in_turn(review_job):
 
 
 def test_a_limit_reads_once_and_gives_the_same_first_images(tmp_path):
-    from conftest import make_doc
-
     from producer.exports_items import ExportItem
 
     rng = np.random.default_rng(7)

@@ -1,7 +1,8 @@
 """``slip review`` through the real queue: a job segmented by a real worker (the bundled synth models), its
 most doubtful images exported for Label Studio, a review (the truth, as a reviewer would draw it) brought
-back, the ranker fine-tuned and calibrated, and the job re-answered with the new ranker by a worker that
-serves it — from the cached proposals (no SAM work), under the new ranker's keys, the old results kept."""
+back, the ranker fine-tuned and calibrated, and the job re-answered with the new ranker by the same worker
+(``slip submit segment --from-job``: the new ranker uploaded to the store and loaded on demand) — from the
+cached proposals (no SAM work), under the new ranker's keys, the old results kept."""
 
 from __future__ import annotations
 
@@ -77,33 +78,34 @@ def test_review_loop_through_the_queue(tmp_path):
         html = (tmp_path / "gallery" / "index.html").read_text()
         assert html.index(tasks[0]["data"]["slip_name"]) < html.index(tasks[1]["data"]["slip_name"])
         assert tasks[2]["data"]["slip_name"] not in html
-    finally:
-        stop_worker(worker)
-    # 2. the review comes back: import, fine-tune, calibrate, re-answer with the new ranker
-    export = tmp_path / "export.json"
-    export.write_text(json.dumps(_reviewed(tasks, truth)))
-    learnt = run_cli(["review", job, "--out", str(out), "--corrections", str(export), "--epochs", "2",
-                      "--device", "cpu", "--requery", images], env)
-    assert learnt.returncode == 0, learnt.stdout + learnt.stderr
-    assert "object-level accuracy on the heldout reviewed images" in learnt.stdout
-    ranker = out / "ranker"
-    assert (ranker / "threshold.json").is_file() and (out / "labels" / "review.json").is_file()
-    second = learnt.stdout.strip().splitlines()[-1].split(" as job ")[1].split()[0]
-    worker = start_worker({**env, "SLIP_CLIP": str(ranker)}, ("gpu", "cpu"), "review-b", log_path=tmp_path / "b.log")
-    try:
-        wait_worker_ready(env, "review-b", process=worker)
+        old_files = {p: p.read_bytes() for p in (tmp_path / "store" / "results").rglob("segments.json")}
+        # 2. the review comes back: import, fine-tune, calibrate, re-answer with the new ranker (same worker)
+        export = tmp_path / "export.json"
+        export.write_text(json.dumps(_reviewed(tasks, truth)))
+        learnt = run_cli(["review", job, "--out", str(out), "--corrections", str(export), "--epochs", "2",
+                          "--device", "cpu"], env)
+        assert learnt.returncode == 0, learnt.stdout + learnt.stderr
+        assert "object-level accuracy on the heldout reviewed images" in learnt.stdout
+        ranker = out / "ranker"
+        assert (ranker / "threshold.json").is_file() and (out / "labels" / "review.json").is_file()
+        second = learnt.stdout.strip().splitlines()[-1].split(" as job ")[1].split()[0]
         waited = run_cli(["wait", second], env)
-        assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "b.log").read_text()[-3000:]
+        assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "a.log").read_text()[-3000:]
     finally:
         stop_worker(worker)
     client = client_for(env)
+    assert client.jobs(kind="segment")[0].job_id == second
     old = {i.name: i.doc for i in client.export_items(job)}
     new = {i.name: i.doc for i in client.export_items(second)}
     assert set(new) == set(old) and all(d is not None for d in new.values())
     for name, doc in new.items():
         assert doc["runtime"]["proposals"] == "cached"  # segment once, query many: SAM did not run again
+        assert not {"sam", "encode", "decode", "filters"} & set(doc["timings_s"]), doc["timings_s"]
         assert doc["request_digest"] != old[name]["request_digest"]  # the new ranker keys the new results
         assert doc["request"]["ranker"]["sha256"] != old[name]["request"]["ranker"]["sha256"]
+        assert doc["request"]["ranker"]["spec"].startswith("store:rankers/")  # uploaded, loaded on demand
+        assert doc["request"]["threshold"] == json.loads((ranker / "threshold.json").read_text())["threshold"]
         assert np.array_equal([s["segmentation"]["counts"] for s in doc["segments"]],
                               [s["segmentation"]["counts"] for s in old[name]["segments"]])
+    assert all(p.read_bytes() == data for p, data in old_files.items()), "the old results stay as they were"
     flush(DB)
