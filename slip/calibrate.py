@@ -110,6 +110,30 @@ def collect_probes(ranker: Ranker, source: CompositeSource, composites: Iterable
     return probes
 
 
+def collect_engine_probes(engine, source: CompositeSource, composites: Iterable[Composite], *,
+                          absent_fraction: float = 0.5, seed: int = 0, progress: bool = False) -> list[Probe]:
+    """The probes of an engine that answers prompts itself (``slip.engines.build.build_engine``, built without a
+    threshold): each query's best segment and its score, the same queries as :func:`collect_probes`."""
+    from tqdm.auto import tqdm
+
+    from slip.evaluate import score_choice, truth_rule
+
+    count = absent_per_composite(absent_fraction)
+    captions = source.folder.captions
+    probes: list[Probe] = []
+    for composite in tqdm(composites, desc="calibrate", unit="composite", disable=not progress):
+        absent = absent_prompts(composite, captions, count, seed=seed)
+        result = engine(composite.image, tuple(composite.prompts) + absent)
+        masks = result.proposals.segments.masks.cpu().numpy()
+        truth = truth_rule(composite, oracle=False, judged=False)
+        for k, match in enumerate(result.matches):
+            index, score = match.best if match.best is not None else (None, None)
+            hit = k < TILES and score_choice(composite, masks, ("proposal",) * len(masks), k, index, score,
+                                             "plain", truth).correct
+            probes.append(Probe(k < TILES, score, hit))
+    return probes
+
+
 def operating_point(probes: Sequence[Probe], threshold: float) -> OperatingPoint:
     """Precision, recall, F1 and the absent false-match rate of ``threshold`` (see the module docstring)."""
     present = [p for p in probes if p.present]
@@ -215,6 +239,48 @@ def calibrate_rankers(dataset: str | Path, specs: Sequence[str], *, composites: 
                                     ranker_sha256=bundle.ref.sha256)
         out.append(Calibration(spec, ranker_directory(spec, cache_dir), point, held, record))
     return out
+
+
+def calibrate_engine(dataset: str | Path, models, *, composites: int = 200, seed: int = 0, split: str = "val",
+                     split_seed: int = 0, heldout: str | Path | None = None, caption_template: str = "{name}",
+                     tile_size: int = 128, absent_fraction: float = 0.5, progress: bool = False) -> Calibration:
+    """The threshold of an engine that scores its own answers (``models.engine``: ``sam3`` — SAM 3's score,
+    presence included; ``sam3-rank`` — the ranker's score of SAM 3's proposals), picked and reported as
+    :func:`calibrate_rankers` does. ``models``: a :class:`slip.settings.ModelSettings`. The record goes beside
+    the model whose scale it is: the SAM 3 checkpoint (``sam3``) or the ranker (``sam3-rank``)."""
+    from slip.engines.build import build_engine
+    from slip.evaluate import composite_source
+    from slip.options import SegmentOptions
+
+    if models.engine == "slip":
+        raise ConfigError("the slip engine's threshold is its ranker's: give --ranker SPEC (calibrate_rankers)")
+    absent_per_composite(absent_fraction)
+    common = dict(caption_template=caption_template, tile_size=tile_size, split_seed=split_seed)
+    source = composite_source(dataset, seed=seed, split=split, **common)
+    test = composite_source(heldout or dataset, seed=seed + 1, split="all" if heldout is not None else split, **common)
+    engine = build_engine(models, SegmentOptions(calibrated=False))  # no threshold: every best is a probe
+    probe = dict(absent_fraction=absent_fraction, seed=seed, progress=progress)
+    point = best_threshold(collect_engine_probes(engine, source, source.take(composites), **probe))
+    held = operating_point(collect_engine_probes(engine, test, test.take(composites), **probe), point.threshold)
+    scale = engine.request.sam if models.engine == "sam3" else engine.request.ranker
+    spec = models.sam if models.engine == "sam3" else models.clip
+    setting = {"composites": composites, "dataset": str(dataset), "split": split, "seed": seed,
+               "proposals": models.engine, "sam": models.sam, "absent_fraction": absent_fraction}
+    held_setting = {"dataset": str(heldout or dataset), "split": "all" if heldout is not None else split,
+                    "seed": seed + 1, "composites": composites}
+    record = calibration_record(point, held, setting=setting, heldout=held_setting, ranker=spec,
+                                ranker_sha256=scale.sha256)
+    return Calibration(spec, engine_directory(models), point, held, record)
+
+
+def engine_directory(models) -> Path | None:
+    """Where an engine's ``threshold.json`` goes: beside the model whose score it thresholds (the SAM 3
+    checkpoint for ``sam3``, the ranker for ``sam3-rank``); None for in-memory models."""
+    if models.engine == "sam3":
+        from slip.engines.sam3_model import sam3_directory
+
+        return sam3_directory(models.sam, models.cache_dir)
+    return ranker_directory(models.clip, models.cache_dir)
 
 
 def calibration_record(point: OperatingPoint, held: OperatingPoint, *, setting: dict, heldout: dict, ranker: str,

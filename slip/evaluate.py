@@ -131,12 +131,12 @@ def evaluate_composite(composite: Composite, ranker: Ranker, *, proposer: Propos
     else:
         image_emb = torch.zeros((0, text_emb.shape[1]), device=text_emb.device)
     # 3. choose per prompt (plain, one-to-one: among the 4 present classes) and judge each choice
-    truth = _truth(composite, oracle=proposer is None, judged=judge is not None)
+    truth = truth_rule(composite, oracle=proposer is None, judged=judge is not None)
     results, similarity = [], None
     for mode in MODES:
         similarity, matches = rank(image_emb, text_emb[:4].to(image_emb.device), composite.prompts, top_k=0,
                                    one_to_one=mode == "one_to_one")
-        results += [_score_choice(composite, masks, kinds, tile, m.index, m.score, mode, truth)
+        results += [score_choice(composite, masks, kinds, tile, m.index, m.score, mode, truth)
                     for tile, m in enumerate(matches)]
     if judge is not None:
         results = _classifier_judge(judge, composite, segments, crop, results)
@@ -148,7 +148,7 @@ def evaluate_composite(composite: Composite, ranker: Ranker, *, proposer: Propos
     return CompositeEval(composite, masks, tuple(kinds), similarity.numpy(), tuple(results), absent_scores)
 
 
-def _truth(composite: Composite, *, oracle: bool, judged: bool) -> str:
+def truth_rule(composite: Composite, *, oracle: bool, judged: bool) -> str:
     """How object-level correctness is decided for this composite (see the module docstring)."""
     if composite.object_masks is not None:
         return "mask"
@@ -171,7 +171,7 @@ def _classifier_judge(judge, composite: Composite, segments: MaskSet, crop: Crop
     return out
 
 
-def _score_choice(composite: Composite, masks: np.ndarray, kinds: Sequence[str], tile: int, index: int | None,
+def score_choice(composite: Composite, masks: np.ndarray, kinds: Sequence[str], tile: int, index: int | None,
                   score: float | None, mode: str, truth: str) -> QueryResult:
     """Score one choice: the object-level verdict, the fraction inside the prompted tile, the IoU."""
     in_tile, iou, correct = 0.0, None, False

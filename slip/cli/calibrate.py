@@ -1,4 +1,4 @@
-"""``slip calibrate``: pick each ranker's "present" threshold on labelled composites (slip.calibrate)."""
+"""``slip calibrate``: pick each ranker's (or engine's) "present" threshold on labelled composites (slip.calibrate)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import typer
 from slip.cli.common import user_errors
 from slip.settings import ModelSettings, configure_logging, model_flag
 
-USES = ("sam", "device", "cache_dir", "log_level")
+USES = ("engine", "sam", "clip", "device", "cache_dir", "log_level")
 
 
 def calibrate(
     dataset: Path = typer.Argument(..., help="Labelled image folder (one sub-directory per class, >= 5 classes)."),
-    ranker: List[str] = typer.Option(..., "--ranker", "-r", help="Ranker spec to calibrate; repeat for several."),
+    ranker: Optional[List[str]] = typer.Option(None, "--ranker", "-r", help="Ranker spec to calibrate; repeat for "
+                                               "several (default: $SLIP_CLIP; the slip and sam3-rank engines)."),
+    engine: Optional[str] = model_flag("engine"),
     sam: Optional[str] = model_flag("sam"),
     proposals: str = typer.Option("sam", help="sam (SAM + its filters, as in use) | oracle (known segments + distractors)."),
     composites: int = typer.Option(200, help="2x2 composites to calibrate on (and as many held out)."),
@@ -35,19 +37,30 @@ def calibrate(
     device: Optional[str] = model_flag("device"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Pick the similarity threshold of each ranker that maximises the F1 of "the object is present (and
-    this segment is it)", with absent classes queried too; report it on held-out composites."""
-    from slip.calibrate import calibrate_rankers, check_writable, ranker_directory, save_calibration
+    """Pick the threshold of each ranker (or of the sam3 / sam3-rank engine's scores) that maximises the F1 of
+    "the object is present (and this segment is it)", with absent classes queried too; report it on held-out
+    composites."""
+    from slip.calibrate import (calibrate_engine, calibrate_rankers, check_writable, engine_directory,
+                                ranker_directory, save_calibration)
 
     with user_errors():
-        models = ModelSettings.from_env(os.environ, USES, sam=sam, device=device)
+        models = ModelSettings.from_env(os.environ, USES, engine=engine, sam=sam, clip=(ranker or [None])[0],
+                                        device=device)
         configure_logging(models.log_level)
-        for spec in ranker if write else ():  # refuse before the (long) calibration, not after it
-            check_writable(ranker_directory(spec, models.cache_dir), spec, bundle=bundle)
-        runs = calibrate_rankers(dataset, ranker, composites=composites, seed=seed, split=split, split_seed=split_seed,
-                                 heldout=heldout, caption_template=caption_template, tile_size=tile_size,
-                                 proposals=proposals, sam=models.sam, absent_fraction=absent_fraction,
-                                 device=models.device, cache_dir=models.cache_dir, progress=not quiet)
+        common = dict(composites=composites, seed=seed, split=split, split_seed=split_seed, heldout=heldout,
+                      caption_template=caption_template, tile_size=tile_size, absent_fraction=absent_fraction,
+                      progress=not quiet)
+        if models.engine != "slip":
+            if write:  # refuse before the (long) calibration, not after it
+                check_writable(engine_directory(models), models.sam if models.engine == "sam3" else models.clip,
+                               bundle=bundle)
+            runs = [calibrate_engine(dataset, models, **common)]
+        else:
+            specs = ranker or [models.clip]
+            for spec in specs if write else ():  # refuse before the (long) calibration, not after it
+                check_writable(ranker_directory(spec, models.cache_dir), spec, bundle=bundle)
+            runs = calibrate_rankers(dataset, specs, proposals=proposals, sam=models.sam, device=models.device,
+                                     cache_dir=models.cache_dir, **common)
         typer.echo(_table(runs))
         if out_json is not None:
             out_json.parent.mkdir(parents=True, exist_ok=True)

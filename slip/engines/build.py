@@ -22,16 +22,19 @@ engine cannot honour, or a SAM 3 checkpoint given to the ``slip`` engine is one 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
-
-import numpy as np
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from slip.errors import ConfigError
 from slip.request import ResolvedRequest, resolve
 from slip.settings import ENGINES  # declared with the settings (SLIP_ENGINE)
-from slip.timing import StageTimer
-from slip.types import SlipResult
+
+if TYPE_CHECKING:  # check_engine runs in producers, which import no model code
+    import numpy as np
+    import torch
+
+    from slip.timing import StageTimer
+    from slip.types import SlipResult
 
 DEFAULT_CONCEPT = "object"  # what sam3-rank asks SAM 3 for unless --propose says otherwise
 SAM3_THRESHOLD = 0.5  # SAM 3's score threshold when none is given or calibrated (its own default)
@@ -82,60 +85,90 @@ def build_engine(models: Any, options: Any) -> Engine:
     cache_dir, points_per_batch, batch_size) once and assemble the engine for the request ``options`` (a
     :class:`slip.options.SegmentOptions`; ``options.propose``: sam3-rank's concept, default "object")."""
     check_engine(models.engine, options)
+    return assemble_engine(load_engine_models(models), options)
+
+
+@dataclass(frozen=True)
+class EngineModels:
+    """An engine's models, loaded once (what a worker keeps warm and assembles an engine from per request)."""
+
+    settings: Any  # the slip.settings.ModelSettings they were loaded for (engine, device, dtype, batch sizes)
+    sam: Any  # slip.proposers.ProposerModel (slip) | slip.engines.sam3_model.Sam3Bundle (sam3, sam3-rank)
+    ranker: Any | None  # slip.rankers.loading.RankerBundle (slip, sam3-rank); None for sam3 or when not loaded
+    concepts: Any | None = None  # slip.engines.sam3.Sam3Concepts over ``sam`` (sam3 engines): shared caches
+
+
+def load_engine_models(models: Any, *, ranker: bool = True, image_cache: int = 8) -> EngineModels:
+    """Load ``models.engine``'s models once: the proposer (SAM 1/2) or SAM 3, and the ranker ``models.clip``
+    unless the engine has none (sam3) or ``ranker`` is False (the caller brings rankers per request).
+    ``image_cache``: SAM 3 vision features kept in process (images, LRU). ConfigError before any load for a
+    SAM 3 checkpoint as the slip engine's SAM or another checkpoint as a SAM 3 engine's."""
+    check_engine(models.engine, None)
     if models.engine == "slip":
-        from slip.proposers.loading import refuse_sam3
+        from slip.proposers.loading import load_proposer_model, refuse_sam3
 
         refuse_sam3(models.sam, models.cache_dir)
-        return _slip_engine(models, options)
-    from slip.engines.sam3_model import is_sam3_spec
+        sam, concepts = load_proposer_model(models.sam, device=models.device, cache_dir=models.cache_dir), None
+    else:
+        from slip.engines.sam3 import Sam3Concepts
+        from slip.engines.sam3_model import is_sam3_spec, load_sam3
 
-    if not is_sam3_spec(models.sam):
-        raise ConfigError(f"--engine {models.engine} needs a SAM 3 checkpoint as --sam (sam3, facebook/sam3, a SAM 3 "
-                          f"directory or tiny-random-sam3), got {models.sam!r}")
+        if not is_sam3_spec(models.sam):
+            raise ConfigError(f"--engine {models.engine} needs a SAM 3 checkpoint as --sam (sam3, facebook/sam3, a "
+                              f"SAM 3 directory or tiny-random-sam3), got {models.sam!r}")
+        sam = load_sam3(models.sam, device=models.device, cache_dir=models.cache_dir)
+        concepts = Sam3Concepts(sam, dtype=models.dtype, image_cache=image_cache)
+    bundle = None
+    if ranker and models.engine != "sam3":
+        from slip.rankers.loading import load_ranker_bundle
+
+        bundle = load_ranker_bundle(models.clip, device=models.device, dtype=models.dtype, cache_dir=models.cache_dir)
+    return EngineModels(models, sam, bundle, concepts)
+
+
+def assemble_engine(loaded: EngineModels, options: Any, *, ranker: Any | None = None,
+                    points_per_batch: int | None = None) -> Engine:
+    """The engine for the request ``options`` over loaded models (assembling loads nothing); ``ranker``: a
+    RankerBundle to rank with instead of ``loaded.ranker``; ``points_per_batch``: SAM's, instead of the
+    settings' (the worker halves it on out-of-memory)."""
+    models = loaded.settings
+    check_engine(models.engine, options)
+    ranker = ranker or loaded.ranker
+    if models.engine != "sam3" and ranker is None:
+        raise ConfigError(f"the {models.engine} engine needs a ranker: none was loaded")
+    if models.engine == "slip":
+        return _slip_engine(models, options, loaded.sam, ranker, points_per_batch or models.points_per_batch)
     if models.engine == "sam3":
-        return _sam3_engine(models, options)
-    return _sam3_rank_engine(models, options, (options.propose or DEFAULT_CONCEPT).strip())
+        return _sam3_engine(models, options, loaded.sam, loaded.concepts)
+    return _sam3_rank_engine(models, options, loaded.sam, loaded.concepts, ranker,
+                             (options.propose or DEFAULT_CONCEPT).strip())
 
 
 # --- the three engines --------------------------------------------------------------------------------------
 
 
-def _slip_engine(models: Any, options: Any):
+def _slip_engine(models: Any, options: Any, sam: Any, ranker: Any, points_per_batch: int):
     from slip.pipeline import SLIP
-    from slip.proposers.loading import load_proposer_model
-    from slip.rankers.loading import load_ranker_bundle
 
-    sam = load_proposer_model(models.sam, device=models.device, cache_dir=models.cache_dir)
-    ranker = load_ranker_bundle(models.clip, device=models.device, dtype=models.dtype, cache_dir=models.cache_dir)
     request = resolve(options, sam=sam.ref, sam_generator=sam.generator, sam_filters=sam.filters, ranker=ranker.ref,
                       ranker_threshold=ranker.threshold, dtype=models.dtype)
-    generator = sam.mask_generator(request.generator.to_json(), dtype=models.dtype,
-                                   points_per_batch=models.points_per_batch)
+    generator = sam.mask_generator(request.generator.to_json(), dtype=models.dtype, points_per_batch=points_per_batch)
     return SLIP(generator, ranker.ranker, request, batch_size=models.batch_size)
 
 
-def _sam3_engine(models: Any, options: Any):
-    from slip.engines.sam3 import Sam3Concepts
+def _sam3_engine(models: Any, options: Any, bundle: Any, concepts: Any):
     from slip.engines.sam3_engine import Sam3Engine
-    from slip.engines.sam3_model import load_sam3
 
-    bundle = load_sam3(models.sam, device=models.device, cache_dir=models.cache_dir)
     threshold = bundle.threshold if bundle.threshold is not None else SAM3_THRESHOLD
     request = resolve(options, sam=bundle.ref, sam_generator={}, sam_filters="none", ranker=bundle.ref,
                       ranker_threshold=threshold, dtype=models.dtype, engine="sam3")
-    return Sam3Engine(Sam3Concepts(bundle, dtype=models.dtype), request)
+    return Sam3Engine(concepts, request)
 
 
-def _sam3_rank_engine(models: Any, options: Any, concept: str):
-    from slip.engines.sam3 import Sam3Concepts
+def _sam3_rank_engine(models: Any, options: Any, bundle: Any, concepts: Any, ranker: Any, concept: str):
     from slip.engines.sam3_engine import Sam3Proposer
-    from slip.engines.sam3_model import load_sam3
     from slip.pipeline import SLIP
-    from slip.rankers.loading import load_ranker_bundle
 
-    bundle = load_sam3(models.sam, device=models.device, cache_dir=models.cache_dir)
-    ranker = load_ranker_bundle(models.clip, device=models.device, dtype=models.dtype, cache_dir=models.cache_dir)
     request = resolve(options, sam=bundle.ref, sam_generator={}, sam_filters=None, ranker=ranker.ref,
                       ranker_threshold=ranker.threshold, dtype=models.dtype, engine="sam3-rank", propose=concept)
-    proposer = Sam3Proposer(Sam3Concepts(bundle, dtype=models.dtype), concept)
-    return SLIP(proposer, ranker.ranker, request, batch_size=models.batch_size)
+    return SLIP(Sam3Proposer(concepts, concept), ranker.ranker, request, batch_size=models.batch_size)

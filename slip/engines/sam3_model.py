@@ -94,17 +94,15 @@ def load_sam3(spec: str, *, device: str | torch.device = "auto", cache_dir: Path
     """Load the SAM 3 ``spec`` (see the module docstring); ConfigError when it is not a SAM 3 checkpoint,
     WeightsNotFoundError naming the cache, the fetch command and the licence page when it is not on disk."""
     from slip.threshold import read_threshold
-    from slip.weights import clip_path, directory_sha256, tensors_sha256
+    from slip.weights import directory_sha256, tensors_sha256
 
     dev = resolve_device(device)
     if spec == TINY_SAM3:
         model, processor = build_tiny_sam3()
         ref = ModelRef(spec=spec, arch=TINY_SAM3, sha256=tensors_sha256(model.state_dict()))
         return Sam3Bundle(model.to(dev).eval(), processor, ref, None)
-    if spec in NAMES:
-        directory = clip_path(HUB_SAM3, cache_dir, what="SAM 3 model")
-    else:
-        directory = Path(spec).expanduser()
+    directory = sam3_directory(spec, cache_dir)
+    if spec not in NAMES:
         if not directory.exists():
             raise WeightsNotFoundError(f"no SAM 3 directory at {directory}; use --sam sam3 (the Hugging Face "
                                        f"snapshot, `slip weights fetch {HUB_SAM3}`), a saved directory or {TINY_SAM3}")
@@ -115,6 +113,18 @@ def load_sam3(spec: str, *, device: str | torch.device = "auto", cache_dir: Path
     model, processor = _load_directory(directory)
     ref = ModelRef(spec=spec, arch="sam3", sha256=directory_sha256(directory, cache_dir=cache_dir))
     return Sam3Bundle(model.to(dev).eval(), processor, ref, read_threshold(directory, ranker_sha256=ref.sha256))
+
+
+def sam3_directory(spec: str, cache_dir: Path | None = None) -> Path | None:
+    """The directory a SAM 3 spec names (the cached hub snapshot for ``sam3`` / ``facebook/sam3``, else the path);
+    None for the in-memory tiny-random model. ``threshold.json`` beside it is the calibrated score threshold."""
+    from slip.weights import clip_path
+
+    if spec == TINY_SAM3:
+        return None
+    if spec in NAMES:
+        return clip_path(HUB_SAM3, cache_dir, what="SAM 3 model")
+    return Path(spec).expanduser()
 
 
 def _load_directory(directory: Path):
