@@ -2,6 +2,7 @@
 segment of the same images.
 
     python bench/requery.py [--images 50] [--repeats 3] [--batch-size 4] [--profile] [--barrier] [--out FILE]
+    python bench/requery.py --mode ranker [--images 1000] [--repeats 3]       (issue 18: a fine-tuned ranker)
 
 What runs for real: a private ``redis-server``, one ``celery -A worker worker -Q gpu,cpu --concurrency 1``
 process with the bundled ``synth`` models on CPU, a directory store, ``QueueClient.submit_segment`` (what
@@ -33,7 +34,18 @@ save: ``worker.tasks.run_chunk`` on real resources (same store, Redis and models
 store whose ``put_many`` calls are held until the chunk's completion record is written and then published in
 one ``put_many`` (a stand-in for a per-task barrier: nothing in production changes).
 
-Writes ``bench/results/requery.json`` and prints a summary.
+``--mode ranker`` (issue 18's re-answer) keeps the rounds but changes what the second job changes: the ranker.
+Before the rounds, a ranker is fine-tuned from the bundled synth ranker the way ``slip review`` does it
+(:func:`slip.train.finetune.fine_tune`, ``slip train-ranker --init synth``) on a few labelled crops (``slip data
+synth``: 6 classes x 6 crops, a few optimiser steps: its weights differ, which is all the cost needs). Each
+round: the first segment (prompt A, the synth ranker), then the same job re-answered with the fine-tuned ranker
+(``QueueClient.submit_from_job(job, clip=DIR)``: ``slip submit segment --from-job JOB --clip DIR``; the ranker
+uploaded to the store once, loaded by the worker on demand — during the warm-up, whose figures are kept). The
+re-answer reads the cached proposals (no SAM work), decodes the image and its cached masks, crops and embeds
+them with the new ranker and ranks: its cost per image over the first pass's (target: <= 5 %).
+
+Writes ``bench/results/requery.json`` (``--mode ranker``: ``bench/results/requery-ranker.json``) and prints a
+summary.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -73,6 +86,7 @@ FIRST_PROMPTS = ("circle", "square", "house", "cat", "tree", "arrow")
 REQUERY_PROMPTS = ("star", "heart", "triangle", "hexagon", "fish", "mushroom")
 WARMUP_PROMPTS = ("a red shape", "a blue shape")
 TARGET_RATIO = 50.0  # issue 11: the re-query at least 50x cheaper per image than the first segment
+TARGET_RANKER_SHARE = 0.05  # issue 18: a re-answer with a new ranker costs at most 5 % of the first pass
 PROFILE_ENV = "SLIP_BENCH_PROFILE"  # bench only: a folder; the worker started by profiled_celery profiles each task
 
 
@@ -183,7 +197,7 @@ def measure_barrier(env: dict, paths, params, *, batch_size: int, repeats: int) 
     res = load_resources(settings, load_models=True, send=client.send, instance="inproc")
     results: dict[str, list[float]] = {"per_image": [], "per_chunk": []}
     prompts = [f"shape number {i}" for i in range(2 * (repeats + 1))]
-    res.pipeline(res.resolve(params)).encode_prompts(prompts)  # the text encodes are not what is measured here
+    res.engine(params).encode_prompts(prompts)  # the text encodes are not what is measured here
     try:
         for repeat in range(repeats + 1):  # the first round warms up and is not kept
             for variant in results:
@@ -207,6 +221,110 @@ def measure_barrier(env: dict, paths, params, *, batch_size: int, repeats: int) 
                     "completion record (bench stand-in for one durability barrier per task)"}
 
 
+# --- a job submitted any way, timed like bench.queue.run_job ----------------------------------------------------
+
+
+def run_submitted(client, submit, *, images: int, store_root: Path, poll_s: float = 0.05,
+                  timeout_s: float = 3600.0) -> dict:
+    """Call ``submit()`` (which returns a job id: ``submit_segment``, ``submit_from_job``, ...) and wait for every
+    completion record; the figures :func:`bench.queue.run_job` gives (wall time from the call to the last record
+    published, the upload time inside the call, the worker's stage seconds), so :func:`bench.queue.split` applies."""
+    from datetime import datetime
+
+    from jobs.status import chunk_records
+
+    upload, seconds = client.upload, [0.0]
+
+    def timed_upload(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return upload(*args, **kwargs)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    client.upload = timed_upload  # the instance attribute shadows the method: create_job calls it
+    load_before = os.getloadavg()
+    start = time.time()
+    try:
+        job = submit()
+        submitted = time.time()
+        deadline = time.monotonic() + timeout_s
+        while not (status := client.status(job)).finished:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job} did not finish within {timeout_s} s: {status.counts}")
+            time.sleep(poll_s)
+        seen = time.time()
+    finally:
+        del client.upload
+    published = max(p.stat().st_ctime for p in (store_root / "jobs" / job / "done").iterdir())
+    records = list(chunk_records(client.store, job))
+    outcomes = [o for record in records for o in record.items]
+    bad = [o for o in outcomes if o.state != "done"]
+    if bad or len(outcomes) != images:
+        raise RuntimeError(f"job {job}: {len(outcomes) - len(bad)} of {images} images done; first failure: "
+                           f"{bad[0].reason if bad else 'records missing'}")
+    stages: dict[str, float] = {}
+    for outcome in outcomes:
+        for stage, value in outcome.timings_s.items():
+            stages[stage] = stages.get(stage, 0.0) + value
+    last_finished = max(datetime.fromisoformat(record.finished).timestamp() for record in records)
+    return {"job_id": job, "images": images, "batch_size": len(records[0].items),
+            "wall_s": published - start, "submit_s": submitted - start, "upload_s": seconds[0],
+            "seen_after_s": seen - start, "last_record_write_s": published - last_finished, "tasks": len(records),
+            "how": sorted({o.how for o in outcomes}), "stages_s": stages, "load1_before": load_before[0],
+            "load1_after": os.getloadavg()[0]}
+
+
+def finetuned_ranker(work: Path) -> tuple[Path, dict]:
+    """A ranker fine-tuned from the bundled synth ranker as ``slip review`` / ``slip train-ranker --init synth``
+    does, on a few labelled crops; its directory and what was done."""
+    from dataclasses import replace
+
+    from slip.data.synth import generate_dataset
+    from slip.train.finetune import REVIEW_RECIPE, fine_tune
+
+    start = time.perf_counter()
+    labels = generate_dataset(work / "labels", classes=6, per_class=6, size=64, seed=11)
+    result = fine_tune(labels, work / "ranker", init="synth", config=replace(REVIEW_RECIPE, device="cpu", epochs=1),
+                       min_steps=6)
+    return Path(result.out), {"init": "synth", "labels": "slip data synth: 6 classes x 6 crops, 64 px",
+                              "recipe": "slip.train.finetune.REVIEW_RECIPE, 1 epoch, >= 6 steps",
+                              "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ranker_rounds(client, paths, warm, params, *, ranker: Path, batch_size: int, repeats: int, store: Path) -> tuple:
+    """Warm-up, then ``repeats`` rounds of (first segment with the worker's ranker, re-answer with ``ranker``)."""
+    def reanswer(job: str, count: int) -> dict:
+        return run_submitted(client, lambda: client.submit_from_job(job, clip=str(ranker)), images=count,
+                             store_root=store)
+
+    warm_first = run_job(client, warm, [WARMUP_PROMPTS[0]], params, batch_size=batch_size, store_root=store)
+    warm_again = reanswer(warm_first["job_id"], len(warm))  # uploads the ranker; the worker loads it
+    rounds = []
+    for repeat in range(repeats):
+        clear_store(store)
+        prompt = FIRST_PROMPTS[repeat % len(FIRST_PROMPTS)]  # new to both rankers' text caches
+        first = run_job(client, paths, [prompt], params, batch_size=batch_size, store_root=store)
+        again = reanswer(first["job_id"], len(paths))
+        if again["how"] != ["cached"]:
+            raise RuntimeError(f"the re-answer did not use the cached proposals: {again['how']}")
+        first.update(split(first))
+        again.update(split(again))
+        share = again["ms_per_image"]["total"] / first["ms_per_image"]["total"]
+        rounds.append({"round": repeat, "prompt": prompt, "first": first, "reanswer": again, "share": share})
+        print(f"round {repeat}: first {first['ms_per_image']['total']:.1f} ms/image, re-answer with the fine-tuned "
+              f"ranker {again['ms_per_image']['total']:.1f} ms/image ({share:.1%} of the first)", flush=True)
+    warmup = {"first": {k: warm_first[k] for k in ("wall_s", "images", "how")},
+              "reanswer_with_ranker_load": {k: warm_again[k] for k in ("wall_s", "images", "how")}}
+    return rounds, warmup
+
+
+def stage_ms(runs: list[dict]) -> dict:
+    """Median milliseconds per image of each worker stage over ``runs``."""
+    names = sorted({s for r in runs for s in r["stages_s"]})
+    return {n: statistics.median(r["stages_s"].get(n, 0.0) / r["images"] * 1e3 for r in runs) for n in names}
+
+
 # --- the benchmark -----------------------------------------------------------------------------------------------
 
 
@@ -221,8 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile a re-query inside a worker (cProfile)")
     parser.add_argument("--barrier", action="store_true", help="measure a per-task durability barrier in-process")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "requery.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the worker's torch threads (SLIP_THREADS; default: cores / concurrency)")
+    parser.add_argument("--mode", choices=("prompt", "ranker"), default="prompt",
+                        help="what the second job changes: a new prompt (issue 11), or the ranker (issue 18)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/requery[-ranker].json")
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / ("requery.json" if args.mode == "prompt" else
+                                                          "requery-ranker.json")
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed (apt-get install redis-server)")
 
@@ -238,8 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         warm = make_scenes(work / "warm", 2, seed=4)
         store = work / "store"
         with private_redis() as url:
-            env = worker_env(url, store)
+            env = worker_env(url, store, **({"SLIP_THREADS": str(args.threads)} if args.threads else {}))
             rounds = []
+            if args.mode == "ranker":
+                ranker, made = finetuned_ranker(work)
+                with bench_worker(env, work / "worker.log") as worker:
+                    client = QueueClient(Settings.from_env(env))
+                    rounds, warmup = ranker_rounds(client, paths, warm, params, ranker=ranker,
+                                                   batch_size=args.batch_size, repeats=args.repeats, store=store)
+                result = ranker_result(args, rounds, warmup, made, before, worker, params)
+                return write_result(args.out, result, ranker_report(result))
             with bench_worker(env, work / "worker.log") as worker:
                 client = QueueClient(Settings.from_env(env))
                 for prompt in WARMUP_PROMPTS:  # warm-up: the pipeline and both code paths, on other images
@@ -286,11 +418,62 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"ratio": TARGET_RATIO, "met": summary["ratio"]["median"] >= TARGET_RATIO},
         **extra,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(report(result))
-    print(f"\nwritten: {args.out}")
+    return write_result(args.out, result, report(result))
+
+
+def write_result(out: Path, result: dict, text: str) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(text)
+    print(f"\nwritten: {out}")
     return 0
+
+
+def ranker_result(args, rounds: list[dict], warmup: dict, made: dict, before: dict, worker: dict, params) -> dict:
+    summary = {
+        "first_ms_per_image": spread([r["first"]["ms_per_image"]["total"] for r in rounds]),
+        "reanswer_ms_per_image": spread([r["reanswer"]["ms_per_image"]["total"] for r in rounds]),
+        "share": spread([r["share"] for r in rounds]),
+        "reanswer_split_ms_per_image": {part: spread([r["reanswer"]["ms_per_image"][part] for r in rounds])
+                                        for part in PARTS},
+        "reanswer_stages_ms_per_image": stage_ms([r["reanswer"] for r in rounds]),
+        "first_stages_ms_per_image": stage_ms([r["first"] for r in rounds]),
+    }
+    return {
+        "what": "first segment vs re-answering the same job with a fine-tuned ranker (slip submit segment --from-job "
+                "JOB --clip DIR: cached proposals, new crop embeddings) per image, through a real worker; see "
+                "bench/requery.py --mode ranker",
+        "command": "python bench/requery.py " + " ".join(sys.argv[1:]),
+        "machine": {**before, "loadavg_after": os.getloadavg()},
+        "settings": {"images": args.images, "image": "1024x768 JPEG, 3x4 synthetic objects",
+                     "models": "synth (SAM) + synth (ranker), re-answered with a fine-tuned synth ranker, CPU",
+                     "ranker": made, "batch_size": args.batch_size, "params": params.model_dump(mode="json"),
+                     "repeats": args.repeats, "worker": "celery -A worker worker -Q gpu,cpu --concurrency 1",
+                     "worker_threads": worker["health"].get("threads")},
+        "warmup": warmup,
+        "rounds": rounds,
+        "summary": summary,
+        "target": {"share": TARGET_RANKER_SHARE, "met": summary["share"]["median"] <= TARGET_RANKER_SHARE},
+    }
+
+
+def ranker_report(result: dict) -> str:
+    s = result["summary"]
+    fmt = lambda d, p=1: f"{d['median']:.{p}f} [{d['min']:.{p}f}, {d['max']:.{p}f}]"  # noqa: E731
+    share = s["share"]
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["reanswer_stages_ms_per_image"].items(),
+                                                          key=lambda kv: -kv[1])[:6])
+    m = result["machine"]
+    return "\n".join([
+        f"{result['settings']['images']} images, K={result['settings']['batch_size']}, "
+        f"{result['settings']['repeats']} rounds; ms per image, median [min, max]",
+        f"first segment            {fmt(s['first_ms_per_image'])}",
+        f"re-answer, new ranker    {fmt(s['reanswer_ms_per_image'])}",
+        f"share of the first pass  {share['median']:.1%} [{share['min']:.1%}, {share['max']:.1%}] (target <= "
+        f"{TARGET_RANKER_SHARE:.0%}: {'met' if result['target']['met'] else 'NOT met'})",
+        f"re-answer stages (ms/image): {stages}",
+        f"load average (1 min): {m['loadavg'][0]:.1f} before, {m['loadavg_after'][0]:.1f} after",
+    ])
 
 
 def report(result: dict) -> str:

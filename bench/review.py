@@ -1,34 +1,49 @@
 """A simulated review (issue 18): does reviewing the most doubtful images first teach the ranker the
 classes it never learnt, and does it beat reviewing images at random?
 
-    python -m bench.review                      # the full run: 1,000-image job (~60 min on 2 quiet cores, caches kept)
-    python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 --sizes 25,50
-                                                 # the small version (~3 min once the caches exist)
+    python -m bench.review --threads 1          # the main job: 1,000 uniform composites (~35 min on 2 shared
+                                                # cores once the caches exist; ~60 min more without them)
+    python -m bench.review --threads 1 --class-weights longtail --no-requery \
+        --out bench/results/review-longtail.json   # the long-tailed job (second experiment)
+    python -m bench.review --threads 1 --job-seed 2 --images 300 --sizes 25,50 --no-requery \
+        --orders doubt,round-robin,image-doubt,unclaimed,errors --out bench/results/review-rules.json
+                                                # choosing the doubt rule, on another job
+    python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 \
+        --tune-seeds 1 --sizes 25,50 --no-requery   # the small version (~3 min once the caches exist)
 
 The world is the synthetic one (:mod:`slip.data.synth`). The job: ``--images`` 2x2 composites (tiles of
 ``--tile`` px) of ``--job-classes`` classes, drawn from a dataset generated with ``--job-seed`` (images no
-ranker saw), queried with every class name as a prompt. The starting ranker is the bundled synth ranker's
-recipe (:mod:`slip.train.synth_clip`) trained on the 22 catalogue classes that leave out ``--unseen`` of
-the job's classes (the paper's case: names the ranker never learnt). SAM's proposals are the bundled synth
+ranker saw), queried with every class name as a prompt; each composite's 4 classes are drawn uniformly,
+or with ``--class-weights`` (a long-tailed job: ``longtail`` = three of the unseen classes at weight 0.05,
+each in ~3.5 % of the images). The starting ranker is the bundled synth ranker's recipe
+(:mod:`slip.train.synth_clip`) trained on the 22 catalogue classes that leave out ``--unseen`` of the
+job's classes (the paper's case: names the ranker never learnt). SAM's proposals are the bundled synth
 SAM's, computed once per image and kept (segment once, query many), as are each segment's crop; each
 ranker re-embeds those crops only.
 
 A review of N images takes the first N images of an ordering, corrects them from the ground truth (each
 tile's object and its true mask: what a careful reviewer would draw), writes them as a labels folder
 (:func:`slip.review.write_labels`, what ``slip labels import`` writes, with the SAM proposals the
-reviewer rejected as background crops), fine-tunes the starting ranker on
-it (:func:`slip.train.finetune.fine_tune`, what ``slip train-ranker --init`` runs), recalibrates the
-threshold on the reviewed images, and scores the new ranker on the images nobody reviewed. Orderings:
-``doubt`` (:func:`slip.review.doubt_order` of the starting ranker's answers: the prompts in turn, each
-giving its least certain image) and
-``random`` (``--random-seeds`` seeded shuffles; medians reported).
+reviewer rejected as background crops), fine-tunes the starting ranker on it
+(:func:`slip.train.finetune.fine_tune`, what ``slip train-ranker --init`` runs), recalibrates the
+threshold on the reviewed images, and scores the new ranker on the images nobody reviewed. Every
+(ordering, N) is fine-tuned with ``--tune-seeds`` seeds (the seed of initialisation, data order,
+augmentation and the train/validation split of the reviewed crops: the same seeds for every ordering), so
+the comparison is not one fine-tune's luck. Orderings: ``doubt`` (the product's
+:func:`slip.review.doubt_order` of the starting ranker's answers, what ``--order doubt`` exports), the
+candidate rules of ``--orders`` (:data:`RULES`: how the rule was chosen), and ``random``
+(``--random-seeds`` seeded shuffles, each fine-tuned with every seed). Each arm is reported as the median
+with [min, max] over its runs (doubt: seeds; random: orderings x seeds), and as the share of
+(doubt run, random run) pairs doubt wins (ties count half).
 
 Accuracy is object-level, as in :mod:`slip.evaluate`: for each class present in an image, the argmax
 segment of its prompt has IoU > 0.5 with the object's true mask. Reported per ordering and N: accuracy
 on the unreviewed rest (the issue's curve), the starting ranker's accuracy on that same rest (the gain
-is learning, not easier leftovers: doubt leaves the easy images behind), and accuracy on the images that
-neither ordering reviewed (a common yardstick). Writes ``bench/results/review.json``. Caches (the
-ranker, the proposals and crops of the job) live under ``--work`` (default ``data/review-bench``).
+is learning, not easier leftovers: doubt leaves the easy images behind), accuracy on the images that
+no ordering reviewed (a common yardstick), and on the rare classes' objects (long-tailed job). Writes
+``--out`` (default ``bench/results/review.json``). Caches (the ranker, the proposals and crops of the job,
+every fine-tuned run) live under ``--work`` (default ``data/review-bench``): a rerun only fine-tunes what
+is new.
 """
 
 from __future__ import annotations
@@ -50,13 +65,15 @@ from PIL import Image
 
 from slip.calibrate import Probe, best_threshold
 from slip.data.synth import CLASS_NAMES, generate_dataset
-from slip.review import NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, prompt_certainty, rle_of, write_labels
+from slip.review import (DOUBT_SCALE, NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, image_doubt,
+                         prompt_certainty, rle_of, write_labels)
 from slip.threshold import read_threshold
 
 RESULTS = Path(__file__).parent / "results" / "review.json"
 SEEN = ("circle", "square", "triangle", "star", "heart", "crescent", "cross", "arrow", "ring", "hexagon")
 UNSEEN = ("fish", "bird", "cat", "butterfly", "house", "tree", "mushroom", "snowman", "turtle", "ghost")
 CROP = 64  # crop side the bundled ranker recipe uses
+LONGTAIL = {"cat": 0.05, "butterfly": 0.05, "house": 0.05}  # --class-weights longtail: rare unseen classes
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,11 +89,31 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibrate-composites", type=int, default=100, help="composites calibrating the starting ranker")
     p.add_argument("--sizes", default="25,50,100", help="reviewed images per curve point")
     p.add_argument("--random-seeds", type=int, default=3, help="random orderings (median reported)")
+    p.add_argument("--tune-seeds", type=int, default=3, help="fine-tuning seeds per (ordering, N), the same for all")
+    p.add_argument("--orders", default="doubt", help=f"doubt rules to run besides random: {', '.join(RULES)}")
+    p.add_argument("--class-weights", default=None,
+                   help="NAME=W,... draw weights of the job's classes (1 for a class not named); 'longtail' = "
+                        + ",".join(f"{k}={v}" for k, v in LONGTAIL.items()))
+    p.add_argument("--no-requery", action="store_true", help="skip the re-answer cost measurement")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the review recipe's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--work", type=Path, default=Path("data/review-bench"), help="cache and work folder")
     p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args()
+    a = p.parse_args()
+    a.weights = _weights(a.class_weights)
+    unknown = [o for o in a.orders.split(",") if o not in RULES]
+    if unknown:
+        p.error(f"unknown --orders {', '.join(unknown)}: use {', '.join(RULES)}")
+    return a
+
+
+def _weights(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    if text == "longtail":
+        return dict(LONGTAIL)
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    return {name.strip(): float(w) for name, w in pairs}
 
 
 # --- cached steps ------------------------------------------------------------------------------------
@@ -113,16 +150,12 @@ def starting_ranker(a, job_classes: tuple[str, ...], unseen: tuple[str, ...]) ->
 
 def job_world(a, job_classes: tuple[str, ...]) -> dict:
     """The job's composites, their SAM proposals, each proposal's crop and IoU with each tile's object; cached."""
-    from slip.evaluate import composite_source, sam_proposer
+    from slip.evaluate import sam_proposer
 
-    folder = a.work / _job_key(a, job_classes)
-    data = folder / "source"
-    cache = folder / f"world-{a.images}.npz"
+    cache = a.work / _job_key(a, job_classes) / f"world-{a.images}.npz"
     if cache.is_file():
         return dict(np.load(cache))
-    if not (data / "classes.json").is_file():
-        generate_dataset(data, classes=list(job_classes), per_class=a.job_per_class, size=128, seed=a.job_seed)
-    source = composite_source(data, seed=a.job_seed, split="all", tile_size=a.tile)
+    source = job_source(a, job_classes)
     propose = sam_proposer("synth", device="cpu")
     crops, ious, offsets, labels = [], [], [0], []
     start = time.perf_counter()
@@ -138,6 +171,19 @@ def job_world(a, job_classes: tuple[str, ...]) -> dict:
              "labels": np.array(labels), "sam_seconds": np.array(time.perf_counter() - start)}
     np.savez(cache, **world)
     return world
+
+
+def job_source(a, job_classes: tuple[str, ...]):
+    """The job's composites (:class:`slip.data.composites.CompositeSource`, ``--class-weights`` applied) over a
+    dataset generated with ``--job-seed`` (every image held out: no ranker saw them); the dataset is cached."""
+    from slip.data.composites import CompositeSource
+    from slip.data.folder import scan_folder
+
+    data = a.work / _source_key(a, job_classes) / "source"
+    if not (data / "classes.json").is_file():
+        generate_dataset(data, classes=list(job_classes), per_class=a.job_per_class, size=128, seed=a.job_seed)
+    folder = scan_folder(data)
+    return CompositeSource(folder, folder.records, seed=a.job_seed, tile_size=a.tile, weights=a.weights)
 
 
 def _segments(composite, propose) -> tuple[np.ndarray, np.ndarray]:
@@ -242,15 +288,17 @@ class Proposals:
 
 
 def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path, source,
-           proposals: Proposals) -> Path:
+           proposals: Proposals, *, seed: int) -> tuple[Path, bool]:
     """Correct ``reviewed`` from the truth, write the labels folder (with the rejected proposals), fine-tune
-    ``start`` on it, recalibrate."""
+    ``start`` on it with ``seed`` (:func:`slip.train.finetune.fine_tune`), recalibrate. Returns the ranker and
+    whether it was reused (the same review fine-tuned before: same images, start, seed and epochs)."""
     from slip.threshold import write_threshold
     from slip.train.finetune import REVIEW_RECIPE, fine_tune
 
     done = run / "reviewed.json"
-    if done.is_file() and json.loads(done.read_text()) == {"reviewed": reviewed, "start": str(start), "negatives": NEGATIVES}:
-        return run / "ranker"  # this review was fine-tuned before (same images, same start): reuse it
+    marker = {"reviewed": reviewed, "start": str(start), "negatives": NEGATIVES, "tune_seed": seed, "epochs": a.epochs}
+    if done.is_file() and {"tune_seed": 0, "epochs": None, **json.loads(done.read_text())} == marker:
+        return run / "ranker", True
     shutil.rmtree(run, ignore_errors=True)
     images = {}
     items = []
@@ -263,13 +311,15 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
     write_labels(run / "labels", items, prompts=prompts, image=lambda r: _png(images[r.index]),
                  proposals=lambda r: proposals(r.index), source="simulated", export="ground truth", job=None,
                  heldout_fraction=0.0)
-    config = replace(REVIEW_RECIPE, device="cpu", progress=False, epochs=a.epochs or REVIEW_RECIPE.epochs)
+    config = replace(REVIEW_RECIPE, device="cpu", progress=False, epochs=a.epochs or REVIEW_RECIPE.epochs,
+                     seed=seed, split_seed=seed)
     result = fine_tune(run / "labels", run / "ranker", init=str(start), config=config)
     scorer = Scorer(result.out, world, prompts)
     point = best_threshold(scorer.probes(reviewed))
     write_threshold(result.out, {**point.to_json(), "calibrated_on": f"{len(reviewed)} reviewed images"})
-    done.write_text(json.dumps({"reviewed": reviewed, "start": str(start), "negatives": NEGATIVES}))
-    return result.out
+    shutil.rmtree(run / "labels")  # ~2 MB per run; the ranker and the marker are what a rerun reuses
+    done.write_text(json.dumps(marker))
+    return result.out, False
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -332,6 +382,56 @@ def requery_cost(a, source, start: Path, tuned: Path, prompts, *, images: int = 
                     "(image reads and store writes not included: the queue adds those to both)"}
 
 
+# --- orderings --------------------------------------------------------------------------------------
+# Each rule maps the starting ranker's answers (per image its (N, P) segment x prompt similarities) and its
+# threshold to a review order. "doubt" is the product's rule; the others are the candidates it was chosen
+# from (bench/results/review-rules.json, on another job).
+
+
+def _product(sims, threshold):
+    return doubt_order([_certainty_row(s, threshold) for s in sims])
+
+
+def _certainty_row(sim: np.ndarray, threshold) -> list[float]:
+    return [prompt_certainty(sim[:, p], threshold) for p in range(sim.shape[1])]
+
+
+def _round_robin(sims, threshold) -> list[int]:
+    """The first product rule: rounds over the prompts (the one whose least certain answer is the most
+    doubtful first), each taking its least certain image not taken yet."""
+    c = np.array([_certainty_row(s, threshold) for s in sims])
+    queues = [list(np.lexsort((np.arange(len(c)), c[:, p]))) for p in range(c.shape[1])]
+    turn = sorted(range(c.shape[1]), key=lambda p: (c[queues[p][0], p], p))
+    taken, order = set(), []
+    while len(order) < len(c):
+        for p in turn:
+            while queues[p] and queues[p][0] in taken:
+                queues[p].pop(0)
+            if queues[p]:
+                taken.add(queues[p][0]), order.append(int(queues[p].pop(0)))
+    return order
+
+
+def _unclaimed(sim: np.ndarray, threshold) -> float:
+    """Segments no prompt claims, softly: ``sum_j sigmoid((t - max_p s_jp) / DOUBT_SCALE)``."""
+    if threshold is None or not len(sim):
+        return 0.0
+    return float((1.0 / (1.0 + np.exp((sim.max(1) - threshold) / DOUBT_SCALE))).sum())
+
+
+def _by_score(scores) -> list[int]:
+    return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
+
+
+RULES = {
+    "doubt": _product,
+    "round-robin": _round_robin,
+    "image-doubt": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) for s in sims]),
+    "unclaimed": lambda sims, t: _by_score([_unclaimed(s, t) for s in sims]),
+    "errors": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) + _unclaimed(s, t) for s in sims]),
+}
+
+
 # --- the bench ---------------------------------------------------------------------------------------
 
 
@@ -347,42 +447,50 @@ def main() -> int:
     load = os.getloadavg()
     start = starting_ranker(a, job_classes, unseen)
     world = job_world(a, job_classes)
-    from slip.evaluate import composite_source
-
-    source = composite_source(a.work / _job_key(a, job_classes) / "source", seed=a.job_seed, split="all",
-                              tile_size=a.tile)
+    source = job_source(a, job_classes)
     prompts = tuple(job_classes)
     base = Scorer(start, world, prompts)
-    proposals = Proposals(a.work / _job_key(a, job_classes) / "proposals", source, base, prompts)
+    folder = a.work / _job_key(a, job_classes)
+    proposals = Proposals(folder / "proposals", source, base, prompts)
     everything = list(range(a.images))
-    orders = {"doubt": doubt_order(np.array([base.certainties(i) for i in everything]))}
-    for s in range(a.random_seeds):
-        orders[f"random-{s}"] = [int(i) for i in np.random.default_rng([18, s]).permutation(a.images)]
-    runs: dict[str, dict] = {name: {} for name in orders}
+    sims = [base.image(i)[0] for i in everything]
+    orders = {name: RULES[name](sims, base.threshold) for name in a.orders.split(",")}
+    for r in range(a.random_seeds):
+        orders[f"random-{r}"] = [int(i) for i in np.random.default_rng([18, r]).permutation(a.images)]
+    rare = [p for p in prompts if (a.weights or {}).get(p, 1.0) < 1.0]
+    runs: dict[str, dict] = {name: {n: {} for n in sizes} for name in orders}
     for n in sizes:
-        for name, order in orders.items():
-            t0 = time.perf_counter()
-            reviewed = order[:n]
-            rest = sorted(set(everything) - set(reviewed))
-            tuned = Scorer(review(a, reviewed, world, prompts, start, a.work / "runs" / f"{name}-{n}", source,
-                                  proposals), world, prompts)
-            runs[name][n] = {"rest_images": len(rest), "accuracy_rest": tuned.accuracy(rest),
-                             "start_accuracy_rest": base.accuracy(rest), "threshold": tuned.threshold,
-                             "unseen_reviewed_objects": _unseen_objects(world, reviewed, job_classes, unseen),
-                             "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
-                             "per_class_rest": _per_class(tuned, rest, world, prompts),
-                             "seconds": round(time.perf_counter() - t0, 1), "_scorer": tuned, "_reviewed": set(reviewed)}
-            print(f"{name:>9} N={n:<4} rest {runs[name][n]['accuracy_rest']:.1%} (start ranker on the same rest "
-                  f"{runs[name][n]['start_accuracy_rest']:.1%}) [{runs[name][n]['seconds']} s]", flush=True)
-        common = sorted(set(everything) - set().union(*(runs[k][n]["_reviewed"] for k in orders)))
-        for name in orders:
-            runs[name][n]["accuracy_common"] = runs[name][n].pop("_scorer").accuracy(common)
-            runs[name][n]["common_images"] = len(common)
-            del runs[name][n]["_reviewed"]
-    record = _record(a, base, runs, sizes, job_classes, unseen, start, world, load, started)
-    largest = a.work / "runs" / f"doubt-{max(sizes)}" / "ranker"
-    record["requery_cost"] = requery_cost(a, source, start, largest, prompts)
-    record["targets"]["requery_at_most_5_percent_of_first_pass_library"] = record["requery_cost"]["ratio_median"] <= 0.05
+        scorers = {}
+        for seed in range(a.tune_seeds):
+            for name, order in orders.items():  # interleaved: every ordering at one seed, then the next seed
+                t0 = time.perf_counter()
+                reviewed = order[:n]
+                rest = sorted(set(everything) - set(reviewed))
+                run = folder / "runs" / (f"{name}-{n}" + (f"-t{seed}" if seed else ""))
+                path, reused = review(a, reviewed, world, prompts, start, run, source, proposals, seed=seed)
+                tuned = scorers[name, seed] = Scorer(path, world, prompts)
+                per_class = _per_class(tuned, rest, world, prompts)
+                runs[name][n][seed] = record = {
+                    "rest_images": len(rest), "accuracy_rest": tuned.accuracy(rest),
+                    "start_accuracy_rest": base.accuracy(rest), "threshold": tuned.threshold,
+                    "reviewed_objects": _objects(world, reviewed, prompts),
+                    "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
+                    "per_class_rest": per_class, "accuracy_rest_rare": _class_accuracy(tuned, rest, world, prompts, rare),
+                    "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+                print(f"{name:>12} N={n:<4} seed {seed}  rest {record['accuracy_rest']:.1%} (start ranker on the same "
+                      f"rest {record['start_accuracy_rest']:.1%}) [{record['seconds']} s{', reused' if reused else ''}]",
+                      flush=True)
+        common = sorted(set(everything) - set().union(*(set(order[:n]) for order in orders.values())))
+        for (name, seed), scorer in scorers.items():
+            runs[name][n][seed]["accuracy_common"] = scorer.accuracy(common)
+            runs[name][n][seed]["common_images"] = len(common)
+    record = _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started)
+    if not a.no_requery:
+        first = a.orders.split(",")[0]
+        largest = folder / "runs" / f"{first}-{max(sizes)}" / "ranker"
+        record["requery_cost"] = requery_cost(a, source, start, largest, prompts)
+        record["targets"]["requery_at_most_5_percent_of_first_pass_library"] = record["requery_cost"]["ratio_median"] <= 0.05
+    record["seconds"] = round(time.perf_counter() - started, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=2))
     _print_table(record)
@@ -390,13 +498,21 @@ def main() -> int:
     return 0 if all(record["targets"].values()) else 1
 
 
-def _job_key(a, job_classes) -> str:
+def _source_key(a, job_classes) -> str:
     return f"job-{'-'.join(c.replace(' ', '_') for c in job_classes)}-s{a.job_seed}-p{a.job_per_class}-t{a.tile}"
 
 
-def _unseen_objects(world, reviewed, job_classes, unseen) -> int:
-    ids = {job_classes.index(c) for c in unseen}
-    return int(sum(int(c) in ids for i in reviewed for c in world["labels"][i]))
+def _job_key(a, job_classes) -> str:
+    """The job's cache folder: its source dataset's, plus the class weights of a long-tailed job."""
+    if not a.weights:
+        return _source_key(a, job_classes)
+    return _source_key(a, job_classes) + "-w" + "-".join(f"{k.replace(' ', '_')}{v:g}" for k, v in sorted(a.weights.items()))
+
+
+def _objects(world, images, prompts) -> dict[str, int]:
+    """Objects per class in ``images``."""
+    counts = np.bincount(np.asarray([int(c) for i in images for c in world["labels"][i]], int), minlength=len(prompts))
+    return {p: int(k) for p, k in zip(prompts, counts)}
 
 
 def _per_class(scorer: Scorer, images, world, prompts) -> dict:
@@ -407,58 +523,102 @@ def _per_class(scorer: Scorer, images, world, prompts) -> dict:
     return {p: round(float(np.mean(v)), 4) if v else None for p, v in hits.items()}
 
 
-def _median(runs, names, n, key) -> float:
-    return float(statistics.median(runs[k][n][key] for k in names))
+def _class_accuracy(scorer: Scorer, images, world, prompts, classes) -> float | None:
+    """Object-level accuracy over the objects of ``classes`` only (None without any)."""
+    ids = {prompts.index(c) for c in classes}
+    flags = [h for i in images for c, h in zip(world["labels"][i], scorer.hits(i)) if int(c) in ids]
+    return float(np.mean(flags)) if flags else None
 
 
-def _record(a, base, runs, sizes, job_classes, unseen, start, world, load, started) -> dict:
-    randoms = [k for k in runs if k.startswith("random")]
+def _spread(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": 0}
+    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "runs": len(values)}
+
+
+def _win_share(mine, theirs) -> float:
+    """The share of (mine, theirs) pairs where mine is higher, ties counting half."""
+    pairs = [(x > y) + 0.5 * (x == y) for x in mine for y in theirs]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started) -> dict:
+    arms = {name: [name] for name in runs if not name.startswith("random")}
+    arms["random"] = [name for name in runs if name.startswith("random")]
     all_images = list(range(a.images))
-    curves = {"doubt": {"0": base.accuracy(all_images)}, "random": {"0": base.accuracy(all_images)}}
-    common, gains = {"doubt": {}, "random": {}}, {"doubt": {}, "random": {}}
-    for n in sizes:
-        curves["doubt"][str(n)] = runs["doubt"][n]["accuracy_rest"]
-        curves["random"][str(n)] = _median(runs, randoms, n, "accuracy_rest")
-        common["doubt"][str(n)] = runs["doubt"][n]["accuracy_common"]
-        common["random"][str(n)] = _median(runs, randoms, n, "accuracy_common")
-        gains["doubt"][str(n)] = runs["doubt"][n]["accuracy_rest"] - runs["doubt"][n]["start_accuracy_rest"]
-        gains["random"][str(n)] = float(statistics.median(
-            runs[k][n]["accuracy_rest"] - runs[k][n]["start_accuracy_rest"] for k in randoms))
+    at_zero = {"accuracy_rest": base.accuracy(all_images),
+               "accuracy_rest_rare": _class_accuracy(base, all_images, world, job_classes, rare)}
+
+    def values(arm, n, key):
+        return [r[key] for name in arms[arm] for r in runs[name][n].values()]
+
+    summary = {}
+    for key in ("accuracy_rest", "accuracy_common", "gain", "accuracy_rest_rare"):
+        summary[key] = {arm: {} for arm in arms}
+        for arm in arms:
+            if key in at_zero:
+                summary[key][arm]["0"] = _spread([at_zero[key]])
+            for n in sizes:
+                if key == "gain":
+                    got = [r["accuracy_rest"] - r["start_accuracy_rest"] for name in arms[arm] for r in runs[name][n].values()]
+                else:
+                    got = values(arm, n, key)
+                summary[key][arm][str(n)] = _spread(got)
+    wins = {arm: {str(n): _win_share(values(arm, n, "accuracy_rest"), values("random", n, "accuracy_rest"))
+                  for n in sizes} for arm in arms if arm != "random"}
     targets = {}
-    if 50 in sizes:
-        targets["doubt_50_gain_on_rest_at_least_10_points"] = gains["doubt"]["50"] >= 0.10
+    rest = summary["accuracy_rest"]
+    if "doubt" in arms and 50 in sizes:
+        targets["doubt_50_gain_on_rest_at_least_10_points"] = summary["gain"]["doubt"]["50"]["median"] >= 0.10
     for n in (25, 50):
-        if n in sizes:
-            targets[f"doubt_beats_random_at_{n}_rest"] = curves["doubt"][str(n)] > curves["random"][str(n)]
-            targets[f"doubt_beats_random_at_{n}_common"] = common["doubt"][str(n)] > common["random"][str(n)]
+        if "doubt" in arms and n in sizes:
+            targets[f"doubt_beats_random_at_{n}_rest_median"] = rest["doubt"][str(n)]["median"] > rest["random"][str(n)]["median"]
     return {
         "command": "python -m bench.review " + " ".join(sys.argv[1:]),
         "args": {k: str(v) for k, v in vars(a).items()},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_start": load,
                     "load_average_end": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__},
         "job": {"images": a.images, "classes": list(job_classes), "unseen_by_start_ranker": list(unseen),
+                "class_weights": a.weights, "rare_classes": rare, "objects": _objects(world, all_images, job_classes),
                 "segments": int(len(world["ious"])), "sam_seconds_first_pass": float(world["sam_seconds"])},
         "start_ranker": {"path": str(start), "threshold": base.threshold,
                          "per_class_all": _per_class(base, all_images, world, job_classes)},
         "accuracy": "object-level: per class present in an image, the argmax segment of its prompt has IoU > 0.5 "
                     "with the object's true mask (slip.evaluate)",
-        "curves_rest": curves,
-        "curves_common": common,
-        "gain_over_start_on_same_rest": gains,
-        "runs": {k: {str(n): v for n, v in r.items()} for k, r in runs.items()},
+        "arms": {"runs_per_arm": {arm: len(names) * a.tune_seeds for arm, names in arms.items()},
+                 "what": "each arm's median, min and max over its runs: a rule = its ordering fine-tuned with each "
+                         "seed; random = each random ordering fine-tuned with each seed (the same seeds)"},
+        "curves_rest": summary["accuracy_rest"],
+        "curves_common": summary["accuracy_common"],
+        "gain_over_start_on_same_rest": summary["gain"],
+        "curves_rest_rare": summary["accuracy_rest_rare"] if rare else None,
+        "win_share_vs_random_rest": wins,
+        "runs": {k: {str(n): {str(s): rec for s, rec in seeds.items()} for n, seeds in r.items()} for k, r in runs.items()},
         "targets": targets,
-        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def _print_table(record: dict) -> None:
-    sizes = list(record["curves_rest"]["doubt"])
-    print("\nobject-level accuracy on the unreviewed rest (common yardstick in brackets)")
-    print(f"{'reviewed':>9} " + " ".join(f"{s:>15}" for s in sizes))
-    for name in ("doubt", "random"):
-        cells = [f"{record['curves_rest'][name][s]:.1%}" + (f" [{record['curves_common'][name][s]:.1%}]" if s != "0" else "")
-                 for s in sizes]
-        print(f"{name:>9} " + " ".join(f"{c:>15}" for c in cells))
+    def cell(d):
+        if d["median"] is None:
+            return "-"
+        return f"{d['median']:.1%}" + ("" if d["runs"] == 1 else f" [{d['min']:.1%}, {d['max']:.1%}]")
+
+    for title, key in (("object-level accuracy on the unreviewed rest", "curves_rest"),
+                       ("on the images no ordering reviewed", "curves_common"),
+                       ("on the rare classes' objects of the rest", "curves_rest_rare")):
+        table = record.get(key)
+        if not table:
+            continue
+        sizes = sorted({s for arm in table.values() for s in arm}, key=int)
+        print(f"\n{title}: median [min, max] over the runs")
+        print(f"{'reviewed':>12} " + " ".join(f"{s:>24}" for s in sizes))
+        for arm, row in table.items():
+            print(f"{arm:>12} " + " ".join(f"{cell(row[s]) if s in row else '':>24}" for s in sizes))
+    print("share of (rule run, random run) pairs the rule wins: " + "; ".join(
+        f"{arm} " + ", ".join(f"N={n}: {v:.0%}" for n, v in row.items()) for arm, row in record["win_share_vs_random_rest"].items()))
     cost = record.get("requery_cost")
     if cost:
         print(f"re-answer with the new ranker from cached proposals: {cost['requery']['median_s'] * 1000:.0f} ms per "

@@ -40,10 +40,10 @@ class Reaper:
     """The heartbeat thread of one worker (keyword-only options)."""
 
     def __init__(self, *, board: Board, store: Store, settings: Settings, send: Send, queue_empty: Callable[[], bool],
-                 instance: str, node: str, units: Callable[[], int] = lambda: 0) -> None:
+                 instance: str, node: str, units: Callable[[], int] = lambda: 0, serves: dict | None = None) -> None:
         self.board, self.store, self.settings, self.send = board, store, settings, send
         self.queue_empty = queue_empty  # whether the model queue holds no message (asked of idle jobs only)
-        self.instance, self.node, self.units = instance, node, units
+        self.instance, self.node, self.units, self.serves = instance, node, units, serves  # serves: engine, sam, clip
         self.started, self._last, self._rate, self._beats = time.time(), (time.time(), 0), 0.0, 0
         self._failing, self._stop = False, threading.Event()
         self._thread = threading.Thread(target=self._loop, name="slip-reaper", daemon=True)
@@ -80,7 +80,8 @@ class Reaper:
         self._last = (now, units)
         self.board.beat(self.instance, {"node": self.node, "host": socket.gethostname(), "pid": os.getpid(),
                                         "pids": [os.getpid(), *children(os.getpid())], "at": now,
-                                        "started": self.started, "units": units, "rate": round(self._rate, 3)})
+                                        "started": self.started, "units": units, "rate": round(self._rate, 3),
+                                        "serves": self.serves})
         done = self.reap(now)
         self.store.sweep_temporaries(self.settings.task_time_limit_s)
         self._beats += 1

@@ -4,7 +4,8 @@ Every ``SLIP_*`` variable the queue understands is a field of :class:`Settings`,
 one-line meaning beside it; the model-side variables (``SLIP_SAM``, ``SLIP_DEVICE``, ...) are
 :class:`slip.settings.ModelSettings`, held in ``models``. Invalid values raise
 :class:`slip.errors.ConfigError` naming the variable; a process reads only what it uses (a producer reads
-``SLIP_SAM`` and ``SLIP_CLIP`` of the model side, a worker all of it; ``slip --help`` reads nothing).
+``SLIP_ENGINE``, ``SLIP_SAM`` and ``SLIP_CLIP`` of the model side, a worker all of it; ``slip --help`` reads
+nothing).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from slip.settings import EnvReader, ModelSettings
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_STORE = "./slip-store"
 BEATS_PER_DEATH = 6  # heartbeats a worker may miss in SLIP_DEAD_AFTER before it counts as dead
-PRODUCER_MODELS = ("sam", "clip")  # the model settings a producer uses: the models a job names
+PRODUCER_MODELS = ("engine", "sam", "clip")  # the model settings a producer uses: what a job names
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class WorkerRow:
     chunk: int | None
     units: int  # units finished since it started
     rate: float  # units per second over the last minute
+    serves: dict | None = None  # {"engine", "sam", "clip"} of a worker on the gpu queue; None for a cpu-only one
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -158,7 +159,8 @@ def workers(board: Board, *, dead_after_s: float) -> list[WorkerRow]:
     holding = {m.get("worker"): (j, c) for j, v in zip(active, views) for c, m in v.running.items()}
     return [WorkerRow(node=b.get("node", ""), instance=i, host=b.get("host", ""), heartbeat_age_s=now - float(b["at"]),
                       alive=now - float(b["at"]) < dead_after_s, job=holding.get(i, (None, None))[0],
-                      chunk=holding.get(i, (None, None))[1], units=int(b.get("units", 0)), rate=float(b.get("rate", 0)))
+                      chunk=holding.get(i, (None, None))[1], units=int(b.get("units", 0)), rate=float(b.get("rate", 0)),
+                      serves=b.get("serves"))
             for i, b in sorted(beats.items(), key=lambda kv: kv[1].get("node", ""))]
 
 

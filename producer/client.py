@@ -116,36 +116,85 @@ class QueueClient:
             self.store.put_bytes(key, data)
         return key, sha
 
+    def segment_spec(self, prompts: Sequence[str], options: SegmentOptions | dict | None = None, *,
+                     engine: str | None = None, sam: str | None = None, clip: str | None = None,
+                     keep_features: bool = False) -> SegmentSpec:
+        """A segment job's spec, checked (one line per problem) before anything is uploaded; its ranker in a form
+        every worker can load (:func:`jobs.rankers.publish_ranker`: a local directory is uploaded to the store).
+        Defaults: SLIP_ENGINE, SLIP_SAM, SLIP_CLIP (the sam3 engine takes no ranker)."""
+        from jobs.rankers import publish_ranker
+
+        options = options if isinstance(options, SegmentOptions) else SegmentOptions.parse(options or {})
+        models = self.settings.models
+        engine = engine or models.engine
+        clip = clip if engine == "sam3" else (clip or models.clip)
+        spec = parse_model(SegmentSpec, {"prompts": list(prompts), "engine": engine, "sam": sam or models.sam,
+                                         "clip": clip, "options": options, "keep_features": keep_features})
+        return spec if spec.clip is None else spec.model_copy(update={"clip": publish_ranker(self.store, spec.clip)})
+
     def create_job(
         self, paths: Iterable[str | Path], prompts: Sequence[str], options: SegmentOptions | dict | None = None,
-        *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
+        *, engine: str | None = None, sam: str | None = None, clip: str | None = None, keep_features: bool = False,
+        batch_size: int = DEFAULT_BATCH,
     ) -> JobManifest:
         """Validate, upload and write a segment job's manifest (pages first); nothing is sent yet."""
-        options = options if isinstance(options, SegmentOptions) else SegmentOptions.parse(options or {})
-        spec = parse_model(SegmentSpec, {"prompts": list(prompts), "sam": sam or self.settings.models.sam,
-                                         "clip": clip or self.settings.models.clip, "options": options})
-        if not 1 <= batch_size <= 64:
-            raise InputError(f"batch size must be between 1 and 64 images per task, got {batch_size}")
+        spec = self.segment_spec(prompts, options, engine=engine, sam=sam, clip=clip, keep_features=keep_features)
+        _check_batch(batch_size)
         files = expand_paths(paths)
-        items = self.upload(files)
+        return self._write_segment_job(spec, self.upload(files), batch_size, root=str(submitted_root(files)))
+
+    def create_from_job(
+        self, job_id: str, *, prompts: Sequence[str] | None = None, options: SegmentOptions | dict | None = None,
+        engine: str | None = None, sam: str | None = None, clip: str | None = None,
+        keep_features: bool | None = None, batch_size: int | None = None,
+    ) -> JobManifest:
+        """A new segment job over the images of the segment job ``job_id`` (already in the store: nothing is
+        uploaded, no local path is needed), with its prompts, engine, models and options unless given here
+        (``options``: a dict overrides the old job's options one by one, a SegmentOptions replaces them)."""
+        old = load_manifest(self.store, job_id)
+        if old.kind != "segment":
+            raise InputError(f"--from-job {job_id} is a {old.kind} job: only a segment job's images can be segmented "
+                             f"again")
+        was = SegmentSpec.model_validate(old.spec)
+        if not isinstance(options, SegmentOptions):
+            options = SegmentOptions.parse({**was.options.model_dump(mode="json"), **(options or {})})
+        engine = engine or was.engine
+        same_engine = engine == was.engine
+        spec = self.segment_spec(
+            prompts or was.prompts, options, engine=engine, sam=sam or (was.sam if same_engine else None),
+            clip=clip or (was.clip if same_engine else None),
+            keep_features=was.keep_features and same_engine if keep_features is None else keep_features)
+        batch_size = batch_size or old.batch_size
+        _check_batch(batch_size)
+        return self._write_segment_job(spec, list(iter_items(self.store, old)), batch_size, root=old.root)
+
+    def _write_segment_job(self, spec: SegmentSpec, items: list[Item], batch_size: int, *, root: str) -> JobManifest:
         manifest = JobManifest(job_id=new_job_id(), created=utc_now(), spec=spec, batch_size=batch_size,
-                               total=len(items), page_size=JobManifest.page_size_for(batch_size),
-                               root=str(submitted_root(files)))
+                               total=len(items), page_size=JobManifest.page_size_for(batch_size), root=root)
         write_job(self.store, manifest, items)
         return manifest
 
     def submit_segment(
         self, paths: Iterable[str | Path], prompts: Sequence[str], options: SegmentOptions | dict | None = None,
-        *, sam: str | None = None, clip: str | None = None, batch_size: int = DEFAULT_BATCH,
-        max_in_flight: int = DEFAULT_IN_FLIGHT, on_job: Callable[[str], None] | None = None,
+        *, engine: str | None = None, sam: str | None = None, clip: str | None = None, keep_features: bool = False,
+        batch_size: int = DEFAULT_BATCH, max_in_flight: int = DEFAULT_IN_FLIGHT,
+        on_job: Callable[[str], None] | None = None,
     ) -> str:
         """Upload, write the manifest, hand the job to the cluster and send its first chunks; the job id.
         Returns without waiting: the workers keep ``max_in_flight`` chunks in flight until the job is done."""
-        if max_in_flight < 1:
-            raise InputError(f"max in-flight chunks must be at least 1, got {max_in_flight}")
+        _check_in_flight(max_in_flight)
         self.check_broker()
-        manifest = self.create_job(paths, prompts, options, sam=sam, clip=clip, batch_size=batch_size)
+        manifest = self.create_job(paths, prompts, options, engine=engine, sam=sam, clip=clip,
+                                   keep_features=keep_features, batch_size=batch_size)
         return self.start(manifest, window=max_in_flight, on_job=on_job)
+
+    def submit_from_job(self, job_id: str, *, max_in_flight: int = DEFAULT_IN_FLIGHT,
+                        on_job: Callable[[str], None] | None = None, **changes) -> str:
+        """:meth:`create_from_job` (``changes``: its keyword options), handed to the cluster; the new job's id.
+        A new ranker re-answers the old job from its cached proposals (no SAM work), under the new ranker's keys."""
+        _check_in_flight(max_in_flight)
+        self.check_broker()
+        return self.start(self.create_from_job(job_id, **changes), window=max_in_flight, on_job=on_job)
 
     def submit(self, kind: str, spec: dict, requests: Sequence[dict], *, job_id: str | None = None,
                names: Sequence[str] = (), on_job: Callable[[str], None] | None = None) -> str:
@@ -283,6 +332,16 @@ class QueueClient:
                 if len(names) == len(indices):
                     break
         return names
+
+
+def _check_batch(batch_size: int) -> None:
+    if not 1 <= batch_size <= 64:
+        raise InputError(f"batch size must be between 1 and 64 images per task, got {batch_size}")
+
+
+def _check_in_flight(max_in_flight: int) -> None:
+    if max_in_flight < 1:
+        raise InputError(f"max in-flight chunks must be at least 1, got {max_in_flight}")
 
 
 class _Outcomes:

@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 def settings_from_env():
     """:class:`jobs.settings.Settings` from the environment, read here, at the command's edge (of the model
-    settings, only the models a job names: ``SLIP_SAM``, ``SLIP_CLIP``)."""
+    settings, only what a job names: ``SLIP_ENGINE``, ``SLIP_SAM``, ``SLIP_CLIP``)."""
     from jobs.settings import PRODUCER_MODELS, Settings
 
     return Settings.from_env(os.environ, models=PRODUCER_MODELS)

@@ -1,6 +1,7 @@
 """Queue commands (settings read here, at the edge: ``SLIP_BROKER_URL``, ``SLIP_STORE``, ``SLIP_SAM``, ...)::
 
-    slip submit segment PATH... --prompt TEXT [--prompt ...] [--wait] [--batch-size K] [--max-in-flight M]
+    slip submit segment PATH... --prompt TEXT [--prompt ...] [--engine E] [--sam S] [--clip C] [--wait] ...
+    slip submit segment --from-job JOB [--clip NEW] [--prompt TEXT ...] [options]   (the old job's images again)
     slip status JOB [--json]
     slip jobs [--state active|finished|lost] [--kind KIND] [--limit N] [--json]
     slip wait JOB [--timeout S]
@@ -23,30 +24,66 @@ import typer
 
 from producer.common import client_from_env, follow, print_summary, queue_errors
 from slip.cli.common import synth_warning
+from slip.errors import InputError
 from slip.options import SegmentOptions, with_segment_options
 
 
 @with_segment_options()
 def submit_segment(
-    paths: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (at most 32)."),
+    ctx: typer.Context,
+    paths: Optional[List[str]] = typer.Argument(None, help="Image files, directories (recursive) or glob patterns "
+                                                "(not with --from-job)."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Text prompt; repeat for several (at "
+                                               "most 32). With --from-job: default, the old job's prompts."),
+    from_job: Optional[str] = typer.Option(None, "--from-job", help="Segment the images of this segment job again "
+                                           "(already in the store): its prompts, engine, models and options unless "
+                                           "given here; e.g. --clip NEW re-answers it from the cached proposals."),
     wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it is finished."),
-    batch_size: int = typer.Option(4, "--batch-size", "-k", min=1, max=64, help="Images per task (K)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-k", min=1, max=64,
+                                             help="Images per task (K; default 4, or the old job's)."),
     max_in_flight: int = typer.Option(32, "--max-in-flight", "-m", min=1,
                                       help="Tasks in flight at once (M); the cluster keeps the job topped up."),
-    sam: Optional[str] = typer.Option(None, help="SAM spec the workers must serve (default: $SLIP_SAM or vit_b)."),
-    clip: Optional[str] = typer.Option(None, help="Ranker spec the workers must serve (default: $SLIP_CLIP)."),
+    engine: Optional[str] = typer.Option(None, help="Engine the workers must serve: slip | sam3 | sam3-rank "
+                                         "(default: $SLIP_ENGINE, else slip)."),
+    sam: Optional[str] = typer.Option(None, help="SAM spec the workers must serve: SAM 1 / 2, or SAM 3 for the "
+                                      "sam3 engines (default: $SLIP_SAM or vit_b)."),
+    clip: Optional[str] = typer.Option(None, help="Ranker spec: a hub id, synth, store:PREFIX, job:TRAIN_JOB or a "
+                                       "local directory (uploaded to the store); workers load it on first use "
+                                       "(default: $SLIP_CLIP)."),
+    keep_features: bool = typer.Option(False, "--keep-features", help="--engine sam3: store every image's vision "
+                                       "features (fp16, ~56 MB per image for SAM 3) so later prompts skip the "
+                                       "backbone."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: stop following after this many seconds."),
     options: SegmentOptions = SegmentOptions(),
 ) -> None:
-    """Upload images, hand the job to the cluster and print its id; the workers do the rest."""
+    """Upload images (or reuse a job's, --from-job), hand the job to the cluster and print its id."""
     with queue_errors():
         client = client_from_env()
-        synth_warning(sam or client.settings.models.sam, clip or client.settings.models.clip)
-        job_id = client.submit_segment(paths, prompt, options, sam=sam, clip=clip, batch_size=batch_size,
-                                       max_in_flight=max_in_flight, on_job=typer.echo)
+        if from_job is not None:
+            if paths:
+                raise InputError("--from-job takes the old job's images: give no PATH")
+            job_id = client.submit_from_job(
+                from_job, prompts=prompt or None, options=_given_options(ctx, options), engine=engine, sam=sam,
+                clip=clip,
+                keep_features=keep_features or None, batch_size=batch_size, max_in_flight=max_in_flight,
+                on_job=typer.echo)
+        else:
+            if not paths or not prompt:
+                raise InputError("give the images (PATH ...) and at least one --prompt, or --from-job JOB")
+            synth_warning(sam or client.settings.models.sam, clip or client.settings.models.clip)
+            job_id = client.submit_segment(paths, prompt, options, engine=engine, sam=sam, clip=clip,
+                                           keep_features=keep_features, batch_size=batch_size or 4,
+                                           max_in_flight=max_in_flight, on_job=typer.echo)
         code = follow(client, job_id, timeout) if wait else 0
     raise typer.Exit(code)
+
+
+def _given_options(ctx: typer.Context, options: SegmentOptions) -> dict:
+    """The segment options given on this command line, as overrides of the old job's."""
+    sources = {name: ctx.get_parameter_source(name) for name in SegmentOptions.model_fields}
+    given = {name for name, source in sources.items()
+             if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+    return {k: v for k, v in options.model_dump(mode="json").items() if k in given}
 
 
 def status(

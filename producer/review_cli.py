@@ -7,7 +7,7 @@
     slip labels calibrate LABELS --ranker SPEC [--write]        (the threshold, on the reviewed images)
     slip review JOB --out DIR [--limit 50] [--format label-studio|cvat] [--image-base URL]      (1. export)
     slip review JOB --out DIR --corrections EXPORT [--from label-studio] [--ranker SPEC]
-                [--requery PATH ...]                                                           (2. learn)
+                [--no-reanswer | --requery PATH ...]                                           (2. learn)
 
 ``slip review`` without ``--corrections`` writes the ``--limit`` most doubtful images of the job
 (:mod:`producer.doubt`) as pre-annotations for the labelling tool (``DIR/review.label-studio.json`` and its
@@ -15,10 +15,11 @@ labelling config, or ``DIR/review.cvat.xml``). With ``--corrections`` (the tool'
 it imports them (``DIR/labels``, a seeded 80/20 train / held-out split of the reviewed images), scores
 the current ranker on the held-out reviewed images, fine-tunes it on the train split's crops
 (``DIR/ranker``, :func:`slip.train.finetune.fine_tune`), calibrates the new ranker's threshold on the
-train split, scores it on the held-out images, prints both, and re-answers the job with the new ranker
-(``--requery PATH ...``: the paths the job was submitted with; uploads are content-addressed, so nothing
-is sent again, and the cached proposals are reused: no SAM work) — through ``slip submit segment``'s
-client call, so a worker serving the new ranker (``SLIP_CLIP=DIR/ranker``) must be running.
+train split, scores it on the held-out images, prints both, and re-answers the job with the new ranker:
+``slip submit segment --from-job JOB --clip DIR/ranker`` (the job's images, already in the store; the new
+ranker uploaded to the store content-addressed; any worker serving the job's SAM loads it on first use and
+re-answers from the cached proposals: no SAM work, new keys, the old results kept). ``--no-reanswer`` stops
+before that; ``--requery PATH ...`` (the paths the job was submitted with) submits those files instead.
 """
 
 from __future__ import annotations
@@ -133,8 +134,10 @@ def review(
     ranker: Optional[str] = typer.Option(None, "--ranker", help="Ranker to fine-tune (default: the job's)."),
     heldout: float = typer.Option(0.2, min=0.0, max=0.9, help="Share of the reviewed images held out for the figures."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: the review recipe's)."),
-    requery: Optional[List[str]] = typer.Option(None, "--requery", help="Re-answer the job with the new ranker: the "
-                                                "paths the job was submitted with (files, folders, globs; repeat)."),
+    reanswer: bool = typer.Option(True, "--reanswer/--no-reanswer", help="Re-answer the job with the new ranker "
+                                  "(slip submit segment --from-job JOB --clip NEW)."),
+    requery: Optional[List[str]] = typer.Option(None, "--requery", help="Re-answer from these paths instead (the "
+                                                "files the job was submitted with; repeat)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (fine-tuning and scoring)."),
 ) -> None:
     """The review loop: export the most doubtful images; after review, learn from the corrections."""
@@ -143,7 +146,7 @@ def review(
             _export(job, out, limit=limit, format=format, image_base=image_base)
         else:
             _learn(job, out, corrections=corrections, source=source, ranker=ranker, heldout=heldout, epochs=epochs,
-                   requery=requery, device=device)
+                   reanswer=reanswer, requery=requery, device=device)
 
 
 def _export(job: str, out: Path, *, limit: int, format: str, image_base: str) -> None:
@@ -173,7 +176,7 @@ def _export(job: str, out: Path, *, limit: int, format: str, image_base: str) ->
 
 
 def _learn(job: str, out: Path, *, corrections: Path, source: str, ranker: Optional[str], heldout: float,
-           epochs: Optional[int], requery: Optional[List[str]], device: str) -> None:
+           epochs: Optional[int], reanswer: bool, requery: Optional[List[str]], device: str) -> None:
     from dataclasses import replace
 
     from producer.labels import import_labels as run_import
@@ -184,7 +187,7 @@ def _learn(job: str, out: Path, *, corrections: Path, source: str, ranker: Optio
 
     client = client_from_env()
     spec = _spec(client, job)
-    current = ranker or spec.clip
+    current = _loadable(client, ranker or spec.clip, job)
     labels_dir, reviewed, _ = run_import(corrections, source=source, out=out / "labels",
                                          job=_job_images(job, None, None), heldout=heldout)
     labels = read_labels(labels_dir)
@@ -197,12 +200,26 @@ def _learn(job: str, out: Path, *, corrections: Path, source: str, ranker: Optio
     typer.echo(f"{reviewed} reviewed images ({len(labels.split('train'))} trained on, {before.images} {split}): "
                f"object-level accuracy on the {split} reviewed images {before.accuracy:.1%} with {current} -> "
                f"{after.accuracy:.1%} with {result.out} ({before.queries} objects)")
-    if not requery:
-        typer.echo(f"re-answer the job with it: slip review {job} --out {out} --corrections {corrections} "
-                   f"--requery IMAGES, or slip submit segment IMAGES {' '.join(f'-p {p!r}' for p in spec.prompts)} "
-                   f"--clip {result.out} (a worker with SLIP_CLIP={result.out} serves it)")
+    if requery:
+        new_job = client.submit_segment(list(requery), list(spec.prompts), spec.options, engine=spec.engine,
+                                        sam=spec.sam, clip=str(result.out))
+    elif reanswer:
+        new_job = client.submit_from_job(job, clip=str(result.out))
+    else:
+        typer.echo(f"re-answer the job with it: slip submit segment --from-job {job} --clip {result.out}")
         return
-    new_job = client.submit_segment(list(requery), list(spec.prompts), spec.options, sam=spec.sam,
-                                    clip=str(result.out))
-    typer.echo(f"re-answering job {job} with {result.out} as job {new_job} (cached proposals: no SAM work; "
-               f"a worker with SLIP_CLIP={result.out} must serve it): slip wait {new_job}")
+    typer.echo(f"re-answering job {job} with {result.out} as job {new_job} (from the cached proposals: no SAM work; "
+               f"any worker serving sam={spec.sam} loads the new ranker): slip wait {new_job}")
+
+
+def _loadable(client, spec: Optional[str], job: str) -> str:
+    """A ranker spec this machine can load: a ``store:`` ranker (a re-answered job's) fetched from the store."""
+    from jobs.rankers import local_ranker
+    from slip.cli.common import cache_dir_from_env
+    from slip.errors import ConfigError
+    from slip.weights import resolve_cache_dir
+
+    if spec is None:
+        raise ConfigError(f"job {job} was answered by SAM 3 itself (engine sam3): it has no ranker to fine-tune; "
+                          f"name one with --ranker")
+    return local_ranker(client.store, spec, resolve_cache_dir(cache_dir_from_env()))

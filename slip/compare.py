@@ -191,17 +191,32 @@ def run_candidate(engine, truth: Truth, *, job_size: int, workers: int, name: st
     from slip.images import load_image
 
     prompts = list(truth.prompts)
+
+    def answers():
+        for k, (image_id, file) in enumerate(truth.images):
+            image = load_image(file)
+            if k == 0:
+                engine(image, prompts)  # warm-up: lazy initialisation, caches, allocator
+            start = time.perf_counter()
+            result = engine(image, prompts)
+            yield image_id, result, time.perf_counter() - start
+
+    score, shown = score_answers(answers(), truth, job_size=job_size, workers=workers, name=name, spec=spec,
+                                 positive_only=positive_only, examples=examples)
+    score.request = engine.request.to_json()
+    return score, shown
+
+
+def score_answers(answers, truth: Truth, *, job_size: int, workers: int, name: str, spec: str, positive_only: bool,
+                  examples: int = 0) -> tuple[ConfigScore, dict]:
+    """Score ``(image id, SlipResult, seconds)`` answers (in process, or read back from a queue job's results) over
+    the truth; the score (its ``request`` left empty) and the example answers."""
     detections, seconds, shown = [], [], {}
     tally = {"tp": 0, "fp": 0, "fn": 0, "pairs": 0, "presence_right": 0}
     count = len(truth.images)
     spread = {truth.images[(i * count) // examples][0] for i in range(min(examples, count))}
-    for k, (image_id, file) in enumerate(truth.images):
-        image = load_image(file)
-        if k == 0:
-            engine(image, prompts)  # warm-up: lazy initialisation, caches, allocator
-        start = time.perf_counter()
-        result = engine(image, prompts)
-        seconds.append(time.perf_counter() - start)
+    for image_id, result, took in answers:
+        seconds.append(took)
         detections += _detections(result, image_id, truth.category_ids, positive_only)
         _tally(result, truth, image_id, tally)
         if image_id in spread:
@@ -216,7 +231,7 @@ def run_candidate(engine, truth: Truth, *, job_size: int, workers: int, name: st
         name=name, spec=spec, ap=ap, ap50=ap50, f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
         precision=precision, recall=recall, presence_accuracy=tally["presence_right"] / max(tally["pairs"], 1),
         seconds_p50=p50, seconds_p90=p90, projected_hours=job_size * p50 / workers / 3600, images=len(seconds),
-        counts={k: v for k, v in tally.items()}, request=engine.request.to_json(),
+        counts={k: v for k, v in tally.items()},
     )
     return score, shown
 

@@ -106,8 +106,15 @@ def _worker_ready(sender=None, **_) -> None:
     holder.reaper = Reaper(board=Board(connect(settings.broker_url)), store=Store(settings.store), settings=settings,
                            send=holder.send, queue_empty=lambda: queue_depths(app, (MODEL_QUEUE,))[MODEL_QUEUE] == 0,
                            instance=holder.instance, node=getattr(sender, "hostname", None) or "worker",
-                           units=lambda: holder.units.value if holder.units is not None else 0)
+                           units=lambda: holder.units.value if holder.units is not None else 0,
+                           serves=serves(settings.models) if consumes_model_queue(app) else None)
     holder.reaper.start()
+
+
+def serves(models) -> dict:
+    """What a worker loading ``models`` (ModelSettings) serves, as its heartbeat says (``slip compare --queue``
+    and ``QueueClient.workers`` read it): the engine and its SAM, and the ranker it keeps warm."""
+    return {"engine": models.engine, "sam": models.sam, "clip": None if models.engine == "sam3" else models.clip}
 
 
 def _exit_code(sender=None, **_) -> None:
@@ -171,8 +178,8 @@ def _preimport_model_code() -> None:
     """Import torch and the model libraries once, in the main process, before it forks: a pool process
     (and the replacement of a killed one) then starts in about a second instead of importing them anew.
     Nothing touches CUDA here (it initialises on first use, in the pool process)."""
-    for name in ("torch", "segment_anything", "transformers", "slip.pipeline", "slip.sam", "slip.rankers.loading",
-                 "worker.processing"):
+    for name in ("torch", "segment_anything", "transformers", "slip.pipeline", "slip.proposers.loading",
+                 "slip.rankers.loading", "slip.engines.build", "worker.processing"):
         importlib.import_module(name)
 
 

@@ -15,6 +15,15 @@ Both are kept in the store::
 
 A new prompt on an image already segmented reads these two objects (not the image), encodes the prompt
 once and multiplies: the stored segment records go into the result as they are, never re-encoded.
+
+The ``sam3`` engine's prompt-independent state is SAM 3's vision features (the ViT backbone + FPN neck), kept
+beside them when the job asked for it (``slip submit segment --engine sam3 --keep-features``)::
+
+    proposals/<image sha256>/<proposal digest>/vision.safetensors
+        slip.engines.sam3.Sam3Concepts.pack: the FPN levels the text path reads, fp16 (~56 MB per image for the
+        real SAM 3, ~7 MB for tiny-random-sam3), and the image size
+
+A new prompt then costs SAM 3's text encoder and decoders only (the image is not read).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from slip.types import MaskSet, Proposals
 
 FORMAT_VERSION = 2
 SEGMENTS_FILE = "segments.json"
+FEATURES_FILE = "vision.safetensors"  # SAM 3's packed vision features (engine sam3, --keep-features)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,18 @@ def proposals_key(image_sha: str, request: ResolvedRequest) -> str:
 def embeddings_key(image_sha: str, request: ResolvedRequest) -> str:
     folder = proposals_prefix(image_sha, request.proposal_digest())
     return validate_key(f"{folder}/embeddings/{request.embedding_digest()}.safetensors")
+
+
+def features_key(image_sha: str, request: ResolvedRequest) -> str:
+    return validate_key(f"{proposals_prefix(image_sha, request.proposal_digest())}/{FEATURES_FILE}")
+
+
+def load_features(store: Store, key: str) -> bytes | None:
+    """The packed SAM 3 vision features at ``key``; None when there are none."""
+    try:
+        return store.get_bytes(key)
+    except ObjectNotFoundError:
+        return None
 
 
 def save_proposals(store: Store, key: str, cached: CachedProposals, request: ResolvedRequest) -> None:

@@ -1,9 +1,10 @@
-"""Per-process worker resources: settings, store, Redis, the sender, job manifests and the warm SLIP models.
+"""Per-process worker resources: settings, store, Redis, the sender, job manifests and the warm models.
 
 Models are loaded ONCE per worker process, in the process that uses them: the Celery signal
 ``worker_process_init`` fires in each prefork child after the fork (and once in a ``-P solo`` worker),
-never in the parent that forks (CUDA cannot survive a fork). Tasks never load models; they ask the
-app's :class:`ResourceHolder` for the process's :class:`WorkerResources`.
+never in the parent that forks (CUDA cannot survive a fork). Tasks never load the engine's models; they ask
+the app's :class:`ResourceHolder` for the process's :class:`WorkerResources`, whose :class:`worker.models.WarmModels`
+assembles an engine per request (loading a ranker a job names on first use).
 
 The holder is the one piece of per-process mutable state, and it hangs off the Celery app object
 (``app.slip_resources``), not off a module global.
@@ -15,7 +16,6 @@ import logging
 import os
 import resource
 import socket
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,11 +30,9 @@ from jobs.settings import Settings
 from jobs.store import Store
 from slip.errors import ConfigError, SlipError
 from slip.options import SegmentOptions
-from slip.request import canonical_json
 
 log = logging.getLogger("slip.worker")
 
-PIPELINE_CACHE = 8  # distinct requests kept as assembled pipelines per process
 JOB_CACHE = 16  # manifests (and their pages) kept per process
 
 
@@ -46,23 +44,19 @@ class WorkerResources:
     store: Store
     board: Board  # the jobs' keys in Redis (the broker's Redis)
     send: Send  # sends a chunk's message (a retry of its failures, the job's next chunks)
-    sam: Any | None  # slip.sam.SamBundle, warm on settings.models.device; None on a cpu-only worker
-    ranker: Any | None  # slip.rankers.loading.RankerBundle, warm; None on a cpu-only worker
-    load_seconds: float  # time spent loading both models
+    models: Any | None  # worker.models.WarmModels on settings.models.device; None on a cpu-only worker
+    load_seconds: float  # time spent loading the models
     instance: str = ""  # this worker's id (its main process), named in heartbeats and running marks
     units: Any = None  # a shared counter (multiprocessing.Value) of the units this worker finished
+    sam: Any | None = None  # the warm SAM (ProposerModel; Sam3Bundle for the sam3 engines), for training kinds
+    ranker: Any | None = None  # SLIP_CLIP's RankerBundle, warm (None for sam3), for training kinds
     pid: int = field(default_factory=os.getpid)
     hostname: str = field(default_factory=socket.gethostname)
-    _requests: OrderedDict = field(default_factory=OrderedDict)
-    _pipelines: OrderedDict = field(default_factory=OrderedDict)
     _jobs: OrderedDict = field(default_factory=OrderedDict)  # job id -> (manifest, its pages by number)
 
     @property
     def models_loaded(self) -> bool:
-        return self.sam is not None and self.ranker is not None
-
-    def serves(self, sam: str, clip: str) -> bool:
-        return self.settings.models.sam == sam and self.settings.models.clip == clip
+        return self.models is not None
 
     def manifest(self, job_id: str) -> JobManifest:
         """The job's manifest, read once per process (a few jobs kept)."""
@@ -86,47 +80,24 @@ class WorkerResources:
             with self.units.get_lock():
                 self.units.value += units
 
-    def resolve(self, options: SegmentOptions):
-        """The request ``options`` resolved against this worker's models (:func:`slip.request.resolve`)."""
-        from slip.request import resolve
-
+    def engine(self, options: SegmentOptions, *, clip: str | None = None, points_per_batch: int | None = None):
+        """The engine for a request over the warm models (``clip``: the job's ranker, default SLIP_CLIP's);
+        its ``request`` is the resolved request (:func:`slip.request.resolve`). Assembled once per request."""
         self._require_models()
-        key = options.model_dump_json()
-        if key not in self._requests:
-            self._requests[key] = resolve(
-                options, sam=self.sam.ref, sam_generator=self.sam.generator, sam_filters=self.sam.filters,
-                ranker=self.ranker.ref, ranker_threshold=self.ranker.threshold, dtype=self.settings.models.dtype)
-        _bound(self._requests, PIPELINE_CACHE)
-        return self._requests[key]
-
-    def pipeline(self, request, *, points_per_batch: int | None = None):
-        """A ``slip.SLIP`` for a resolved request over the warm models (assembling one loads nothing)."""
-        from slip.pipeline import SLIP
-
-        self._require_models()
-        ppb = points_per_batch or self.settings.models.points_per_batch
-        key = (canonical_json(request.to_json()), ppb)
-        if key not in self._pipelines:
-            self._pipelines[key] = SLIP.build(self.sam.model, self.ranker.ranker, request, points_per_batch=ppb,
-                                              batch_size=self.settings.models.batch_size)
-        _bound(self._pipelines, PIPELINE_CACHE)
-        return self._pipelines[key]
+        return self.models.engine(options, clip=clip, points_per_batch=points_per_batch)
 
     def health(self) -> dict:
         """What is loaded (with the weights' digests and recommendations), where, and how much memory."""
-        device = str(self.ranker.ranker.device) if self.ranker is not None else None
+        device = str(self.models.device) if self.models else None
+        loaded = self.models.health() if self.models else {"engine": self.settings.models.engine, "sam": None,
+                                                           "clip": None}
         return {
             "hostname": self.hostname, "pid": self.pid, "instance": self.instance,
-            "models_loaded": self.models_loaded,
-            "sam": self.sam.ref.to_json() if self.sam is not None else None,
-            "clip": self.ranker.ref.to_json() if self.ranker is not None else None,
+            "models_loaded": self.models_loaded, **loaded,
             "device": device, "dtype": self.settings.models.dtype, "threads": _threads(),
             "load_seconds": round(self.load_seconds, 3), "memory": memory_report(device),
             "store": self.settings.store, "max_attempts": self.settings.max_attempts,
             "points_per_batch": self.settings.models.points_per_batch,
-            "recommended_generator": dict(self.sam.generator) if self.sam is not None else None,
-            "recommended_filters": self.sam.filters if self.sam is not None else None,
-            "recommended_threshold": self.ranker.threshold if self.ranker is not None else None,
         }
 
     def close(self) -> None:
@@ -139,24 +110,21 @@ class WorkerResources:
 
 def load_resources(settings: Settings, *, load_models: bool, send: Send, instance: str = "",
                    units=None) -> WorkerResources:
-    """Open the store and Redis, and (when ``load_models``) load SAM and the ranker onto the device."""
+    """Open the store and Redis, and (when ``load_models``) load the engine's models onto the device."""
     from slip.cli.common import SYNTH_SPEC, SYNTH_WARNING
 
     store = Store(settings.store)
     board = Board(connect(settings.broker_url))
-    sam = ranker = None
-    start = time.perf_counter()
+    models, seconds = None, 0.0
     if load_models:
-        from slip.rankers.loading import load_ranker_bundle
-        from slip.sam import load_sam_bundle
+        from worker.models import load_warm_models
 
-        sam = load_sam_bundle(settings.models.sam, device=settings.models.device, cache_dir=settings.models.cache_dir)
-        ranker = load_ranker_bundle(settings.models.clip, device=settings.models.device, dtype=settings.models.dtype,
-                                    cache_dir=settings.models.cache_dir)
-        if SYNTH_SPEC in (settings.models.sam, settings.models.clip):
+        models, seconds = load_warm_models(settings.models, store)
+        if SYNTH_SPEC in (settings.models.sam, None if settings.models.engine == "sam3" else settings.models.clip):
             log.warning("%s", SYNTH_WARNING)
-    return WorkerResources(settings=settings, store=store, board=board, send=send, sam=sam, ranker=ranker,
-                           load_seconds=time.perf_counter() - start, instance=instance, units=units)
+    return WorkerResources(settings=settings, store=store, board=board, send=send, models=models,
+                           load_seconds=seconds, instance=instance, units=units,
+                           sam=models.loaded.sam if models else None, ranker=models.loaded.ranker if models else None)
 
 
 def set_threads(settings: Settings, concurrency: int) -> int:
@@ -219,8 +187,9 @@ class ResourceHolder:
     def start(self, *, load_models: bool) -> WorkerResources:
         """Load everything in this process (idempotent within a process)."""
         if self._resources is None or self._resources.pid != os.getpid():
-            log.info("loading SLIP resources (sam=%s clip=%s device=%s dtype=%s)", self.settings.models.sam,
-                     self.settings.models.clip, self.settings.models.device, self.settings.models.dtype)
+            models = self.settings.models
+            log.info("loading SLIP resources (engine=%s sam=%s clip=%s device=%s dtype=%s)", models.engine, models.sam,
+                     models.clip, models.device, models.dtype)
             self._resources = load_resources(self.settings, load_models=load_models, send=self.send,
                                              instance=self.instance, units=self.units)
             log.info("SLIP resources ready in %.1f s (models loaded: %s)", self._resources.load_seconds,

@@ -4,7 +4,9 @@
         --config slip=sam=vit_b,clip=openai/clip-vit-base-patch32 \\
         --config sam3=engine=sam3,sam=facebook/sam3 --sample 50 --out compare/
 
-Model code is imported inside the command, so ``slip --help`` does not pay for torch.
+``--queue`` runs each configuration as a job on the workers (``SLIP_BROKER_URL``, ``SLIP_STORE``): a worker must
+serve each configuration's engine and SAM (one line names the worker to start otherwise); rankers are loaded by
+the workers on demand. Model code is imported inside the command, so ``slip --help`` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def compare(
     workers: int = typer.Option(1, min=1, help="Workers the projected job runs on."),
     examples: int = typer.Option(4, min=0, help="Example images shown side by side on the page."),
     device: Optional[str] = model_flag("device"),
+    queue: bool = typer.Option(False, "--queue", help="Run each configuration as a job on the workers (default: "
+                               "in this process)."),
+    timeout: Optional[float] = typer.Option(None, help="With --queue: give up waiting for a job after this many "
+                                            "seconds."),
 ) -> None:
     """Compare engine configurations on labelled images: AP, AP50, presence-aware F1, seconds per image."""
     from slip.compare import check_candidates, load_truth, parse_config, run_comparison
@@ -54,8 +60,17 @@ def compare(
         files = expand_paths(images)
         labelled = load_truth(truth, files, relative_names(files), prompts=prompt, sample=sample, seed=seed)
         typer.echo(f"{len(labelled.images)} images, {len(labelled.prompts)} prompts, {len(checked)} configurations")
-        scores, shown = run_comparison(checked, labelled, job_size=job_size, workers=workers, examples=examples,
-                                       log=typer.echo)
+        if queue:
+            from producer.common import client_from_env, queue_errors
+            from slip.compare_queue import run_queue_comparison
+
+            with queue_errors():  # Redis away: one line
+                scores, shown = run_queue_comparison(checked, labelled, client_from_env(), job_size=job_size,
+                                                     workers=workers, examples=examples, timeout_s=timeout,
+                                                     log=typer.echo)
+        else:
+            scores, shown = run_comparison(checked, labelled, job_size=job_size, workers=workers, examples=examples,
+                                           log=typer.echo)
         report, page = write_report(out, scores, labelled, shown, truth_path=truth, job_size=job_size,
                                     workers=workers, command=["slip", *sys.argv[1:]])
     typer.echo(f"wrote {report} and {page}")

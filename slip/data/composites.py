@@ -1,7 +1,10 @@
 """The paper's evaluation images: 2x2 composites of held-out images of 4 distinct random classes.
 
 Composite ``i`` of a :class:`CompositeSource` depends only on ``(seed, i)`` and the held-out records,
-so any worker can rebuild any composite from the dataset path, the split seed and the index.
+so any worker can rebuild any composite from the dataset path, the split seed and the index. The 4
+classes are drawn uniformly, or with ``weights`` (per class name, 1.0 for a class not named) drawn in
+turn without replacement with probabilities proportional to the remaining classes' weights: a
+long-tailed job, where a class of weight 0.1 is rare.
 
 Which images are held out (:func:`heldout_records`): ``"val"``, the validation part of the training
 split (they chose the checkpoint, so they are not a clean test set), or ``"all"``, every image of a
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -70,10 +73,11 @@ class Composite:
 
 
 class CompositeSource:
-    """Seeded composites over held-out records (``val``) of a :class:`LabelledFolder`."""
+    """Seeded composites over held-out records (``val``) of a :class:`LabelledFolder`; ``weights``:
+    ``{class name: weight >= 0}`` of the classes' draw (module docstring), None = uniform."""
 
     def __init__(self, folder: LabelledFolder, records: Sequence[ImageRecord], *, seed: int = 0,
-                 tile_size: int = 128) -> None:
+                 tile_size: int = 128, weights: Mapping[str, float] | None = None) -> None:
         self.folder = folder
         self.seed = seed
         self.tile_size = tile_size  # side in pixels of each tile
@@ -84,10 +88,11 @@ class CompositeSource:
         if len(self.labels) < TILES:
             raise DatasetError(f"composites need held-out images of at least {TILES} classes, "
                                f"{folder.root} has {len(self.labels)}")
+        self.p = None if weights is None else _draw_probabilities(weights, [folder.class_names[c] for c in self.labels])
 
     def __getitem__(self, index: int) -> Composite:
         rng = np.random.default_rng([self.seed, index])
-        labels = [int(x) for x in rng.choice(self.labels, size=TILES, replace=False)]
+        labels = [int(x) for x in rng.choice(self.labels, size=TILES, replace=False, p=self.p)]
         chosen = [self.by_label[c][int(rng.integers(len(self.by_label[c])))] for c in labels]
         return self._assemble(index, labels, chosen)
 
@@ -120,6 +125,21 @@ class CompositeSource:
             object_masks=masks,
             sources=tuple(str(Path(r.path).relative_to(root)) for r in records),
         )
+
+
+def _draw_probabilities(weights: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    """Per held-out class (``names``, in label order) its share of the weights; ConfigError for a weight
+    naming no held-out class, a negative or non-finite weight, or fewer than 4 classes of weight > 0."""
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ConfigError(f"class weights name {', '.join(unknown)}: not classes of the held-out images "
+                          f"({', '.join(names)})")
+    w = np.array([float(weights.get(n, 1.0)) for n in names])
+    if not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ConfigError(f"class weights must be finite and >= 0, got {dict(weights)}")
+    if (w > 0).sum() < TILES:
+        raise ConfigError(f"class weights leave {(w > 0).sum()} classes of weight > 0: a composite needs {TILES}")
+    return w / w.sum()
 
 
 # --- oracle proposals ------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ class Sam3Engine:
         """SAM 3's vision features of an ``(H, W, 3) uint8`` image (prompt-independent, cached in process)."""
         return self.concepts.vision(image, timer)
 
-    def answer(self, image: np.ndarray, state: Sam3Vision, prompts: Sequence[str],
+    def answer(self, image: np.ndarray | None, state: Sam3Vision, prompts: Sequence[str],
                timer: StageTimer | None = None) -> SlipResult:
-        """Each prompt's instances and the answers, from the image's vision features."""
+        """Each prompt's instances and the answers, from the image's vision features (the image itself is not
+        read: ``None`` will do, as for the queue's cached features)."""
         prompts = validate_prompts(prompts)
         timer = timer or StageTimer()
         found = self.concepts.concepts(state, prompts, timer)
@@ -65,7 +66,7 @@ class Sam3Engine:
             req = self.request
             similarity, matches = rank_scores(scores, prompts, top_k=req.top_k, threshold=list(req.thresholds(len(prompts))),
                                               instances=req.instances, one_to_one=req.one_to_one, masks=segments.masks)
-        return SlipResult(image_size=(int(image.shape[0]), int(image.shape[1])),
+        return SlipResult(image_size=tuple(state.image_size),
                           proposals=Proposals(segments=segments, filter_stats=(), generated=len(segments)),
                           similarity=similarity, matches=matches, timings=timer.seconds)
 

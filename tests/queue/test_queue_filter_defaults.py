@@ -72,17 +72,17 @@ def segment(res, image: Path, prompt: str, **params):
     manifest = QueueClient(res.settings, store=res.store).create_job([image], [prompt], params)
     (item,) = items_of(res.store, manifest.job_id)
     spec = SegmentSpec.model_validate(manifest.spec)
-    request = res.resolve(spec.options)
-    return spec, item, request, process_item(res.store, res.pipeline(request), spec, item)
+    engine = res.engine(spec.options)
+    return spec, item, engine.request, process_item(res.store, engine, spec, item)
 
 
 def test_worker_loads_the_recommendation_once_and_reports_it(resources):
     assert resources.sam.filters == KEEP_LARGEST
     assert resources.health()["recommended_filters"] == KEEP_LARGEST
-    (default,) = resources.pipeline(resources.resolve(SegmentOptions())).filters
+    (default,) = resources.engine(SegmentOptions()).filters
     assert default.params()["drop_largest"] is False
-    assert resources.pipeline(resources.resolve(SegmentOptions(filters="none"))).filters == ()
-    assert resources.resolve(SegmentOptions()) is resources.resolve(SegmentOptions()), "resolved once per request"
+    assert resources.engine(SegmentOptions(filters="none")).filters == ()
+    assert resources.engine(SegmentOptions()) is resources.engine(SegmentOptions()), "assembled once per request"
 
 
 def test_worker_records_and_keys_proposals_by_the_resolved_chain(resources, tmp_path):

@@ -66,19 +66,19 @@ def segment(res, image: Path, prompt: str, **params):
     manifest = QueueClient(res.settings, store=res.store).create_job([image], [prompt], {"filters": "none", **params})
     (item,) = items_of(res.store, manifest.job_id)
     spec = SegmentSpec.model_validate(manifest.spec)
-    request = res.resolve(spec.options)
-    return item, request, process_item(res.store, res.pipeline(request), spec, item)
+    engine = res.engine(spec.options)
+    return item, engine.request, process_item(res.store, engine, spec, item)
 
 
 def test_worker_loads_the_recommendation_once_and_reports_it(resources):
     assert dict(resources.sam.generator) == RECOMMENDED
     assert resources.health()["recommended_generator"] == RECOMMENDED
-    request = resources.resolve(SegmentOptions(points_per_side=3))
-    generator = resources.pipeline(request).generator.params()
+    options = SegmentOptions(points_per_side=3)
+    generator = resources.engine(options).generator.params()
     assert generator["points_per_side"] == 3 and generator["pred_iou_thresh"] == 0.0  # explicit, then the file
     assert generator["crop_n_layers"] == 0  # SAM's default
     assert generator["points_per_batch"] == resources.settings.models.points_per_batch  # the worker's, not the request's
-    assert resources.pipeline(request, points_per_batch=8).generator.params()["points_per_batch"] == 8
+    assert resources.engine(options, points_per_batch=8).generator.params()["points_per_batch"] == 8
 
 
 def test_worker_merges_and_keys_proposals_by_resolved_options(resources, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from slip.data.composites import CompositeSource, oracle_segments
 from slip.data.folder import load_rgb, scan_folder, split_records
-from slip.errors import DatasetError
+from slip.errors import ConfigError, DatasetError
 
 
 @pytest.fixture
@@ -72,3 +72,23 @@ def test_too_few_held_out_classes(synth_dir):
     three = [r for r in folder.records if r.label < 3]
     with pytest.raises(DatasetError, match="at least 4"):
         CompositeSource(folder, three)
+
+
+def test_class_weights_make_a_long_tail(source):
+    # with weights a class of weight 0 never comes and a class of weight 0.1 is rarer than every other; bad
+    # weights are one line each
+    names = source.folder.class_names
+    rare, never = names[source.labels[0]], names[source.labels[1]]
+    tailed = CompositeSource(source.folder, [r for rs in source.by_label.values() for r in rs], seed=5, tile_size=40,
+                             weights={rare: 0.1, never: 0.0})
+    counts = np.zeros(len(names), int)
+    for c in tailed.take(150):
+        assert len(set(c.labels)) == 4
+        counts[list(c.labels)] += 1
+    assert counts[source.labels[1]] == 0 and 0 < counts[source.labels[0]] < counts[source.labels[2:]].min() / 3
+    with pytest.raises(ConfigError, match="not classes of the held-out images"):
+        CompositeSource(source.folder, source.folder.records, weights={"unicorn": 2.0})
+    with pytest.raises(ConfigError, match="finite and >= 0"):
+        CompositeSource(source.folder, source.folder.records, weights={rare: -1.0})
+    with pytest.raises(ConfigError, match="a composite needs 4"):
+        CompositeSource(source.folder, source.folder.records, weights={n: 0.0 for n in names[:3]})
