@@ -56,8 +56,15 @@ def open_job(job_id: str, *, client=None) -> JobExport:
     spec = manifest.spec
     if manifest.kind != "segment" or not spec.get("prompts"):
         raise ConfigError(f"job {job_id} is a {manifest.kind} job: results and galleries are of segment jobs")
-    models = f"SAM {spec.get('sam', '?')}, ranker {spec.get('clip', '?')}"
-    return JobExport(job_id, tuple(spec["prompts"]), models, client.export_items(job_id))
+    return JobExport(job_id, tuple(spec["prompts"]), _models(spec), client.export_items(job_id))
+
+
+def _models(spec: dict) -> str:
+    """The models a job names, for people: "SAM vit_b, ranker openai/...", "SAM 3 sam3" (its own answers)."""
+    engine, sam = spec.get("engine", "slip"), spec.get("sam", "?")
+    if engine == "sam3":
+        return f"SAM 3 {sam}"
+    return f"SAM {sam}, ranker {spec.get('clip', '?')}" + ("" if engine == "slip" else f" ({engine})")
 
 
 def results(

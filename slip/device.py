@@ -35,18 +35,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type != "cuda":
         raise ConfigError(f"dtype fp16 needs a GPU; on {device.type} use bf16 or fp32")
     return DTYPES[name]
-
-
-def default_threads(device: str, cores: int, concurrency: int) -> int:
-    """torch intra-op threads for one worker process when SLIP_THREADS is not set.
-
-    On CPU: one. A pool of ``concurrency`` processes already keeps the cores busy, and intra-op threads only pay
-    off on an idle machine: with every core contended (other processes, other workers), each parallel operation
-    waits at a barrier for a descheduled thread: on the loaded 2-core development machine with a CPU hog per
-    core, SAM's automatic mask generation took 5x longer at 2 threads than at 1, the official generator as much
-    as ours (bench/README.md, "A busy machine"; bench/results/segment-cpu-*-hog2-*.json). On a GPU, where
-    the CPU only prepares and post-processes, the machine's cores shared among the pool: ``cores // concurrency``.
-    """
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return 1
-    return max(1, cores // max(1, concurrency))

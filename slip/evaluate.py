@@ -296,21 +296,21 @@ def sam_proposer(sam, *, device: str = "auto", cache_dir: Path | None = None, ge
                  filters: str | None = None) -> Proposer:
     """SAM's automatic masks after the annotation filters, memoised per composite image.
 
-    ``sam``: a SAM spec string (loaded here) or a loaded :class:`slip.sam.SamBundle`. Generator options and
+    ``sam``: a SAM 1 / SAM 2 spec string (loaded here) or a loaded :class:`slip.proposers.loading.ProposerModel`
+    (or :class:`slip.sam.SamBundle`). Generator options and
     the filter chain are resolved by :func:`slip.request.resolve_proposals`: ``generator`` / ``filters``
     given explicitly > the checkpoint's generator.json / filters.json > SAM's and the paper's defaults.
     """
     from slip.filters import apply_filters, parse_filters
-    from slip.generator import MaskGenerator
     from slip.options import SegmentOptions
+    from slip.proposers.loading import load_proposer_model, mask_generator_for
     from slip.request import chain_text, resolve_proposals
-    from slip.sam import load_sam_bundle
 
-    bundle = load_sam_bundle(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
+    bundle = load_proposer_model(sam, device=device, cache_dir=cache_dir) if isinstance(sam, str) else sam
     explicit = SegmentOptions.parse({**(generator or {}), "filters": filters})
     options, chain = resolve_proposals(explicit, sam_spec=bundle.ref.spec, sam_generator=bundle.generator,
                                        sam_filters=bundle.filters)
-    mask_generator = MaskGenerator(bundle.model, **options.to_json())
+    mask_generator = mask_generator_for(bundle.model, **options.to_json())
     chain = parse_filters(chain_text(chain))
     memo: dict[bytes, MaskSet] = {}
 

@@ -92,7 +92,7 @@ def run_evaluate(res, req: EvaluateRequest) -> dict:
     proposer = None
     if req.proposals == "sam":
         sam = req.sam or res.settings.models.sam
-        warm_sam = getattr(res.sam, "family", None) == "sam" and sam == res.settings.models.sam  # SAM 1 only
+        warm_sam = getattr(res.sam, "family", None) in ("sam", "sam2") and sam == res.settings.models.sam
         proposer = sam_proposer(res.sam if warm_sam else sam, device=res.settings.models.device,
                                 cache_dir=res.settings.models.cache_dir)
     judge = None

@@ -15,14 +15,6 @@ from slip.settings import ModelSettings
 SAM3 = ModelSettings(engine="sam3", sam="tiny-random-sam3", device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sam3():
     return load_engine_models(SAM3, image_cache=0)

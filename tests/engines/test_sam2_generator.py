@@ -20,14 +20,6 @@ from slip.sam_fast import WindowUpscaler, in_threes
 NO_FILTERS = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_sam2()

@@ -22,14 +22,6 @@ from slip.timing import StageTimer
 PROMPTS = ["a red disc", "a box"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def image():
     return scene()
