@@ -7,7 +7,8 @@ For each size N it measures what a 100k-image user meets before any GPU work:
 * **submit**: ``QueueClient.submit_segment`` (hash, upload, manifest pages, registration, first window):
   wall time and per-image cost; the issue's target is per-image cost at 100k <= 1.3x that at 10k;
 * **Redis memory**: ``used_memory`` of a private ``redis-server`` after the submit and at its peak while
-  the job runs (target: bounded by the in-flight window, not by N);
+  the job runs (target: bounded by the in-flight window, not by N), with its parts at the peak (the keys'
+  ``used_memory_dataset``, the connections' ``mem_clients_normal``, the number of keys);
 * **manifest size**: bytes of ``manifest.json`` + the item pages;
 * **status**: wall time of ``QueueClient.status`` on the finished job (median of 5 polls; target <= 2 s on
   a local store) and the store requests of one poll on S3 (moto's server on loopback; target <= 100);
@@ -117,28 +118,36 @@ def used_memory(client) -> int:
     return int(client.board.r.info("memory")["used_memory"])
 
 
+def memory_parts(client) -> dict:
+    """Where Redis's ``used_memory`` goes: the keys (``used_memory_dataset``), the client connections' buffers
+    (``mem_clients_normal``: grows with connections, not with jobs) and the number of keys."""
+    info = client.board.r.info("memory")
+    return {"used_memory": int(info["used_memory"]), "dataset": int(info["used_memory_dataset"]),
+            "clients": int(info["mem_clients_normal"]), "keys": int(client.board.r.dbsize())}
+
+
 def run_job(client, folder: Path) -> dict:
     """Submit, play the workers until the job is finished, read its status; the figures."""
     from jobs.broker import MODEL_QUEUE
     from worker.resources import load_resources
     from worker.tasks import run_chunk
 
-    before = used_memory(client)
+    before, before_parts = used_memory(client), memory_parts(client)
     start = time.perf_counter()
     job = client.submit_segment([folder], [PROMPT], {}, batch_size=BATCH, max_in_flight=WINDOW)
     submit_s = time.perf_counter() - start
     after_submit = used_memory(client)
     res = load_resources(client.settings, load_models=False, send=client.send, instance="bulk-bench")
     processors = {"segment": stand_in_unit(stand_in_request())}
-    peak, chunks = after_submit, 0
+    peak, chunks, at_peak = after_submit, 0, memory_parts(client)
     start = time.perf_counter()
     with client.app.connection_for_read() as connection, connection.SimpleQueue(MODEL_QUEUE) as queue:
         while (message := take_message(queue)) is not None:
             run_chunk(res, message["job"], message["chunk"], message["attempt"], task_id="bench", node="bench",
                       processors=processors)
             chunks += 1
-            if chunks % 500 == 0:
-                peak = max(peak, used_memory(client))
+            if chunks % 500 == 0 and (now := memory_parts(client))["used_memory"] > peak:
+                peak, at_peak = now["used_memory"], now
     complete_s = time.perf_counter() - start
     res.close()
     status = client.status(job)
@@ -149,7 +158,8 @@ def run_job(client, folder: Path) -> dict:
         client.status(job)
         polls.append(time.perf_counter() - t0)
     return {"job": job, "submit_s": submit_s, "redis_before_bytes": before, "redis_after_submit_bytes": after_submit,
-            "redis_peak_bytes": peak, "redis_after_job_bytes": used_memory(client), "complete_s": complete_s,
+            "redis_peak_bytes": peak, "redis_at_peak": at_peak, "redis_after_job_bytes": used_memory(client),
+            "redis_before_parts": before_parts, "complete_s": complete_s,
             "status_s": _spread(polls), "counts": status.counts}
 
 

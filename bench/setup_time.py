@@ -2,12 +2,12 @@
 
     python bench/setup_time.py [--out bench/results/setup.json] [--demo]
 
-Clones this repository (its committed HEAD) into a new temporary folder, points uv's and pip's caches at
-empty folders inside it, and times ``bash scripts/setup.sh`` there (what ``bash scripts/test.sh`` and CI
-run first), then, with ``--demo``, ``bash scripts/demo.sh`` (set-up for the demo plus the demo itself) in
-the same clone. Debian packages already on the machine are not reinstalled (the JSON says which were);
-Redis is already answering when the machine has it. Writes the wall times, the load average and each
-command's last lines as JSON.
+Each command runs in its own clone of this repository (its committed HEAD) in a new temporary folder, with
+uv's and pip's caches pointed at empty folders inside it: ``bash scripts/setup.sh`` (what ``bash
+scripts/test.sh`` and CI run before pytest) and, with ``--demo``, ``bash scripts/demo.sh`` (its set-up plus
+the demo itself: the README's main command from nothing). Debian packages already on the machine are not
+reinstalled (the JSON says which were); Redis is already answering when the machine has it. Writes the wall
+times, the load average and each command's last lines as JSON.
 """
 
 from __future__ import annotations
@@ -38,21 +38,22 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "setup.json")
-    parser.add_argument("--demo", action="store_true", help="also time scripts/demo.sh in the same clone")
+    parser.add_argument("--demo", action="store_true", help="also time scripts/demo.sh (in a clone of its own)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="slip-setup-") as tmp:
-        clone = Path(tmp) / "clone"
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        env = {**os.environ, "UV_CACHE_DIR": f"{tmp}/uv-cache", "PIP_CACHE_DIR": f"{tmp}/pip-cache",
-               "DEMO_OUT": f"{tmp}/demo-out"}
-        load_before = os.getloadavg()
-        runs = {"setup": timed(["bash", "scripts/setup.sh"], clone, env)}
-        if args.demo:
-            runs["demo"] = timed(["bash", "scripts/demo.sh"], clone, env)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout
-    report = {"what": "a clean clone with empty uv and pip caches: scripts/setup.sh (what scripts/test.sh and CI "
-                      "run first), then scripts/demo.sh in the same clone (its set-up finds the venv and adds "
-                      "the demo)", "command": "python bench/setup_time.py " + " ".join(argv or sys.argv[1:]),
+    load_before = os.getloadavg()
+    commands = {"setup": ["bash", "scripts/setup.sh"], **({"demo": ["bash", "scripts/demo.sh"]} if args.demo else {})}
+    runs, commit = {}, ""
+    for name, command in commands.items():
+        with tempfile.TemporaryDirectory(prefix="slip-setup-") as tmp:
+            clone = Path(tmp) / "clone"
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+            env = {**os.environ, "UV_CACHE_DIR": f"{tmp}/uv-cache", "PIP_CACHE_DIR": f"{tmp}/pip-cache",
+                   "DEMO_OUT": f"{tmp}/demo-out"}
+            runs[name] = timed(command, clone, env)
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout
+    report = {"what": "each command in its own clean clone with empty uv and pip caches: scripts/setup.sh (what "
+                      "scripts/test.sh and CI run before pytest) and scripts/demo.sh (its set-up and the demo)",
+              "command": "python bench/setup_time.py " + " ".join(argv or sys.argv[1:]),
               "commit": commit.strip(), "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before,
                                                      "loadavg_after": os.getloadavg()}, "runs": runs}
     args.out.write_text(json.dumps(report, indent=1) + "\n")

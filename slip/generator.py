@@ -53,6 +53,7 @@ from slip.types import MaskSet
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 LARGE_WINDOW = 0.5  # a window over this fraction of the crop is upscaled by postprocess_masks whole
+LARGE_GROUP = 24  # such masks upscaled per call (a multiple of 3; 24 x 1024 x 1024 float32 = 96 MiB at most)
 
 
 @dataclass(frozen=True)
@@ -276,23 +277,40 @@ class MaskGenerator:
             stability = calculate_stability_score(masks, self.mask_threshold, self.stability_score_offset)
             return batched_mask_to_box(masks > self.mask_threshold).long(), stability
         windows = crop.upscaler.windows(logits, self.mask_threshold - self.stability_score_offset).tolist()
-        measured = [self._measure_one(mask, window, crop) for mask, window in zip(logits, windows)]
+        measured = self._measure_large(logits, windows, crop)
+        measured = [m or self._measure_one(mask, window, crop) for m, mask, window in zip(measured, logits, windows)]
         boxes = torch.tensor([m[0] for m in measured], dtype=torch.long).reshape(-1, 4)
         counts = torch.tensor([m[1:3] for m in measured], dtype=torch.int32).reshape(-1, 2)
         crop.pieces.extend(m[3] for m in measured)
         return boxes, counts[:, 0] / counts[:, 1]  # 0 / 0 = nan for an empty mask, as the official
 
+    def _measure_large(self, logits: torch.Tensor, windows: list[list[int]], crop: _Crop) -> list[Optional[tuple]]:
+        """The measures of the masks whose window covers over ``LARGE_WINDOW`` of the crop, None for the others:
+        those are upscaled whole by SAM's own upscaling, ``LARGE_GROUP`` at a time (a small image makes most
+        windows large: one call per group instead of one per mask; the values do not depend on the grouping)."""
+        limit = LARGE_WINDOW * crop.size[0] * crop.size[1]
+        large = [i for i, (r0, r1, c0, c1) in enumerate(windows) if r0 >= 0 and (r1 - r0 + 1) * (c1 - c0 + 1) > limit]
+        measured: list[Optional[tuple]] = [None] * len(windows)
+        for start in range(0, len(large), LARGE_GROUP):
+            group = large[start : start + LARGE_GROUP]
+            whole = self._upscale(logits[group], crop)
+            for values, i in zip(whole, group):
+                r0, r1, c0, c1 = windows[i]
+                measured[i] = self._measure_values(values[r0 : r1 + 1, c0 : c1 + 1], windows[i])
+        return measured
+
     def _measure_one(self, logits: torch.Tensor, window: list[int], crop: _Crop) -> tuple:
         """``(box XYXY, pixels above threshold + offset, above threshold - offset, bool piece or None)``
         of one ``(h, w)`` logit map upscaled to the crop, computed inside its ``[r0, r1, c0, c1]`` window."""
-        threshold, offset = self.mask_threshold, self.stability_score_offset
         r0, r1, c0, c1 = window
         if r0 < 0:
             return (0, 0, 0, 0), 0, 0, None
-        if (r1 - r0 + 1) * (c1 - c0 + 1) > LARGE_WINDOW * crop.size[0] * crop.size[1]:
-            values = self._upscale(logits[None], crop)[0, r0 : r1 + 1, c0 : c1 + 1]
-        else:
-            values = crop.upscaler.values(logits, (r0, r1), (c0, c1))
+        return self._measure_values(crop.upscaler.values(logits, (r0, r1), (c0, c1)), window)
+
+    def _measure_values(self, values: torch.Tensor, window: list[int]) -> tuple:
+        """The measures of one mask's upscaled logits ``values`` inside its ``[r0, r1, c0, c1]`` window."""
+        threshold, offset = self.mask_threshold, self.stability_score_offset
+        r0, _, c0, _ = window
         high = int((values > threshold + offset).sum(dtype=torch.int32))
         low = int((values > threshold - offset).sum(dtype=torch.int32))
         # the tight box of values > threshold (row / column maxima: cheaper than any() on booleans)

@@ -222,16 +222,8 @@ class PointDecoder:
         # 1. output tokens + prompt tokens
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        # 2. the first two-way block, its image side shared by all points
-        queries, keys = self._first_layer(tokens)
-        key_pe = torch.repeat_interleave(self.pe, b, dim=0).flatten(2).permute(0, 2, 1)
-        # 3. the other blocks and the final token->image attention, as the official transformer
-        for layer in transformer.layers[1:]:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-        attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
-        hs = transformer.norm_final_attn(queries + attn_out)
-        # the token MLPs see the official batch's rows at their places: BLAS kernels depend on both
-        hs = torch.cat([hs.new_zeros((start, *hs.shape[1:])), hs, hs.new_zeros((batch - start - b, *hs.shape[1:]))])
+        # 2. the first two-way block, its image side shared by all points; 3. the rest, as the official one
+        hs, keys = finish_two_way(transformer, tokens, *self._first_layer(tokens), self.pe, start=start, batch=batch)
         # 4. masks from the mask tokens and the upscaled image tokens; IoU from the IoU token
         c, (h, w) = keys.shape[-1], self.size
         upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
@@ -271,6 +263,23 @@ def chunk_sizes(total: int, chunk: int) -> list[int]:
     elif rest:
         sizes[-1] += rest
     return sizes
+
+
+def finish_two_way(transformer: torch.nn.Module, tokens: Tensor, queries: Tensor, keys: Tensor, pe: Tensor, *,
+                   start: int, batch: int) -> tuple[Tensor, Tensor]:
+    """The two-way transformer after its first block (SAM 1's and SAM 2's alike): the other blocks and the
+    final token->image attention, as the official transformer runs them. ``tokens`` ``(b, T, C)``; ``queries``,
+    ``keys`` the first block's outputs; ``pe`` ``(1, C, h, w)``. Returns ``(hs, keys)``: ``hs`` padded with
+    zero rows to the official batch of ``batch`` points (these ``b`` at row ``start``: the token MLPs' BLAS
+    kernels depend on the batch), ``keys`` ``(b, h*w, C)``."""
+    b = len(tokens)
+    key_pe = torch.repeat_interleave(pe, b, dim=0).flatten(2).permute(0, 2, 1)
+    for layer in transformer.layers[1:]:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+    attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+    hs = transformer.norm_final_attn(queries + attn_out)
+    hs = torch.cat([hs.new_zeros((start, *hs.shape[1:])), hs, hs.new_zeros((batch - start - b, *hs.shape[1:]))])
+    return hs, keys
 
 
 def project(linear: torch.nn.Linear, x: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slip.sam_fast import chunk_sizes, project
+from slip.sam_fast import chunk_sizes, finish_two_way, project
 
 
 class Sam2PointDecoder:
@@ -83,16 +83,8 @@ class Sam2PointDecoder:
         weights = [decoder.obj_score_token.weight] if decoder.pred_obj_scores else []
         output_tokens = torch.cat([*weights, decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        # 2. the first two-way block, its image side shared by all points
-        queries, keys = self._first_layer(tokens)
-        key_pe = torch.repeat_interleave(self.pe, b, dim=0).flatten(2).permute(0, 2, 1)
-        # 3. the other blocks and the final token->image attention, as the official transformer
-        for layer in transformer.layers[1:]:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-        attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
-        hs = transformer.norm_final_attn(queries + attn_out)
-        # the token MLPs see the official batch's rows at their places: BLAS kernels depend on both
-        hs = torch.cat([hs.new_zeros((start, *hs.shape[1:])), hs, hs.new_zeros((batch - start - b, *hs.shape[1:]))])
+        # 2. the first two-way block, its image side shared by all points; 3. the rest, as the official one
+        hs, keys = finish_two_way(transformer, tokens, *self._first_layer(tokens), self.pe, start=start, batch=batch)
         s = 1 if decoder.pred_obj_scores else 0
         # 4. masks from the mask tokens and the upscaled image tokens (with the high-resolution features)
         c, (h, w) = keys.shape[-1], self.size

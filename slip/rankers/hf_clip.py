@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from slip.errors import WeightsError
+from slip.rankers.base import resize_square
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP pixel mean, RGB in [0, 1]
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)  # CLIP pixel std, RGB in [0, 1]
@@ -65,10 +66,7 @@ class HFClipRanker:
         return torch.cat([self._encode_image_batch(chunk) for chunk in pixels.split(self.batch_size)])
 
     def _encode_image_batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(device=self.device, dtype=torch.float32)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              antialias=True, align_corners=False).clamp_(0.0, 1.0)
+        x = resize_square(pixels.to(device=self.device, dtype=torch.float32), self.image_size)
         x = ((x - self._mean) / self._std).to(self.dtype)  # CLIP normalisation
         return _unit(_features(self.model.get_image_features(pixel_values=x)))
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from slip.errors import WeightsError, WeightsNotFoundError
+from slip.rankers.base import resize_square, sigmoid_scores
 
 CONFIG_FILE = "open_clip_config.json"
 HUB_PREFIX = "hf-hub:"
@@ -51,9 +52,7 @@ class OpenClipRanker:
 
     def score(self, similarity: torch.Tensor) -> torch.Tensor:
         """Cosines -> ``sigmoid(exp(logit_scale) * cos + logit_bias)`` (models trained with a sigmoid loss)."""
-        scale = self.model.logit_scale.detach().float().exp().to(similarity.device)
-        bias = self.model.logit_bias.detach().float().to(similarity.device)
-        return torch.sigmoid(similarity.float() * scale + bias)
+        return sigmoid_scores(similarity, self.model.logit_scale, self.model.logit_bias)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -62,10 +61,7 @@ class OpenClipRanker:
             raise ValueError(f"encode_images wants (B, 3, S, S) pixels, got shape {tuple(pixels.shape)}")
         out = []
         for chunk in pixels.split(self.batch_size):
-            x = chunk.to(device=self.device, dtype=torch.float32)
-            if x.shape[-2:] != (self.image_size, self.image_size):
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                                  align_corners=False).clamp_(0.0, 1.0)
+            x = resize_square(chunk.to(device=self.device, dtype=torch.float32), self.image_size)
             out.append(F.normalize(self.model.encode_image(((x - self._mean) / self._std).to(self.dtype)).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self._dim(), device=self.device)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from slip.errors import WeightsError
+from slip.rankers.base import resize_square, sigmoid_scores
 
 TINY_SIGLIP = "tiny-random-siglip"
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP pixel normalisation, RGB in [0, 1]
@@ -68,9 +69,7 @@ class SiglipRanker:
     def score(self, similarity: torch.Tensor) -> torch.Tensor:
         """Cosine similarities -> SigLIP's pairwise probabilities ``sigmoid(exp(scale) * cos + bias)``
         (float32, same shape): monotonic, so the ranking is unchanged; thresholds are on this scale."""
-        scale = self.model.logit_scale.detach().float().exp().to(similarity.device)
-        bias = self.model.logit_bias.detach().float().to(similarity.device)
-        return torch.sigmoid(similarity.float() * scale + bias)
+        return sigmoid_scores(similarity, self.model.logit_scale, self.model.logit_bias)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -82,10 +81,7 @@ class SiglipRanker:
         return torch.cat([self._image_batch(chunk) for chunk in pixels.split(self.batch_size)])
 
     def _image_batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(device=self.device, dtype=torch.float32)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                              align_corners=False).clamp_(0.0, 1.0)
+        x = resize_square(pixels.to(device=self.device, dtype=torch.float32), self.image_size)
         if self.naflex:
             inputs = self.image_processor(images=list(x.cpu()), do_rescale=False, do_resize=False, return_tensors="pt")
             features = self.model.get_image_features(
