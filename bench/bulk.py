@@ -120,10 +120,15 @@ def used_memory(client) -> int:
 
 def memory_parts(client) -> dict:
     """Where Redis's ``used_memory`` goes: the keys (``used_memory_dataset``), the client connections' buffers
-    (``mem_clients_normal``: grows with connections, not with jobs) and the number of keys."""
-    info = client.board.r.info("memory")
+    (``mem_clients_normal``: grows with connections, not with jobs), the number of keys and the largest keys
+    (``MEMORY USAGE``, bytes)."""
+    r = client.board.r
+    info = r.info("memory")
+    largest = sorted(((int(r.memory_usage(k) or 0), k.decode(errors="replace")) for k in r.scan_iter(count=100)),
+                     reverse=True)[:8]
     return {"used_memory": int(info["used_memory"]), "dataset": int(info["used_memory_dataset"]),
-            "clients": int(info["mem_clients_normal"]), "keys": int(client.board.r.dbsize())}
+            "clients": int(info["mem_clients_normal"]), "keys": int(r.dbsize()),
+            "largest_keys": {k: n for n, k in largest}}
 
 
 def run_job(client, folder: Path) -> dict:
