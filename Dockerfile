@@ -16,10 +16,11 @@ ARG SLIP_UID=1000
 
 # Every package comes from the lock requirements/runtime.txt (the project and its s3 extra, hash-checked,
 # the same versions CI tests against; `bash scripts/lock.sh` refreshes it): nothing is resolved at build.
-# torch is the pinned CUDA build from PyPI (Linux x86_64 wheels bundle the CUDA runtime).
+# torch is the pinned CUDA build from PyPI (Linux x86_64 wheels bundle the CUDA runtime). Bytecode is compiled
+# at build: the image runs as a user who cannot write it, so each process would compile its imports again.
 COPY requirements/uv.txt requirements/runtime.txt requirements/torch.txt /tmp/req/
 RUN pip install --require-hashes --no-deps -r /tmp/req/uv.txt \
- && uv pip install --system --require-hashes --no-deps -r /tmp/req/runtime.txt \
+ && uv pip install --system --compile-bytecode --require-hashes --no-deps -r /tmp/req/runtime.txt \
  && rm -rf /root/.cache
 
 WORKDIR /app
@@ -30,7 +31,7 @@ COPY producer ./producer
 COPY jobs ./jobs
 # the s3 extra (s3fs) lets SLIP_STORE be s3://bucket/prefix: AWS S3 or any S3-compatible store through
 # AWS_ENDPOINT_URL; credentials come from the AWS_* variables or an instance role, never from the image
-RUN uv pip install --system --no-deps . \
+RUN uv pip install --system --compile-bytecode --no-deps . \
  && python -c "import slip, worker, producer, s3fs"
 
 # non-root user; the volume mount points are created owned by it so that fresh named volumes inherit

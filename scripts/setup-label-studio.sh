@@ -19,7 +19,7 @@ if [ -z "$UV" ]; then
 fi
 t0=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$UV" venv -q --python "$PY" "$VENV"
-"$UV" pip sync -q --python "$VENV/bin/python" --require-hashes requirements/label-studio.txt
+"$UV" pip sync -q --compile-bytecode --python "$VENV/bin/python" --require-hashes requirements/label-studio.txt
 "$VENV/bin/python" -c "import label_studio, label_studio_sdk" \
   || { echo "setup-label-studio: $VENV does not import label_studio" >&2; exit 1; }
 echo "setup-label-studio: ready in $(( $(date +%s) - t0 )) s ($VENV from requirements/label-studio.txt)"
