@@ -376,9 +376,10 @@ def test_dockerfile_installs_the_project_and_runs_a_worker_as_non_root():
     steps = _dockerfile()
     assert steps[0][0] == "FROM"
     runs = " ".join(arg for op, arg in steps if op == "RUN")
-    lock = re.search(r"uv pip install --system --require-hashes --no-deps -r (\S+)", runs)
+    lock = re.search(r"uv pip install --system --compile-bytecode --require-hashes --no-deps -r (\S+)", runs)
     assert lock and lock.group(1).endswith("runtime.txt"), "the image installs the runtime lock, hash-checked"
-    assert re.search(r"uv pip install --system --no-deps \.", runs), "the project goes on top, without resolving"
+    assert re.search(r"uv pip install --system --compile-bytecode --no-deps \.", runs), (
+        "the project goes on top, without resolving")  # bytecode at build: the image's user cannot write it
     assert "useradd" in runs
     users = [arg for op, arg in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the worker must not run as root"
