@@ -191,6 +191,16 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
+
+def wait_finished(client, job: str, *, timeout_s: float, poll_s: float) -> float:
+    """Poll ``client.status(job)`` until the job is finished; the wall-clock time it was seen finished."""
+    deadline = time.monotonic() + timeout_s
+    while not (status := client.status(job)).finished:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job} did not finish within {timeout_s} s: {status.counts}")
+        time.sleep(poll_s)
+    return time.time()
+
 def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, batch_size: int, store_root: Path,
             poll_s: float = 0.05, timeout_s: float = 3600.0) -> dict:
     """Submit ``paths`` through ``client`` and wait for every completion record; the run's figures: wall time
@@ -203,12 +213,7 @@ def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, ba
     try:
         job = client.submit_segment([str(p) for p in paths], list(prompts), params, batch_size=batch_size)
         submitted = time.time()
-        deadline = time.monotonic() + timeout_s
-        while not (status := client.status(job)).finished:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"job {job} did not finish within {timeout_s} s: {status.counts}")
-            time.sleep(poll_s)
-        seen = time.time()
+        seen = wait_finished(client, job, timeout_s=timeout_s, poll_s=poll_s)
     finally:
         del client.upload
     published = max(p.stat().st_ctime for p in (store_root / "jobs" / job / "done").iterdir())

@@ -77,6 +77,7 @@ from bench.queue import (  # noqa: E402
     segment_params,
     split,
     spread,
+    wait_finished,
     worker_env,
 )
 from bench.servers import private_redis  # noqa: E402
@@ -248,12 +249,7 @@ def run_submitted(client, submit, *, images: int, store_root: Path, poll_s: floa
     try:
         job = submit()
         submitted = time.time()
-        deadline = time.monotonic() + timeout_s
-        while not (status := client.status(job)).finished:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"job {job} did not finish within {timeout_s} s: {status.counts}")
-            time.sleep(poll_s)
-        seen = time.time()
+        seen = wait_finished(client, job, timeout_s=timeout_s, poll_s=poll_s)
     finally:
         del client.upload
     published = max(p.stat().st_ctime for p in (store_root / "jobs" / job / "done").iterdir())
