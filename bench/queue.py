@@ -203,15 +203,26 @@ def wait_finished(client, job: str, *, timeout_s: float, poll_s: float) -> float
 
 def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, batch_size: int, store_root: Path,
             poll_s: float = 0.05, timeout_s: float = 3600.0) -> dict:
-    """Submit ``paths`` through ``client`` and wait for every completion record; the run's figures: wall time
-    (submit to the last record published), the upload time, and per stage the seconds the worker reports."""
+    """Submit ``paths`` through ``client`` and wait for every completion record; the run's figures
+    (:func:`run_submitted`)."""
+    return run_submitted(client, lambda: client.submit_segment([str(p) for p in paths], list(prompts), params,
+                                                               batch_size=batch_size),
+                         images=len(paths), batch_size=batch_size, store_root=store_root, poll_s=poll_s,
+                         timeout_s=timeout_s)
+
+
+def run_submitted(client, submit: Callable[[], str], *, images: int, store_root: Path, batch_size: int | None = None,
+                  poll_s: float = 0.05, timeout_s: float = 3600.0) -> dict:
+    """Call ``submit()`` (it returns a job id: ``submit_segment``, ``submit_from_job``, ...) and wait for every
+    completion record; the run's figures: wall time (the call to the last record published), the upload time
+    inside the call, and per stage the seconds the worker reports (``batch_size``: default, the first chunk's)."""
     from jobs.status import chunk_records
 
     upload = client.upload = _Timed(client.upload)  # the instance attribute shadows the method: create_job calls it
     load_before = os.getloadavg()
     start = time.time()
     try:
-        job = client.submit_segment([str(p) for p in paths], list(prompts), params, batch_size=batch_size)
+        job = submit()
         submitted = time.time()
         seen = wait_finished(client, job, timeout_s=timeout_s, poll_s=poll_s)
     finally:
@@ -221,19 +232,18 @@ def run_job(client, paths: Sequence[Path], prompts: Sequence[str], params, *, ba
     outcomes = [o for record in records for o in record.items]
     last_finished = max(datetime.fromisoformat(record.finished).timestamp() for record in records)
     bad = [o for o in outcomes if o.state != "done"]
-    if bad or len(outcomes) != len(paths):
-        raise RuntimeError(f"job {job}: {len(outcomes) - len(bad)} of {len(paths)} images done; first failure: "
+    if bad or len(outcomes) != images:
+        raise RuntimeError(f"job {job}: {len(outcomes) - len(bad)} of {images} images done; first failure: "
                            f"{bad[0].reason if bad else 'records missing'}")
     stages: dict[str, float] = {}
     for outcome in outcomes:
         for stage, seconds in outcome.timings_s.items():
             stages[stage] = stages.get(stage, 0.0) + seconds
-    return {"job_id": job, "images": len(paths), "batch_size": batch_size, "wall_s": published - start,
-            "submit_s": submitted - start, "upload_s": upload.seconds, "seen_after_s": seen - start,
-            "last_record_write_s": published - last_finished, "tasks": len(records),
+    return {"job_id": job, "images": images, "batch_size": batch_size or len(records[0].items),
+            "wall_s": published - start, "submit_s": submitted - start, "upload_s": upload.seconds,
+            "seen_after_s": seen - start, "last_record_write_s": published - last_finished, "tasks": len(records),
             "how": sorted({o.how for o in outcomes}), "stages_s": stages,
             "load1_before": load_before[0], "load1_after": os.getloadavg()[0]}
-
 
 def split(run: dict) -> dict:
     """Milliseconds per image of ``run`` by part (:data:`PARTS`, summing to ``total``), and the stages no

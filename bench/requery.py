@@ -74,10 +74,10 @@ from bench.queue import (  # noqa: E402
     machine,
     make_scenes,
     run_job,
+    run_submitted,
     segment_params,
     split,
     spread,
-    wait_finished,
     worker_env,
 )
 from bench.servers import private_redis  # noqa: E402
@@ -220,55 +220,6 @@ def measure_barrier(env: dict, paths, params, *, batch_size: int, repeats: int) 
             "batch_size": batch_size, "images": len(paths), "repeats": repeats,
             "what": "worker.tasks.run_chunk in-process over a re-query job; per_chunk holds put_many until the "
                     "completion record (bench stand-in for one durability barrier per task)"}
-
-
-# --- a job submitted any way, timed like bench.queue.run_job ----------------------------------------------------
-
-
-def run_submitted(client, submit, *, images: int, store_root: Path, poll_s: float = 0.05,
-                  timeout_s: float = 3600.0) -> dict:
-    """Call ``submit()`` (which returns a job id: ``submit_segment``, ``submit_from_job``, ...) and wait for every
-    completion record; the figures :func:`bench.queue.run_job` gives (wall time from the call to the last record
-    published, the upload time inside the call, the worker's stage seconds), so :func:`bench.queue.split` applies."""
-    from datetime import datetime
-
-    from jobs.status import chunk_records
-
-    upload, seconds = client.upload, [0.0]
-
-    def timed_upload(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return upload(*args, **kwargs)
-        finally:
-            seconds[0] += time.perf_counter() - start
-
-    client.upload = timed_upload  # the instance attribute shadows the method: create_job calls it
-    load_before = os.getloadavg()
-    start = time.time()
-    try:
-        job = submit()
-        submitted = time.time()
-        seen = wait_finished(client, job, timeout_s=timeout_s, poll_s=poll_s)
-    finally:
-        del client.upload
-    published = max(p.stat().st_ctime for p in (store_root / "jobs" / job / "done").iterdir())
-    records = list(chunk_records(client.store, job))
-    outcomes = [o for record in records for o in record.items]
-    bad = [o for o in outcomes if o.state != "done"]
-    if bad or len(outcomes) != images:
-        raise RuntimeError(f"job {job}: {len(outcomes) - len(bad)} of {images} images done; first failure: "
-                           f"{bad[0].reason if bad else 'records missing'}")
-    stages: dict[str, float] = {}
-    for outcome in outcomes:
-        for stage, value in outcome.timings_s.items():
-            stages[stage] = stages.get(stage, 0.0) + value
-    last_finished = max(datetime.fromisoformat(record.finished).timestamp() for record in records)
-    return {"job_id": job, "images": images, "batch_size": len(records[0].items),
-            "wall_s": published - start, "submit_s": submitted - start, "upload_s": seconds[0],
-            "seen_after_s": seen - start, "last_record_write_s": published - last_finished, "tasks": len(records),
-            "how": sorted({o.how for o in outcomes}), "stages_s": stages, "load1_before": load_before[0],
-            "load1_after": os.getloadavg()[0]}
 
 
 def finetuned_ranker(work: Path) -> tuple[Path, dict]:
