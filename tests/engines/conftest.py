@@ -1,15 +1,10 @@
-"""Every engine test module runs torch at one intra-op thread: bit-for-bit comparisons pick the same kernels
-whatever the machine, and the shared 2-core machine is not oversubscribed."""
+"""Every engine test module runs torch at one intra-op thread (the ``one_thread`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _engines_at_one_thread(one_thread):
     yield
-    torch.set_num_threads(before)

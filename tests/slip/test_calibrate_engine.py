@@ -4,7 +4,6 @@ path, thresholds beside the model whose scale they are, and one line for what ca
 from __future__ import annotations
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -19,12 +18,7 @@ from slip.rankers.loading import load_ranker_bundle
 from slip.settings import ModelSettings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: no spin-waiting against other runs
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from slip.sam_hf import is_hf_sam_dir, load_hf_sam, official_name
 TOL = 1e-4  # float32 tolerance of equal computations
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids spin-waiting against other test runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: no spin-waiting against other runs
 
 
 def tiny_config(**decoder) -> SamConfig:
