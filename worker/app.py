@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 
 from celery import Celery, current_app, signals
 
@@ -86,6 +87,7 @@ def _worker_init(sender=None, **_) -> None:
     logging.getLogger("slip").setLevel(holder.settings.models.log_level)
     holder.main_pid, holder.worker = os.getpid(), sender
     holder.cannot_start = multiprocessing.Value("b", 0, lock=False)  # shared with the pool processes
+    holder.ready = multiprocessing.Value("b", 0, lock=False)  # set once the main process's consumer is up
     holder.units = multiprocessing.Value("q", 0)
     holder.concurrency = int(getattr(sender, "concurrency", None) or sender.app.conf.worker_concurrency or 1)
     if consumes_model_queue(sender.app):
@@ -102,6 +104,8 @@ def _worker_ready(sender=None, **_) -> None:
     holder = _holder(app)
     if holder is None:
         return
+    if holder.ready is not None:
+        holder.ready.value = 1
     settings = holder.settings
     holder.reaper = Reaper(board=Board(connect(settings.broker_url)), store=Store(settings.store), settings=settings,
                            send=holder.send, queue_empty=lambda: queue_depths(app, (MODEL_QUEUE,))[MODEL_QUEUE] == 0,
@@ -183,11 +187,22 @@ def _preimport_model_code() -> None:
         importlib.import_module(name)
 
 
+def _wait_main_ready(holder: ResourceHolder, timeout_s: float = 60.0) -> None:
+    """Wait until the main process's consumer is up (``worker_ready``), then a moment more: a cold shutdown that
+    arrives while Celery is still starting its consumer tears the pool down under it, and Celery then fails
+    with a traceback (``'NoneType' object has no attribute 'did_start_ok'``) instead of exiting quietly."""
+    deadline = time.monotonic() + timeout_s
+    while holder.ready is not None and not holder.ready.value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # worker_ready is sent just before the consumer's event loop starts
+
+
 def _exit_cannot_start(holder: ResourceHolder, e: SlipError) -> None:
     """One line on stderr, then the whole worker stops with exit code 1: it never serves without models."""
     os.write(2, f"error: this worker cannot start: {e}\n".encode())  # fd 2 itself: Celery proxies sys.stderr
     if holder.main_pid is not None and holder.main_pid != os.getpid():
         if holder.cannot_start is not None:
             holder.cannot_start.value = 1  # read by the main process's worker_shutting_down handler
+        _wait_main_ready(holder)
         os.kill(holder.main_pid, signal.SIGQUIT)  # cold shutdown of the main process
     os._exit(EXIT_CANNOT_START)

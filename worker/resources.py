@@ -179,6 +179,7 @@ class ResourceHolder:
         self.instance: str = uuid.uuid4().hex[:12]  # this worker's id; re-drawn at worker start, before any fork
         self.concurrency: int = 1  # pool processes of this worker, set at worker start
         self.cannot_start = None  # a shared flag (multiprocessing.Value) a pool process sets when its models fail
+        self.ready = None  # a shared flag (multiprocessing.Value) the main process sets at worker_ready
         self.units = None  # a shared counter (multiprocessing.Value) of finished units, set at worker start
         self.worker = None  # the WorkController (main process): its exit code
         self.reaper = None  # the main process's reaper thread
