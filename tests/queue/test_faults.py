@@ -53,7 +53,7 @@ from queue_helpers import (
 pytestmark = pytest.mark.integration
 
 SLOW_ARGS = ["--points-per-side", "12", "--batch-size", "1", "--render"]  # about a second per image
-POISON_ARGS = ["--points-per-side", "32", "--batch-size", "1"]  # seconds per attempt: room to catch it running
+POISON_ARGS = ["--points-per-side", "64", "--batch-size", "1"]  # seconds per attempt: room to catch it running
 RESULT_FILES = {"segments.json", "mask_0.png", "overlay_0.png"}
 PROMPT = "a red box"
 DEAD_AFTER_S = 3.0  # SLIP_DEAD_AFTER: a worker silent this long is dead
