@@ -29,6 +29,7 @@ from slip.types import MaskSet
 
 BACKGROUNDS = ("black", "gray", "blur", "none")
 _FILL = {"black": 0.0, "gray": 0.5, "blur": 0.0, "none": 0.0}  # colour outside the image / of padding
+UINT8_BACKGROUNDS = ("black", "none")  # cut out of a uint8 image before scaling to float: same values, faster
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,16 @@ def crop_segments(
     """
     side = _output_side(config, size)
     device = segments.masks.device
-    pixels = _to_float_chw(image, segments.image_size, device)
-    backdrop = _backdrop(pixels, config)
+    pixels = _to_chw(image, segments.image_size, device)
     boxes = tight_boxes(segments.masks).tolist()  # one device sync for all boxes
     crops = torch.empty((len(segments), 3, side, side), dtype=torch.float32, device=device)
+    if pixels.dtype == torch.uint8 and config.background in UINT8_BACKGROUNDS:
+        hwc = pixels.permute(1, 2, 0)  # a numpy image's own memory order: rows of RGB triplets
+        for i, box in enumerate(boxes):
+            crops[i] = _resize(_cut_uint8(hwc, segments.masks[i], box, config), config, side)
+        return crops
+    pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+    backdrop = _backdrop(pixels, config)
     for i, box in enumerate(boxes):
         crops[i] = _crop_one(pixels, backdrop, segments.masks[i], box, config, side)
     return crops
@@ -106,12 +113,13 @@ def _output_side(config: CropConfig, size: int | None) -> int:
     return int(side)
 
 
-def _to_float_chw(image: np.ndarray | torch.Tensor, image_size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``(H, W, 3) uint8`` numpy or ``(3, H, W)`` tensor -> ``(3, H, W)`` float32 in ``[0, 1]`` on ``device``."""
+def _to_chw(image: np.ndarray | torch.Tensor, image_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(H, W, 3) uint8`` numpy or ``(3, H, W)`` tensor -> ``(3, H, W)`` on ``device``: uint8 as it is, float
+    clamped to ``[0, 1]``."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ImageError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
+        tensor = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).to(device).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ImageError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
@@ -121,7 +129,7 @@ def _to_float_chw(image: np.ndarray | torch.Tensor, image_size: tuple[int, int],
     if tuple(tensor.shape[1:]) != tuple(image_size):
         raise ImageError(f"image is {tuple(tensor.shape[1:])} (H, W) but the masks are {tuple(image_size)}")
     if tensor.dtype == torch.uint8:
-        return tensor.float() / 255.0
+        return tensor
     if not tensor.is_floating_point():
         raise ImageError(f"image tensor must be uint8 or float in [0, 1], got {tensor.dtype}")
     return tensor.float().clamp(0.0, 1.0)
@@ -156,5 +164,29 @@ def _crop_one(
     behind = backdrop[window] if backdrop is not None else torch.tensor(fill, device=pixels.device)
     piece = torch.where(inside, pixels[window], behind)  # (3, h', w')
     piece = F.pad(piece, (cx0 - x0, x1 - cx1, cy0 - y0, y1 - cy1), value=fill)
+    return _resize(piece, config, side)
+
+
+def _cut_uint8(hwc: torch.Tensor, mask: torch.Tensor, box: list[int], config: CropConfig) -> torch.Tensor:
+    """The black / "none" cut-out of an ``(H, W, 3) uint8`` image -> ``(3, h, w)`` float in ``[0, 1]``: the same
+    values as :func:`_crop_one`'s float path (fill 0; ``u / 255.0`` per pixel), with a quarter of the memory
+    traffic and a multiply instead of a gather (x6 faster on CPU)."""
+    if box[2] < box[0]:  # empty mask: one background pixel, resized to a uniform crop
+        return torch.zeros((3, 1, 1), dtype=torch.float32, device=hwc.device)
+    x0, y0, x1, y1 = crop_box(tuple(box), config)
+    h, w = mask.shape
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)  # the part inside the image
+    window = hwc[cy0:cy1, cx0:cx1]
+    piece = torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8, device=hwc.device)  # padding: black
+    inner = piece[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    if config.background == "none":
+        inner.copy_(window)
+    else:
+        torch.mul(window, mask[cy0:cy1, cx0:cx1, None], out=inner)
+    return piece.permute(2, 0, 1).float().div_(255.0)
+
+
+def _resize(piece: torch.Tensor, config: CropConfig, side: int) -> torch.Tensor:
+    """``(3, h, w)`` float -> ``(3, side, side)``: antialiased bilinear, clamped to ``[0, 1]``."""
     out = F.interpolate(piece[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return out[0].clamp_(0.0, 1.0)

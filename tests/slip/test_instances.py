@@ -87,9 +87,10 @@ def test_a_duplicated_segment_is_one_instance(scene):
     copy = masks[i].clone()
     copy[masks[i].nonzero()[0, 0]] = False  # its top row less: IoU > 0.99 with the original
     doubled = torch.cat([masks, copy[None]])
-    emb = torch.cat([embeddings, embeddings[i : i + 1]])  # the same score: the original (lower index) ranks first
+    emb = torch.cat([embeddings, embeddings[i : i + 1]])  # the same score, up to the matrix product's rounding
     _, (m,) = rank(emb, slip.encode_prompts(["circle"]), ["circle"], instances="all", threshold=0.5, masks=doubled)
-    assert len(m.instances) == 2 and len(masks) not in [j for j, _ in m.instances]
+    kept = {j for j, _ in m.instances}
+    assert len(m.instances) == 2 and len(kept & {i, len(masks)}) == 1, m.instances  # one of the pair
     _, (loose,) = rank(emb, slip.encode_prompts(["circle"]), ["circle"], instances="all", threshold=0.5,
                        masks=doubled, dedup_iou=1.0)  # nothing is a duplicate
     assert len(loose.instances) == 3
