@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from browser import chromium
 from export_docs import disc, done_item, failed_item, v2_doc
 from producer.exports import answers
 from producer.gallery import PALETTE, THUMB_PX, coco_truth, write_gallery
@@ -34,14 +33,6 @@ def _extra_items(prompts) -> list:
     doc = v2_doc(disc(h, w, 200, 300, 120)[None], prompts, {prompts[0]: [(0, 0.61)], prompts[1]: []}, threshold=0.3)
     return [done_item(100, "big/photo.png", doc, image=_png(image)),
             failed_item(101, "broken.jpg", FAILURE)]
-
-
-def _chromium(*args: str) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
 def _cards(page: str) -> dict[str, str]:
@@ -89,11 +80,11 @@ def test_gallery_renders_answers_truth_and_failures(synth_run, tmp_path):
     sizes = {Image.open(t).size for t in thumbs}
     assert (THUMB_PX, THUMB_PX * 3 // 4) in sizes and max(max(s) for s in sizes) <= THUMB_PX
 
-    dom = _chromium("--dump-dom", page_path.as_uri()).stdout
+    dom = chromium("--dump-dom", page_path.as_uri()).stdout
     for text in [*prompts, "not found", FAILURE, "hit", "Summary"]:
         assert text in dom, text
     shot = tmp_path / "shot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1280,1600", page_path.as_uri())
+    chromium(f"--screenshot={shot}", "--window-size=1280,1600", page_path.as_uri())
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 20  # not blank
     red = np.array([int(PALETTE[0][k : k + 2], 16) for k in (1, 3, 5)])
@@ -137,7 +128,7 @@ def test_prompts_that_share_a_segment_each_show_their_outline(tmp_path):
     doc = v2_doc(masks, prompts, {"circle": [(0, 0.61)], "round thing": [(0, 0.55)], "square": [(1, 0.3)]})
     page = write_gallery([done_item(0, "shared.png", doc, image=_png(image))], out=tmp_path / "g", prompts=prompts,
                          job_id="j", title="shared", note="n")
-    dom = _chromium("--dump-dom", page.as_uri()).stdout
+    dom = chromium("--dump-dom", page.as_uri()).stdout
     svg = re.search(r"<svg.*?</svg>", dom, re.S).group(0)
     texts = re.findall(r"<text.*?</text>", svg, re.S)
     assert len(texts) == 2, texts  # one label per outlined segment
@@ -145,7 +136,7 @@ def test_prompts_that_share_a_segment_each_show_their_outline(tmp_path):
     assert "round thing" in shared and shared.count("<tspan") == 2
 
     shot = tmp_path / "shot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=700,700", page.as_uri())
+    chromium(f"--screenshot={shot}", "--window-size=700,700", page.as_uri())
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     top, left, bottom, right = _frame_box(pixels, background)
     lower = pixels[top + (bottom - top) * 3 // 5 : bottom, left:right]  # below the labels: outline only

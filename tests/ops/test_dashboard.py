@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from browser import chromium, wait_http
 from ops_helpers import base_env, compose_redis, free_port, slip, start, stop
 
 pytestmark = pytest.mark.integration
@@ -64,35 +64,15 @@ def stack(tmp_path_factory):
             assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", job), done.stdout + done.stderr + \
                 (tmp / "worker.log").read_text(errors="replace")[-3000:]
             base = f"http://127.0.0.1:{port}"
-            _wait_http(f"{base}/healthcheck", dashboard, tmp / "dashboard.log")
+            wait_http(f"{base}/healthcheck", dashboard, tmp / "dashboard.log", what="the dashboard")
             yield {"base": base, "port": port, "job": job, "env": env, "tmp": tmp}
         finally:
             stop(dashboard)
             stop(worker, timeout_s=30)
 
 
-def _wait_http(url: str, process, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the dashboard did not start: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-
-
 def _get(stack, path: str, **kwargs) -> requests.Response:
     return requests.get(f"{stack['base']}{path}", timeout=60, **kwargs)
-
-
-def _chromium(*args: str) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
 @pytest.mark.parametrize("path", ["/", "/api/state", "/metrics", "/healthcheck", "/jobs/x/gallery/", "/nowhere"])
@@ -150,9 +130,9 @@ def test_metrics_parse_with_prometheus_clients_parser(stack):
     assert all(samples[("slip_dashboard_read_errors", (("part", p),))] == 0 for p in ("jobs", "workers", "queues"))
 
 
-def test_page_in_headless_chromium(stack, tmp_path):
+def test_page_in_headlesschromium(stack, tmp_path):
     url = f"http://{AUTH[0]}:{AUTH[1]}@127.0.0.1:{stack['port']}/"
-    dom = _chromium("--dump-dom", url).stdout
+    dom = chromium("--dump-dom", url).stdout
     job = stack["job"]
     for text in (job, "images/s", "5 of 6 images done, 1 failed", "broken.png", "not an image", "permanent",
                  "opsdash@", "alive", "gpu:", "Prometheus metrics"):
@@ -160,7 +140,7 @@ def test_page_in_headless_chromium(stack, tmp_path):
     assert f'href="jobs/{job}/gallery/"' in dom
     assert re.search(r'<span class="done" style="width:83\.33%"', dom) and 'class="failed"' in dom
     shot = tmp_path / "dashboard.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1280,720", url)
+    chromium(f"--screenshot={shot}", "--window-size=1280,720", url)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     for colour in ((0x2E, 0x9D, 0x5B), (0xD6, 0x45, 0x45)):  # the bar's done and failed parts
         assert (np.abs(pixels - colour).sum(-1) < 30).sum() > 300, colour
@@ -202,7 +182,7 @@ def test_the_page_refreshes_itself_in_a_browser(stack):
     thread.start()
     try:
         port = server.server_address[1]
-        dom = _chromium("--virtual-time-budget=7000", "--dump-dom", f"http://{AUTH[0]}:{AUTH[1]}@127.0.0.1:{port}/").stdout
+        dom = chromium("--virtual-time-budget=7000", "--dump-dom", f"http://{AUTH[0]}:{AUTH[1]}@127.0.0.1:{port}/").stdout
         assert stack["job"] in dom
         assert Counting.served >= 3, f"the page was read {Counting.served} times in 7 s with a 2 s refresh"
     finally:

@@ -7,12 +7,12 @@ goes through :mod:`producer.flower_guard`."""
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from browser import wait_http
 from compose_file import COMPOSE, load_compose
 from ops_helpers import COMPOSE_ENV, base_env, compose_redis, free_port, start, stop
 
@@ -35,22 +35,10 @@ def flower(tmp_path_factory):
                         base_env(**env), tmp / "flower.log")
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(f"{base}/api/workers", process, tmp / "flower.log")
+            wait_http(f"{base}/api/workers", process, tmp / "flower.log", what="Flower")
             yield base
         finally:
             stop(process, timeout_s=10)
-
-
-def _wait_http(url: str, process, log, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Flower did not start: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/healthcheck", "/api/workers", "/"])

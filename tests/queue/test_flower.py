@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from browser import wait_http
 from queue_helpers import (
     REPO,
     TINY_CLI_ARGS,
@@ -45,19 +46,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, *, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower exited with code {process.returncode}")
-        try:
-            requests.get(url, auth=AUTH, timeout=2)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    raise RuntimeError(f"flower did not answer on {url} within {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def stack(redis_alive, tmp_path_factory) -> Iterator[dict]:
     """A worker, Flower on a free port (basic auth), and one finished job, all on Redis db 11."""
@@ -73,7 +61,7 @@ def stack(redis_alive, tmp_path_factory) -> Iterator[dict]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{base}/api/workers", process=flower)
+        wait_http(f"{base}/api/workers", flower, tmp / "flower.log", what="Flower")
         wait_worker_ready(env, "flowerw", process=worker)
         folder = tmp / "images"
         make_images(folder, IMAGES)
