@@ -5,14 +5,13 @@ configuration or truth file is one line before any model loads."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from browser import chromium
 from slip.cli.compare import compare
 from slip.data.synth import generate_dataset
 
@@ -51,17 +50,12 @@ def test_the_synth_pair_scores_far_above_tiny_random_and_the_page_renders(datase
     assert synth["seconds_p90"] >= synth["seconds_p50"] > 0
     assert synth["projected_hours"] == pytest.approx(1000 * synth["seconds_p50"] / 4 / 3600)
     assert synth["request"]["sam"]["arch"] == "synth-sam" and len(synth["request"]["sam"]["sha256"]) == 64
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
     page = (out / "index.html").as_uri()
-    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = chromium("--dump-dom", page).stdout
     for text in ("synth", "tiny", "AP50", "truth: circle", "sam=synth,clip=synth"):
         assert text in dom, text
     shot = tmp_path / "shot.png"
-    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,900", page], capture_output=True, timeout=120,
-                   check=True)
+    chromium(f"--screenshot={shot}", "--window-size=1200,900", page)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 20  # tables and example images, not a blank page
     assert len(list((out / "examples").glob("*.png"))) == 3 * 3  # truth + 2 configs, 3 examples
