@@ -48,7 +48,8 @@ ENV = {  # field -> variable
     "points_per_batch": "SLIP_POINTS_PER_BATCH", "batch_size": "SLIP_BATCH_SIZE", "log_level": "SLIP_LOG_LEVEL",
 }
 HELP = {
-    "sam": "SAM spec: vit_h | vit_l | vit_b | synth | tiny-random | PATH | Hugging Face model dir or cached id.",
+    "sam": "SAM spec: vit_h | vit_l | vit_b | synth | tiny-random | sam2.1-hiera-* | edgetam | sam3-tracker | PATH | "
+           "Hugging Face model dir or cached id.",
     "clip": "Ranker spec: Hugging Face hub id | DIR | synth | tiny-random.",
     "engine": "How prompts become masks: slip (SAM proposals ranked by the ranker) | sam3 | sam3-rank.",
     "device": "auto | cpu | cuda | cuda:N | mps.",

@@ -6,9 +6,10 @@ env var and pass ``cache_dir`` inward, ``None`` meaning the default):
 * ``<cache>/sam/sam_vit_{h,l,b}_*.pth`` — official SAM checkpoints, fetched by ``slip weights fetch
   vit_b`` (``fetch_sam``) and verified against their published SHA-256;
 * ``<cache>/hf/`` — a Hugging Face hub cache holding model snapshots (CLIP, SigLIP, open_clip, SAM 2 / 2.1,
-  SAM 3), fetched by ``slip weights fetch <hub-id>`` (``fetch_clip``); the engines' short names
-  (``sam2.1-hiera-large``, ``sam3`` ...) are aliases of their hub ids (:data:`HUB_ALIASES`), and gated repos
-  (SAM 3) say where to accept the licence and that ``HF_TOKEN`` must be set (:func:`gated_hint`).
+  SAM 3 and its tracker, EdgeTAM), fetched by ``slip weights fetch <hub-id>`` (``fetch_clip``); the engines'
+  short names (``sam2.1-hiera-large``, ``sam3``, ``sam3-tracker``, ``edgetam`` ...) are aliases of their hub ids
+  (:data:`HUB_ALIASES`), and gated repos (SAM 3) say where to accept the licence and that ``HF_TOKEN`` must be
+  set (:func:`gated_hint`).
 
 Models bundled with the package (trained on the synthetic world) live in ``slip/weights/<name>/``.
 """
@@ -269,6 +270,8 @@ HUB_ALIASES: Mapping[str, str] = {
     **{f"sam{v}-hiera-{size}": f"facebook/sam{v}-hiera-{size}"
        for v in ("2", "2.1") for size in ("tiny", "small", "base-plus", "large")},
     "sam3": "facebook/sam3",
+    "sam3-tracker": "facebook/sam3",  # the SAM 3 tracker as a proposer lives in SAM 3's checkpoint
+    "edgetam": "yonigozlan/EdgeTAM-hf",  # EdgeTAM in transformers' format (the id transformers' docs and tests load)
     "siglip": "google/siglip-base-patch16-224",
     "siglip2": "google/siglip2-base-patch16-224",
 }

@@ -30,8 +30,9 @@ weights_app = typer.Typer(
 @weights_app.command()
 def fetch(
     name: str = typer.Argument(..., help="vit_b, vit_l, vit_h (official SAM); an engine's short name "
-                                         "(sam2.1-hiera-tiny .. sam2.1-hiera-large, sam2-hiera-*, sam3, siglip, "
-                                         "siglip2); or a Hugging Face id such as openai/clip-vit-base-patch32, "
+                                         "(sam2.1-hiera-tiny .. sam2.1-hiera-large, sam2-hiera-*, sam3, "
+                                         "sam3-tracker, edgetam, siglip, siglip2); or a Hugging Face id such as "
+                                         "openai/clip-vit-base-patch32, "
                                          "facebook/sam2.1-hiera-large, google/siglip2-base-patch16-224 or "
                                          "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K (open_clip)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

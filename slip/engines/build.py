@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # check_engine runs in producers, which import no model code
     from slip.types import SlipResult
 
 SAM3_NAMES = ("sam3", "facebook/sam3", "tiny-random-sam3")  # SAM 3 checkpoints named without a path
-SAM_NAMES = ("vit_h", "vit_l", "vit_b", "synth", "tiny-random", "tiny-random-sam2")  # SAM 1 / 2 names (+ sam2*)
+SAM_NAMES = ("vit_h", "vit_l", "vit_b", "synth", "tiny-random", "tiny-random-sam2",  # SAM 1 / 2 names (+ sam2*)
+             "edgetam", "yonigozlan/EdgeTAM-hf", "sam3-tracker", "tiny-random-edgetam", "tiny-random-sam3-tracker")
 DEFAULT_CONCEPT = "object"  # what sam3-rank asks SAM 3 for unless --propose says otherwise
 SAM3_THRESHOLD = 0.5  # SAM 3's score threshold when none is given or calibrated (its own default)
 PROPOSAL_ONLY = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
@@ -87,7 +88,8 @@ def check_engine_sam(engine: str, sam: str) -> None:
     ``engine`` (a SAM 3 for the slip engine, a SAM 1 / 2 for the SAM 3 engines); paths are checked at load."""
     if engine == "slip" and sam in SAM3_NAMES:
         raise ConfigError(f"{sam!r} is a SAM 3 checkpoint: run it as an engine (--engine sam3, or --engine sam3-rank "
-                          f"--propose object), not as the slip engine's proposer")
+                          f"--propose object), not as the slip engine's proposer; its tracker proposes as --sam "
+                          f"sam3-tracker")
     if engine != "slip" and (sam in SAM_NAMES or sam.startswith(("sam2", "facebook/sam2"))):
         raise ConfigError(f"--engine {engine} needs a SAM 3 checkpoint as --sam (sam3, facebook/sam3, a SAM 3 "
                           f"directory or tiny-random-sam3), got {sam!r}")

@@ -1,4 +1,5 @@
-"""Proposers: an image in, filtered segment proposals out (SAM 1, SAM 2 / 2.1; SAM 3 through slip.engines).
+"""Proposers: an image in, filtered segment proposals out (SAM 1, SAM 2 / 2.1, EdgeTAM, the SAM 3 tracker; SAM 3
+through slip.engines).
 
 Names are re-exported lazily (PEP 562), so importing the package does not load the sam2 package or Hydra.
 """
@@ -16,6 +17,8 @@ _EXPORTS = {
     "load_proposer_model": "slip.proposers.loading",
     "mask_generator_for": "slip.proposers.loading",
     "Sam2MaskGenerator": "slip.proposers.sam2_generator",
+    "HfTrackerMaskGenerator": "slip.proposers.hf_tracker_generator",
+    "build_tiny_tracker": "slip.proposers.hf_trackers",
     "SAM2_ARCHS": "slip.proposers.sam2_model",
     "build_tiny_sam2": "slip.proposers.sam2_model",
 }

@@ -1,7 +1,8 @@
 """The proposer interface: an image in, filtered segment proposals out.
 
 A proposer is a mask source (anything with ``generate_masks(image, *, timings) -> MaskSet``: SAM 1's
-:class:`slip.generator.MaskGenerator`, SAM 2's :class:`slip.proposers.sam2_generator.Sam2MaskGenerator`, SAM 3
+:class:`slip.generator.MaskGenerator`, SAM 2's :class:`slip.proposers.sam2_generator.Sam2MaskGenerator`, EdgeTAM's
+and the SAM 3 tracker's :class:`slip.proposers.hf_tracker_generator.HfTrackerMaskGenerator`, SAM 3
 prompted with one generic concept, :class:`slip.proposers.sam3.Sam3Proposer`) followed by the annotation filter
 chain. :meth:`Proposer.propose` returns :class:`slip.types.Proposals` (tensors, prompt-independent, cacheable);
 :func:`proposal_records` turns them into the stored form: COCO RLE, XYWH boxes, scores.

@@ -8,11 +8,17 @@ A SAM spec names a model that proposes every segment of an image:
   Hugging Face snapshot ``facebook/<name>`` in the weights cache), a cached hub id
   (``facebook/sam2.1-hiera-large``), an official checkpoint file as facebookresearch/sam2 releases it
   (``sam2.1_hiera_large.pt``, architecture from its shapes), a Hugging Face ``Sam2Model`` directory, or
-  ``tiny-random-sam2`` (seeded random weights, for tests, used only when named).
+  ``tiny-random-sam2`` (seeded random weights, for tests, used only when named);
+* EdgeTAM and the SAM 3 tracker (transformers models with SAM 2's prompt interface): ``edgetam`` /
+  ``yonigozlan/EdgeTAM-hf`` and ``sam3-tracker`` (the tracker inside the gated ``facebook/sam3``), cached hub
+  snapshots; a directory whose ``config.json`` ``model_type`` is ``edgetam`` / ``edgetam_video`` /
+  ``sam3_tracker`` / ``sam3_tracker_video``; ``tiny-random-edgetam``, ``tiny-random-sam3-tracker`` —
+  :mod:`slip.proposers.hf_trackers`.
 
-A SAM 3 checkpoint is refused here with one line: SAM 3 answers text concepts, it is an engine
-(``--engine sam3`` / ``sam3-rank``), not a proposer. Digests: the SHA-256 of the weights really loaded (the
-file, or the directory's files; the tensors for built-in models), as :class:`slip.request.ModelRef`.
+A SAM 3 checkpoint (``sam3``, ``facebook/sam3``, a ``sam3`` / ``sam3_video`` directory) is refused here with one
+line: SAM 3 answers text concepts, it is an engine (``--engine sam3`` / ``sam3-rank``); its tracker proposes as
+``--sam sam3-tracker``. Digests: the SHA-256 of the weights really loaded (the file, or the directory's files;
+the tensors for built-in models), as :class:`slip.request.ModelRef`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsNotFoundError
 from slip.generator import MaskGenerator
+from slip.proposers.hf_trackers import load_tracker
 from slip.proposers.sam2_generator import SAM2_DEFAULTS, Sam2MaskGenerator
 from slip.proposers.sam2_hf import is_hf_sam2_dir, load_hf_sam2
 from slip.proposers.sam2_model import SAM2_ARCHS, TINY_SAM2, build_tiny_sam2, is_sam2_state, load_sam2_checkpoint
@@ -36,16 +43,17 @@ from slip.sam import checkpoint_filters, checkpoint_generator_params, load_sam_b
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
 SAM3_NAMES = ("sam3", "facebook/sam3", "tiny-random-sam3")
-SAM3_MODEL_TYPES = ("sam3", "sam3_video", "sam3_tracker", "sam3_tracker_video")
+SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # SAM 3 itself; sam3_tracker directories load as proposers
 SAM2_FILE_SUFFIXES = (".pt",)  # official SAM 2 releases; SAM 1's are .pth
 OFFICIAL_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"  # the 2.1 release files
 
 
 @dataclass(frozen=True)
 class ProposerModel:
-    """A loaded SAM (1 or 2) with what results must know about it."""
+    """A loaded proposer model (SAM 1, SAM 2, EdgeTAM, SAM 3 tracker) with what results must know about it."""
 
-    family: str  # "sam" (SAM 1, segment_anything) | "sam2" (SAM 2 / 2.1, the sam2 package)
+    family: str  # "sam" (SAM 1, segment_anything) | "sam2" (SAM 2 / 2.1, the sam2 package) | "edgetam" |
+    #              "sam3-tracker" (transformers models, slip.proposers.hf_trackers)
     model: torch.nn.Module  # eval mode, on its device, fp32 weights (reduced precision is autocast at run time)
     ref: ModelRef  # spec, architecture name, SHA-256 of the weights really loaded
     generator: Mapping[str, Any]  # recommended generator options: the family's defaults < generator.json beside it
@@ -58,7 +66,14 @@ class ProposerModel:
 
 
 def mask_generator_for(model: torch.nn.Module, **options: Any) -> MaskGenerator:
-    """:class:`slip.generator.MaskGenerator` for a SAM 1 model, :class:`Sam2MaskGenerator` for a SAM 2 one."""
+    """:class:`slip.generator.MaskGenerator` for a SAM 1 model, :class:`Sam2MaskGenerator` for a SAM 2 one,
+    :class:`slip.proposers.hf_tracker_generator.HfTrackerMaskGenerator` for an EdgeTAM / SAM 3 tracker."""
+    from slip.proposers.hf_trackers import is_hf_tracker_model
+
+    if is_hf_tracker_model(model):
+        from slip.proposers.hf_tracker_generator import HfTrackerMaskGenerator
+
+        return HfTrackerMaskGenerator(model, **options)
     from sam2.modeling.sam2_base import SAM2Base
 
     return (Sam2MaskGenerator if isinstance(model, SAM2Base) else MaskGenerator)(model, **options)
@@ -81,6 +96,12 @@ def load_proposer_model(spec: str, *, device: str | torch.device = "auto", cache
         model = build_tiny_sam2()
         ref = ModelRef(spec=spec, arch=TINY_SAM2, sha256=tensors_sha256(model.state_dict()))
         return ProposerModel("sam2", model.to(dev).eval(), ref, dict(SAM2_DEFAULTS), None)
+    tracker = load_tracker(spec, cache_dir)
+    if tracker is not None:  # EdgeTAM, SAM 3 tracker
+        family, model, ref, directory = tracker
+        recommended = {**SAM2_DEFAULTS, **(checkpoint_generator_params(directory) if directory else {})}
+        filters = checkpoint_filters(directory) if directory else None
+        return ProposerModel(family.name, model.to(dev).eval(), ref, recommended, filters)
     path = _sam2_path(spec, cache_dir)
     if path is None:  # SAM 1 (its loader reports unknown specs and missing weights)
         bundle = load_sam_bundle(spec, device=dev, cache_dir=cache_dir)
@@ -104,7 +125,8 @@ def refuse_sam3(spec: str, cache_dir: Path | None = None) -> None:
         raise ConfigError(
             f"{spec!r} is a SAM 3 checkpoint: SAM 3 finds the instances of a text concept, it does not propose every "
             f"segment; run it as an engine: --engine sam3 (SAM 3 answers the prompts) or --engine sam3-rank "
-            f"--propose object (SAM 3 proposes, the ranker picks), with --sam {spec}"
+            f"--propose object (SAM 3 proposes, the ranker picks), with --sam {spec}; or propose every segment with "
+            f"SAM 3's tracker (its point prompts, SAM 2's way): --sam sam3-tracker"
         )
 
 
