@@ -5,9 +5,9 @@ classes it never learnt, and does it beat reviewing images at random?
                                                 # cores once the caches exist; ~60 min more without them)
     python -m bench.review --threads 1 --class-weights longtail --no-requery \
         --out bench/results/review-longtail.json   # the long-tailed job (second experiment)
-    python -m bench.review --threads 1 --job-seed 2 --images 300 --sizes 25,50 --no-requery \
-        --orders doubt,round-robin,image-doubt,unclaimed,errors --out bench/results/review-rules.json
-                                                # choosing the doubt rule, on another job
+    python -m bench.review --threads 1 --job-seed 2 --images 300 --sizes 25,50 --no-requery --tune-seeds 2 \
+        --random-seeds 2 --orders doubt,errors,unclaimed,image-doubt,alternate,with-unclaimed \
+        --out bench/results/review-rules.json   # choosing the doubt rule, on another job (~25 min)
     python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 \
         --tune-seeds 1 --sizes 25,50 --no-requery   # the small version (~3 min once the caches exist)
 
@@ -419,6 +419,22 @@ def _unclaimed(sim: np.ndarray, threshold) -> float:
     return float((1.0 / (1.0 + np.exp((sim.max(1) - threshold) / DOUBT_SCALE))).sum())
 
 
+def _with_unclaimed(sims, threshold) -> list[int]:
+    """The product rule with one more queue beside the prompts' own: the images with the most segments no prompt
+    claims (objects the ranker cannot name) first; it takes its turn in every round like a prompt."""
+    return doubt_order([[*_certainty_row(s, threshold), -_unclaimed(s, threshold)] for s in sims])
+
+
+def _alternating(sims, threshold) -> list[int]:
+    """The product rule and ``unclaimed`` taking turns, each image once."""
+    taken, order = set(), []
+    for pair in zip(_product(sims, threshold), _by_score([_unclaimed(s, threshold) for s in sims])):
+        for i in pair:
+            if i not in taken:
+                taken.add(i), order.append(i)
+    return order
+
+
 def _by_score(scores) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
 
@@ -429,6 +445,8 @@ RULES = {
     "image-doubt": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) for s in sims]),
     "unclaimed": lambda sims, t: _by_score([_unclaimed(s, t) for s in sims]),
     "errors": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) + _unclaimed(s, t) for s in sims]),
+    "with-unclaimed": _with_unclaimed,
+    "alternate": _alternating,
 }
 
 
