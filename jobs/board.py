@@ -33,6 +33,7 @@ return out"""
 BEGIN = """local c, a = ARGV[1], tonumber(ARGV[2])
 local current = tonumber(redis.call('HGET', KEYS[1], 'a' .. c) or '0')
 if redis.call('GETBIT', KEYS[3], c) == 1 or a < current then return 0 end
+if a == current and redis.call('HEXISTS', KEYS[2], c) == 1 then return 0 end
 if a > current then redis.call('HSET', KEYS[1], 'a' .. c, a) end
 redis.call('HSET', KEYS[1], 'progress', ARGV[4])
 redis.call('HSETNX', KEYS[1], 'started', ARGV[4])
@@ -112,7 +113,9 @@ class Board:
 
     def begin(self, job_id: str, chunk: int, attempt: int, mark: str) -> bool:
         """A worker process starts ``attempt`` of ``chunk``, holding it with ``mark`` (JSON); False when the
-        delivery is stale (the chunk is finished, or a later attempt was sent): nothing is to be done."""
+        delivery is stale, nothing to be done: the chunk is finished, a later attempt was sent, or this attempt is
+        held already (the message Celery put back after its pool process died, or a second delivery while it
+        runs: a crashed attempt is sent again by a reaper as the next one, so each crash spends the budget)."""
         return bool(self._run("begin", job_id, chunk, attempt, mark, time.time()))
 
     def finish(self, job_id: str, chunk: int, attempt: int, mark: str, *, again: bool, done: int, failed: int) -> int:

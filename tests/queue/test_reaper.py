@@ -146,6 +146,22 @@ def test_a_dead_pool_process_chunk_is_sent_again_at_once_by_its_own_worker(plane
     assert not board.begin("pool", 0, 0, "{}"), "the message Celery put back for the dead process is stale now"
 
 
+def test_a_put_back_message_of_a_held_attempt_is_stale_so_each_crash_spends_an_attempt(plane):
+    """Celery puts a killed pool process's message back at once (task_reject_on_worker_lost), before any reaper
+    beats: it must not run the same attempt again (a chunk that kills its process each time would never use up
+    SLIP_MAX_ATTEMPTS); the reaper's next attempt runs."""
+    board = plane["board"]
+    write_job(plane, "held", images=2, batch=1)
+    board.claim("held")
+    mark(board, "held", 0, worker="me", pid=dead_pid())
+    assert not board.begin("held", 0, 0, "{}"), "the put-back message of the held attempt 0 ran again"
+    plane["reaper"]("me").beat()
+    assert plane["sent"] == [("segment", "held", 0, 1, True)]
+    assert board.begin("held", 0, 1, "{}"), "attempt 1, sent by the reaper, runs"
+    assert not board.begin("held", 0, 1, "{}"), "a second delivery while attempt 1 runs"
+    assert board.begin("held", 1, 0, "{}"), "a chunk nobody holds starts as usual"
+
+
 def test_two_reapers_at_once_send_a_dead_holders_chunk_once(plane):
     board, now = plane["board"], time.time()
     write_job(plane, "twice", images=8, batch=1)
@@ -226,8 +242,8 @@ def test_a_chunk_finishing_during_a_status_poll_is_never_called_lost(plane):
     manifest = write_job(plane, "race", images=4, batch=2)
     board.claim("race")
 
-    def finish_chunk(chunk: int) -> None:
-        held = mark(board, "race", chunk, worker="alive", pid=os.getpid())
+    def finish_chunk(chunk: int, held: str | None = None) -> None:
+        held = held or mark(board, "race", chunk, worker="alive", pid=os.getpid())
         outcomes = [ItemOutcome(index=i, state="done", result_key="results/x/y") for i in manifest.chunk_range(chunk)]
         record_chunk(store, ChunkRecord(job_id="race", chunk=chunk, task_id="t", worker="w", finished="now",
                                         items=outcomes), replace_earlier=False)
@@ -236,13 +252,13 @@ def test_a_chunk_finishing_during_a_status_poll_is_never_called_lost(plane):
 
     finish_chunk(0)
     board.beat("alive", {"node": "alive@host", "at": time.time()})
-    mark(board, "race", 1, worker="alive", pid=os.getpid())
+    running = mark(board, "race", 1, worker="alive", pid=os.getpid())
 
     class ListingThenTheWorkerFinishes(Store):
         def list(self, prefix: str = "") -> list[str]:
             if prefix.endswith("/done") and not hooks_ran:
                 hooks_ran.append(True)
-                finish_chunk(1)
+                finish_chunk(1, running)
             return super().list(prefix)
 
     hooks_ran: list[bool] = []
