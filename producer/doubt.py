@@ -1,14 +1,14 @@
 """Order a job's items by doubt, for review (``--order doubt``, exports and gallery).
 
-Per prompt, the certainty of an image's answer is :func:`slip.review.prompt_certainty` of its
-``segments.json``: the smaller of the margin between the best and second-best segment and the distance of
-the best score to the prompt's threshold (the calibrated one the result recorded). ``--order doubt`` is
-:func:`slip.review.doubt_order`: rounds over the prompts, each giving its least certain image not taken
-yet, so every prompt gets its hardest images reviewed (ties: job order). Done items only: failed and
-unfinished items have no answer to doubt. With ``limit`` only each prompt's ``limit`` least certain items are
-kept while reading (memory grows with prompts x ``limit``, not with the job); without one every done item is
-held until the end. :func:`review_score` (``1 - image doubt / prompts``, :func:`slip.review.image_doubt`) is
-the one-number summary the Label Studio export carries as its prediction score.
+``--order doubt`` is :func:`slip.review.doubt_order` over each image's
+:func:`slip.review.expected_corrections` of its ``segments.json``: its doubtful answers (per prompt, the
+smaller of the margin between the best and second-best segment and the distance of the best score to the
+prompt's threshold, the calibrated one the result recorded) plus its segments no prompt claims; the most
+first, ties in job order. Done items only: failed and unfinished items have no answer to doubt. With
+``limit`` only the ``limit`` most doubtful items are kept while reading (memory grows with ``limit``, not
+with the job); without one every done item is held until the end. :func:`review_score` (``1 - image doubt /
+prompts``, :func:`slip.review.image_doubt`) is the one-number summary the Label Studio export carries as its
+prediction score.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from producer.exports_items import DONE, ExportItem, item_doc
 from slip.errors import ConfigError, DatasetError
-from slip.review import doubt_order, image_doubt, prompt_certainty
+from slip.review import doubt_order, expected_corrections, image_doubt, prompt_certainty
 
 ORDERS = ("job", "doubt")  # job: the job's order (streamed); doubt: slip.review.doubt_order
 
@@ -67,34 +67,24 @@ def ordered(items: Iterable[ExportItem], *, order: str = "job", limit: int | Non
     yield from doubtful(items, prompts=prompts, limit=limit)
 
 
+def corrections(doc: dict, prompts: Sequence[str], *, name: str = "") -> float:
+    """:func:`slip.review.expected_corrections` of a document over the job's prompts (those it answers)."""
+    similarity, limits = _answers(doc, prompts, name)
+    return expected_corrections(similarity, limits)
+
+
 def doubtful(items: Iterable[ExportItem], *, prompts: Sequence[str], limit: int | None = None) -> list[ExportItem]:
     """The done items in :func:`slip.review.doubt_order`, at most ``limit``; reads ``items`` once, keeping only
-    each prompt's ``limit`` least certain items (and their documents)."""
-    heaps: list[list[tuple[float, int]]] = [[] for _ in prompts]  # per prompt: (-certainty, -seq), root dropped first
-    kept: dict[int, tuple[ExportItem, list[float]]] = {}
-    holders: dict[int, int] = {}  # seq -> how many prompt heaps hold it
+    the ``limit`` most doubtful (and their documents)."""
+    kept: list[tuple[float, int, ExportItem]] = []  # a min-heap of (corrections, -seq): the root goes first
     for seq, item in enumerate(items):
         if item.state != DONE:
             continue
-        values = certainties(item_doc(item), prompts, name=item.name)
-        held = 0
-        for heap, value in zip(heaps, values):
-            entry = (-value, -seq)
-            if limit is None or len(heap) < limit:
-                heapq.heappush(heap, entry)
-            elif entry > heap[0]:
-                _release(-heapq.heapreplace(heap, entry)[1], holders, kept)
-            else:
-                continue
-            held += 1
-        if held:
-            kept[seq], holders[seq] = (item, values), held
-    seqs = sorted(kept)
-    order = doubt_order(np.array([kept[s][1] for s in seqs]).reshape(len(seqs), len(prompts)), limit)
-    return [kept[seqs[k]][0] for k in order]
-
-
-def _release(seq: int, holders: dict[int, int], kept: dict) -> None:
-    holders[seq] -= 1
-    if holders[seq] == 0:
-        del holders[seq], kept[seq]
+        entry = (corrections(item_doc(item), prompts, name=item.name), -seq, item)
+        if limit is None or len(kept) < limit:
+            heapq.heappush(kept, entry)
+        elif entry[:2] > kept[0][:2]:
+            heapq.heapreplace(kept, entry)
+    kept.sort(key=lambda e: -e[1])  # job order, then doubt_order (stable on ties)
+    order = doubt_order([e[0] for e in kept])
+    return [kept[k][2] for k in order]

@@ -7,7 +7,7 @@ Command functions only: the root ``slip`` app mounts them (``app.command("result
                  [--copy-images | --link-images]   (yolo, one required: the images of the dataset)
                  [--val-fraction 0.1] [--seed 0]   (yolo: the seeded train / val split)
                  [--min-score S]              (coco, yolo: leave out images with an answer under S)
-                 [--order job|doubt] [--limit N]   (doubt: the prompts in turn, each its least certain image)
+                 [--order job|doubt] [--limit N]   (doubt: the most expected corrections first)
                  [--image-base URL] [--shape brush|polygon|mask]   (label-studio, cvat)
     slip gallery JOB [--out DIR] [--limit N] [--truth GT.json] [--order job|doubt]
 
@@ -30,8 +30,8 @@ from slip.cli.common import fail
 from slip.errors import ConfigError
 
 FORMAT_HELP = "coco | coco-results | jsonl | yolo | polygons | label-studio | cvat (producer.exports.FORMATS)."
-ORDER_HELP = ("job: the job's order | doubt: the most doubtful first, the prompts in turn giving each its least certain "
-              "image (producer.doubt); done images only.")
+ORDER_HELP = ("job: the job's order | doubt: the most doubtful first: doubtful answers plus segments no prompt claims "
+              "(producer.doubt); done images only.")
 
 DEFAULT_GALLERY_LIMIT = 200  # images in a gallery unless --limit says otherwise
 

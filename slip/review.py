@@ -8,11 +8,15 @@ best one to the threshold (is the object there at all); without a threshold, the
 in for a missing second segment, and a prompt with no segment at all has certainty 0. An image's *doubt*
 is ``sum over its prompts of exp(-certainty / DOUBT_SCALE)``: each prompt adds up to 1 when its answer is
 a coin toss and about 0 once it is clear (:data:`DOUBT_SCALE` = 0.05, a typical cosine margin), so the
-doubt counts the image's doubtful answers (:func:`image_doubt`; the smallest certainty alone does not rank
-images: with ten prompts nearly every image has one near-tie, among absent classes too). The review order
-(:func:`doubt_order`) takes the prompts in turn, each giving its least certain image not taken yet (the
-prompt whose least certain answer is the most doubtful goes first): every prompt gets its hardest images
-reviewed, rather than the few prompts whose answers are most often in doubt taking every place.
+doubt counts the image's doubtful answers (:func:`image_doubt`). Its *unclaimed* segments are those no prompt
+claims: ``sum over segments of sigmoid(-max_p(s_jp - t_p) / DOUBT_SCALE)`` (:func:`unclaimed`; prompts with a
+threshold only, 0 without any): a segment far below every prompt's threshold counts 1 (an object the ranker
+cannot name: a class it never learnt, or background), one above some threshold 0. The review order
+(:func:`doubt_order`) is by *expected corrections*, doubt + unclaimed (:func:`expected_corrections`), the
+most first, ties in job order: the images where a reviewer has the most to correct. (Chosen on two
+development jobs of ``bench/review.py`` among six rules: three beat random order at 25 and 50 reviewed images
+on both, and this one keeps the per-prompt doubt; the earlier rule, the prompts in turn each taking its least certain image, lost to random on
+one of them: ``bench/results/review-rules*.json``.)
 
 **Reviewed labels** (a folder :func:`write_labels` writes and ``slip train-ranker`` reads as is)::
 
@@ -91,25 +95,28 @@ def image_doubt(similarity: np.ndarray, thresholds: Sequence[float | None]) -> f
     return float(sum(math.exp(-prompt_certainty(similarity[:, p], t) / DOUBT_SCALE) for p, t in enumerate(thresholds)))
 
 
-def doubt_order(certainties: np.ndarray, limit: int | None = None) -> list[int]:
-    """Row indices of ``certainties`` (``(M, P)``: images x prompts, :func:`prompt_certainty`) in review order
-    (module docstring): rounds over the prompts, each taking its least certain image not taken yet; at most
-    ``limit``. Ties go to the lower row."""
-    certainties = np.asarray(certainties, np.float64)
-    rows, prompts = certainties.shape if certainties.ndim == 2 else (len(certainties), 0)
-    limit = rows if limit is None else min(limit, rows)
-    queues = [np.lexsort((np.arange(rows), certainties[:, p])) for p in range(prompts)]
-    turn = sorted(range(prompts), key=lambda p: (certainties[queues[p][0], p], p)) if rows else []
-    taken, order, heads = np.zeros(rows, bool), [], [0] * prompts
-    while len(order) < limit and prompts:
-        for p in turn:
-            queue = queues[p]
-            while heads[p] < rows and taken[queue[heads[p]]]:
-                heads[p] += 1
-            if heads[p] < rows and len(order) < limit:
-                taken[queue[heads[p]]] = True
-                order.append(int(queue[heads[p]]))
-    return order
+def unclaimed(similarity: np.ndarray, thresholds: Sequence[float | None]) -> float:
+    """Segments no prompt claims, softly: ``sum_j sigmoid(-max_p(s_jp - t_p) / DOUBT_SCALE)`` over the ``(N, P)``
+    segments x prompts ``similarity``, prompts with a threshold only; 0.0 when none has one (module docstring)."""
+    similarity = np.asarray(similarity, np.float64).reshape(-1, len(thresholds))
+    known = [p for p, t in enumerate(thresholds) if t is not None]
+    if not known or not len(similarity):
+        return 0.0
+    margin = (similarity[:, known] - np.array([thresholds[p] for p in known], np.float64)).max(1)
+    return float((1.0 / (1.0 + np.exp(np.clip(margin / DOUBT_SCALE, -50.0, 50.0)))).sum())
+
+
+def expected_corrections(similarity: np.ndarray, thresholds: Sequence[float | None]) -> float:
+    """:func:`image_doubt` + :func:`unclaimed`: how much a reviewer may have to correct on the image."""
+    return image_doubt(similarity, thresholds) + unclaimed(similarity, thresholds)
+
+
+def doubt_order(corrections: Sequence[float], limit: int | None = None) -> list[int]:
+    """Indices of ``corrections`` (per image, :func:`expected_corrections`) in review order: the most first,
+    ties to the lower index; at most ``limit``."""
+    values = np.asarray(corrections, np.float64).reshape(-1)
+    order = np.lexsort((np.arange(len(values)), -values))
+    return [int(i) for i in order[: len(values) if limit is None else limit]]
 
 
 # --- reviewed labels -------------------------------------------------------------------------------------

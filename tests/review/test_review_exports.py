@@ -140,21 +140,42 @@ def test_cvat_runs_round_trip_and_bad_runs():
         runs_mask(runs[:-1], box, 20, 30)
 
 
-def test_doubt_order_takes_the_prompts_in_turn(review_job):
-    # certainties (circle, square, triangle) per image, from the fixture's margins m_k = 0.02 + 0.04 k and
-    # threshold 0.25: the first object's prompt m_k, the second's 0.05 + m_k over the threshold, the absent 0
-    # img0 (.02, .07, 0), img1 (0, .06, .11), img2 (.15, 0, .10), img3 (.14, 0, .19), img4 (.23, .18, 0)
-    # round 1: circle -> img1, square -> img2, triangle -> img0; round 2: circle -> img3, square -> img4
-    order = [i.index for i in ordered(review_job.items, order="doubt", prompts=review_job.prompts)]
-    assert order == [1, 2, 0, 3, 4]
-    assert [i.index for i in ordered(review_job.items, order="doubt", limit=2, prompts=review_job.prompts)] == [1, 2]
+def _expected_corrections(doc: dict, prompts) -> float:
+    """The rule of slip.review written out: per prompt exp(-certainty / scale), plus per segment the soft
+    'no prompt claims it' (every prompt's threshold is the fixture's 0.25)."""
+    similarity = np.array([[s["similarity"][p] for p in prompts] for s in doc["segments"]])
+    doubt = sum(np.exp(-c / DOUBT_SCALE) for c in certainties(doc, prompts))
+    return doubt + float((1.0 / (1.0 + np.exp((similarity - 0.25).max(1) / DOUBT_SCALE))).sum())
+
+
+def test_doubt_order_puts_the_most_expected_corrections_first(review_job):
+    prompts = review_job.prompts
+    done = [i for i in review_job.items if i.state == "done"]
+    values = [_expected_corrections(i.doc, prompts) for i in done]
+    assert len(set(np.round(values, 9))) == len(values), "no ties: the order is the rule's, not the job's"
+    want = [done[k].index for k in sorted(range(len(done)), key=lambda k: -values[k])]
+    assert [i.index for i in ordered(review_job.items, order="doubt", prompts=prompts)] == want
+    assert [i.index for i in ordered(review_job.items, order="doubt", limit=2, prompts=prompts)] == want[:2]
     assert [i.index for i in ordered(review_job.items, order="job", limit=3)] == [0, 1, 2]
-    assert certainties(review_job.items[0].doc, review_job.prompts) == pytest.approx([0.02, 0.07, 0.0])
-    # image 0's doubt: the absent prompt (1), the first object (margin 0.02), the second (0.07)
+    # certainties (circle, square, triangle) of image 0, from the fixture's margin 0.02 and threshold 0.25:
+    # the first object's prompt 0.02 (over the half object), the second's 0.07 over the threshold, the absent 0
+    assert certainties(review_job.items[0].doc, prompts) == pytest.approx([0.02, 0.07, 0.0])
     expected = 1 + np.exp(-0.02 / DOUBT_SCALE) + np.exp(-0.07 / DOUBT_SCALE)
-    assert review_score(review_job.items[0].doc, review_job.prompts) == pytest.approx(1 - expected / 3)
+    assert review_score(review_job.items[0].doc, prompts) == pytest.approx(1 - expected / 3)
     with pytest.raises(ConfigError, match="--order"):
         list(ordered(review_job.items, order="size"))
+
+
+def test_unclaimed_segments_count_toward_the_corrections():
+    from slip.review import expected_corrections, unclaimed
+
+    named = np.array([[0.9, 0.1], [0.1, 0.8]])  # each segment far over one prompt's threshold
+    unnamed = np.array([[0.9, 0.1], [0.1, 0.8], [-0.1, 0.0], [0.0, -0.2]])  # two more far under both
+    assert unclaimed(named, [0.3, 0.3]) < 0.01 and 1.99 < unclaimed(unnamed, [0.3, 0.3]) <= 2
+    assert unclaimed(unnamed, [None, None]) == 0.0, "no threshold, nothing to claim by"
+    assert unclaimed(unnamed, [0.3, None]) == pytest.approx(unclaimed(unnamed[:, :1], [0.3]))  # thresholded only
+    assert expected_corrections(unnamed, [0.3, 0.3]) == pytest.approx(
+        image_doubt(unnamed, [0.3, 0.3]) + unclaimed(unnamed, [0.3, 0.3]))
 
 
 def test_a_limit_reads_once_and_gives_the_same_first_images(tmp_path):
@@ -192,7 +213,9 @@ def test_write_export_knows_the_review_formats(review_job, tmp_path):
                            shape="polygon", **common)
     assert summary.written == 2 and summary.paths == (tmp_path / "t.json", config_path(tmp_path / "t.json"))
     tasks = json.loads((tmp_path / "t.json").read_text())
-    assert [t["data"]["slip_index"] for t in tasks] == [1, 2] and tasks[0]["data"]["image"] == "https://x/img_1.png"
+    first = [i.index for i in ordered(review_job.items, order="doubt", limit=2, prompts=review_job.prompts)]
+    assert [t["data"]["slip_index"] for t in tasks] == first
+    assert tasks[0]["data"]["image"] == f"https://x/img_{first[0]}.png"
     summary = write_export(review_job.items, format="cvat", out=tmp_path / "a.xml", **common)
     assert summary.written == 5 and summary.skipped == 1 and summary.paths == (tmp_path / "a.xml",)
     with pytest.raises(ConfigError, match="--image-base applies to --format label-studio"):
