@@ -1,6 +1,7 @@
 """Workers load their models through the one builder: a SAM 2 worker (``SLIP_SAM=tiny-random-sam2``) and a
 ``sam3-rank`` worker (``SLIP_ENGINE=sam3-rank``, ``tiny-random-sam3`` proposing one concept, the ranker picking),
-each a real ``celery -A worker worker`` on its own private redis-server. Each serves the jobs that name it (a new
+each a real ``celery -A worker worker`` on its own private redis-server (and workers whose SAM is
+``tiny-random-edgetam`` or ``tiny-random-sam3-tracker``). Each serves the jobs that name it (a new
 prompt from its cached proposals), says what it serves in its heartbeat, and fails for now a job for another SAM
 or engine, naming the worker to start."""
 
@@ -115,3 +116,16 @@ def test_a_sam3_rank_worker_proposes_with_sam3_and_ranks_with_the_ranker(sam3_ra
     ((outcome, _),) = finish(sam3_rank, wrong, expect="failed").values()
     assert "serves sam=tiny-random-sam3 (engine sam3-rank), but the job asks for sam=tiny-random" in outcome.reason
     assert "start a worker with SLIP_ENGINE=slip SLIP_SAM=tiny-random" in outcome.reason
+
+
+@pytest.mark.parametrize("sam", ["tiny-random-edgetam", "tiny-random-sam3-tracker"])
+def test_a_worker_serves_jobs_with_a_transformers_tracker_as_its_proposer(tmp_path_factory, tmp_path, sam):
+    """EdgeTAM and the SAM 3 tracker as a worker's SAM: it loads them, says so, and a job gets their proposals."""
+    name = sam.removeprefix("tiny-random-").replace("-", "")
+    with cluster(tmp_path_factory, name, SLIP_SAM=sam) as c:
+        assert c["health"]["engine"] == "slip" and c["health"]["sam"]["arch"] == sam
+        job = c["client"].submit_segment(make_images(tmp_path, 2, seed=73), ["a red box"], TINY_PARAMS, batch_size=2)
+        for outcome, doc in finish(c, job).values():
+            assert outcome.how == "computed" and doc["request"]["sam"]["arch"] == sam
+            assert len(doc["request"]["sam"]["sha256"]) == 64
+            assert len(doc["segments"]) > 0, "the tracker must propose segments, or this checks nothing"
