@@ -81,3 +81,9 @@ class TransientError(SlipError):
 
 class DeviceOutOfMemoryError(TransientError):
     """The accelerator (or the host) ran out of memory; retry with a smaller points batch."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when empty), at most ``limit`` characters: what
+    one-line errors quote of a library's exception."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0][:limit]

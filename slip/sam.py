@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,16 +26,16 @@ import torch
 from segment_anything.modeling import Sam
 
 from slip.device import resolve_device
-from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
+from slip.errors import ConfigError, WeightsError, WeightsNotFoundError, first_line
 from slip.request import GeneratorOptions, ModelRef
 from slip.sam_arch import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, SamArch, build_sam, build_tiny_sam, detect_arch
 from slip.sam_hf import load_hf_sam
+from slip.weights import HUB_ID
 
 SYNTH_SPEC = "synth"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 GENERATOR_FILE = "generator.json"  # recommended MaskGenerator options (a JSON object), beside a checkpoint
 FILTERS_FILE = "filters.json"  # recommended filter chain, {"filters": "<chain>", "why": "<sentence>"}, beside it
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name of a Hugging Face SamModel
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -56,17 +55,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                            f"loaded (only tensors are); re-save it as a state dict") from e
     except Exception as e:  # torch.load and safetensors raise many types for a corrupt or truncated file
         raise WeightsError(f"cannot read SAM checkpoint {path}: it is corrupt or truncated "
-                           f"({type(e).__name__}: {_first_line(e)}); fetch it again") from e
+                           f"({type(e).__name__}: {first_line(e, 300)}); fetch it again") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the state dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def save_sam(sam: Sam, path: Path, arch: SamArch) -> Path:
@@ -104,7 +98,7 @@ def load_sam_checkpoint(path: Path) -> tuple[Sam, SamArch]:
     try:
         sam.load_state_dict(state)
     except RuntimeError as e:
-        raise WeightsError(f"{weights} does not fit SAM architecture {arch.name}: {_first_line(e)}") from e
+        raise WeightsError(f"{weights} does not fit SAM architecture {arch.name}: {first_line(e, 300)}") from e
     return sam, arch
 
 
@@ -169,7 +163,7 @@ def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(spec):
+    if HUB_ID.match(spec):
         return clip_path(spec, cache_dir, what="SAM model")
     raise WeightsNotFoundError(
         f"SAM spec {spec!r} is neither vit_h/vit_l/vit_b/synth/tiny-random, an existing path, nor a Hugging Face "
@@ -190,7 +184,7 @@ def _read_json(path: Path, *, what: str = "recommendation file"):
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{what} {path} is not valid JSON ({_first_line(e)}): fix or delete it") from e
+        raise ConfigError(f"{what} {path} is not valid JSON ({first_line(e, 300)}): fix or delete it") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
     return data

@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import sys
 import tempfile
 import urllib.error
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from slip.errors import ChecksumError, ConfigError, WeightsError, WeightsNotFoundError
+from slip.errors import ChecksumError, ConfigError, WeightsError, WeightsNotFoundError, first_line
 
 CACHE_ENV = "SLIP_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/slip")
@@ -263,6 +264,7 @@ def _progress_bar(total: int | None, label: str, *, enabled: bool):
 
 # files of a model repo that transformers / open_clip need (skips TF / Flax / duplicate .bin weights)
 HF_PATTERNS = ("*.json", "*.txt", "*.safetensors", "*.model")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name of a Hugging Face repo
 OPEN_CLIP_PREFIX = "hf-hub:"  # open_clip's spelling of a hub id: hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K
 
 # short names of the engines' models -> their Hugging Face hub ids
@@ -318,7 +320,7 @@ def fetch_clip(hub_id: str, cache_dir: Path | None, *, endpoint: str | None = No
             ))
     except Exception as e:  # the hub raises httpx, OSError and its own errors; all mean "not fetched"
         hint = gated_hint(hub_id) or " (no network, or a wrong id?)"
-        raise WeightsError(f"cannot download {hub_id!r} from the Hugging Face hub: {_first_line(e)}{hint}") from e
+        raise WeightsError(f"cannot download {hub_id!r} from the Hugging Face hub: {first_line(e)}{hint}") from e
     return path
 
 
@@ -337,9 +339,18 @@ def clip_path(hub_id: str, cache_dir: Path | None, *, what: str = "CLIP model") 
         ) from e
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+def hf_config(directory: Path) -> dict:
+    """A Hugging Face directory's ``config.json`` ({} when it is missing, unreadable or not an object)."""
+    try:
+        data = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_type(directory: Path) -> str | None:
+    """The ``model_type`` of a Hugging Face directory's ``config.json`` (None when there is none)."""
+    return hf_config(directory).get("model_type")
 
 
 # --- bundled models -------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ A SAM 3 spec is one of:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.request import ModelRef
+from slip.weights import model_type
 
 TINY_SAM3 = "tiny-random-sam3"
 HUB_SAM3 = "facebook/sam3"
@@ -46,7 +46,7 @@ def is_sam3_spec(spec: str) -> bool:
     if spec in (*NAMES, TINY_SAM3):
         return True
     path = Path(spec).expanduser()
-    return path.is_dir() and _model_type(path) in MODEL_TYPES
+    return path.is_dir() and model_type(path) in MODEL_TYPES
 
 
 def build_tiny_sam3(seed: int = 0):
@@ -106,9 +106,9 @@ def load_sam3(spec: str, *, device: str | torch.device = "auto", cache_dir: Path
         if not directory.exists():
             raise WeightsNotFoundError(f"no SAM 3 directory at {directory}; use --sam sam3 (the Hugging Face "
                                        f"snapshot, `slip weights fetch {HUB_SAM3}`), a saved directory or {TINY_SAM3}")
-        if _model_type(directory) not in MODEL_TYPES:
+        if model_type(directory) not in MODEL_TYPES:
             raise ConfigError(f"{spec!r} is not a SAM 3 checkpoint (config.json model_type is "
-                              f"{_model_type(directory)!r}): the sam3 engines need --sam sam3, a SAM 3 directory or "
+                              f"{model_type(directory)!r}): the sam3 engines need --sam sam3, a SAM 3 directory or "
                               f"{TINY_SAM3}")
     model, processor = _load_directory(directory)
     ref = ModelRef(spec=spec, arch="sam3", sha256=directory_sha256(directory, cache_dir=cache_dir))
@@ -140,9 +140,3 @@ def _load_directory(directory: Path):
     return model.eval(), processor
 
 
-def _model_type(directory: Path) -> str | None:
-    try:
-        data = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("model_type") if isinstance(data, dict) else None

@@ -30,8 +30,6 @@ seeded weights (input sizes of the real models: 1024 and 1008), for tests, used 
 
 from __future__ import annotations
 
-import json
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +37,10 @@ from typing import Iterator
 
 import torch
 
-from slip.errors import WeightsError, WeightsNotFoundError
+from slip.errors import WeightsError, WeightsNotFoundError, first_line
 from slip.request import ModelRef
+from slip.weights import HUB_ID, hf_config
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
 PROCESSOR_ATTR = "slip_image_processor"  # the image processor a loader attached to its model
 CONFIG_FILE = "config.json"
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -89,7 +87,7 @@ def is_hf_tracker_model(model) -> bool:
 
 def family_of_directory(path: Path) -> Family | None:
     """The family whose ``model_type`` a directory's ``config.json`` names, None for any other directory."""
-    model_type = _config(Path(path)).get("model_type")
+    model_type = hf_config(Path(path)).get("model_type")
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
@@ -145,7 +143,7 @@ def load_tracker_directory(directory: Path, family: Family) -> torch.nn.Module:
     import transformers
 
     directory = Path(directory)
-    config = _config(directory)
+    config = hf_config(directory)
     cls = getattr(transformers, family.model_class)
     kwargs: dict = {}
     if family.name == "sam3-tracker" and config.get("model_type") in SAM3_VIDEO_TYPES:
@@ -161,7 +159,7 @@ def load_tracker_directory(directory: Path, family: Family) -> torch.nn.Module:
                                               output_loading_info=True, **kwargs)
             processor = _load_processor(directory, family, model)
     except Exception as e:  # transformers, safetensors and timm raise many types for corrupt or partial files
-        raise WeightsError(f"cannot load the {family.what} in {directory}: {type(e).__name__}: {_first_line(e)}; "
+        raise WeightsError(f"cannot load the {family.what} in {directory}: {type(e).__name__}: {first_line(e, 300)}; "
                            f"fetch or save it again") from e
     for kind in ("missing_keys", "mismatched_keys"):
         bad = sorted(str(k) for k in info.get(kind) or ())
@@ -247,14 +245,6 @@ def _load_processor(directory: Path, family: Family, model):
     return default_image_processor(family.model_types[0], input_size(model))
 
 
-def _config(directory: Path) -> dict:
-    try:
-        data = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 @contextmanager
 def _quiet() -> Iterator[None]:
     """transformers' load reports and progress bars off for the block (one-line errors are ours to give)."""
@@ -269,7 +259,3 @@ def _quiet() -> Iterator[None]:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0][:300]

@@ -23,8 +23,6 @@ the tensors for built-in models), as :class:`slip.request.ModelRef`.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,8 +38,8 @@ from slip.proposers.sam2_hf import is_hf_sam2_dir, load_hf_sam2
 from slip.proposers.sam2_model import SAM2_ARCHS, TINY_SAM2, build_tiny_sam2, is_sam2_state, load_sam2_checkpoint
 from slip.request import ModelRef
 from slip.sam import checkpoint_filters, checkpoint_generator_params, load_sam_bundle
+from slip.weights import HUB_ID, model_type
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
 SAM3_NAMES = ("sam3", "facebook/sam3", "tiny-random-sam3")
 SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # SAM 3 itself; sam3_tracker directories load as proposers
 SAM2_FILE_SUFFIXES = (".pt",)  # official SAM 2 releases; SAM 1's are .pth
@@ -120,8 +118,8 @@ def load_proposer_model(spec: str, *, device: str | torch.device = "auto", cache
 def refuse_sam3(spec: str, cache_dir: Path | None = None) -> None:
     """ConfigError when ``spec`` names a SAM 3 checkpoint (a name, a hub id or a directory), before any load."""
     path = Path(spec).expanduser()
-    model_type = _model_type(path) if path.is_dir() else None
-    if spec in SAM3_NAMES or model_type in SAM3_MODEL_TYPES:
+    kind = model_type(path) if path.is_dir() else None
+    if spec in SAM3_NAMES or kind in SAM3_MODEL_TYPES:
         raise ConfigError(
             f"{spec!r} is a SAM 3 checkpoint: SAM 3 finds the instances of a text concept, it does not propose every "
             f"segment; run it as an engine: --engine sam3 (SAM 3 answers the prompts) or --engine sam3-rank "
@@ -182,9 +180,3 @@ def _sam2_file(path: Path) -> Path:
     return files[0]
 
 
-def _model_type(directory: Path) -> str | None:
-    try:
-        data = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("model_type") if isinstance(data, dict) else None

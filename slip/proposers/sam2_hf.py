@@ -34,6 +34,7 @@ import torch
 from slip.errors import WeightsError, WeightsNotFoundError
 from slip.proposers.sam2_model import SAM2_ARCHS, TINY_SAM2, Sam2Arch, build_sam2
 from slip.sam_hf import read_hf_weights, weights_file
+from slip.weights import model_type
 
 MODEL_TYPE = "sam2"  # config.json "model_type" of a transformers Sam2Model
 CONFIG_FILE = "config.json"
@@ -112,15 +113,9 @@ def to_hf_state(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def is_hf_sam2_dir(path: Path) -> bool:
     """True when ``path`` is a directory whose ``config.json`` has ``model_type`` "sam2"."""
-    return _model_type(Path(path)) == MODEL_TYPE
+    return model_type(Path(path)) == MODEL_TYPE
 
 
-def _model_type(path: Path) -> str | None:
-    try:
-        data = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def arch_from_hf_config(directory: Path, *, spec: str = "") -> Sam2Arch:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slip.device import resolve_device, resolve_dtype
-from slip.errors import ConfigError, PromptError, WeightsError, WeightsNotFoundError
+from slip.errors import ConfigError, PromptError, WeightsError, WeightsNotFoundError, first_line
 
 ARCHITECTURE = "slip-dual-encoder"  # config.json "architecture"; load_ranker dispatches on it
 FORMAT_VERSION = 1
@@ -203,9 +203,6 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 # --- saving and loading ---------------------------------------------------------------------------------
@@ -330,7 +327,7 @@ def load_dual_encoder_model(directory: str | Path) -> tuple[DualEncoder, object,
         _load_state(model, load_file(str(weights)), text_referenced=bool(text_weights))
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise WeightsError(f"cannot load the dual encoder in {directory}: {_first_line(e)}") from e
+        raise WeightsError(f"cannot load the dual encoder in {directory}: {first_line(e)}") from e
     return model.eval(), tokenizer, meta
 
 

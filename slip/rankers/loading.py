@@ -19,7 +19,6 @@ A ranker with its own calibrated pairwise score (SigLIP's sigmoid; open_clip mod
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +32,11 @@ from slip.rankers.open_clip import is_open_clip_dir, open_clip_directory
 from slip.rankers.siglip import MODEL_TYPES as SIGLIP_TYPES
 from slip.rankers.siglip import TINY_SIGLIP, SiglipRanker, build_tiny_siglip, load_siglip
 from slip.request import ModelRef
+from slip.weights import HUB_ID
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 SYNTH_SPEC = "synth"
 DUAL_ENCODER_ARCH = "slip-dual-encoder"  # config.json "architecture" of our own dual encoder
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(spec):
+    if HUB_ID.match(spec):
         return clip_path(spec, cache_dir)
     raise WeightsNotFoundError(
         f"ranker spec {spec!r} is neither an existing directory, a Hugging Face hub id (e.g. "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
+from slip.errors import ConfigError, WeightsError, WeightsNotFoundError, first_line
 from slip.rankers.dual_encoder import MINILM_ALIASES, TINY_TEXT, DualEncoder, DualEncoderConfig, minilm_path
 
 
@@ -62,7 +62,7 @@ def _image_backbone(config: DualEncoderConfig, cache_dir: Path | None):
             model = timm.create_model(name, pretrained=True, num_classes=0,
                                       pretrained_cfg_overlay={"file": str(weights)})
         except (OSError, RuntimeError, ValueError) as e:
-            raise WeightsError(f"cannot load image backbone {name!r} from {weights}: {_first_line(e)}") from e
+            raise WeightsError(f"cannot load image backbone {name!r} from {weights}: {first_line(e)}") from e
         _check_backbone_complete(name, model, weights)
         init = f"pretrained: {weights}"
     else:
@@ -85,7 +85,7 @@ def _check_backbone_complete(name: str, model: torch.nn.Module, weights: Path) -
             state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
             stored = set(state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else ())
     except Exception as e:  # safetensors / pickle / zip errors share no base class; all mean "unreadable"
-        raise WeightsError(f"cannot read image backbone weights {weights}: {_first_line(e)}") from e
+        raise WeightsError(f"cannot read image backbone weights {weights}: {first_line(e)}") from e
     missing = [k for k in model.state_dict() if k not in stored and not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(f"{weights} lacks {len(missing)} tensors of image backbone {name!r} (e.g. {missing[0]!r}), "
@@ -166,7 +166,7 @@ def _text_encoder(config: DualEncoderConfig, cache_dir: Path | None):
             return AutoModel.from_config(AutoConfig.from_pretrained(str(directory))), tokenizer, "random"
         model, info = AutoModel.from_pretrained(str(directory), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot load text encoder {spec!r} from {directory}: {_first_line(e)}") from e
+        raise WeightsError(f"cannot load text encoder {spec!r} from {directory}: {first_line(e)}") from e
     _check_complete(spec, directory, info)
     return model, tokenizer, f"pretrained: {directory}"
 
@@ -235,9 +235,6 @@ def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: 
     return AutoModel.from_config(_known_text_config(spec, len(tokenizer))), tokenizer, "random"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 __all__ = ["build_dual_encoder"]
