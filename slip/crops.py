@@ -75,7 +75,7 @@ def crop_segments(
     if pixels.dtype == torch.uint8 and config.background in UINT8_BACKGROUNDS:
         hwc = pixels.permute(1, 2, 0)  # a numpy image's own memory order: rows of RGB triplets
         for i, box in enumerate(boxes):
-            crops[i] = _resize(_cut_uint8(hwc, segments.masks[i], box, config), config, side)
+            crops[i] = _resize(_cut_uint8(hwc, segments.masks[i], box, config), side)
         return crops
     pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
     backdrop = _backdrop(pixels, config)
@@ -119,7 +119,7 @@ def _to_chw(image: np.ndarray | torch.Tensor, image_size: tuple[int, int], devic
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ImageError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        tensor = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).to(device).permute(2, 0, 1)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ImageError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
@@ -156,15 +156,22 @@ def _crop_one(
     fill = _FILL[config.background]
     if box[2] < box[0]:  # empty mask
         return torch.full((3, side, side), fill, dtype=torch.float32, device=pixels.device)
-    x0, y0, x1, y1 = crop_box(tuple(box), config)
-    h, w = mask.shape
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)  # the part inside the image
+    (x0, y0, x1, y1), (cx0, cy0, cx1, cy1) = _placement(box, config, mask.shape)
     window = (slice(None), slice(cy0, cy1), slice(cx0, cx1))
     inside = mask[cy0:cy1, cx0:cx1]
     behind = backdrop[window] if backdrop is not None else torch.tensor(fill, device=pixels.device)
     piece = torch.where(inside, pixels[window], behind)  # (3, h', w')
     piece = F.pad(piece, (cx0 - x0, x1 - cx1, cy0 - y0, y1 - cy1), value=fill)
-    return _resize(piece, config, side)
+    return _resize(piece, side)
+
+
+def _placement(box: list[int], config: CropConfig, shape: tuple[int, int]
+               ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """A mask's crop window (:func:`crop_box`, may reach outside the image) and the part of it inside an
+    ``(H, W)`` image, both half-open XYXY pixels."""
+    x0, y0, x1, y1 = crop_box(tuple(box), config)
+    h, w = shape
+    return (x0, y0, x1, y1), (max(x0, 0), max(y0, 0), min(x1, w), min(y1, h))
 
 
 def _cut_uint8(hwc: torch.Tensor, mask: torch.Tensor, box: list[int], config: CropConfig) -> torch.Tensor:
@@ -173,9 +180,7 @@ def _cut_uint8(hwc: torch.Tensor, mask: torch.Tensor, box: list[int], config: Cr
     traffic and a multiply instead of a gather (x6 faster on CPU)."""
     if box[2] < box[0]:  # empty mask: one background pixel, resized to a uniform crop
         return torch.zeros((3, 1, 1), dtype=torch.float32, device=hwc.device)
-    x0, y0, x1, y1 = crop_box(tuple(box), config)
-    h, w = mask.shape
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)  # the part inside the image
+    (x0, y0, x1, y1), (cx0, cy0, cx1, cy1) = _placement(box, config, mask.shape)
     window = hwc[cy0:cy1, cx0:cx1]
     piece = torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8, device=hwc.device)  # padding: black
     inner = piece[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
@@ -186,7 +191,7 @@ def _cut_uint8(hwc: torch.Tensor, mask: torch.Tensor, box: list[int], config: Cr
     return piece.permute(2, 0, 1).float().div_(255.0)
 
 
-def _resize(piece: torch.Tensor, config: CropConfig, side: int) -> torch.Tensor:
+def _resize(piece: torch.Tensor, side: int) -> torch.Tensor:
     """``(3, h, w)`` float -> ``(3, side, side)``: antialiased bilinear, clamped to ``[0, 1]``."""
     out = F.interpolate(piece[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return out[0].clamp_(0.0, 1.0)

@@ -118,6 +118,19 @@ def test_tensor_image_matches_numpy(noise_image):
     torch.testing.assert_close(from_float, from_numpy)
 
 
+@pytest.mark.parametrize("background", ["black", "none"])
+@pytest.mark.parametrize("padding, square", [(0.0, True), (0.3, True), (0.1, False)])
+def test_the_uint8_cut_out_equals_the_float_one_bit_for_bit(noise_image, background, padding, square):
+    """A uint8 image is cut out before it is scaled to float (black and "none" fill with 0): every value must be
+    the float path's, windows reaching outside the image and an empty mask included."""
+    segments = segments_of(two_corners(), rect(40, 40, 3, 7, 20, 12), rect(40, 40, 30, 0, 40, 40),
+                           torch.zeros((40, 40), dtype=torch.bool))
+    config = CropConfig(background=background, padding=padding, square=square)
+    from_uint8 = crop_segments(noise_image, segments, config, 24)
+    from_float = crop_segments(torch.from_numpy(noise_image).permute(2, 0, 1).float() / 255.0, segments, config, 24)
+    assert torch.equal(from_uint8, from_float)
+
+
 def test_size_comes_from_config_or_argument(noise_image):
     segments = segments_of(two_corners())
     assert crop_segments(noise_image, segments, CropConfig(size=12)).shape[-1] == 12
