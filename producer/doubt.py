@@ -20,7 +20,7 @@ import numpy as np
 
 from producer.exports_items import DONE, ExportItem, item_doc
 from slip.errors import ConfigError, DatasetError
-from slip.review import doubt_order, expected_corrections, image_doubt, prompt_certainty
+from slip.review import doubt_order, expected_corrections, image_doubt
 
 ORDERS = ("job", "doubt")  # job: the job's order (streamed); doubt: slip.review.doubt_order
 
@@ -35,14 +35,6 @@ def _answers(doc: dict, prompts: Sequence[str], name: str) -> tuple[np.ndarray, 
     except (KeyError, TypeError, ValueError) as e:
         raise DatasetError(f"malformed segments.json for {name or 'an image'}: {type(e).__name__}: {e}") from e
     return similarity.reshape(len(doc["segments"]), len(asked)), limits
-
-
-def certainties(doc: dict, prompts: Sequence[str], *, name: str = "") -> list[float]:
-    """Per job prompt, the certainty of the document's answer (1.0 for a prompt it does not answer)."""
-    similarity, limits = _answers(doc, prompts, name)
-    asked = [p for p in prompts if any(m.get("prompt") == p for m in doc["matches"])]
-    by_prompt = {p: prompt_certainty(similarity[:, k], limits[k]) for k, p in enumerate(asked)}
-    return [by_prompt.get(p, 1.0) for p in prompts]
 
 
 def review_score(doc: dict, prompts: Sequence[str], *, name: str = "") -> float:
@@ -76,15 +68,9 @@ def corrections(doc: dict, prompts: Sequence[str], *, name: str = "") -> float:
 def doubtful(items: Iterable[ExportItem], *, prompts: Sequence[str], limit: int | None = None) -> list[ExportItem]:
     """The done items in :func:`slip.review.doubt_order`, at most ``limit``; reads ``items`` once, keeping only
     the ``limit`` most doubtful (and their documents)."""
-    kept: list[tuple[float, int, ExportItem]] = []  # a min-heap of (corrections, -seq): the root goes first
-    for seq, item in enumerate(items):
-        if item.state != DONE:
-            continue
-        entry = (corrections(item_doc(item), prompts, name=item.name), -seq, item)
-        if limit is None or len(kept) < limit:
-            heapq.heappush(kept, entry)
-        elif entry[:2] > kept[0][:2]:
-            heapq.heapreplace(kept, entry)
-    kept.sort(key=lambda e: -e[1])  # job order, then doubt_order (stable on ties)
+    entries = ((corrections(item_doc(item), prompts, name=item.name), -seq, item)
+               for seq, item in enumerate(items) if item.state == DONE)
+    kept = list(entries) if limit is None else heapq.nlargest(limit, entries, key=lambda e: e[:2])
+    kept.sort(key=lambda e: -e[1])  # job order, then doubt_order (ties stay in job order)
     order = doubt_order([e[0] for e in kept])
     return [kept[k][2] for k in order]

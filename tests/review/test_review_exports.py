@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from producer.doubt import certainties, ordered, review_score
+from producer.doubt import ordered, review_score
 from producer.exports_cvat import mask_runs, runs_mask, write_cvat
 from producer.exports_items import Tally, answers
 from producer.exports_labelstudio import brush_mask, brush_rle, config_path, write_label_studio
@@ -140,11 +140,17 @@ def test_cvat_runs_round_trip_and_bad_runs():
         runs_mask(runs[:-1], box, 20, 30)
 
 
+def _certainties(doc: dict, prompts) -> list[float]:
+    """Per prompt, slip.review.prompt_certainty of the document's scores (the fixture's threshold: 0.25)."""
+    similarity = np.array([[s["similarity"][p] for p in prompts] for s in doc["segments"]])
+    return [prompt_certainty(similarity[:, k], 0.25) for k in range(len(prompts))]
+
+
 def _expected_corrections(doc: dict, prompts) -> float:
     """The rule of slip.review written out: per prompt exp(-certainty / scale), plus per segment the soft
     'no prompt claims it' (every prompt's threshold is the fixture's 0.25)."""
     similarity = np.array([[s["similarity"][p] for p in prompts] for s in doc["segments"]])
-    doubt = sum(np.exp(-c / DOUBT_SCALE) for c in certainties(doc, prompts))
+    doubt = sum(np.exp(-c / DOUBT_SCALE) for c in _certainties(doc, prompts))
     return doubt + float((1.0 / (1.0 + np.exp((similarity - 0.25).max(1) / DOUBT_SCALE))).sum())
 
 
@@ -159,7 +165,7 @@ def test_doubt_order_puts_the_most_expected_corrections_first(review_job):
     assert [i.index for i in ordered(review_job.items, order="job", limit=3)] == [0, 1, 2]
     # certainties (circle, square, triangle) of image 0, from the fixture's margin 0.02 and threshold 0.25:
     # the first object's prompt 0.02 (over the half object), the second's 0.07 over the threshold, the absent 0
-    assert certainties(review_job.items[0].doc, prompts) == pytest.approx([0.02, 0.07, 0.0])
+    assert _certainties(review_job.items[0].doc, prompts) == pytest.approx([0.02, 0.07, 0.0])
     expected = 1 + np.exp(-0.02 / DOUBT_SCALE) + np.exp(-0.07 / DOUBT_SCALE)
     assert review_score(review_job.items[0].doc, prompts) == pytest.approx(1 - expected / 3)
     with pytest.raises(ConfigError, match="--order"):
