@@ -67,8 +67,8 @@ from PIL import Image
 
 from slip.calibrate import Probe, best_threshold
 from slip.data.synth import CLASS_NAMES, generate_dataset
-from slip.review import (DOUBT_SCALE, NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, expected_corrections,
-                         image_doubt, prompt_certainty, rle_of, write_labels)
+from slip.review import (NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, expected_corrections,
+                         image_doubt, prompt_certainty, rle_of, unclaimed, write_labels)
 from slip.threshold import read_threshold
 
 RESULTS = Path(__file__).parent / "results" / "review.json"
@@ -423,10 +423,8 @@ def _round_robin(sims, threshold) -> list[int]:
 
 
 def _unclaimed(sim: np.ndarray, threshold) -> float:
-    """Segments no prompt claims, softly: ``sum_j sigmoid((t - max_p s_jp) / DOUBT_SCALE)``."""
-    if threshold is None or not len(sim):
-        return 0.0
-    return float((1.0 / (1.0 + np.exp((sim.max(1) - threshold) / DOUBT_SCALE))).sum())
+    """:func:`slip.review.unclaimed` with one threshold for every prompt."""
+    return unclaimed(sim, [threshold] * sim.shape[1])
 
 
 def _with_unclaimed(sims, threshold) -> list[int]:
@@ -454,7 +452,7 @@ RULES = {
     "round-robin": _round_robin,
     "image-doubt": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) for s in sims]),
     "unclaimed": lambda sims, t: _by_score([_unclaimed(s, t) for s in sims]),
-    "errors": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) + _unclaimed(s, t) for s in sims]),
+    "errors": _product,  # image doubt + unclaimed: the candidate the product rule was (its name in review-rules*.json)
     "with-unclaimed": _with_unclaimed,
     "alternate": _alternating,
 }
