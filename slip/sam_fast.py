@@ -289,14 +289,25 @@ def project(linear: torch.nn.Linear, x: Tensor) -> Tensor:
     return torch.mm(flat, linear.weight.t()).add_(linear.bias).view(*x.shape[:-1], -1)
 
 
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """``(B, N, C)`` -> ``(B, heads, N, C / heads)``: the same operations as the SAM 1 / SAM 2 decoders'
+    ``Attention._separate_heads`` (so the same values), without calling their private method."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B, heads, N, c)`` -> ``(B, N, heads * c)``, as their ``Attention._recombine_heads``."""
+    b, heads, n, c = x.shape
+    return x.transpose(1, 2).reshape(b, n, heads * c)
+
+
 def _attend(attn: DecoderAttention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``DecoderAttention.forward`` after its input projections; batch dimensions broadcast."""
-    q = attn._separate_heads(q, attn.num_heads)
-    k = attn._separate_heads(k, attn.num_heads)
-    v = attn._separate_heads(v, attn.num_heads)
+    q, k, v = (split_heads(t, attn.num_heads) for t in (q, k, v))
     scores = q @ k.permute(0, 1, 3, 2)
     scores = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)
-    return attn.out_proj(attn._recombine_heads(scores @ v))
+    return attn.out_proj(merge_heads(scores @ v))
 
 
 def _is_official_decoder(sam: Sam) -> bool:

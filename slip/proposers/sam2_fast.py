@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slip.sam_fast import chunk_sizes, finish_two_way, project
+from slip.sam_fast import chunk_sizes, finish_two_way, merge_heads, project, split_heads
 
 
 class Sam2PointDecoder:
@@ -129,8 +129,6 @@ class Sam2PointDecoder:
 
 def _attend(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SAM 2's ``Attention.forward`` after its input projections (eval mode: no dropout)."""
-    q = attn._separate_heads(q, attn.num_heads)
-    k = attn._separate_heads(k, attn.num_heads)
-    v = attn._separate_heads(v, attn.num_heads)
+    q, k, v = (split_heads(t, attn.num_heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
-    return attn.out_proj(attn._recombine_heads(out))
+    return attn.out_proj(merge_heads(out))
