@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from segment_anything.modeling import Sam
 
+from slip import names
 from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError, first_line
 from slip.request import GeneratorOptions, ModelRef
@@ -32,7 +33,7 @@ from slip.sam_arch import OFFICIAL_TYPES, SAM_ARCHS, TINY_SPEC, SamArch, build_s
 from slip.sam_hf import load_hf_sam
 from slip.weights import HUB_ID
 
-SYNTH_SPEC = "synth"
+SYNTH_SPEC = names.SYNTH
 BUNDLED_DIR = Path(__file__).parent / "weights"
 GENERATOR_FILE = "generator.json"  # recommended MaskGenerator options (a JSON object), beside a checkpoint
 FILTERS_FILE = "filters.json"  # recommended filter chain, {"filters": "<chain>", "why": "<sentence>"}, beside it

@@ -18,10 +18,11 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from slip import names
 from slip.errors import ConfigError
 
-OFFICIAL_TYPES = ("vit_h", "vit_l", "vit_b")
-TINY_SPEC = "tiny-random"
+OFFICIAL_TYPES = names.SAM1_TYPES
+TINY_SPEC = names.TINY
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from slip import names
 from slip.errors import ChecksumError, ConfigError, WeightsError, WeightsNotFoundError, first_line
 
 CACHE_ENV = "SLIP_CACHE"
@@ -271,14 +272,14 @@ OPEN_CLIP_PREFIX = "hf-hub:"  # open_clip's spelling of a hub id: hf-hub:laion/C
 HUB_ALIASES: Mapping[str, str] = {
     **{f"sam{v}-hiera-{size}": f"facebook/sam{v}-hiera-{size}"
        for v in ("2", "2.1") for size in ("tiny", "small", "base-plus", "large")},
-    "sam3": "facebook/sam3",
-    "sam3-tracker": "facebook/sam3",  # the SAM 3 tracker as a proposer lives in SAM 3's checkpoint
-    "edgetam": "yonigozlan/EdgeTAM-hf",  # EdgeTAM in transformers' format (the id transformers' docs and tests load)
+    names.SAM3_SHORT: names.HUB_SAM3,
+    names.SAM3_TRACKER_SHORT: names.HUB_SAM3,  # the SAM 3 tracker as a proposer lives in SAM 3's checkpoint
+    names.EDGETAM_SHORT: names.HUB_EDGETAM,  # EdgeTAM in transformers' format
     "siglip": "google/siglip-base-patch16-224",
     "siglip2": "google/siglip2-base-patch16-224",
 }
 # gated repos: where to accept the licence (downloads need HF_TOKEN of an account that accepted it)
-GATED: Mapping[str, str] = {"facebook/sam3": "https://huggingface.co/facebook/sam3"}
+GATED: Mapping[str, str] = {names.HUB_SAM3: f"https://huggingface.co/{names.HUB_SAM3}"}
 
 
 def hub_id(name: str) -> str:

@@ -9,6 +9,7 @@ from typing import Iterator, NoReturn
 
 import typer
 
+from slip import names
 from slip.errors import SlipError
 
 EXIT_USER_ERROR = 2  # bad input, missing weights, invalid options
@@ -37,7 +38,7 @@ def cache_dir_from_env() -> Path | None:
     return ModelSettings.from_env(os.environ, ("cache_dir",)).cache_dir
 
 
-SYNTH_SPEC = "synth"
+SYNTH_SPEC = names.SYNTH
 SYNTH_WARNING = ("the bundled 'synth' models were trained only on a synthetic world of shapes and icons: on "
                  "photographs their masks and matches mean little; for real images use `slip weights fetch vit_b` "
                  "and `slip weights fetch openai/clip-vit-base-patch32`")

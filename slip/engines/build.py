@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from slip import names
 from slip.errors import ConfigError
 from slip.request import ResolvedRequest, resolve
 from slip.settings import ENGINES  # declared with the settings (SLIP_ENGINE)
@@ -36,9 +37,6 @@ if TYPE_CHECKING:  # check_engine runs in producers, which import no model code
     from slip.timing import StageTimer
     from slip.types import SlipResult
 
-SAM3_NAMES = ("sam3", "facebook/sam3", "tiny-random-sam3")  # SAM 3 checkpoints named without a path
-SAM_NAMES = ("vit_h", "vit_l", "vit_b", "synth", "tiny-random", "tiny-random-sam2",  # SAM 1 / 2 names (+ sam2*)
-             "edgetam", "yonigozlan/EdgeTAM-hf", "sam3-tracker", "tiny-random-edgetam", "tiny-random-sam3-tracker")
 DEFAULT_CONCEPT = "object"  # what sam3-rank asks SAM 3 for unless --propose says otherwise
 SAM3_THRESHOLD = 0.5  # SAM 3's score threshold when none is given or calibrated (its own default)
 PROPOSAL_ONLY = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
@@ -86,11 +84,11 @@ def check_engine(engine: str, options: Any) -> None:
 def check_engine_sam(engine: str, sam: str) -> None:
     """ConfigError, without loading anything, when ``sam`` names a well-known checkpoint of the wrong kind for
     ``engine`` (a SAM 3 for the slip engine, a SAM 1 / 2 for the SAM 3 engines); paths are checked at load."""
-    if engine == "slip" and sam in SAM3_NAMES:
+    if engine == "slip" and sam in names.SAM3_NAMES:
         raise ConfigError(f"{sam!r} is a SAM 3 checkpoint: run it as an engine (--engine sam3, or --engine sam3-rank "
                           f"--propose object), not as the slip engine's proposer; its tracker proposes as --sam "
                           f"sam3-tracker")
-    if engine != "slip" and (sam in SAM_NAMES or sam.startswith(("sam2", "facebook/sam2"))):
+    if engine != "slip" and (sam in names.PROPOSER_NAMES or sam.startswith(names.SAM2_PREFIXES)):
         raise ConfigError(f"--engine {engine} needs a SAM 3 checkpoint as --sam (sam3, facebook/sam3, a SAM 3 "
                           f"directory or tiny-random-sam3), got {sam!r}")
 

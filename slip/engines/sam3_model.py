@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
+from slip import names
 from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.request import ModelRef
 from slip.weights import model_type
 
-TINY_SAM3 = "tiny-random-sam3"
-HUB_SAM3 = "facebook/sam3"
-NAMES = ("sam3", HUB_SAM3)
+TINY_SAM3, HUB_SAM3, NAMES = names.TINY_SAM3, names.HUB_SAM3, names.SAM3
 MODEL_TYPES = ("sam3", "sam3_video")  # config.json model_type of a directory Sam3Model loads
 TEXT_TOKENS = 32  # Sam3Processor pads every prompt to this many tokens
 TINY_IMAGE = 1008  # the real model's input side: the tiny model keeps its proportions of work

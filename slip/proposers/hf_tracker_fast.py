@@ -137,6 +137,7 @@ def _attend(attn, q: Tensor, k: Tensor, v: Tensor, shape: tuple[int, int]) -> Te
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.sam2.modeling_sam2 import eager_attention_forward
 
+    # config._attn_implementation: how transformers' attention interface documents choosing the function
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
     out, _ = interface(attn, q, k, v, attention_mask=None, dropout=0.0, scaling=attn.scaling, is_causal=attn.is_causal)
     out = out.reshape(*shape, -1, attn.num_attention_heads * attn.head_dim).contiguous()

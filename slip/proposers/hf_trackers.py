@@ -37,6 +37,7 @@ from typing import Iterator
 
 import torch
 
+from slip import names
 from slip.errors import WeightsError, WeightsNotFoundError, first_line
 from slip.request import ModelRef
 from slip.weights import HUB_ID, hf_config
@@ -44,8 +45,6 @@ from slip.weights import HUB_ID, hf_config
 PROCESSOR_ATTR = "slip_image_processor"  # the image processor a loader attached to its model
 CONFIG_FILE = "config.json"
 PROCESSOR_FILE = "preprocessor_config.json"
-HUB_EDGETAM = "yonigozlan/EdgeTAM-hf"  # the transformers-format EdgeTAM the transformers docs and tests load
-HUB_SAM3 = "facebook/sam3"  # gated: accept the licence on its page, set HF_TOKEN
 SAM3_VIDEO_TYPES = ("sam3_video",)  # facebook/sam3's layout: the tracker is taken out of it
 SAM3_VIDEO_KEYS = {  # checkpoint name (regex) -> Sam3TrackerModel name
     r"^detector_model\.vision_encoder\.backbone\.": "vision_encoder.backbone.",
@@ -69,10 +68,10 @@ class Family:
 
 
 FAMILIES = {
-    "edgetam": Family("edgetam", HUB_EDGETAM, ("edgetam", HUB_EDGETAM), "tiny-random-edgetam",
+    "edgetam": Family("edgetam", names.HUB_EDGETAM, names.EDGETAM, names.TINY_EDGETAM,
                       ("edgetam", "edgetam_video"), "EdgeTamModel", "Sam2ImageProcessor", "EdgeTAM model"),
     # facebook/sam3 itself names SAM 3's engine (refuse_sam3): only the short name means its tracker
-    "sam3-tracker": Family("sam3-tracker", HUB_SAM3, ("sam3-tracker",), "tiny-random-sam3-tracker",
+    "sam3-tracker": Family("sam3-tracker", names.HUB_SAM3, names.SAM3_TRACKER, names.TINY_SAM3_TRACKER,
                            ("sam3_tracker", "sam3_tracker_video"), "Sam3TrackerModel", "Sam3ImageProcessor",
                            "SAM 3 tracker (inside facebook/sam3)"),
 }

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from slip import names
 from slip.device import resolve_device
 from slip.errors import ConfigError, WeightsNotFoundError
 from slip.generator import MaskGenerator
@@ -40,7 +41,6 @@ from slip.request import ModelRef
 from slip.sam import checkpoint_filters, checkpoint_generator_params, load_sam_bundle
 from slip.weights import HUB_ID, model_type
 
-SAM3_NAMES = ("sam3", "facebook/sam3", "tiny-random-sam3")
 SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # SAM 3 itself; sam3_tracker directories load as proposers
 SAM2_FILE_SUFFIXES = (".pt",)  # official SAM 2 releases; SAM 1's are .pth
 OFFICIAL_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"  # the 2.1 release files
@@ -119,7 +119,7 @@ def refuse_sam3(spec: str, cache_dir: Path | None = None) -> None:
     """ConfigError when ``spec`` names a SAM 3 checkpoint (a name, a hub id or a directory), before any load."""
     path = Path(spec).expanduser()
     kind = model_type(path) if path.is_dir() else None
-    if spec in SAM3_NAMES or kind in SAM3_MODEL_TYPES:
+    if spec in names.SAM3_NAMES or kind in SAM3_MODEL_TYPES:
         raise ConfigError(
             f"{spec!r} is a SAM 3 checkpoint: SAM 3 finds the instances of a text concept, it does not propose every "
             f"segment; run it as an engine: --engine sam3 (SAM 3 answers the prompts) or --engine sam3-rank "

@@ -59,13 +59,10 @@ class Sam2MaskGenerator(MaskGenerator):
         "high_res_feats": [(1, C/8, S/4, S/4), (1, C/4, S/8, S/8)]}`` and the input size ``(S, S)``."""
         model, size = self.sam, self.image_size
         pixels = self._transforms(crop)[None].to(self.device)
-        with self._autocast():
-            backbone = model.forward_image(pixels)
-            _, feats, _, _ = model._prepare_backbone_features(backbone)
-            if model.directly_add_no_mem_embed:
-                feats[-1] = feats[-1] + model.no_mem_embed
-        grids = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
-        maps = [f.permute(1, 2, 0).view(1, -1, *g) for f, g in zip(feats[::-1], grids[::-1])][::-1]
+        with self._autocast():  # the levels SAM2Base._prepare_backbone_features keeps, as maps, fine to coarse
+            maps = model.forward_image(pixels)["backbone_fpn"][-model.num_feature_levels:]
+            if model.directly_add_no_mem_embed:  # (1, 1, C) added to every (token, C) row: the same sums
+                maps[-1] = maps[-1] + model.no_mem_embed.view(1, -1, 1, 1)
         return {"image_embed": maps[-1], "high_res_feats": maps[:-1]}, (size, size)
 
     def _decoder(self, features: dict) -> Sam2PointDecoder:

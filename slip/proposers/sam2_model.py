@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from slip import names
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 
-TINY_SAM2 = "tiny-random-sam2"
+TINY_SAM2 = names.TINY_SAM2
 CONFIG_DIR = "configs"  # inside the sam2 package
 
 

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
+from slip import names
 from slip.errors import WeightsError
 from slip.rankers.base import resize_square
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP pixel mean, RGB in [0, 1]
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)  # CLIP pixel std, RGB in [0, 1]
-TINY_SPEC = "tiny-random"
+TINY_SPEC = names.TINY
 
 
 class HFClipRanker:
@@ -45,6 +46,7 @@ class HFClipRanker:
         self.tokenizer = tokenizer
         self.image_size = int(model.config.vision_config.image_size)  # crop side in pixels
         self.batch_size = batch_size  # crops / prompts per forward pass
+        self.pixel_mean, self.pixel_std = tuple(mean), tuple(std)  # pixel normalisation, RGB in [0, 1]
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         text = model.config.text_config

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from slip import names
 from slip.device import resolve_device, resolve_dtype
 from slip.errors import ConfigError, WeightsError, WeightsNotFoundError
 from slip.rankers.base import Ranker
@@ -35,7 +36,7 @@ from slip.request import ModelRef
 from slip.weights import HUB_ID
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-SYNTH_SPEC = "synth"
+SYNTH_SPEC = names.SYNTH
 DUAL_ENCODER_ARCH = "slip-dual-encoder"  # config.json "architecture" of our own dual encoder
 
 

@@ -27,10 +27,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from slip import names
 from slip.errors import WeightsError
 from slip.rankers.base import resize_square, sigmoid_scores
 
-TINY_SIGLIP = "tiny-random-siglip"
+TINY_SIGLIP = names.TINY_SIGLIP
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP pixel normalisation, RGB in [0, 1]
 SIGLIP_STD = (0.5, 0.5, 0.5)
 MODEL_TYPES = ("siglip", "siglip2")

@@ -117,8 +117,7 @@ def clip_trainee(ranker) -> Trainee:
 
     model = ranker.model.float()
     side = ranker.image_size
-    mean = ranker._mean.detach().flatten().tolist()  # the ranker's pixel normalisation (RGB in [0, 1])
-    std = ranker._std.detach().flatten().tolist()
+    mean, std = list(ranker.pixel_mean), list(ranker.pixel_std)  # the ranker's pixel normalisation (RGB in [0, 1])
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def image_features(pixels):
