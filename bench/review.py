@@ -3,6 +3,10 @@ classes it never learnt, and does it beat reviewing images at random?
 
     python -m bench.review --threads 1          # the main job: 1,000 uniform composites (~35 min on 2 shared
                                                 # cores once the caches exist; ~60 min more without them)
+    python -m bench.review --threads 1 --no-requery --start-seed 1 --out bench/results/review-start1.json
+                                                # the same job from another starting ranker (its training seed)
+    python -m bench.review --pool bench/results/review-start*.json --out bench/results/review.json
+                                                # pooled over starting rankers (runs nothing else)
     python -m bench.review --threads 1 --class-weights longtail --no-requery \
         --out bench/results/review-longtail.json   # the long-tailed job (second experiment)
     python -m bench.review --threads 1 --job-seed 2 --images 300 --sizes 25,50 --no-requery --tune-seeds 2 \
@@ -34,7 +38,10 @@ augmentation and the train/validation split of the reviewed crops: the same seed
 the comparison is not one fine-tune's luck. Orderings: ``doubt`` (the product's
 :func:`slip.review.doubt_order` of the starting ranker's answers, what ``--order doubt`` exports), the
 candidate rules of ``--orders`` (:data:`RULES`: how the rule was chosen), and ``random``
-(``--random-seeds`` seeded shuffles, each fine-tuned with every seed). Each arm is reported as the median
+(``--random-seeds`` seeded shuffles, each fine-tuned with every seed). The starting ranker is one draw too
+(``--start-seed``; and its 24 epochs of training round differently on another machine's BLAS): the doubt order
+is computed from it, so a comparison from one starting ranker can flip with another; ``--pool`` pools runs
+over several (wins counted between runs of the same starting ranker). Each arm is reported as the median
 with [min, max] over its runs (doubt: seeds; random: orderings x seeds), and as the share of
 (doubt run, random run) pairs doubt wins (ties count half).
 
@@ -88,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=128, help="tile side of the 2x2 composites, px")
     p.add_argument("--ranker-per-class", type=int, default=200, help="training images per class of the starting ranker")
     p.add_argument("--ranker-epochs", type=int, default=24, help="epochs of the starting ranker (the bundle's: 24)")
+    p.add_argument("--start-seed", type=int, default=0,
+                   help="seed of the starting ranker's training (initialisation, order, augmentation; the bundle's: 0)")
     p.add_argument("--calibrate-composites", type=int, default=100, help="composites calibrating the starting ranker")
     p.add_argument("--sizes", default="25,50,100", help="reviewed images per curve point")
     p.add_argument("--random-seeds", type=int, default=3, help="random orderings (median reported)")
@@ -101,6 +110,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--work", type=Path, default=Path("data/review-bench"), help="cache and work folder")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="pool earlier results of the same job run with different starting rankers (--start-seed, or "
+                        "another machine) into --out; runs nothing else")
     a = p.parse_args()
     a.weights = _weights(a.class_weights)
     unknown = [o for o in a.orders.split(",") if o not in RULES]
@@ -128,7 +140,8 @@ def starting_ranker(a, job_classes: tuple[str, ...], unseen: tuple[str, ...]) ->
     from slip.train.synth_clip import SYNTH_CLIP_MODEL, SYNTH_CLIP_RECIPE
 
     classes = [c for c in CLASS_NAMES if c not in unseen]
-    name = f"ranker-{len(classes)}-{'-'.join(sorted(c.replace(' ', '_') for c in unseen))}-p{a.ranker_per_class}-e{a.ranker_epochs}"
+    name = (f"ranker-{len(classes)}-{'-'.join(sorted(c.replace(' ', '_') for c in unseen))}-p{a.ranker_per_class}"
+            f"-e{a.ranker_epochs}" + (f"-s{a.start_seed}" if a.start_seed else ""))
     out = a.work / name
     if (out / "threshold.json").is_file():
         return out
@@ -141,7 +154,7 @@ def starting_ranker(a, job_classes: tuple[str, ...], unseen: tuple[str, ...]) ->
     work = a.work / f".{name}.partial"
     shutil.rmtree(work, ignore_errors=True)
     train_ranker(data, work, model=SYNTH_CLIP_MODEL, config=replace(SYNTH_CLIP_RECIPE, epochs=a.ranker_epochs,
-                                                                       device="cpu", progress=False))
+                                                                       seed=a.start_seed, device="cpu", progress=False))
     print("calibrating its threshold on composites of its own classes (SAM proposals)", flush=True)
     (run,) = calibrate_rankers(data, [str(work)], composites=a.calibrate_composites, proposals="sam", sam="synth", device="cpu")
     run = replace(run, directory=work)
@@ -463,6 +476,8 @@ RULES = {
 
 def main() -> int:
     a = parse_args()
+    if a.pool:
+        return pool(a.pool, a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     started = time.perf_counter()
@@ -477,7 +492,8 @@ def main() -> int:
     prompts = tuple(job_classes)
     base = Scorer(start, world, prompts)
     folder = a.work / _job_key(a, job_classes)
-    proposals = Proposals(folder / "proposals", source, base, prompts)
+    mine = f"-s{a.start_seed}" if a.start_seed else ""  # what depends on the starting ranker: its own folders
+    proposals = Proposals(folder / f"proposals{mine}", source, base, prompts)
     everything = list(range(a.images))
     sims = [base.image(i)[0] for i in everything]
     orders = {name: RULES[name](sims, base.threshold) for name in a.orders.split(",")}
@@ -492,7 +508,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 reviewed = order[:n]
                 rest = sorted(set(everything) - set(reviewed))
-                run = folder / "runs" / (f"{name}-{n}" + (f"-t{seed}" if seed else ""))
+                run = folder / f"runs{mine}" / (f"{name}-{n}" + (f"-t{seed}" if seed else ""))
                 path, reused = review(a, reviewed, world, prompts, start, run, source, proposals, seed=seed)
                 tuned = scorers[name, seed] = Scorer(path, world, prompts)
                 per_class = _per_class(tuned, rest, world, prompts)
@@ -513,7 +529,7 @@ def main() -> int:
     record = _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started)
     if not a.no_requery:
         first = a.orders.split(",")[0]
-        largest = folder / "runs" / f"{first}-{max(sizes)}" / "ranker"
+        largest = folder / f"runs{mine}" / f"{first}-{max(sizes)}" / "ranker"
         record["requery_cost"] = requery_cost(a, source, start, largest, prompts)
         record["targets"]["requery_at_most_5_percent_of_first_pass_library"] = record["requery_cost"]["ratio_median"] <= 0.05
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -624,6 +640,67 @@ def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load,
         "runs": {k: {str(n): {str(s): rec for s, rec in seeds.items()} for n, seeds in r.items()} for k, r in runs.items()},
         "targets": targets,
     }
+
+
+def pool(files: list[Path], out: Path) -> int:
+    """One record over results of the same job and orderings run with different starting rankers: each arm's
+    runs pooled (medians, [min, max]), wins counted between runs of the same starting ranker only (the starting
+    ranker is what both arms share), and per starting ranker its arms' medians. Writes ``out``."""
+    records = [json.loads(Path(f).read_text()) for f in files]
+    jobs = {json.dumps({k: r["job"][k] for k in ("images", "classes", "unseen_by_start_ranker", "class_weights")})
+            for r in records}
+    if len(jobs) != 1:
+        raise SystemExit(f"--pool: the results are of different jobs ({', '.join(map(str, files))})")
+    arm = lambda name: "random" if name.startswith("random") else name  # noqa: E731
+    sizes = sorted({n for r in records for by_n in r["runs"].values() for n in by_n}, key=int)
+    arms = sorted({arm(name) for r in records for name in r["runs"]}, key=lambda x: (x == "random", x))
+
+    def runs(r, a_, n):
+        return [rec for name, by_n in r["runs"].items() if arm(name) == a_ for rec in by_n.get(n, {}).values()]
+
+    curves = {a_: {"0": _spread([r["curves_rest"]["random"]["0"]["median"] for r in records]),
+                   **{n: _spread([x["accuracy_rest"] for r in records for x in runs(r, a_, n)]) for n in sizes}}
+              for a_ in arms}
+    gain = {a_: {n: _spread([x["accuracy_rest"] - x["start_accuracy_rest"] for r in records for x in runs(r, a_, n)])
+                 for n in sizes} for a_ in arms}
+    wins = {}
+    for a_ in arms[:-1]:
+        wins[a_] = {}
+        for n in sizes:
+            pairs = [(x > y) + 0.5 * (x == y) for r in records for x in [v["accuracy_rest"] for v in runs(r, a_, n)]
+                     for y in [v["accuracy_rest"] for v in runs(r, "random", n)]]
+            wins[a_][n] = float(np.mean(pairs)) if pairs else float("nan")
+    per_start = [{"file": str(f), "start_ranker": r["start_ranker"]["path"], "args_start_seed": r["args"].get("start_seed", "0"),
+                  "machine": r["machine"], "accuracy_at_0": r["curves_rest"]["random"]["0"]["median"],
+                  "medians": {a_: {n: _spread([x["accuracy_rest"] for x in runs(r, a_, n)])["median"] for n in sizes}
+                              for a_ in arms}} for f, r in zip(files, records)]
+    targets = {}
+    if "doubt" in arms:
+        if "50" in sizes:
+            targets["doubt_50_gain_on_rest_at_least_10_points"] = gain["doubt"]["50"]["median"] >= 0.10
+        for n in ("25", "50"):
+            if n in sizes:
+                targets[f"doubt_beats_random_at_{n}_rest_median"] = curves["doubt"][n]["median"] > curves["random"][n]["median"]
+    record = {
+        "command": "python -m bench.review " + " ".join(sys.argv[1:]),
+        "pooled": [str(f) for f in files],
+        "job": records[0]["job"], "accuracy": records[0]["accuracy"],
+        "arms": {"what": "each arm's runs over every starting ranker: a rule = its ordering (per starting ranker) fine-tuned "
+                         "with each seed; random = each random ordering fine-tuned with each seed; median, min, max",
+                 "runs_per_arm": {a_: curves[a_][sizes[0]]["runs"] for a_ in arms}},
+        "curves_rest": curves, "gain_over_start_on_same_rest": gain,
+        "win_share_vs_random_rest": wins,
+        "win_share_what": "share of (rule run, random run) pairs of the same starting ranker the rule wins, ties half",
+        "per_start_ranker": per_start, "targets": targets,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    _print_table(record)
+    for s_ in per_start:
+        print(f"{s_['start_ranker']} ({s_['file']}): " + "; ".join(
+            f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items()) for a_, row in s_["medians"].items()))
+    print(f"wrote {out}")
+    return 0 if all(targets.values()) else 1
 
 
 def _print_table(record: dict) -> None:

@@ -1,0 +1,54 @@
+"""``python -m bench.review --pool``: results of one review job from several starting rankers, pooled; wins are
+counted between runs of the same starting ranker only (the starting ranker is what both arms share)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = {"images": 1000, "classes": ["circle", "fish"], "unseen_by_start_ranker": ["fish"], "class_weights": None}
+
+
+def _result(path: Path, start: str, doubt: list[float], random: list[float], job=JOB) -> Path:
+    def runs(values):
+        return {"25": {str(seed): {"accuracy_rest": v, "start_accuracy_rest": 0.6} for seed, v in enumerate(values)}}
+
+    path.write_text(json.dumps({
+        "job": job, "accuracy": "object-level", "machine": {"cpus": 2}, "args": {"start_seed": start},
+        "start_ranker": {"path": f"ranker-{start}"}, "curves_rest": {"random": {"0": {"median": 0.6}}},
+        "runs": {"doubt": runs(doubt), "random-0": runs(random)},
+    }))
+    return path
+
+
+def _pool(tmp_path: Path, *files: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.review", "--pool", *map(str, files), "--out",
+                           str(tmp_path / "pooled.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_pooled_medians_and_wins_within_each_starting_ranker(tmp_path):
+    a = _result(tmp_path / "a.json", "0", doubt=[0.90, 0.92], random=[0.85, 0.86])
+    b = _result(tmp_path / "b.json", "1", doubt=[0.80], random=[0.95])
+    proc = _pool(tmp_path, a, b)
+    assert proc.returncode == 0, proc.stderr  # every target the sizes allow is met (only 25 here)
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["curves_rest"]["doubt"]["25"] == {"median": 0.90, "min": 0.80, "max": 0.92, "runs": 3}
+    assert pooled["curves_rest"]["random"]["25"]["median"] == 0.86
+    # a: 2 x 2 pairs, all won; b: 1 pair, lost -> 4 / 5 (across starting rankers it would be 5 / 9)
+    assert pooled["win_share_vs_random_rest"]["doubt"]["25"] == pytest.approx(0.8)
+    assert pooled["gain_over_start_on_same_rest"]["doubt"]["25"]["median"] == pytest.approx(0.30)
+    assert [s["medians"]["doubt"]["25"] for s in pooled["per_start_ranker"]] == [0.91, 0.80]
+    assert pooled["targets"] == {"doubt_beats_random_at_25_rest_median": True}
+
+
+def test_results_of_different_jobs_are_refused_in_one_line(tmp_path):
+    a = _result(tmp_path / "a.json", "0", doubt=[0.9], random=[0.8])
+    b = _result(tmp_path / "b.json", "1", doubt=[0.9], random=[0.8], job={**JOB, "images": 300})
+    proc = _pool(tmp_path, a, b)
+    assert proc.returncode != 0 and not (tmp_path / "pooled.json").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("--pool: the results are of different jobs")
