@@ -74,6 +74,35 @@ def test_a_saved_directory_and_a_cached_hub_id_give_the_in_memory_proposals(save
     assert cached.family == name and cached.ref.sha256 == loaded.ref.sha256
 
 
+VIDEO_CLASSES = {"edgetam": "EdgeTamVideoModel", "sam3-tracker": "Sam3TrackerVideoModel"}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_video_model_directory_proposes_with_its_image_model(saved, name, tmp_path):
+    """``edgetam_video`` / ``sam3_tracker_video`` directories (the video model: the image model plus memory
+    modules) load as the family's proposer, with the image model's tensors and its proposals."""
+    import transformers
+
+    model, _ = saved[name]
+    video_class = getattr(transformers, VIDEO_CLASSES[name])
+    parts = {k: getattr(model.config, k).to_dict() for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        video = video_class(video_class.config_class(**parts)).eval()
+    unexpected = video.load_state_dict(model.state_dict(), strict=False).unexpected_keys  # every image tensor is in it
+    assert not unexpected and video.config.model_type in FAMILIES[name].model_types
+    directory = save_tracker(video, image_processor_of(model), tmp_path / f"{name}-video")
+    loaded = load_proposer_model(str(directory), device="cpu")
+    assert loaded.family == name and loaded.ref.sha256 == directory_sha256(directory)
+    reference = model.state_dict()
+    assert loaded.model.state_dict().keys() == reference.keys()
+    assert all(torch.equal(t, reference[k]) for k, t in loaded.model.state_dict().items())
+    options = dict(points_per_side=4, **NO_FILTERS)
+    ours, theirs = (HfTrackerMaskGenerator(m, **options).generate(scene()) for m in (model, loaded.model))
+    assert len(ours) == len(theirs) > 0
+    assert all(np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(ours, theirs))
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_fast_point_decoder_is_bit_identical_to_the_model_forward(name):
     model = build_tiny_tracker(name)[0]
