@@ -42,7 +42,7 @@ class Sam3Bundle:
 
 def is_sam3_spec(spec: str) -> bool:
     """Whether ``spec`` names a SAM 3 checkpoint (a name, the hub id or a SAM 3 directory)."""
-    if spec in (*NAMES, TINY_SAM3):
+    if spec in names.SAM3_NAMES:
         return True
     path = Path(spec).expanduser()
     return path.is_dir() and model_type(path) in MODEL_TYPES
@@ -137,5 +137,3 @@ def _load_directory(directory: Path):
         raise WeightsError(f"cannot load SAM 3 from {directory}: {type(e).__name__}: {first}; fetch or save it "
                            f"again") from e
     return model.eval(), processor
-
-

@@ -29,8 +29,8 @@ from typing import Any, Mapping
 
 import torch
 
-from slip import names
 from slip.device import resolve_device
+from slip.engines.sam3_model import is_sam3_spec
 from slip.errors import ConfigError, WeightsNotFoundError
 from slip.generator import MaskGenerator
 from slip.proposers.hf_trackers import load_tracker
@@ -39,9 +39,8 @@ from slip.proposers.sam2_hf import is_hf_sam2_dir, load_hf_sam2
 from slip.proposers.sam2_model import SAM2_ARCHS, TINY_SAM2, build_tiny_sam2, is_sam2_state, load_sam2_checkpoint
 from slip.request import ModelRef
 from slip.sam import checkpoint_filters, checkpoint_generator_params, load_sam_bundle
-from slip.weights import HUB_ID, model_type
+from slip.weights import HUB_ID
 
-SAM3_MODEL_TYPES = ("sam3", "sam3_video")  # SAM 3 itself; sam3_tracker directories load as proposers
 SAM2_FILE_SUFFIXES = (".pt",)  # official SAM 2 releases; SAM 1's are .pth
 OFFICIAL_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"  # the 2.1 release files
 
@@ -117,9 +116,7 @@ def load_proposer_model(spec: str, *, device: str | torch.device = "auto", cache
 
 def refuse_sam3(spec: str, cache_dir: Path | None = None) -> None:
     """ConfigError when ``spec`` names a SAM 3 checkpoint (a name, a hub id or a directory), before any load."""
-    path = Path(spec).expanduser()
-    kind = model_type(path) if path.is_dir() else None
-    if spec in names.SAM3_NAMES or kind in SAM3_MODEL_TYPES:
+    if is_sam3_spec(spec):  # sam3_tracker directories are not SAM 3 itself: they propose
         raise ConfigError(
             f"{spec!r} is a SAM 3 checkpoint: SAM 3 finds the instances of a text concept, it does not propose every "
             f"segment; run it as an engine: --engine sam3 (SAM 3 answers the prompts) or --engine sam3-rank "
@@ -178,5 +175,3 @@ def _sam2_file(path: Path) -> Path:
     if len(files) != 1:
         raise WeightsNotFoundError(f"expected one SAM 2 checkpoint (*.pt) in {path}, found {len(files)}")
     return files[0]
-
-

@@ -116,8 +116,6 @@ def is_hf_sam2_dir(path: Path) -> bool:
     return model_type(Path(path)) == MODEL_TYPE
 
 
-
-
 def arch_from_hf_config(directory: Path, *, spec: str = "") -> Sam2Arch:
     """The registered architecture of a Hugging Face SAM 2 directory (Hiera width and blocks per stage;
     2.0 when the spec or the config's name says ``sam2-``, else 2.1: the image path is the same)."""

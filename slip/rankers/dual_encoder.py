@@ -203,8 +203,6 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-
-
 # --- saving and loading ---------------------------------------------------------------------------------
 
 

@@ -235,6 +235,4 @@ def _random_known_text_encoder(spec: str, config: DualEncoderConfig, cache_dir: 
     return AutoModel.from_config(_known_text_config(spec, len(tokenizer))), tokenizer, "random"
 
 
-
-
 __all__ = ["build_dual_encoder"]
