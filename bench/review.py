@@ -405,6 +405,10 @@ def requery_cost(a, source, start: Path, tuned: Path, prompts, *, images: int = 
 # beat random at 25 and 50 images on both; of the three that did, "errors" keeps the per-prompt margin and
 # threshold doubt, with "unclaimed" the one that never names a prompt). In those two files "doubt" is the earlier product rule, now
 # "round-robin" (it lost to random on job seed 3); review-round-robin.json is that rule on the main job.
+# "mix" and "density" are the cold-start remedies tried later on the same two jobs (review-rules-mix-density.json):
+# on the main job doubt reviews more unseen-class objects than random yet learnt some classes less well at 25
+# images, the pattern of uncertainty sampling picking outliers or too few typical examples. Neither beat doubt on
+# both jobs, so the product rule stayed.
 
 
 def _product(sims, threshold):
@@ -456,6 +460,33 @@ def _alternating(sims, threshold) -> list[int]:
     return order
 
 
+def _mix(sims, threshold) -> list[int]:
+    """``doubt`` and a seeded shuffle of the job taking turns, each image once (typical images beside doubtful)."""
+    taken, order = set(), []
+    for pair in zip(_product(sims, threshold), np.random.default_rng(7).permutation(len(sims))):
+        for i in (int(j) for j in pair):
+            if i not in taken:
+                taken.add(i), order.append(i)
+    return order
+
+
+def _density(sims, threshold) -> list[int]:
+    """``doubt`` weighted by how typical the image is (information density): the mean over its segments of the
+    segment's mean cosine similarity, clipped at 0, to 2,000 of the job's segments (rows of ``(N, P)`` similarity
+    centred on the job's mean), so outliers come later."""
+    rows = np.concatenate([s for s in sims if len(s)])
+    centre = rows.mean(0)
+
+    def unit(x):
+        x = x - centre
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
+
+    reference = unit(rows[np.random.default_rng(0).permutation(len(rows))[:2000]])
+    typical = [float(np.clip(unit(s) @ reference.T, 0, None).mean()) if len(s) else 0.0 for s in sims]
+    doubt = [expected_corrections(s, [threshold] * s.shape[1]) for s in sims]
+    return _by_score(np.asarray(doubt) * np.asarray(typical))
+
+
 def _by_score(scores) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
 
@@ -468,6 +499,8 @@ RULES = {
     "errors": _product,  # image doubt + unclaimed: the candidate the product rule was (its name in review-rules*.json)
     "with-unclaimed": _with_unclaimed,
     "alternate": _alternating,
+    "mix": _mix,
+    "density": _density,
 }
 
 
@@ -663,6 +696,8 @@ def pool(files: list[Path], out: Path) -> int:
               for a_ in arms}
     gain = {a_: {n: _spread([x["accuracy_rest"] - x["start_accuracy_rest"] for r in records for x in runs(r, a_, n)])
                  for n in sizes} for a_ in arms}
+    errors = {a_: {n: _spread([x.get("start_errors_in_reviewed") for r in records for x in runs(r, a_, n)])
+                   for n in sizes} for a_ in arms}  # what reviewers correct: the starting ranker's misses they see
     wins = {}
     for a_ in arms[:-1]:
         wins[a_] = {}
@@ -689,6 +724,8 @@ def pool(files: list[Path], out: Path) -> int:
                          "with each seed; random = each random ordering fine-tuned with each seed; median, min, max",
                  "runs_per_arm": {a_: curves[a_][sizes[0]]["runs"] for a_ in arms}},
         "curves_rest": curves, "gain_over_start_on_same_rest": gain,
+        "start_errors_in_reviewed": errors,
+        "start_errors_what": "objects of the reviewed images the starting ranker answered wrong (of 4 per image)",
         "win_share_vs_random_rest": wins,
         "win_share_what": "share of (rule run, random run) pairs of the same starting ranker the rule wins, ties half",
         "per_start_ranker": per_start, "targets": targets,
@@ -696,9 +733,13 @@ def pool(files: list[Path], out: Path) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     _print_table(record)
+    print("the starting ranker's errors in the reviewed images (median): " + "; ".join(
+        f"{a_} " + ", ".join(f"{n}: {v['median']:.0f}" for n, v in row.items() if v["median"] is not None)
+        for a_, row in errors.items()))
     for s_ in per_start:
         print(f"{s_['start_ranker']} ({s_['file']}): " + "; ".join(
-            f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items()) for a_, row in s_["medians"].items()))
+            f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items() if v is not None)
+            for a_, row in s_["medians"].items()))
     print(f"wrote {out}")
     return 0 if all(targets.values()) else 1
 

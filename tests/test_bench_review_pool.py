@@ -42,6 +42,7 @@ def test_pooled_medians_and_wins_within_each_starting_ranker(tmp_path):
     # a: 2 x 2 pairs, all won; b: 1 pair, lost -> 4 / 5 (across starting rankers it would be 5 / 9)
     assert pooled["win_share_vs_random_rest"]["doubt"]["25"] == pytest.approx(0.8)
     assert pooled["gain_over_start_on_same_rest"]["doubt"]["25"]["median"] == pytest.approx(0.30)
+    assert pooled["start_errors_in_reviewed"]["doubt"]["25"]["runs"] == 0  # the results here do not count them
     assert [s["medians"]["doubt"]["25"] for s in pooled["per_start_ranker"]] == [0.91, 0.80]
     assert pooled["targets"] == {"doubt_beats_random_at_25_rest_median": True}
 
@@ -52,3 +53,20 @@ def test_results_of_different_jobs_are_refused_in_one_line(tmp_path):
     proc = _pool(tmp_path, a, b)
     assert proc.returncode != 0 and not (tmp_path / "pooled.json").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith("--pool: the results are of different jobs")
+
+
+def test_a_size_only_some_results_have_is_pooled_over_those(tmp_path):
+    a = _result(tmp_path / "a.json", "0", doubt=[0.90], random=[0.85])
+    record = json.loads(a.read_text())
+    record["runs"]["doubt"]["100"] = {"0": {"accuracy_rest": 0.95, "start_accuracy_rest": 0.6,
+                                            "start_errors_in_reviewed": 150}}
+    record["runs"]["random-0"]["100"] = {"0": {"accuracy_rest": 0.93, "start_accuracy_rest": 0.6}}
+    a.write_text(json.dumps(record))
+    b = _result(tmp_path / "b.json", "1", doubt=[0.88], random=[0.89])
+    proc = _pool(tmp_path, a, b)
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["curves_rest"]["doubt"]["100"] == {"median": 0.95, "min": 0.95, "max": 0.95, "runs": 1}
+    assert [s["medians"]["doubt"]["100"] for s in pooled["per_start_ranker"]] == [0.95, None]
+    assert pooled["win_share_vs_random_rest"]["doubt"]["100"] == 1.0
+    assert pooled["start_errors_in_reviewed"]["doubt"]["100"] == {"median": 150, "min": 150, "max": 150, "runs": 1}
+    assert proc.returncode == 0, proc.stderr  # pooled at 25: doubt 0.89 vs random 0.87

@@ -1,0 +1,35 @@
+"""The review bench's candidate doubt rules ``mix`` and ``density`` (:data:`bench.review.RULES`): each a full,
+deterministic review order of the job built from the starting ranker's answers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.review import RULES
+
+THRESHOLD = 0.5
+
+
+def _image(best: float, second: float) -> np.ndarray:
+    """Two segments x three prompts: prompt 0's best segment scores ``best`` and its other ``second``."""
+    return np.array([[best, 0.1, 0.1], [second, 0.1, 0.1]], np.float64)
+
+
+def test_mix_takes_turns_between_doubt_and_a_seeded_shuffle():
+    sims = [_image(0.9, 0.1), _image(0.52, 0.50), _image(0.9, 0.2), _image(0.6, 0.58), _image(0.95, 0.1)]
+    doubt = RULES["doubt"](sims, THRESHOLD)
+    order = RULES["mix"](sims, THRESHOLD)
+    assert sorted(order) == list(range(len(sims))) and order == RULES["mix"](sims, THRESHOLD)
+    assert order[0] == doubt[0] == 1  # the most doubtful first; a shuffled image second unless it is that one
+    assert order[1] != doubt[1] or order[1] == np.random.default_rng(7).permutation(len(sims))[0]
+
+
+def test_density_puts_a_doubtful_outlier_after_an_equally_doubtful_typical_image():
+    typical = [_image(0.9, 0.1) for _ in range(6)]
+    usual = _image(0.52, 0.50)
+    outlier = usual[:, ::-1].copy()  # as doubtful (prompt 2 instead of 0), but its segments are like no other
+    sims = typical + [outlier, usual]
+    assert RULES["doubt"](sims, THRESHOLD)[:2] == [6, 7]  # doubt alone: a tie, kept in job order
+    order = RULES["density"](sims, THRESHOLD)
+    assert sorted(order) == list(range(len(sims)))
+    assert order.index(7) < order.index(6)
