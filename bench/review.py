@@ -739,7 +739,7 @@ def pool(files: list[Path], out: Path) -> int:
     for s_ in per_start:
         print(f"{s_['start_ranker']} ({s_['file']}): " + "; ".join(
             f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items() if v is not None)
-            for a_, row in s_["medians"].items()))
+            for a_, row in s_["medians"].items() if any(v is not None for v in row.values())))
     print(f"wrote {out}")
     return 0 if all(targets.values()) else 1
 
