@@ -411,8 +411,13 @@ def requery_cost(a, source, start: Path, tuned: Path, prompts, *, images: int = 
 # both jobs, so the product rule stayed.
 
 
+def _corrections(sims, threshold) -> list[float]:
+    """Per image, :func:`slip.review.expected_corrections` with one threshold for every prompt."""
+    return [expected_corrections(s, [threshold] * s.shape[1]) for s in sims]
+
+
 def _product(sims, threshold):
-    return doubt_order([expected_corrections(s, [threshold] * s.shape[1]) for s in sims])
+    return doubt_order(_corrections(sims, threshold))
 
 
 def _certainty_row(sim: np.ndarray, threshold) -> list[float]:
@@ -450,24 +455,24 @@ def _with_unclaimed(sims, threshold) -> list[int]:
     return _rounds(np.array([[*_certainty_row(s, threshold), -_unclaimed(s, threshold)] for s in sims]))
 
 
-def _alternating(sims, threshold) -> list[int]:
-    """``round-robin`` and ``unclaimed`` taking turns, each image once."""
+def _turns(first: list[int], second) -> list[int]:
+    """Two orders of the same images taking turns (``first`` leads), each image once, at its earlier place."""
     taken, order = set(), []
-    for pair in zip(_round_robin(sims, threshold), _by_score([_unclaimed(s, threshold) for s in sims])):
-        for i in pair:
-            if i not in taken:
-                taken.add(i), order.append(i)
-    return order
-
-
-def _mix(sims, threshold) -> list[int]:
-    """``doubt`` and a seeded shuffle of the job taking turns, each image once (typical images beside doubtful)."""
-    taken, order = set(), []
-    for pair in zip(_product(sims, threshold), np.random.default_rng(7).permutation(len(sims))):
+    for pair in zip(first, second):
         for i in (int(j) for j in pair):
             if i not in taken:
                 taken.add(i), order.append(i)
     return order
+
+
+def _alternating(sims, threshold) -> list[int]:
+    """``round-robin`` and ``unclaimed`` taking turns, each image once."""
+    return _turns(_round_robin(sims, threshold), _by_score([_unclaimed(s, threshold) for s in sims]))
+
+
+def _mix(sims, threshold) -> list[int]:
+    """``doubt`` and a seeded shuffle of the job taking turns, each image once (typical images beside doubtful)."""
+    return _turns(_product(sims, threshold), np.random.default_rng(7).permutation(len(sims)))
 
 
 def _density(sims, threshold) -> list[int]:
@@ -483,8 +488,7 @@ def _density(sims, threshold) -> list[int]:
 
     reference = unit(rows[np.random.default_rng(0).permutation(len(rows))[:2000]])
     typical = [float(np.clip(unit(s) @ reference.T, 0, None).mean()) if len(s) else 0.0 for s in sims]
-    doubt = [expected_corrections(s, [threshold] * s.shape[1]) for s in sims]
-    return _by_score(np.asarray(doubt) * np.asarray(typical))
+    return _by_score(np.asarray(_corrections(sims, threshold)) * np.asarray(typical))
 
 
 def _by_score(scores) -> list[int]:
