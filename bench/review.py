@@ -14,6 +14,8 @@ classes it never learnt, and does it beat reviewing images at random?
         --out bench/results/review-rules.json   # choosing the doubt rule, on another job (~25 min)
     # the same with --job-seed 3 --orders doubt,alternate,unclaimed,errors,with-unclaimed
     #   --out bench/results/review-rules-seed3.json   (a second development job)
+    python -m bench.review --threads 1 --job-seed 4 --sizes 25,50 --no-requery --tune-seeds 2 --orders doubt,sampled \
+        --start-seed 0 --out bench/results/review-job4-sampled-start0.json   # a candidate on a 1,000-image development job
     python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 \
         --tune-seeds 1 --sizes 25,50 --no-requery   # the small version (~3 min once the caches exist)
 
@@ -408,7 +410,10 @@ def requery_cost(a, source, start: Path, tuned: Path, prompts, *, images: int = 
 # "mix" and "density" are the cold-start remedies tried later on the same two jobs (review-rules-mix-density.json):
 # on the main job doubt reviews more unseen-class objects than random yet learnt some classes less well at 25
 # images, the pattern of uncertainty sampling picking outliers or too few typical examples. Neither beat doubt on
-# both jobs, so the product rule stayed.
+# both jobs, so the product rule stayed. "sampled" (doubt within a seeded random sample of 300 images) tests the tail
+# hypothesis: doubt won on every starting ranker of the 300-image jobs and was a toss-up at 25 on the 1,000-image ones, as
+# if the top 2.5 % of a big job were too atypical to learn from. It passed the 1,000-image development job (job seed 4:
+# review-job4-sampled.json) but on the main job, from 6 starting rankers, it is no better than doubt (review-sampled.json).
 
 
 def _corrections(sims, threshold) -> list[float]:
@@ -491,6 +496,19 @@ def _density(sims, threshold) -> list[int]:
     return _by_score(np.asarray(_corrections(sims, threshold)) * np.asarray(typical))
 
 
+SAMPLE = 300  # images in the "sampled" rule's random sample: the size of the development jobs doubt won on
+
+
+def _sampled(sims, threshold) -> list[int]:
+    """``doubt`` within a seeded random sample of :data:`SAMPLE` images of the job first, then the rest of the job
+    by doubt: the first 25 are the top 8 % of a 300-image job, as on the development jobs, not the top 2.5 % of
+    1,000 (the tail hypothesis: the most doubtful images of a big job are atypical)."""
+    sample = np.random.default_rng(300).permutation(len(sims))[:SAMPLE]
+    inside = {int(i) for i in sample}
+    doubt = _product(sims, threshold)
+    return [i for i in doubt if i in inside] + [i for i in doubt if i not in inside]
+
+
 def _by_score(scores) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
 
@@ -505,6 +523,7 @@ RULES = {
     "alternate": _alternating,
     "mix": _mix,
     "density": _density,
+    "sampled": _sampled,
 }
 
 
@@ -617,10 +636,15 @@ def _spread(values) -> dict:
             "runs": len(values)}
 
 
-def _win_share(mine, theirs) -> float:
-    """The share of (mine, theirs) pairs where mine is higher, ties counting half."""
-    pairs = [(x > y) + 0.5 * (x == y) for x in mine for y in theirs]
-    return float(np.mean(pairs)) if pairs else float("nan")
+def _pairs(mine, theirs) -> list[float]:
+    """Per (mine, theirs) pair: 1 where mine is higher, 0.5 for a tie, 0 where lower."""
+    return [(x > y) + 0.5 * (x == y) for x in mine for y in theirs]
+
+
+def _win_share(mine, theirs) -> float | None:
+    """The share of (mine, theirs) pairs where mine is higher, ties counting half; None without pairs."""
+    pairs = _pairs(mine, theirs)
+    return float(np.mean(pairs)) if pairs else None
 
 
 def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started) -> dict:
@@ -706,9 +730,9 @@ def pool(files: list[Path], out: Path) -> int:
     for a_ in arms[:-1]:
         wins[a_] = {}
         for n in sizes:
-            pairs = [(x > y) + 0.5 * (x == y) for r in records for x in [v["accuracy_rest"] for v in runs(r, a_, n)]
-                     for y in [v["accuracy_rest"] for v in runs(r, "random", n)]]
-            wins[a_][n] = float(np.mean(pairs)) if pairs else float("nan")
+            pairs = [p for r in records for p in _pairs([v["accuracy_rest"] for v in runs(r, a_, n)],
+                                                       [v["accuracy_rest"] for v in runs(r, "random", n)])]
+            wins[a_][n] = float(np.mean(pairs)) if pairs else None
     per_start = [{"file": str(f), "start_ranker": r["start_ranker"]["path"], "args_start_seed": r["args"].get("start_seed", "0"),
                   "machine": r["machine"], "accuracy_at_0": r["curves_rest"]["random"]["0"]["median"],
                   "medians": {a_: {n: _spread([x["accuracy_rest"] for x in runs(r, a_, n)])["median"] for n in sizes}
@@ -766,7 +790,7 @@ def _print_table(record: dict) -> None:
         for arm, row in table.items():
             print(f"{arm:>12} " + " ".join(f"{cell(row[s]) if s in row else '':>24}" for s in sizes))
     print("share of (rule run, random run) pairs the rule wins: " + "; ".join(
-        f"{arm} " + ", ".join(f"N={n}: {v:.0%}" for n, v in row.items()) for arm, row in record["win_share_vs_random_rest"].items()))
+        f"{arm} " + ", ".join(f"N={n}: {v:.0%}" for n, v in row.items() if v is not None) for arm, row in record["win_share_vs_random_rest"].items()))
     cost = record.get("requery_cost")
     if cost:
         print(f"re-answer with the new ranker from cached proposals: {cost['requery']['median_s'] * 1000:.0f} ms per "

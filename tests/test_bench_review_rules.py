@@ -1,4 +1,4 @@
-"""The review bench's candidate doubt rules ``mix`` and ``density`` (:data:`bench.review.RULES`): each a full,
+"""The review bench's candidate doubt rules ``mix``, ``density`` and ``sampled`` (:data:`bench.review.RULES`): each a full,
 deterministic review order of the job built from the starting ranker's answers."""
 
 from __future__ import annotations
@@ -34,3 +34,16 @@ def test_density_puts_a_doubtful_outlier_after_an_equally_doubtful_typical_image
     order = RULES["density"](sims, THRESHOLD)
     assert sorted(order) == list(range(len(sims)))
     assert order.index(7) < order.index(6)
+
+
+def test_sampled_orders_a_seeded_sample_by_doubt_before_the_rest():
+    rng = np.random.default_rng(0)
+    sims = [_image(float(b), float(b) - float(g)) for b, g in zip(rng.uniform(0.5, 0.9, 400), rng.uniform(0, 0.3, 400))]
+    doubt = RULES["doubt"](sims, THRESHOLD)
+    order = RULES["sampled"](sims, THRESHOLD)
+    assert sorted(order) == list(range(len(sims))) and order == RULES["sampled"](sims, THRESHOLD)
+    sample = {int(i) for i in np.random.default_rng(300).permutation(len(sims))[:300]}
+    assert set(order[:300]) == sample  # the sample first ...
+    assert order[:300] == [i for i in doubt if i in sample]  # ... by doubt, then the rest by doubt
+    assert order[300:] == [i for i in doubt if i not in sample]
+    assert order[:25] != doubt[:25]  # not the job's own 25 most doubtful
