@@ -503,8 +503,7 @@ def _sampled(sims, threshold) -> list[int]:
     """``doubt`` within a seeded random sample of :data:`SAMPLE` images of the job first, then the rest of the job
     by doubt: the first 25 are the top 8 % of a 300-image job, as on the development jobs, not the top 2.5 % of
     1,000 (the tail hypothesis: the most doubtful images of a big job are atypical)."""
-    sample = np.random.default_rng(300).permutation(len(sims))[:SAMPLE]
-    inside = {int(i) for i in sample}
+    inside = {int(i) for i in np.random.default_rng(300).permutation(len(sims))[:SAMPLE]}
     doubt = _product(sims, threshold)
     return [i for i in doubt if i in inside] + [i for i in doubt if i not in inside]
 
@@ -641,10 +640,14 @@ def _pairs(mine, theirs) -> list[float]:
     return [(x > y) + 0.5 * (x == y) for x in mine for y in theirs]
 
 
+def _share(pairs: list[float]) -> float | None:
+    """The mean of :func:`_pairs` results (the share mine wins, ties counting half); None without pairs."""
+    return float(np.mean(pairs)) if pairs else None
+
+
 def _win_share(mine, theirs) -> float | None:
     """The share of (mine, theirs) pairs where mine is higher, ties counting half; None without pairs."""
-    pairs = _pairs(mine, theirs)
-    return float(np.mean(pairs)) if pairs else None
+    return _share(_pairs(mine, theirs))
 
 
 def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started) -> dict:
@@ -730,9 +733,8 @@ def pool(files: list[Path], out: Path) -> int:
     for a_ in arms[:-1]:
         wins[a_] = {}
         for n in sizes:
-            pairs = [p for r in records for p in _pairs([v["accuracy_rest"] for v in runs(r, a_, n)],
-                                                       [v["accuracy_rest"] for v in runs(r, "random", n)])]
-            wins[a_][n] = float(np.mean(pairs)) if pairs else None
+            wins[a_][n] = _share([p for r in records for p in _pairs([v["accuracy_rest"] for v in runs(r, a_, n)],
+                                                                    [v["accuracy_rest"] for v in runs(r, "random", n)])])
     per_start = [{"file": str(f), "start_ranker": r["start_ranker"]["path"], "args_start_seed": r["args"].get("start_seed", "0"),
                   "machine": r["machine"], "accuracy_at_0": r["curves_rest"]["random"]["0"]["median"],
                   "medians": {a_: {n: _spread([x["accuracy_rest"] for x in runs(r, a_, n)])["median"] for n in sizes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.review import RULES
+from bench.review import RULES, SAMPLE
 
 THRESHOLD = 0.5
 
@@ -42,8 +42,8 @@ def test_sampled_orders_a_seeded_sample_by_doubt_before_the_rest():
     doubt = RULES["doubt"](sims, THRESHOLD)
     order = RULES["sampled"](sims, THRESHOLD)
     assert sorted(order) == list(range(len(sims))) and order == RULES["sampled"](sims, THRESHOLD)
-    sample = {int(i) for i in np.random.default_rng(300).permutation(len(sims))[:300]}
-    assert set(order[:300]) == sample  # the sample first ...
-    assert order[:300] == [i for i in doubt if i in sample]  # ... by doubt, then the rest by doubt
-    assert order[300:] == [i for i in doubt if i not in sample]
+    sample = {int(i) for i in np.random.default_rng(300).permutation(len(sims))[:SAMPLE]}
+    assert SAMPLE < len(sims) and set(order[:SAMPLE]) == sample  # the sample first ...
+    assert order[:SAMPLE] == [i for i in doubt if i in sample]  # ... by doubt, then the rest by doubt
+    assert order[SAMPLE:] == [i for i in doubt if i not in sample]
     assert order[:25] != doubt[:25]  # not the job's own 25 most doubtful
