@@ -16,6 +16,9 @@ classes it never learnt, and does it beat reviewing images at random?
     #   --out bench/results/review-rules-seed3.json   (a second development job)
     python -m bench.review --threads 1 --job-seed 4 --sizes 25,50 --no-requery --tune-seeds 2 --orders doubt,sampled \
         --start-seed 0 --out bench/results/review-job4-sampled-start0.json   # a candidate on a 1,000-image development job
+    python -m bench.review --threads 1 --job-seed 4 --sizes 25,50 --no-requery --tune-seeds 2 --pseudo 10 \
+        --pseudo-prompts seen --start-seed 0 --out bench/results/review-job4-pseudo-seen-start0.json
+                                                # pseudo-labels beside every review (a remedy tried and dropped)
     python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 \
         --tune-seeds 1 --sizes 25,50 --no-requery   # the small version (~3 min once the caches exist)
 
@@ -34,7 +37,9 @@ tile's object and its true mask: what a careful reviewer would draw), writes the
 (:func:`slip.review.write_labels`, what ``slip labels import`` writes, with the SAM proposals the
 reviewer rejected as background crops), fine-tunes the starting ranker on it
 (:func:`slip.train.finetune.fine_tune`, what ``slip train-ranker --init`` runs), recalibrates the
-threshold on the reviewed images, and scores the new ranker on the images nobody reviewed. Every
+threshold on the reviewed images, and scores the new ranker on the images nobody reviewed (``--negatives``: the
+rejected proposals per image kept as background crops; ``--pseudo K``: the starting ranker's K most certain answers
+per prompt on unreviewed images trained on beside the review, :func:`confident_answers`). Every
 (ordering, N) is fine-tuned with ``--tune-seeds`` seeds (the seed of initialisation, data order,
 augmentation and the train/validation split of the reviewed crops: the same seeds for every ordering), so
 the comparison is not one fine-tune's luck. Orderings: ``doubt`` (the product's
@@ -77,7 +82,7 @@ from PIL import Image
 from slip.calibrate import Probe, best_threshold
 from slip.data.synth import CLASS_NAMES, generate_dataset
 from slip.review import (NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, expected_corrections,
-                         image_doubt, prompt_certainty, rle_of, unclaimed, write_labels)
+                         image_doubt, object_crop, prompt_certainty, rle_of, unclaimed, write_labels)
 from slip.threshold import read_threshold
 
 RESULTS = Path(__file__).parent / "results" / "review.json"
@@ -109,6 +114,14 @@ def parse_args() -> argparse.Namespace:
                         + ",".join(f"{k}={v}" for k, v in LONGTAIL.items()))
     p.add_argument("--no-requery", action="store_true", help="skip the re-answer cost measurement")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the review recipe's)")
+    p.add_argument("--pseudo", type=int, default=0,
+                   help="pseudo-labels per prompt trained on beside every review (confident_answers: the starting "
+                        "ranker's most certain answers above its threshold on unreviewed images; 0: none)")
+    p.add_argument("--negatives", type=int, default=NEGATIVES,
+                   help=f"rejected proposals per reviewed image written as background crops (the product's: {NEGATIVES})")
+    p.add_argument("--pseudo-prompts", default=None,
+                   help="the prompts that get pseudo-labels: NAME,... or 'seen' (those the starting ranker learnt); "
+                        "default: every prompt")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--work", type=Path, default=Path("data/review-bench"), help="cache and work folder")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -305,16 +318,18 @@ class Proposals:
 
 
 def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path, source,
-           proposals: Proposals, *, seed: int) -> tuple[Path, bool]:
-    """Correct ``reviewed`` from the truth, write the labels folder (with the rejected proposals), fine-tune
+           proposals: Proposals, *, seed: int, answers=()) -> tuple[Path, bool]:
+    """Correct ``reviewed`` from the truth, write the labels folder (with the rejected proposals, and the
+    starting ranker's ``answers`` as pseudo-labels: :func:`confident_answers`), fine-tune
     ``start`` on it with ``seed`` (:func:`slip.train.finetune.fine_tune`), recalibrate. Returns the ranker and
-    whether it was reused (the same review fine-tuned before: same images, start, seed and epochs)."""
+    whether it was reused (the same review fine-tuned before: same images, start, seed, epochs and answers)."""
     from slip.threshold import write_threshold
     from slip.train.finetune import REVIEW_RECIPE, fine_tune
 
     done = run / "reviewed.json"
-    marker = {"reviewed": reviewed, "start": str(start), "negatives": NEGATIVES, "tune_seed": seed, "epochs": a.epochs}
-    if done.is_file() and {"tune_seed": 0, "epochs": None, **json.loads(done.read_text())} == marker:
+    marker = {"reviewed": reviewed, "start": str(start), "negatives": a.negatives, "tune_seed": seed, "epochs": a.epochs,
+              "pseudo": [list(t) for t in answers]}
+    if done.is_file() and {"tune_seed": 0, "epochs": None, "pseudo": [], **json.loads(done.read_text())} == marker:
         return run / "ranker", True
     shutil.rmtree(run, ignore_errors=True)
     images = {}
@@ -327,7 +342,8 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
         items.append(ReviewedImage(f"{i:05d}.png", i, *composite.image.shape[:2], objects, "simulated"))
     write_labels(run / "labels", items, prompts=prompts, image=lambda r: _png(images[r.index]),
                  proposals=lambda r: proposals(r.index), source="simulated", export="ground truth", job=None,
-                 heldout_fraction=0.0)
+                 heldout_fraction=0.0, negatives=a.negatives)
+    _write_pseudo(run / "labels", answers, source, proposals, first=len(items))
     config = replace(REVIEW_RECIPE, device="cpu", progress=False, epochs=a.epochs or REVIEW_RECIPE.epochs,
                      seed=seed, split_seed=seed)
     result = fine_tune(run / "labels", run / "ranker", init=str(start), config=config)
@@ -337,6 +353,53 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
     shutil.rmtree(run / "labels")  # ~2 MB per run; the ranker and the marker are what a rerun reuses
     done.write_text(json.dumps(marker))
     return result.out, False
+
+
+# --- pseudo-labels (CEAL: Wang et al. 2016), a remedy tried and dropped ---------------------------------------
+# The forgetting hypothesis: doubt's fine-tunes lose seen classes its images hold few of; replaying the starting
+# ranker's most certain answers on unreviewed images (--pseudo K per prompt) would keep every prompt in the
+# fine-tune. It does not: the confident answers of names the ranker never learnt are wrong (review-pseudo.json: every
+# prompt, both arms about 3 points lower); for the names it learnt only (--pseudo-prompts seen) doubt beats random on
+# the development job 4 but both arms lose accuracy, random more (review-job4-pseudo-seen.json).
+
+
+def confident_answers(sims, thresholds, *, per_prompt: int, exclude=()) -> list[tuple[int, int, int]]:
+    """Pseudo-labels ``(image, prompt, segment)``, sorted: for each prompt with a threshold, among the images not in
+    ``exclude`` whose best segment for it scores at least the threshold, the ``per_prompt`` where that answer is the
+    most certain (:func:`slip.review.prompt_certainty`), ties to the lower image; ``sims[i]`` is ``(N, P)``."""
+    skip = {int(i) for i in exclude}
+    picked = []
+    for p, threshold in enumerate(thresholds if per_prompt > 0 else ()):
+        if threshold is None:
+            continue
+        ranked = sorted((-prompt_certainty(s[:, p], threshold), i, int(np.argmax(s[:, p])))
+                        for i, s in enumerate(sims) if i not in skip and len(s) and s[:, p].max() >= threshold)
+        picked += [(i, p, j) for _, i, j in ranked[:per_prompt]]
+    return sorted(picked)
+
+
+def _write_pseudo(labels: Path, answers, source, proposals: "Proposals", *, first: int) -> None:
+    """Each answer's segment as a training crop of its prompt's class folder (with its mask), beside the review's
+    own crops; no background crops (the image's other objects are unlabelled, not rejected). Names follow
+    :func:`slip.review.write_labels`'s, the pseudo-labelled images numbered from ``first``."""
+    from slip.outputs import decode_rle
+
+    dirs = {c["name"]: c["dir"] for c in json.loads((labels / "classes.json").read_text())["classes"]}
+    prompts = list(dirs)
+    by_image: dict[int, list] = {}
+    for i, p, j in answers:
+        by_image.setdefault(i, []).append((p, j))
+    for k, (i, pairs) in enumerate(sorted(by_image.items()), start=first):
+        image = source[i].image
+        records = proposals(i)
+        for n, (p, j) in enumerate(pairs):
+            mask = decode_rle([records[j]["segmentation"]], *image.shape[:2])[0]
+            crop, crop_mask = object_crop(image, mask)
+            path = labels / dirs[prompts[p]] / f"{k:06d}-{i:05d}-{n}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(crop).save(path, compress_level=1)
+            Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"),
+                                                                 compress_level=1)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -548,6 +611,11 @@ def main() -> int:
     base = Scorer(start, world, prompts)
     folder = a.work / _job_key(a, job_classes)
     mine = f"-s{a.start_seed}" if a.start_seed else ""  # what depends on the starting ranker: its own folders
+    pseudo_prompts = _pseudo_prompts(a, prompts, unseen)
+    kind = f"-p{a.pseudo}" if a.pseudo else ""  # runs with pseudo-labels: their own folders
+    kind += f"-n{a.negatives}" if a.negatives != NEGATIVES else ""  # and with another number of background crops
+    if a.pseudo and len(pseudo_prompts) < len(prompts):
+        kind += "-" + "-".join(p.replace(" ", "_") for p in pseudo_prompts)
     proposals = Proposals(folder / f"proposals{mine}", source, base, prompts)
     everything = list(range(a.images))
     sims = [base.image(i)[0] for i in everything]
@@ -563,8 +631,11 @@ def main() -> int:
                 t0 = time.perf_counter()
                 reviewed = order[:n]
                 rest = sorted(set(everything) - set(reviewed))
-                run = folder / f"runs{mine}" / (f"{name}-{n}" + (f"-t{seed}" if seed else ""))
-                path, reused = review(a, reviewed, world, prompts, start, run, source, proposals, seed=seed)
+                thresholds = [base.threshold if p in pseudo_prompts else None for p in prompts]
+                answers = confident_answers(sims, thresholds, per_prompt=a.pseudo, exclude=reviewed)
+                run = folder / f"runs{mine}" / (f"{name}-{n}{kind}" + (f"-t{seed}" if seed else ""))
+                path, reused = review(a, reviewed, world, prompts, start, run, source, proposals, seed=seed,
+                                      answers=answers)
                 tuned = scorers[name, seed] = Scorer(path, world, prompts)
                 per_class = _per_class(tuned, rest, world, prompts)
                 runs[name][n][seed] = record = {
@@ -573,6 +644,7 @@ def main() -> int:
                     "reviewed_objects": _objects(world, reviewed, prompts),
                     "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
                     "per_class_rest": per_class, "accuracy_rest_rare": _class_accuracy(tuned, rest, world, prompts, rare),
+                    "pseudo_labels": len(answers), "pseudo_precision": _precision(answers, world),
                     "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
                 print(f"{name:>12} N={n:<4} seed {seed}  rest {record['accuracy_rest']:.1%} (start ranker on the same "
                       f"rest {record['start_accuracy_rest']:.1%}) [{record['seconds']} s{', reused' if reused else ''}]",
@@ -584,7 +656,7 @@ def main() -> int:
     record = _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started)
     if not a.no_requery:
         first = a.orders.split(",")[0]
-        largest = folder / f"runs{mine}" / f"{first}-{max(sizes)}" / "ranker"
+        largest = folder / f"runs{mine}" / f"{first}-{max(sizes)}{kind}" / "ranker"
         record["requery_cost"] = requery_cost(a, source, start, largest, prompts)
         record["targets"]["requery_at_most_5_percent_of_first_pass_library"] = record["requery_cost"]["ratio_median"] <= 0.05
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -604,6 +676,28 @@ def _job_key(a, job_classes) -> str:
     if not a.weights:
         return _source_key(a, job_classes)
     return _source_key(a, job_classes) + "-w" + "-".join(f"{k.replace(' ', '_')}{v:g}" for k, v in sorted(a.weights.items()))
+
+
+def _pseudo_prompts(a, prompts, unseen) -> tuple[str, ...]:
+    """The prompts ``--pseudo-prompts`` names (``seen``: the job's prompts the starting ranker learnt)."""
+    if not a.pseudo_prompts:
+        return tuple(prompts)
+    if a.pseudo_prompts == "seen":
+        return tuple(p for p in prompts if p not in unseen)
+    named = tuple(n.strip() for n in a.pseudo_prompts.split(","))
+    if not set(named) <= set(prompts):
+        raise SystemExit(f"--pseudo-prompts: {', '.join(sorted(set(named) - set(prompts)))} not a prompt of the job")
+    return tuple(p for p in prompts if p in named)
+
+
+def _precision(answers, world) -> float | None:
+    """Share of pseudo-labels (image, prompt, segment) that are right: the image holds the prompt's class and
+    the segment is its object (IoU > 0.5); None without any."""
+    if not answers:
+        return None
+    o, labels = world["offsets"], world["labels"]
+    right = [p in labels[i] and bool(world["ious"][o[i] + j, list(labels[i]).index(p)] > 0.5) for i, p, j in answers]
+    return float(np.mean(right))
 
 
 def _objects(world, images, prompts) -> dict[str, int]:
@@ -739,6 +833,7 @@ def pool(files: list[Path], out: Path) -> int:
                   "machine": r["machine"], "accuracy_at_0": r["curves_rest"]["random"]["0"]["median"],
                   "medians": {a_: {n: _spread([x["accuracy_rest"] for x in runs(r, a_, n)])["median"] for n in sizes}
                               for a_ in arms}} for f, r in zip(files, records)]
+    differences = {a_: {n: _difference(per_start, a_, n) for n in sizes} for a_ in arms[:-1]}
     targets = {}
     if "doubt" in arms:
         if "50" in sizes:
@@ -758,6 +853,10 @@ def pool(files: list[Path], out: Path) -> int:
         "start_errors_what": "objects of the reviewed images the starting ranker answered wrong (of 4 per image)",
         "win_share_vs_random_rest": wins,
         "win_share_what": "share of (rule run, random run) pairs of the same starting ranker the rule wins, ties half",
+        "difference_vs_random": differences,
+        "difference_what": f"per starting ranker, the rule's median minus random's (accuracy on the rest, points of 1.0); "
+                           f"their mean and a 95 % bootstrap interval of it over the starting rankers ({BOOTSTRAP} "
+                           f"resamples, seeded): does the rule beat random beyond the starting ranker's draw?",
         "per_start_ranker": per_start, "targets": targets,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -766,12 +865,36 @@ def pool(files: list[Path], out: Path) -> int:
     print("the starting ranker's errors in the reviewed images (median): " + "; ".join(
         f"{a_} " + ", ".join(f"{n}: {v['median']:.0f}" for n, v in row.items() if v["median"] is not None)
         for a_, row in errors.items()))
+    for a_, row in differences.items():
+        print(f"{a_} minus random, mean over starting rankers [95 % bootstrap]: " + "; ".join(
+            f"{n}: {d['mean']:+.1%} " + (f"[{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]" if d["ci95"] else "[too few rankers]")
+            + f", above on {d['rankers_above']} of "
+            f"{len(d['per_ranker'])}" for n, d in row.items() if d["mean"] is not None))
     for s_ in per_start:
         print(f"{s_['start_ranker']} ({s_['file']}): " + "; ".join(
             f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items() if v is not None)
             for a_, row in s_["medians"].items() if any(v is not None for v in row.values())))
     print(f"wrote {out}")
     return 0 if all(targets.values()) else 1
+
+
+BOOTSTRAP = 10_000  # resamples of the starting rankers for the interval of the mean difference
+MIN_BOOTSTRAP = 3  # starting rankers an interval needs (resampling 1 or 2 values gives no interval worth the name)
+
+
+def _difference(per_start: list[dict], arm: str, n: str) -> dict:
+    """``arm``'s median minus random's at ``n`` per starting ranker that has both; their mean with a 95 % bootstrap
+    interval over the starting rankers (percentiles of :data:`BOOTSTRAP` seeded resamples; None with fewer than
+    :data:`MIN_BOOTSTRAP`); None values without any."""
+    diffs = [s["medians"][arm][n] - s["medians"]["random"][n] for s in per_start
+             if s["medians"][arm][n] is not None and s["medians"]["random"][n] is not None]
+    if not diffs:
+        return {"per_ranker": [], "mean": None, "ci95": None, "rankers_above": 0}
+    values = np.asarray(diffs)
+    means = values[np.random.default_rng(0).integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
+    ci95 = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))] if len(values) >= MIN_BOOTSTRAP else None
+    return {"per_ranker": [round(float(d), 6) for d in diffs], "mean": float(values.mean()), "ci95": ci95,
+            "rankers_above": int((values > 0).sum())}
 
 
 def _print_table(record: dict) -> None:

@@ -70,3 +70,19 @@ def test_a_size_only_some_results_have_is_pooled_over_those(tmp_path):
     assert pooled["win_share_vs_random_rest"]["doubt"]["100"] == 1.0
     assert pooled["start_errors_in_reviewed"]["doubt"]["100"] == {"median": 150, "min": 150, "max": 150, "runs": 1}
     assert proc.returncode == 0, proc.stderr  # pooled at 25: doubt 0.89 vs random 0.87
+
+
+def test_the_mean_difference_per_starting_ranker_and_its_interval(tmp_path):
+    doubt = [0.90, 0.88, 0.93, 0.91]
+    random = [0.89, 0.90, 0.90, 0.91]
+    files = [_result(tmp_path / f"{k}.json", str(k), doubt=[d], random=[r]) for k, (d, r) in enumerate(zip(doubt, random))]
+    _pool(tmp_path, *files)
+    got = json.loads((tmp_path / "pooled.json").read_text())["difference_vs_random"]["doubt"]["25"]
+    diffs = [d - r for d, r in zip(doubt, random)]
+    assert got["per_ranker"] == pytest.approx(diffs) and got["mean"] == pytest.approx(sum(diffs) / 4)
+    assert got["rankers_above"] == 2  # one tie (0.91 vs 0.91) is not above
+    low, high = got["ci95"]
+    assert min(diffs) <= low < got["mean"] < high <= max(diffs)
+    _pool(tmp_path, *files[:2])  # two starting rankers: a mean, no interval
+    two = json.loads((tmp_path / "pooled.json").read_text())["difference_vs_random"]["doubt"]["25"]
+    assert two["ci95"] is None and two["mean"] == pytest.approx((diffs[0] + diffs[1]) / 2)
