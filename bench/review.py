@@ -39,12 +39,12 @@ reviewer rejected as background crops), fine-tunes the starting ranker on it
 (:func:`slip.train.finetune.fine_tune`, what ``slip train-ranker --init`` runs), recalibrates the
 threshold on the reviewed images, and scores the new ranker on the images nobody reviewed (``--negatives``: the
 rejected proposals per image kept as background crops; ``--pseudo K``: the starting ranker's K most certain answers
-per prompt on unreviewed images trained on beside the review, :func:`confident_answers`). Every
+per prompt on unreviewed images trained on beside the review, :func:`bench.review_pseudo.confident_answers`). Every
 (ordering, N) is fine-tuned with ``--tune-seeds`` seeds (the seed of initialisation, data order,
 augmentation and the train/validation split of the reviewed crops: the same seeds for every ordering), so
 the comparison is not one fine-tune's luck. Orderings: ``doubt`` (the product's
 :func:`slip.review.doubt_order` of the starting ranker's answers, what ``--order doubt`` exports), the
-candidate rules of ``--orders`` (:data:`RULES`: how the rule was chosen), and ``random``
+candidate rules of ``--orders`` (:data:`bench.review_rules.RULES`: how the rule was chosen), and ``random``
 (``--random-seeds`` seeded shuffles, each fine-tuned with every seed). The starting ranker is one draw too
 (``--start-seed``; and its 24 epochs of training round differently on another machine's BLAS): the doubt order
 is computed from it, so a comparison from one starting ranker can flip with another; ``--pool`` pools runs
@@ -81,8 +81,10 @@ from PIL import Image
 
 from slip.calibrate import Probe, best_threshold
 from slip.data.synth import CLASS_NAMES, generate_dataset
-from slip.review import (NEGATIVES, ReviewedImage, ReviewedObject, doubt_order, expected_corrections,
-                         image_doubt, object_crop, prompt_certainty, rle_of, unclaimed, write_labels)
+from bench.review_pseudo import confident_answers, precision, write_pseudo
+from bench.review_rules import RULES
+from bench.review_summary import pool, print_table, spread, win_share
+from slip.review import NEGATIVES, ReviewedImage, ReviewedObject, rle_of, write_labels
 from slip.threshold import read_threshold
 
 RESULTS = Path(__file__).parent / "results" / "review.json"
@@ -265,11 +267,6 @@ class Scorer:
         flags = [h for i in images for h in self.hits(i)]
         return float(np.mean(flags)) if flags else float("nan")
 
-    def certainties(self, i: int) -> list[float]:
-        """Per prompt, the certainty of the image's answer (:func:`slip.review.prompt_certainty`)."""
-        sim, _ = self.image(i)
-        return [prompt_certainty(sim[:, p], self.threshold) for p in range(self.sim.shape[1])]
-
     def probes(self, images) -> list[Probe]:
         """Calibration probes of reviewed images: every prompt, present or absent."""
         out = []
@@ -320,7 +317,7 @@ class Proposals:
 def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path, source,
            proposals: Proposals, *, seed: int, answers=()) -> tuple[Path, bool]:
     """Correct ``reviewed`` from the truth, write the labels folder (with the rejected proposals, and the
-    starting ranker's ``answers`` as pseudo-labels: :func:`confident_answers`), fine-tune
+    starting ranker's ``answers`` as pseudo-labels: :func:`bench.review_pseudo.confident_answers`), fine-tune
     ``start`` on it with ``seed`` (:func:`slip.train.finetune.fine_tune`), recalibrate. Returns the ranker and
     whether it was reused (the same review fine-tuned before: same images, start, seed, epochs and answers)."""
     from slip.threshold import write_threshold
@@ -343,7 +340,7 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
     write_labels(run / "labels", items, prompts=prompts, image=lambda r: _png(images[r.index]),
                  proposals=lambda r: proposals(r.index), source="simulated", export="ground truth", job=None,
                  heldout_fraction=0.0, negatives=a.negatives)
-    _write_pseudo(run / "labels", answers, source, proposals, first=len(items))
+    write_pseudo(run / "labels", answers, source, proposals, first=len(items))
     config = replace(REVIEW_RECIPE, device="cpu", progress=False, epochs=a.epochs or REVIEW_RECIPE.epochs,
                      seed=seed, split_seed=seed)
     result = fine_tune(run / "labels", run / "ranker", init=str(start), config=config)
@@ -353,53 +350,6 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
     shutil.rmtree(run / "labels")  # ~2 MB per run; the ranker and the marker are what a rerun reuses
     done.write_text(json.dumps(marker))
     return result.out, False
-
-
-# --- pseudo-labels (CEAL: Wang et al. 2016), a remedy tried and dropped ---------------------------------------
-# The forgetting hypothesis: doubt's fine-tunes lose seen classes its images hold few of; replaying the starting
-# ranker's most certain answers on unreviewed images (--pseudo K per prompt) would keep every prompt in the
-# fine-tune. It does not: the confident answers of names the ranker never learnt are wrong (review-pseudo.json: every
-# prompt, both arms about 3 points lower); for the names it learnt only (--pseudo-prompts seen) doubt beats random on
-# the development job 4 but both arms lose accuracy, random more (review-job4-pseudo-seen.json).
-
-
-def confident_answers(sims, thresholds, *, per_prompt: int, exclude=()) -> list[tuple[int, int, int]]:
-    """Pseudo-labels ``(image, prompt, segment)``, sorted: for each prompt with a threshold, among the images not in
-    ``exclude`` whose best segment for it scores at least the threshold, the ``per_prompt`` where that answer is the
-    most certain (:func:`slip.review.prompt_certainty`), ties to the lower image; ``sims[i]`` is ``(N, P)``."""
-    skip = {int(i) for i in exclude}
-    picked = []
-    for p, threshold in enumerate(thresholds if per_prompt > 0 else ()):
-        if threshold is None:
-            continue
-        ranked = sorted((-prompt_certainty(s[:, p], threshold), i, int(np.argmax(s[:, p])))
-                        for i, s in enumerate(sims) if i not in skip and len(s) and s[:, p].max() >= threshold)
-        picked += [(i, p, j) for _, i, j in ranked[:per_prompt]]
-    return sorted(picked)
-
-
-def _write_pseudo(labels: Path, answers, source, proposals: "Proposals", *, first: int) -> None:
-    """Each answer's segment as a training crop of its prompt's class folder (with its mask), beside the review's
-    own crops; no background crops (the image's other objects are unlabelled, not rejected). Names follow
-    :func:`slip.review.write_labels`'s, the pseudo-labelled images numbered from ``first``."""
-    from slip.outputs import decode_rle
-
-    dirs = {c["name"]: c["dir"] for c in json.loads((labels / "classes.json").read_text())["classes"]}
-    prompts = list(dirs)
-    by_image: dict[int, list] = {}
-    for i, p, j in answers:
-        by_image.setdefault(i, []).append((p, j))
-    for k, (i, pairs) in enumerate(sorted(by_image.items()), start=first):
-        image = source[i].image
-        records = proposals(i)
-        for n, (p, j) in enumerate(pairs):
-            mask = decode_rle([records[j]["segmentation"]], *image.shape[:2])[0]
-            crop, crop_mask = object_crop(image, mask)
-            path = labels / dirs[prompts[p]] / f"{k:06d}-{i:05d}-{n}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(path, compress_level=1)
-            Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"),
-                                                                 compress_level=1)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -462,133 +412,6 @@ def requery_cost(a, source, start: Path, tuned: Path, prompts, *, images: int = 
                     "(image reads and store writes not included: the queue adds those to both)"}
 
 
-# --- orderings --------------------------------------------------------------------------------------
-# Each rule maps the starting ranker's answers (per image its (N, P) segment x prompt similarities) and its
-# threshold to a review order. "doubt" is the product's rule (slip.review.doubt_order of expected corrections:
-# the same order as "errors" here, one threshold for every prompt); the others are the candidates it was chosen
-# from on two development jobs (job seeds 2 and 3: review-rules.json, review-rules-seed3.json; the rule had to
-# beat random at 25 and 50 images on both; of the three that did, "errors" keeps the per-prompt margin and
-# threshold doubt, with "unclaimed" the one that never names a prompt). In those two files "doubt" is the earlier product rule, now
-# "round-robin" (it lost to random on job seed 3); review-round-robin.json is that rule on the main job.
-# "mix" and "density" are the cold-start remedies tried later on the same two jobs (review-rules-mix-density.json):
-# on the main job doubt reviews more unseen-class objects than random yet learnt some classes less well at 25
-# images, the pattern of uncertainty sampling picking outliers or too few typical examples. Neither beat doubt on
-# both jobs, so the product rule stayed. "sampled" (doubt within a seeded random sample of 300 images) tests the tail
-# hypothesis: doubt won on every starting ranker of the 300-image jobs and was a toss-up at 25 on the 1,000-image ones, as
-# if the top 2.5 % of a big job were too atypical to learn from. It passed the 1,000-image development job (job seed 4:
-# review-job4-sampled.json) but on the main job, from 6 starting rankers, it is no better than doubt (review-sampled.json).
-
-
-def _corrections(sims, threshold) -> list[float]:
-    """Per image, :func:`slip.review.expected_corrections` with one threshold for every prompt."""
-    return [expected_corrections(s, [threshold] * s.shape[1]) for s in sims]
-
-
-def _product(sims, threshold):
-    return doubt_order(_corrections(sims, threshold))
-
-
-def _certainty_row(sim: np.ndarray, threshold) -> list[float]:
-    return [prompt_certainty(sim[:, p], threshold) for p in range(sim.shape[1])]
-
-
-def _rounds(c: np.ndarray) -> list[int]:
-    """Rounds over the columns of ``c`` (images x queues of certainty; the column whose least certain image is
-    the most doubtful first), each taking its least certain image not taken yet."""
-    queues = [list(np.lexsort((np.arange(len(c)), c[:, p]))) for p in range(c.shape[1])]
-    turn = sorted(range(c.shape[1]), key=lambda p: (c[queues[p][0], p], p))
-    taken, order = set(), []
-    while len(order) < len(c):
-        for p in turn:
-            while queues[p] and queues[p][0] in taken:
-                queues[p].pop(0)
-            if queues[p]:
-                taken.add(queues[p][0]), order.append(int(queues[p].pop(0)))
-    return order
-
-
-def _round_robin(sims, threshold) -> list[int]:
-    """The earlier product rule: the prompts in turn, each taking its least certain image not taken yet."""
-    return _rounds(np.array([_certainty_row(s, threshold) for s in sims]))
-
-
-def _unclaimed(sim: np.ndarray, threshold) -> float:
-    """:func:`slip.review.unclaimed` with one threshold for every prompt."""
-    return unclaimed(sim, [threshold] * sim.shape[1])
-
-
-def _with_unclaimed(sims, threshold) -> list[int]:
-    """``round-robin`` with one more queue beside the prompts' own: the images with the most segments no prompt
-    claims (objects the ranker cannot name) first; it takes its turn in every round like a prompt."""
-    return _rounds(np.array([[*_certainty_row(s, threshold), -_unclaimed(s, threshold)] for s in sims]))
-
-
-def _turns(first: list[int], second) -> list[int]:
-    """Two orders of the same images taking turns (``first`` leads), each image once, at its earlier place."""
-    taken, order = set(), []
-    for pair in zip(first, second):
-        for i in (int(j) for j in pair):
-            if i not in taken:
-                taken.add(i), order.append(i)
-    return order
-
-
-def _alternating(sims, threshold) -> list[int]:
-    """``round-robin`` and ``unclaimed`` taking turns, each image once."""
-    return _turns(_round_robin(sims, threshold), _by_score([_unclaimed(s, threshold) for s in sims]))
-
-
-def _mix(sims, threshold) -> list[int]:
-    """``doubt`` and a seeded shuffle of the job taking turns, each image once (typical images beside doubtful)."""
-    return _turns(_product(sims, threshold), np.random.default_rng(7).permutation(len(sims)))
-
-
-def _density(sims, threshold) -> list[int]:
-    """``doubt`` weighted by how typical the image is (information density): the mean over its segments of the
-    segment's mean cosine similarity, clipped at 0, to 2,000 of the job's segments (rows of ``(N, P)`` similarity
-    centred on the job's mean), so outliers come later."""
-    rows = np.concatenate([s for s in sims if len(s)])
-    centre = rows.mean(0)
-
-    def unit(x):
-        x = x - centre
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
-
-    reference = unit(rows[np.random.default_rng(0).permutation(len(rows))[:2000]])
-    typical = [float(np.clip(unit(s) @ reference.T, 0, None).mean()) if len(s) else 0.0 for s in sims]
-    return _by_score(np.asarray(_corrections(sims, threshold)) * np.asarray(typical))
-
-
-SAMPLE = 300  # images in the "sampled" rule's random sample: the size of the development jobs doubt won on
-
-
-def _sampled(sims, threshold) -> list[int]:
-    """``doubt`` within a seeded random sample of :data:`SAMPLE` images of the job first, then the rest of the job
-    by doubt: the first 25 are the top 8 % of a 300-image job, as on the development jobs, not the top 2.5 % of
-    1,000 (the tail hypothesis: the most doubtful images of a big job are atypical)."""
-    inside = {int(i) for i in np.random.default_rng(300).permutation(len(sims))[:SAMPLE]}
-    doubt = _product(sims, threshold)
-    return [i for i in doubt if i in inside] + [i for i in doubt if i not in inside]
-
-
-def _by_score(scores) -> list[int]:
-    return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
-
-
-RULES = {
-    "doubt": _product,
-    "round-robin": _round_robin,
-    "image-doubt": lambda sims, t: _by_score([image_doubt(s, [t] * s.shape[1]) for s in sims]),
-    "unclaimed": lambda sims, t: _by_score([_unclaimed(s, t) for s in sims]),
-    "errors": _product,  # image doubt + unclaimed: the candidate the product rule was (its name in review-rules*.json)
-    "with-unclaimed": _with_unclaimed,
-    "alternate": _alternating,
-    "mix": _mix,
-    "density": _density,
-    "sampled": _sampled,
-}
-
-
 # --- the bench ---------------------------------------------------------------------------------------
 
 
@@ -644,7 +467,7 @@ def main() -> int:
                     "reviewed_objects": _objects(world, reviewed, prompts),
                     "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
                     "per_class_rest": per_class, "accuracy_rest_rare": _class_accuracy(tuned, rest, world, prompts, rare),
-                    "pseudo_labels": len(answers), "pseudo_precision": _precision(answers, world),
+                    "pseudo_labels": len(answers), "pseudo_precision": precision(answers, world),
                     "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
                 print(f"{name:>12} N={n:<4} seed {seed}  rest {record['accuracy_rest']:.1%} (start ranker on the same "
                       f"rest {record['start_accuracy_rest']:.1%}) [{record['seconds']} s{', reused' if reused else ''}]",
@@ -662,7 +485,7 @@ def main() -> int:
     record["seconds"] = round(time.perf_counter() - started, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=2))
-    _print_table(record)
+    print_table(record)
     print(f"wrote {a.out}")
     return 0 if all(record["targets"].values()) else 1
 
@@ -690,16 +513,6 @@ def _pseudo_prompts(a, prompts, unseen) -> tuple[str, ...]:
     return tuple(p for p in prompts if p in named)
 
 
-def _precision(answers, world) -> float | None:
-    """Share of pseudo-labels (image, prompt, segment) that are right: the image holds the prompt's class and
-    the segment is its object (IoU > 0.5); None without any."""
-    if not answers:
-        return None
-    o, labels = world["offsets"], world["labels"]
-    right = [p in labels[i] and bool(world["ious"][o[i] + j, list(labels[i]).index(p)] > 0.5) for i, p, j in answers]
-    return float(np.mean(right))
-
-
 def _objects(world, images, prompts) -> dict[str, int]:
     """Objects per class in ``images``."""
     counts = np.bincount(np.asarray([int(c) for i in images for c in world["labels"][i]], int), minlength=len(prompts))
@@ -721,29 +534,6 @@ def _class_accuracy(scorer: Scorer, images, world, prompts, classes) -> float | 
     return float(np.mean(flags)) if flags else None
 
 
-def _spread(values) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"median": None, "min": None, "max": None, "runs": 0}
-    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "runs": len(values)}
-
-
-def _pairs(mine, theirs) -> list[float]:
-    """Per (mine, theirs) pair: 1 where mine is higher, 0.5 for a tie, 0 where lower."""
-    return [(x > y) + 0.5 * (x == y) for x in mine for y in theirs]
-
-
-def _share(pairs: list[float]) -> float | None:
-    """The mean of :func:`_pairs` results (the share mine wins, ties counting half); None without pairs."""
-    return float(np.mean(pairs)) if pairs else None
-
-
-def _win_share(mine, theirs) -> float | None:
-    """The share of (mine, theirs) pairs where mine is higher, ties counting half; None without pairs."""
-    return _share(_pairs(mine, theirs))
-
-
 def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load, started) -> dict:
     arms = {name: [name] for name in runs if not name.startswith("random")}
     arms["random"] = [name for name in runs if name.startswith("random")]
@@ -759,14 +549,14 @@ def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load,
         summary[key] = {arm: {} for arm in arms}
         for arm in arms:
             if key in at_zero:
-                summary[key][arm]["0"] = _spread([at_zero[key]])
+                summary[key][arm]["0"] = spread([at_zero[key]])
             for n in sizes:
                 if key == "gain":
                     got = [r["accuracy_rest"] - r["start_accuracy_rest"] for name in arms[arm] for r in runs[name][n].values()]
                 else:
                     got = values(arm, n, key)
-                summary[key][arm][str(n)] = _spread(got)
-    wins = {arm: {str(n): _win_share(values(arm, n, "accuracy_rest"), values("random", n, "accuracy_rest"))
+                summary[key][arm][str(n)] = spread(got)
+    wins = {arm: {str(n): win_share(values(arm, n, "accuracy_rest"), values("random", n, "accuracy_rest"))
                   for n in sizes} for arm in arms if arm != "random"}
     targets = {}
     rest = summary["accuracy_rest"]
@@ -798,129 +588,6 @@ def _record(a, base, runs, sizes, job_classes, unseen, rare, start, world, load,
         "runs": {k: {str(n): {str(s): rec for s, rec in seeds.items()} for n, seeds in r.items()} for k, r in runs.items()},
         "targets": targets,
     }
-
-
-def pool(files: list[Path], out: Path) -> int:
-    """One record over results of the same job and orderings run with different starting rankers: each arm's
-    runs pooled (medians, [min, max]), wins counted between runs of the same starting ranker only (the starting
-    ranker is what both arms share), and per starting ranker its arms' medians. Writes ``out``."""
-    records = [json.loads(Path(f).read_text()) for f in files]
-    jobs = {json.dumps({k: r["job"][k] for k in ("images", "classes", "unseen_by_start_ranker", "class_weights")})
-            for r in records}
-    if len(jobs) != 1:
-        raise SystemExit(f"--pool: the results are of different jobs ({', '.join(map(str, files))})")
-    arm = lambda name: "random" if name.startswith("random") else name  # noqa: E731
-    sizes = sorted({n for r in records for by_n in r["runs"].values() for n in by_n}, key=int)
-    arms = sorted({arm(name) for r in records for name in r["runs"]}, key=lambda x: (x == "random", x))
-
-    def runs(r, a_, n):
-        return [rec for name, by_n in r["runs"].items() if arm(name) == a_ for rec in by_n.get(n, {}).values()]
-
-    curves = {a_: {"0": _spread([r["curves_rest"]["random"]["0"]["median"] for r in records]),
-                   **{n: _spread([x["accuracy_rest"] for r in records for x in runs(r, a_, n)]) for n in sizes}}
-              for a_ in arms}
-    gain = {a_: {n: _spread([x["accuracy_rest"] - x["start_accuracy_rest"] for r in records for x in runs(r, a_, n)])
-                 for n in sizes} for a_ in arms}
-    errors = {a_: {n: _spread([x.get("start_errors_in_reviewed") for r in records for x in runs(r, a_, n)])
-                   for n in sizes} for a_ in arms}  # what reviewers correct: the starting ranker's misses they see
-    wins = {}
-    for a_ in arms[:-1]:
-        wins[a_] = {}
-        for n in sizes:
-            wins[a_][n] = _share([p for r in records for p in _pairs([v["accuracy_rest"] for v in runs(r, a_, n)],
-                                                                    [v["accuracy_rest"] for v in runs(r, "random", n)])])
-    per_start = [{"file": str(f), "start_ranker": r["start_ranker"]["path"], "args_start_seed": r["args"].get("start_seed", "0"),
-                  "machine": r["machine"], "accuracy_at_0": r["curves_rest"]["random"]["0"]["median"],
-                  "medians": {a_: {n: _spread([x["accuracy_rest"] for x in runs(r, a_, n)])["median"] for n in sizes}
-                              for a_ in arms}} for f, r in zip(files, records)]
-    differences = {a_: {n: _difference(per_start, a_, n) for n in sizes} for a_ in arms[:-1]}
-    targets = {}
-    if "doubt" in arms:
-        if "50" in sizes:
-            targets["doubt_50_gain_on_rest_at_least_10_points"] = gain["doubt"]["50"]["median"] >= 0.10
-        for n in ("25", "50"):
-            if n in sizes:
-                targets[f"doubt_beats_random_at_{n}_rest_median"] = curves["doubt"][n]["median"] > curves["random"][n]["median"]
-    record = {
-        "command": "python -m bench.review " + " ".join(sys.argv[1:]),
-        "pooled": [str(f) for f in files],
-        "job": records[0]["job"], "accuracy": records[0]["accuracy"],
-        "arms": {"what": "each arm's runs over every starting ranker: a rule = its ordering (per starting ranker) fine-tuned "
-                         "with each seed; random = each random ordering fine-tuned with each seed; median, min, max",
-                 "runs_per_arm": {a_: curves[a_][sizes[0]]["runs"] for a_ in arms}},
-        "curves_rest": curves, "gain_over_start_on_same_rest": gain,
-        "start_errors_in_reviewed": errors,
-        "start_errors_what": "objects of the reviewed images the starting ranker answered wrong (of 4 per image)",
-        "win_share_vs_random_rest": wins,
-        "win_share_what": "share of (rule run, random run) pairs of the same starting ranker the rule wins, ties half",
-        "difference_vs_random": differences,
-        "difference_what": f"per starting ranker, the rule's median minus random's (accuracy on the rest, points of 1.0); "
-                           f"their mean and a 95 % bootstrap interval of it over the starting rankers ({BOOTSTRAP} "
-                           f"resamples, seeded): does the rule beat random beyond the starting ranker's draw?",
-        "per_start_ranker": per_start, "targets": targets,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    _print_table(record)
-    print("the starting ranker's errors in the reviewed images (median): " + "; ".join(
-        f"{a_} " + ", ".join(f"{n}: {v['median']:.0f}" for n, v in row.items() if v["median"] is not None)
-        for a_, row in errors.items()))
-    for a_, row in differences.items():
-        print(f"{a_} minus random, mean over starting rankers [95 % bootstrap]: " + "; ".join(
-            f"{n}: {d['mean']:+.1%} " + (f"[{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]" if d["ci95"] else "[too few rankers]")
-            + f", above on {d['rankers_above']} of "
-            f"{len(d['per_ranker'])}" for n, d in row.items() if d["mean"] is not None))
-    for s_ in per_start:
-        print(f"{s_['start_ranker']} ({s_['file']}): " + "; ".join(
-            f"{a_} " + ", ".join(f"{n}: {v:.1%}" for n, v in row.items() if v is not None)
-            for a_, row in s_["medians"].items() if any(v is not None for v in row.values())))
-    print(f"wrote {out}")
-    return 0 if all(targets.values()) else 1
-
-
-BOOTSTRAP = 10_000  # resamples of the starting rankers for the interval of the mean difference
-MIN_BOOTSTRAP = 3  # starting rankers an interval needs (resampling 1 or 2 values gives no interval worth the name)
-
-
-def _difference(per_start: list[dict], arm: str, n: str) -> dict:
-    """``arm``'s median minus random's at ``n`` per starting ranker that has both; their mean with a 95 % bootstrap
-    interval over the starting rankers (percentiles of :data:`BOOTSTRAP` seeded resamples; None with fewer than
-    :data:`MIN_BOOTSTRAP`); None values without any."""
-    diffs = [s["medians"][arm][n] - s["medians"]["random"][n] for s in per_start
-             if s["medians"][arm][n] is not None and s["medians"]["random"][n] is not None]
-    if not diffs:
-        return {"per_ranker": [], "mean": None, "ci95": None, "rankers_above": 0}
-    values = np.asarray(diffs)
-    means = values[np.random.default_rng(0).integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
-    ci95 = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))] if len(values) >= MIN_BOOTSTRAP else None
-    return {"per_ranker": [round(float(d), 6) for d in diffs], "mean": float(values.mean()), "ci95": ci95,
-            "rankers_above": int((values > 0).sum())}
-
-
-def _print_table(record: dict) -> None:
-    def cell(d):
-        if d["median"] is None:
-            return "-"
-        return f"{d['median']:.1%}" + ("" if d["runs"] == 1 else f" [{d['min']:.1%}, {d['max']:.1%}]")
-
-    for title, key in (("object-level accuracy on the unreviewed rest", "curves_rest"),
-                       ("on the images no ordering reviewed", "curves_common"),
-                       ("on the rare classes' objects of the rest", "curves_rest_rare")):
-        table = record.get(key)
-        if not table:
-            continue
-        sizes = sorted({s for arm in table.values() for s in arm}, key=int)
-        print(f"\n{title}: median [min, max] over the runs")
-        print(f"{'reviewed':>12} " + " ".join(f"{s:>24}" for s in sizes))
-        for arm, row in table.items():
-            print(f"{arm:>12} " + " ".join(f"{cell(row[s]) if s in row else '':>24}" for s in sizes))
-    print("share of (rule run, random run) pairs the rule wins: " + "; ".join(
-        f"{arm} " + ", ".join(f"N={n}: {v:.0%}" for n, v in row.items() if v is not None) for arm, row in record["win_share_vs_random_rest"].items()))
-    cost = record.get("requery_cost")
-    if cost:
-        print(f"re-answer with the new ranker from cached proposals: {cost['requery']['median_s'] * 1000:.0f} ms per "
-              f"image vs {cost['first_pass']['median_s'] * 1000:.0f} ms first pass ({cost['ratio_median']:.1%})")
-    print("targets: " + ", ".join(f"{k}={v}" for k, v in record["targets"].items()))
 
 
 if __name__ == "__main__":

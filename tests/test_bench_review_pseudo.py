@@ -1,4 +1,4 @@
-"""The review bench's pseudo-labels (``--pseudo K``, the CEAL remedy tried in :mod:`bench.review`): which answers
+"""The review bench's pseudo-labels (``--pseudo K``, the CEAL remedy tried in :mod:`bench.review_pseudo`): which answers
 are taken, and that they land as training crops of their prompt beside the review's own, with no background."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from bench.review import _write_pseudo, confident_answers
+from bench.review_pseudo import confident_answers, write_pseudo
 from slip.data.folder import scan_folder
 from slip.data.synth import render_scene
 from slip.review import ReviewedImage, ReviewedObject, prompt_certainty, rle_of, write_labels
@@ -46,7 +46,7 @@ def test_pseudo_labels_become_crops_of_their_prompt_beside_the_review(tmp_path):
     labels = write_labels(tmp_path / "labels", reviewed, prompts=prompts, image=lambda r: _png(scenes[0][0]),
                           proposals=lambda r: None, source="test", export="truth", job=None, heldout_fraction=0.0)
     answers = [(1, 0, 0), (2, 0, 0), (2, 1, 1)]  # image 1's circle, image 2's circle and square
-    _write_pseudo(labels, answers, source, lambda i: records[i], first=1)
+    write_pseudo(labels, answers, source, lambda i: records[i], first=1)
     folder = scan_folder(labels)
     names = {r.path.name: folder.class_names[r.label] for r in folder.records}
     assert names == {"000000-00000-0.png": "circle", "000000-00000-1.png": "square", "000001-00001-0.png": "circle",

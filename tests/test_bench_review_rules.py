@@ -1,11 +1,11 @@
-"""The review bench's candidate doubt rules ``mix``, ``density`` and ``sampled`` (:data:`bench.review.RULES`): each a full,
+"""The review bench's candidate doubt rules ``mix``, ``density`` and ``sampled`` (:data:`bench.review_rules.RULES`): each a full,
 deterministic review order of the job built from the starting ranker's answers."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.review import RULES, SAMPLE
+from bench.review_rules import RULES, SAMPLE
 
 THRESHOLD = 0.5
 
