@@ -436,9 +436,10 @@ def main() -> int:
     mine = f"-s{a.start_seed}" if a.start_seed else ""  # what depends on the starting ranker: its own folders
     pseudo_prompts = _pseudo_prompts(a, prompts, unseen)
     kind = f"-p{a.pseudo}" if a.pseudo else ""  # runs with pseudo-labels: their own folders
-    kind += f"-n{a.negatives}" if a.negatives != NEGATIVES else ""  # and with another number of background crops
     if a.pseudo and len(pseudo_prompts) < len(prompts):
         kind += "-" + "-".join(p.replace(" ", "_") for p in pseudo_prompts)
+    kind += f"-n{a.negatives}" if a.negatives != NEGATIVES else ""  # and with another number of background crops
+    thresholds = [base.threshold if p in pseudo_prompts else None for p in prompts]  # of the prompts pseudo-labelled
     proposals = Proposals(folder / f"proposals{mine}", source, base, prompts)
     everything = list(range(a.images))
     sims = [base.image(i)[0] for i in everything]
@@ -449,16 +450,16 @@ def main() -> int:
     runs: dict[str, dict] = {name: {n: {} for n in sizes} for name in orders}
     for n in sizes:
         scorers = {}
+        answers = {name: confident_answers(sims, thresholds, per_prompt=a.pseudo, exclude=order[:n])
+                   for name, order in orders.items()}  # pseudo-labels depend on the reviewed images, not the seed
         for seed in range(a.tune_seeds):
             for name, order in orders.items():  # interleaved: every ordering at one seed, then the next seed
                 t0 = time.perf_counter()
                 reviewed = order[:n]
                 rest = sorted(set(everything) - set(reviewed))
-                thresholds = [base.threshold if p in pseudo_prompts else None for p in prompts]
-                answers = confident_answers(sims, thresholds, per_prompt=a.pseudo, exclude=reviewed)
                 run = folder / f"runs{mine}" / (f"{name}-{n}{kind}" + (f"-t{seed}" if seed else ""))
                 path, reused = review(a, reviewed, world, prompts, start, run, source, proposals, seed=seed,
-                                      answers=answers)
+                                      answers=answers[name])
                 tuned = scorers[name, seed] = Scorer(path, world, prompts)
                 per_class = _per_class(tuned, rest, world, prompts)
                 runs[name][n][seed] = record = {
@@ -467,7 +468,7 @@ def main() -> int:
                     "reviewed_objects": _objects(world, reviewed, prompts),
                     "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
                     "per_class_rest": per_class, "accuracy_rest_rare": _class_accuracy(tuned, rest, world, prompts, rare),
-                    "pseudo_labels": len(answers), "pseudo_precision": precision(answers, world),
+                    "pseudo_labels": len(answers[name]), "pseudo_precision": precision(answers[name], world),
                     "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
                 print(f"{name:>12} N={n:<4} seed {seed}  rest {record['accuracy_rest']:.1%} (start ranker on the same "
                       f"rest {record['start_accuracy_rest']:.1%}) [{record['seconds']} s{', reused' if reused else ''}]",

@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from slip.review import object_crop, prompt_certainty
+from slip.review import prompt_certainty, write_crop
 
 
 def confident_answers(sims, thresholds, *, per_prompt: int, exclude=()) -> list[tuple[int, int, int]]:
@@ -52,12 +51,7 @@ def write_pseudo(labels: Path, answers, source, proposals, *, first: int) -> Non
         records = proposals(i)
         for n, (p, j) in enumerate(pairs):
             mask = decode_rle([records[j]["segmentation"]], *image.shape[:2])[0]
-            crop, crop_mask = object_crop(image, mask)
-            path = labels / dirs[prompts[p]] / f"{k:06d}-{i:05d}-{n}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(path, compress_level=1)
-            Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"),
-                                                                 compress_level=1)
+            write_crop(labels / dirs[prompts[p]] / f"{k:06d}-{i:05d}-{n}.png", image, mask)
 
 
 def precision(answers, world) -> float | None:

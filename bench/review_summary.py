@@ -15,6 +15,7 @@ import numpy as np
 BOOTSTRAP = 10_000  # resamples of the starting rankers for the interval of the mean difference
 MIN_BOOTSTRAP = 3  # starting rankers an interval needs (resampling 1 or 2 values gives no interval worth the name)
 
+
 def spread(values) -> dict:
     """Median, min, max and count of ``values`` (None values left out; None figures without any)."""
     values = [v for v in values if v is not None]
@@ -126,8 +127,10 @@ def difference(per_start: list[dict], arm: str, n: str) -> dict:
     if not diffs:
         return {"per_ranker": [], "mean": None, "ci95": None, "rankers_above": 0}
     values = np.asarray(diffs)
-    means = values[np.random.default_rng(0).integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
-    ci95 = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))] if len(values) >= MIN_BOOTSTRAP else None
+    ci95 = None
+    if len(values) >= MIN_BOOTSTRAP:
+        means = values[np.random.default_rng(0).integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
+        ci95 = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
     return {"per_ranker": [round(float(d), 6) for d in diffs], "mean": float(values.mean()), "ci95": ci95,
             "rankers_above": int((values > 0).sum())}
 

@@ -279,18 +279,9 @@ def _write_item(work: Path, k: int, r: ReviewedImage, split: str, data: bytes, s
             "segmentation": obj.rle, "area": int(mask.sum()), "iscrowd": 0,
             "bbox": [float(v) for v in mask_utils.toBbox(_coded(obj.rle))]})
         if mask.any():
-            crop, crop_mask = object_crop(rgb, mask)
-            path = root / dirs[obj.prompt] / f"{k:06d}-{stem}-{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(path, compress_level=1)
-            Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"),
-                                                                 compress_level=1)
+            write_crop(root / dirs[obj.prompt] / f"{k:06d}-{stem}-{j}.png", rgb, mask)
     for j, mask in enumerate(_rejected(segments, r, prompts, negatives) if segments else ()):
-        crop, crop_mask = object_crop(rgb, mask)
-        path = root / BACKGROUND_DIR / f"{k:06d}-{stem}-n{j}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(crop).save(path, compress_level=1)
-        Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"), compress_level=1)
+        write_crop(root / BACKGROUND_DIR / f"{k:06d}-{stem}-n{j}.png", rgb, mask)
     return {"name": r.name, "index": r.index, "id": k + 1, "split": split, "objects": len(r.objects),
             "height": r.height, "width": r.width, "annotator": r.annotator, "updated_at": r.updated_at,
             "image": image_rel, "proposals": proposals_rel}
@@ -310,6 +301,15 @@ def _rejected(segments: list, r: ReviewedImage, prompts: Sequence[str], count: i
         similarity = seg.get("similarity") or {}
         scored.append((-max((float(similarity.get(p, -1.0)) for p in prompts), default=-1.0), len(scored), mask))
     return [mask for _, _, mask in sorted(scored, key=lambda t: t[:2])[:count]]
+
+
+def write_crop(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
+    """:func:`object_crop` of ``(H, W, 3) uint8`` ``image`` around ``(H, W) bool`` ``mask``, written as the PNG
+    ``path`` with its mask beside it (``<stem>.mask.png``, 0 / 255): one training crop of a labels folder."""
+    crop, crop_mask = object_crop(image, mask)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(crop).save(path, compress_level=1)
+    Image.fromarray(crop_mask.astype(np.uint8) * 255).save(path.with_name(path.stem + ".mask.png"), compress_level=1)
 
 
 def object_crop(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
