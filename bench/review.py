@@ -19,6 +19,10 @@ classes it never learnt, and does it beat reviewing images at random?
     python -m bench.review --threads 1 --job-seed 4 --sizes 25,50 --no-requery --tune-seeds 2 --pseudo 10 \
         --pseudo-prompts seen --start-seed 0 --out bench/results/review-job4-pseudo-seen-start0.json
                                                 # pseudo-labels beside every review (a remedy tried and dropped)
+    python -m bench.review --threads 1 --sizes 25,50 --no-requery --tune-seeds 3 --random-seeds 1 \
+        --orders oracle-errors --start-seed 0 --out bench/results/review-start0-oracle.json
+                                                # the diagnostic that reads the truth; --pool merges it with
+                                                # review-start0.json (the same starting ranker) arm by arm
     python -m bench.review --images 100 --ranker-per-class 40 --ranker-epochs 6 --random-seeds 1 \
         --tune-seeds 1 --sizes 25,50 --no-requery   # the small version (~3 min once the caches exist)
 
@@ -39,12 +43,15 @@ reviewer rejected as background crops), fine-tunes the starting ranker on it
 (:func:`slip.train.finetune.fine_tune`, what ``slip train-ranker --init`` runs), recalibrates the
 threshold on the reviewed images, and scores the new ranker on the images nobody reviewed (``--negatives``: the
 rejected proposals per image kept as background crops; ``--pseudo K``: the starting ranker's K most certain answers
-per prompt on unreviewed images trained on beside the review, :func:`bench.review_pseudo.confident_answers`). Every
+per prompt on unreviewed images trained on beside the review, :func:`bench.review_pseudo.confident_answers`;
+``--balance``: every class drawn equally often in the fine-tune, ``TrainConfig.balance_classes``). Every
 (ordering, N) is fine-tuned with ``--tune-seeds`` seeds (the seed of initialisation, data order,
 augmentation and the train/validation split of the reviewed crops: the same seeds for every ordering), so
 the comparison is not one fine-tune's luck. Orderings: ``doubt`` (the product's
 :func:`slip.review.doubt_order` of the starting ranker's answers, what ``--order doubt`` exports), the
-candidate rules of ``--orders`` (:data:`bench.review_rules.RULES`: how the rule was chosen), and ``random``
+candidate rules of ``--orders`` (:data:`bench.review_rules.RULES`: how the rule was chosen; and the diagnostics
+of :data:`bench.review_rules.ORACLES`, which read the truth: ``oracle-errors`` puts the starting ranker's errors
+first, the most any doubt estimate could), and ``random``
 (``--random-seeds`` seeded shuffles, each fine-tuned with every seed). The starting ranker is one draw too
 (``--start-seed``; and its 24 epochs of training round differently on another machine's BLAS): the doubt order
 is computed from it, so a comparison from one starting ranker can flip with another; ``--pool`` pools runs
@@ -82,7 +89,7 @@ from PIL import Image
 from slip.calibrate import Probe, best_threshold
 from slip.data.synth import CLASS_NAMES, generate_dataset
 from bench.review_pseudo import confident_answers, precision, write_pseudo
-from bench.review_rules import RULES
+from bench.review_rules import ORACLES, RULES
 from bench.review_summary import pool, print_table, spread, win_share
 from slip.review import NEGATIVES, ReviewedImage, ReviewedObject, rle_of, write_labels
 from slip.threshold import read_threshold
@@ -110,7 +117,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default="25,50,100", help="reviewed images per curve point")
     p.add_argument("--random-seeds", type=int, default=3, help="random orderings (median reported)")
     p.add_argument("--tune-seeds", type=int, default=3, help="fine-tuning seeds per (ordering, N), the same for all")
-    p.add_argument("--orders", default="doubt", help=f"doubt rules to run besides random: {', '.join(RULES)}")
+    p.add_argument("--orders", default="doubt", help=f"doubt rules to run besides random: {', '.join(RULES)}; "
+                                                     f"diagnostics that read the truth: {', '.join(ORACLES)}")
     p.add_argument("--class-weights", default=None,
                    help="NAME=W,... draw weights of the job's classes (1 for a class not named); 'longtail' = "
                         + ",".join(f"{k}={v}" for k, v in LONGTAIL.items()))
@@ -124,6 +132,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pseudo-prompts", default=None,
                    help="the prompts that get pseudo-labels: NAME,... or 'seen' (those the starting ranker learnt); "
                         "default: every prompt")
+    p.add_argument("--balance", action="store_true",
+                   help="fine-tune with class-balanced draws (TrainConfig.balance_classes; the product's recipe: off)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--work", type=Path, default=Path("data/review-bench"), help="cache and work folder")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -132,9 +142,9 @@ def parse_args() -> argparse.Namespace:
                         "another machine) into --out; runs nothing else")
     a = p.parse_args()
     a.weights = _weights(a.class_weights)
-    unknown = [o for o in a.orders.split(",") if o not in RULES]
+    unknown = [o for o in a.orders.split(",") if o not in RULES and o not in ORACLES]
     if unknown:
-        p.error(f"unknown --orders {', '.join(unknown)}: use {', '.join(RULES)}")
+        p.error(f"unknown --orders {', '.join(unknown)}: use {', '.join([*RULES, *ORACLES])}")
     return a
 
 
@@ -325,8 +335,9 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
 
     done = run / "reviewed.json"
     marker = {"reviewed": reviewed, "start": str(start), "negatives": a.negatives, "tune_seed": seed, "epochs": a.epochs,
-              "pseudo": [list(t) for t in answers]}
-    if done.is_file() and {"tune_seed": 0, "epochs": None, "pseudo": [], **json.loads(done.read_text())} == marker:
+              "pseudo": [list(t) for t in answers], "balance": a.balance}
+    earlier = {"tune_seed": 0, "epochs": None, "pseudo": [], "balance": False}  # what a marker without the key meant
+    if done.is_file() and {**earlier, **json.loads(done.read_text())} == marker:
         return run / "ranker", True
     shutil.rmtree(run, ignore_errors=True)
     images = {}
@@ -342,7 +353,7 @@ def review(a, reviewed: list[int], world: dict, prompts, start: Path, run: Path,
                  heldout_fraction=0.0, negatives=a.negatives)
     write_pseudo(run / "labels", answers, source, proposals, first=len(items))
     config = replace(REVIEW_RECIPE, device="cpu", progress=False, epochs=a.epochs or REVIEW_RECIPE.epochs,
-                     seed=seed, split_seed=seed)
+                     seed=seed, split_seed=seed, balance_classes=a.balance)
     result = fine_tune(run / "labels", run / "ranker", init=str(start), config=config)
     scorer = Scorer(result.out, world, prompts)
     point = best_threshold(scorer.probes(reviewed))
@@ -439,11 +450,14 @@ def main() -> int:
     if a.pseudo and len(pseudo_prompts) < len(prompts):
         kind += "-" + "-".join(p.replace(" ", "_") for p in pseudo_prompts)
     kind += f"-n{a.negatives}" if a.negatives != NEGATIVES else ""  # and with another number of background crops
+    kind += "-b" if a.balance else ""  # and with class-balanced draws
     thresholds = [base.threshold if p in pseudo_prompts else None for p in prompts]  # of the prompts pseudo-labelled
     proposals = Proposals(folder / f"proposals{mine}", source, base, prompts)
     everything = list(range(a.images))
     sims = [base.image(i)[0] for i in everything]
-    orders = {name: RULES[name](sims, base.threshold) for name in a.orders.split(",")}
+    misses = [sum(not h for h in base.hits(i)) for i in everything]  # the truth: only the oracles read it
+    orders = {name: RULES[name](sims, base.threshold) if name in RULES else ORACLES[name](sims, base.threshold, misses)
+              for name in a.orders.split(",")}
     for r in range(a.random_seeds):
         orders[f"random-{r}"] = [int(i) for i in np.random.default_rng([18, r]).permutation(a.images)]
     rare = [p for p in prompts if (a.weights or {}).get(p, 1.0) < 1.0]

@@ -14,7 +14,8 @@ sample of 300 images) tests the tail hypothesis: doubt won on every starting ran
 toss-up at 25 on the 1,000-image ones, as if the top 2.5 % of a big job were too atypical to learn from. It passed the
 1,000-image development job (job seed 4: review-job4-sampled.json) but on the main job, from 6 starting rankers, it is
 no better than doubt (review-sampled.json). Remedies that change what the fine-tune sees rather than the order:
-:mod:`bench.review_pseudo` and ``--negatives``.
+:mod:`bench.review_pseudo`, ``--negatives`` and ``--balance``. :data:`ORACLES` are not rules a product could run:
+they read the truth, to measure what any doubt rule could win at most (``oracle-errors``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,16 @@ def _sampled(sims, threshold) -> list[int]:
 def _by_score(scores) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))]
 
+
+def _oracle_errors(sims, threshold, misses: list[int]) -> list[int]:
+    """A diagnostic, not a rule a product could run (it reads the truth): the images where the starting ranker
+    is wrong most often first (``misses``: its wrong answers per image), ties in doubt order. The most errors any
+    doubt estimate could put in front of reviewers."""
+    place = {i: k for k, i in enumerate(_product(sims, threshold))}
+    return sorted(range(len(sims)), key=lambda i: (-misses[i], place[i]))
+
+
+ORACLES = {"oracle-errors": _oracle_errors}  # orderings that read the truth: (sims, threshold, misses) -> order
 
 RULES = {
     "doubt": _product,

@@ -43,8 +43,9 @@ def win_share(mine, theirs) -> float | None:
 def pool(files: list[Path], out: Path) -> int:
     """One record over results of the same job and orderings run with different starting rankers: each arm's
     runs pooled (medians, [min, max]), wins counted between runs of the same starting ranker only (the starting
-    ranker is what both arms share), and per starting ranker its arms' medians. Writes ``out``."""
-    records = [json.loads(Path(f).read_text()) for f in files]
+    ranker is what both arms share), and per starting ranker its arms' medians (files of one starting ranker
+    merged first: :func:`merged`). Writes ``out``."""
+    files, records = merged([Path(f) for f in files], [json.loads(Path(f).read_text()) for f in files])
     jobs = {json.dumps({k: r["job"][k] for k in ("images", "classes", "unseen_by_start_ranker", "class_weights")})
             for r in records}
     if len(jobs) != 1:
@@ -116,6 +117,30 @@ def pool(files: list[Path], out: Path) -> int:
             for a_, row in s_["medians"].items() if any(v is not None for v in row.values())))
     print(f"wrote {out}")
     return 0 if all(targets.values()) else 1
+
+
+def merged(files: list[Path], records: list[dict]) -> tuple[list[str], list[dict]]:
+    """Results of the same starting ranker (its path and threshold) as one record, arm by arm: another rule run
+    later from the same ranker joins its earlier runs. A run both hold (same ordering, size and seed) must agree
+    on the accuracy to the digit, or the two are not the same ranker (another machine's BLAS) and nothing is pooled."""
+    groups: dict[str, tuple[list[str], dict]] = {}
+    for f, r in zip(files, records):
+        key = json.dumps([r["start_ranker"]["path"], r["start_ranker"].get("threshold")])
+        if key not in groups:
+            runs = {name: {n: dict(seeds) for n, seeds in by_n.items()} for name, by_n in r["runs"].items()}
+            groups[key] = ([str(f)], {**r, "runs": runs})
+            continue
+        names, into = groups[key]
+        for name, by_n in r["runs"].items():
+            for n, seeds in by_n.items():
+                for seed, rec in seeds.items():
+                    have = into["runs"].setdefault(name, {}).setdefault(n, {}).setdefault(seed, rec)
+                    if have["accuracy_rest"] != rec["accuracy_rest"]:
+                        raise SystemExit(f"--pool: {names[0]} and {f} disagree on {name} N={n} seed {seed} ("
+                                         f"{have['accuracy_rest']} vs {rec['accuracy_rest']}): not the same starting "
+                                         "ranker")
+        names.append(str(f))
+    return [" + ".join(names) for names, _ in groups.values()], [r for _, r in groups.values()]
 
 
 def difference(per_start: list[dict], arm: str, n: str) -> dict:

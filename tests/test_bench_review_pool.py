@@ -86,3 +86,28 @@ def test_the_mean_difference_per_starting_ranker_and_its_interval(tmp_path):
     _pool(tmp_path, *files[:2])  # two starting rankers: a mean, no interval
     two = json.loads((tmp_path / "pooled.json").read_text())["difference_vs_random"]["doubt"]["25"]
     assert two["ci95"] is None and two["mean"] == pytest.approx((diffs[0] + diffs[1]) / 2)
+
+
+def test_results_of_one_starting_ranker_are_merged_arm_by_arm(tmp_path):
+    first = _result(tmp_path / "first.json", "0", doubt=[0.90, 0.92], random=[0.88, 0.86])
+    later = json.loads(first.read_text())  # a later run from the same ranker: a new rule, random-0 run again
+    later["runs"] = {"oracle": {"25": {"0": {"accuracy_rest": 0.95, "start_accuracy_rest": 0.6}}},
+                     "random-0": {"25": {"0": {"accuracy_rest": 0.88, "start_accuracy_rest": 0.6}}}}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    other = _result(tmp_path / "other.json", "1", doubt=[0.80], random=[0.85])
+    proc = _pool(tmp_path, first, tmp_path / "later.json", other)
+    assert proc.returncode == 0, proc.stderr
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert [s["file"] for s in pooled["per_start_ranker"]] == [f"{first} + {tmp_path / 'later.json'}", str(other)]
+    assert pooled["curves_rest"]["random"]["25"]["runs"] == 3  # the run both hold counted once
+    assert pooled["win_share_vs_random_rest"]["oracle"]["25"] == 1.0  # against the first file's random runs
+    assert pooled["difference_vs_random"]["oracle"]["25"]["per_ranker"] == pytest.approx([0.95 - 0.87])
+
+
+def test_results_that_disagree_on_a_shared_run_are_not_the_same_starting_ranker(tmp_path):
+    first = _result(tmp_path / "first.json", "0", doubt=[0.90], random=[0.88])
+    again = _result(tmp_path / "again.json", "0", doubt=[0.91], random=[0.88])  # another machine's BLAS
+    proc = _pool(tmp_path, first, again)
+    assert proc.returncode != 0 and not (tmp_path / "pooled.json").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (f"--pool: {first} and {again} disagree on doubt N=25 seed 0 "
+                                                   "(0.9 vs 0.91): not the same starting ranker")

@@ -1,11 +1,12 @@
 """The review bench's candidate doubt rules ``mix``, ``density`` and ``sampled`` (:data:`bench.review_rules.RULES`): each a full,
-deterministic review order of the job built from the starting ranker's answers."""
+deterministic review order of the job built from the starting ranker's answers; and the diagnostic ``oracle-errors``
+(:data:`bench.review_rules.ORACLES`), which also reads the truth."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.review_rules import RULES, SAMPLE
+from bench.review_rules import ORACLES, RULES, SAMPLE
 
 THRESHOLD = 0.5
 
@@ -47,3 +48,13 @@ def test_sampled_orders_a_seeded_sample_by_doubt_before_the_rest():
     assert order[:SAMPLE] == [i for i in doubt if i in sample]  # ... by doubt, then the rest by doubt
     assert order[SAMPLE:] == [i for i in doubt if i not in sample]
     assert order[:25] != doubt[:25]  # not the job's own 25 most doubtful
+
+
+def test_oracle_errors_orders_by_the_starting_rankers_true_errors_then_by_doubt():
+    sims = [_image(0.9, 0.1), _image(0.52, 0.50), _image(0.9, 0.2), _image(0.6, 0.58), _image(0.95, 0.1)]
+    misses = [2, 0, 2, 1, 4]  # wrong answers per image (the truth)
+    doubt = RULES["doubt"](sims, THRESHOLD)
+    order = ORACLES["oracle-errors"](sims, THRESHOLD, misses)
+    assert sorted(order) == list(range(len(sims)))
+    assert order[0] == 4 and order[3:] == [3, 1]  # most errors first; the most doubtful image has none: last
+    assert order[1:3] == sorted([0, 2], key=doubt.index)  # a tie in errors: in doubt order

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from slip.data.dataset import CaptionDataset, caption_tokens
@@ -56,6 +56,8 @@ class TrainConfig:
     split_seed: int = 0  # seeds the train/val split (evaluation composites use the same held-out images)
     seed: int = 0  # seeds initialisation, shuffling and augmentation
     segment_view_prob: float = 0.5  # images with masks: probability of the cut-out (segment crop) view
+    balance_classes: bool = False  # draw each class's training images equally often (with replacement; an
+    #                                epoch is still as many draws as training images): a skewed review's rare classes
     caption_template: str = "{name}"  # caption of a class; the paper found "{name}" best
     loss: str = "paper"  # dual encoder: "paper" (temperature 1, soft targets) | "clip" (unit norm, learnt temperature)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -180,8 +182,17 @@ def _trainee(model: DualEncoderConfig | None, init: str | None, config: TrainCon
 def _loader(dataset: CaptionDataset, config: TrainConfig, *, shuffle: bool) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed)
     drop_last = shuffle and len(dataset) > config.batch_size
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=config.num_workers, generator=generator, persistent_workers=False)
+    sampler = balanced_sampler(dataset.labels, generator) if shuffle and config.balance_classes else None
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      drop_last=drop_last, num_workers=config.num_workers, generator=generator, persistent_workers=False)
+
+
+def balanced_sampler(labels: list[int], generator: torch.Generator) -> WeightedRandomSampler:
+    """Indices of ``labels`` drawn with replacement, each image with probability 1 / (classes x its class's
+    images): every class equally often in expectation; ``len(labels)`` draws per epoch."""
+    counts = torch.bincount(torch.as_tensor(labels))
+    weights = 1.0 / counts[torch.as_tensor(labels)].double()
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
 
 
 def _run_epoch(trainee: Trainee, loader: DataLoader, tokens, device, optimizer, config: TrainConfig, desc: str) -> float:
@@ -261,4 +272,4 @@ def plot_curve(history: list[dict], path: Path, *, best_epoch: int | None = None
     plt.close(fig)
 
 
-__all__ = ["TrainConfig", "TrainResult", "clip_trainee", "plot_curve", "train_ranker", "write_curve"]
+__all__ = ["TrainConfig", "TrainResult", "balanced_sampler", "clip_trainee", "plot_curve", "train_ranker", "write_curve"]

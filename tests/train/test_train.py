@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from slip.rankers.dual_encoder import DualEncoderRanker
 from slip.rankers.hf_clip import HFClipRanker
 from slip.rankers.loading import load_ranker
 from slip.train import TrainConfig, train_ranker
+from slip.train.ranker import balanced_sampler
 from slip.train.contrastive import paper_clip_loss, symmetric_clip_loss
 from slip.train.towers import build_dual_encoder
 from slip.train.trainees import dual_encoder_trainee
@@ -108,6 +110,26 @@ def test_train_ranker_fine_tunes_a_hugging_face_clip(tmp_path, synth_dir):
     assert isinstance(ranker, HFClipRanker)
     assert (result.out / "curve.json").is_file() and (result.out / "slip_training.json").is_file()
     assert ranker.encode_texts(["circle"]).shape == (1, 32)
+
+
+def test_balanced_draws_give_each_class_the_same_share():
+    labels = [0] * 90 + [1] * 8 + [2] * 2  # a skewed review: 90 / 8 / 2 crops
+    sampler = balanced_sampler(labels, torch.Generator().manual_seed(0))
+    drawn = [labels[i] for _ in range(30) for i in sampler]  # 30 epochs of 100 draws
+    assert len(drawn) == 30 * len(labels)
+    shares = torch.bincount(torch.tensor(drawn)).double() / len(drawn)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.03), shares
+    again = [labels[i] for i in balanced_sampler(labels, torch.Generator().manual_seed(0))]
+    assert again == drawn[: len(labels)]  # seeded
+
+
+def test_balanced_training_draws_another_data_order(tmp_path, synth_dir, tiny_config):
+    config = TrainConfig(epochs=1, batch_size=16, lr=1e-2, image_lr=1e-3, text_lr=1e-4, device="cpu", progress=False)
+    plain = train_ranker(synth_dir, tmp_path / "plain", model=tiny_config, config=config)
+    balanced = train_ranker(synth_dir, tmp_path / "balanced", model=tiny_config,
+                            config=replace(config, balance_classes=True))
+    assert json.loads((balanced.out / "config.json").read_text())["training"]["config"]["balance_classes"] is True
+    assert balanced.history[0]["train_loss"] != plain.history[0]["train_loss"]
 
 
 def test_bad_training_requests_are_clear_errors(tmp_path, synth_dir, tiny_config):
