@@ -258,8 +258,9 @@ class QueueClient:
     def progress_notes(self, job_id: str) -> list[dict]:
         """What the running units of a training job report (epoch, validation figures), from Celery's backend."""
         marks = self.board.view(job_id).live(self.settings.dead_after_s)
-        results = [self.app.AsyncResult(task_id(job_id, c, m["attempt"])) for c, m in sorted(marks.items())]
-        return [r.info for r in results if r.state == "PROGRESS" and isinstance(r.info, dict)]
+        # one read per unit: state and info read apart can straddle the unit's end (PROGRESS, then its summary)
+        metas = [self.app.backend.get_task_meta(task_id(job_id, c, m["attempt"])) for c, m in sorted(marks.items())]
+        return [m["result"] for m in metas if m["status"] == "PROGRESS" and isinstance(m["result"], dict)]
 
     def retry(self, job_id: str, *, max_in_flight: int = DEFAULT_IN_FLIGHT) -> int:
         """Re-run the job's failed units on purpose, and hand the cluster back a job it lost (a Redis that lost

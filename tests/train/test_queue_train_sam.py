@@ -172,14 +172,18 @@ def test_progress_is_reported_per_epoch(sam_worker, dataset):
     env, store = sam_worker["env"], sam_worker["store"]
     job = job_id_from(_run(["submit", "train-sam", str(dataset), "--arch", "tiny-random", *FAST, "--epochs", "5"], env))
     client = client_for(env)
-    result = client.app.AsyncResult(task_id(job, 0, 0))  # the job's one unit, first attempt
-    seen, deadline = [], time.monotonic() + 60
-    while result.state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
-        if result.state == "PROGRESS" and isinstance(result.info, dict):
-            seen.append(result.info)
+    unit = task_id(job, 0, 0)  # the job's one unit, first attempt
+    seen, notes, deadline = [], [], time.monotonic() + 60
+    meta = client.app.backend.get_task_meta(unit)  # state and info in one read: apart, they can straddle the end
+    while meta["status"] not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+        if meta["status"] == "PROGRESS" and isinstance(meta["result"], dict):
+            seen.append(meta["result"])
+            notes += client.progress_notes(job)  # what `slip status --watch` words: the same records
         time.sleep(0.02)
-    assert result.state == "SUCCESS", result.info
+        meta = client.app.backend.get_task_meta(unit)
+    assert meta["status"] == "SUCCESS", meta["result"]
     assert seen and all(i["job_id"] == job and i["epochs"] == 5 and 1 <= i["epoch"] <= 5 for i in seen)
+    assert notes and all(n["job_id"] == job and 1 <= n["epoch"] <= 5 for n in notes)  # never the unit's summary
     history = _summary(store, job)["history"]
     assert all(i["val_miou"] == history[i["epoch"]]["val_miou"] for i in seen)
     assert client.status(job).counts["done"] == 1  # followed like any job
