@@ -56,8 +56,9 @@ class TrainConfig:
     split_seed: int = 0  # seeds the train/val split (evaluation composites use the same held-out images)
     seed: int = 0  # seeds initialisation, shuffling and augmentation
     segment_view_prob: float = 0.5  # images with masks: probability of the cut-out (segment crop) view
-    balance_classes: bool = False  # draw each class's training images equally often (with replacement; an
-    #                                epoch is still as many draws as training images): a skewed review's rare classes
+    balance_classes: bool = False  # draw every class equally often (with replacement, as many draws an epoch as
+    #                                training images), for skewed folders; the review recipe leaves it off (measured:
+    #                                bench/results/review-job4-balance.json)
     caption_template: str = "{name}"  # caption of a class; the paper found "{name}" best
     loss: str = "paper"  # dual encoder: "paper" (temperature 1, soft targets) | "clip" (unit norm, learnt temperature)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
