@@ -455,7 +455,7 @@ def main() -> int:
     proposals = Proposals(folder / f"proposals{mine}", source, base, prompts)
     everything = list(range(a.images))
     sims = [base.image(i)[0] for i in everything]
-    misses = [sum(not h for h in base.hits(i)) for i in everything]  # the truth: only the oracles read it
+    misses = [sum(not h for h in base.hits(i)) for i in everything]  # the starting ranker's errors per image (truth)
     orders = {name: RULES[name](sims, base.threshold) if name in RULES else ORACLES[name](sims, base.threshold, misses)
               for name in a.orders.split(",")}
     for r in range(a.random_seeds):
@@ -480,7 +480,7 @@ def main() -> int:
                     "rest_images": len(rest), "accuracy_rest": tuned.accuracy(rest),
                     "start_accuracy_rest": base.accuracy(rest), "threshold": tuned.threshold,
                     "reviewed_objects": _objects(world, reviewed, prompts),
-                    "start_errors_in_reviewed": int(sum(not h for i in reviewed for h in base.hits(i))),
+                    "start_errors_in_reviewed": int(sum(misses[i] for i in reviewed)),
                     "per_class_rest": per_class, "accuracy_rest_rare": _class_accuracy(tuned, rest, world, prompts, rare),
                     "pseudo_labels": len(answers[name]), "pseudo_precision": precision(answers[name], world),
                     "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
