@@ -2,8 +2,8 @@
 
 A segment job's ranker (``--clip``) is one of:
 
-* a spec each worker resolves by itself: a hub id in its weights cache, ``synth``, ``tiny-random``, a path that
-  exists on the workers;
+* a spec each worker resolves by itself: a hub id in its weights cache, a name (``synth``, ``tiny-random``: a name
+  wins over a local folder of the same name, as when loading), a path that exists on the workers;
 * ``store:rankers/<digest>`` — a ranker directory in the object store, content-addressed by the digest of its
   file manifest (:func:`jobs.training.directory_manifest`: every file's path, SHA-256 and size), which is
   written last as ``rankers/<digest>.json`` (present = the directory is complete). The producer uploads a local
@@ -25,6 +25,7 @@ from jobs.errors import ObjectNotFoundError
 from jobs.keys import validate_key
 from jobs.store import Store
 from jobs.training import STORE_SPEC
+from slip import names
 from slip.errors import InputError, WeightsNotFoundError
 
 JOB_SPEC = "job:"  # a ranker trained through the queue: job:<train job id>
@@ -37,7 +38,7 @@ def publish_ranker(store: Store, spec: str) -> str:
     anything else passes through. One-line InputError / WeightsNotFoundError otherwise."""
     from jobs.training import directory_manifest
     from slip.request import digest
-    from slip.weights import DIGEST_SUFFIX
+    from slip.weights import DIGEST_SUFFIX, OPEN_CLIP_CONFIG, holds_ranker
 
     if spec.startswith(JOB_SPEC):
         return trained_ranker(store, spec[len(JOB_SPEC):])
@@ -45,8 +46,12 @@ def publish_ranker(store: Store, spec: str) -> str:
         store_prefix(store, spec)
         return spec
     path = Path(spec).expanduser()
-    if not path.is_dir():
+    if spec in names.RANKER_NAMES or not path.is_dir():  # a name wins over a folder called so, as when loading
         return spec
+    if not holds_ranker(path):
+        raise InputError(f"--clip {spec}: the folder {path} holds no ranker (expected config.json: a Hugging Face "
+                         f"CLIP / SigLIP or a ranker saved by `slip train-ranker` / `slip review`; or "
+                         f"{OPEN_CLIP_CONFIG}); nothing submitted")
     manifest = directory_manifest(path)  # the weights' digest records (a cache written beside them) left out:
     manifest["files"] = [f for f in manifest["files"] if not f["path"].endswith(DIGEST_SUFFIX)]
     prefix = f"{RANKERS}/{digest(manifest)}"

@@ -32,6 +32,7 @@ TINY_SAM3_TRACKER = "tiny-random-sam3-tracker"
 
 # rankers
 TINY_SIGLIP = "tiny-random-siglip"
+RANKER_NAMES = (SYNTH, TINY, TINY_SIGLIP)  # ranker specs that are names: they win over a folder of the same name
 
 SAM3_NAMES = (*SAM3, TINY_SAM3)  # every SAM 3 checkpoint named without a path
 PROPOSER_NAMES = (*SAM1_TYPES, SYNTH, TINY, TINY_SAM2, *EDGETAM, TINY_EDGETAM, *SAM3_TRACKER, TINY_SAM3_TRACKER)

@@ -99,6 +99,7 @@ def sha256_file(path: Path) -> str:
 
 # --- digests of loaded weights ----------------------------------------------------------------------------
 
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # an open_clip checkpoint's model config, beside its weights
 DIGEST_SUFFIX = ".sha256.json"  # <file>.sha256.json beside a weights file: {"size", "inode", "mtime_ns", "ctime_ns", "sha256"}
 NOT_WEIGHTS = frozenset({  # files beside weights that are read as recommendations or are only for people
     "generator.json", "filters.json", "threshold.json", "curve.json", "curve.png", "README.md", ".gitattributes",
@@ -347,6 +348,13 @@ def hf_config(directory: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def holds_ranker(directory: Path) -> bool:
+    """Whether ``directory`` has the file a ranker loads from (:mod:`slip.rankers.loading`): ``config.json`` (a
+    Hugging Face CLIP / SigLIP or our dual encoder) or :data:`OPEN_CLIP_CONFIG`. A light check, for producers;
+    the loader says what is wrong inside."""
+    return any((Path(directory) / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG))
 
 
 def model_type(directory: Path) -> str | None:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from slip.errors import WeightsError, WeightsNotFoundError
 from slip.rankers.base import resize_square, sigmoid_scores
+from slip.weights import OPEN_CLIP_CONFIG
 
-CONFIG_FILE = "open_clip_config.json"
+CONFIG_FILE = OPEN_CLIP_CONFIG
 HUB_PREFIX = "hf-hub:"
 LOCAL_PREFIX = "local-dir:"
 WEIGHTS_FILE = "open_clip_model.safetensors"

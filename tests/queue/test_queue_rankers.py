@@ -18,6 +18,7 @@ import pytest
 from queue_helpers import TINY_PARAMS, all_done, invoke_cli, job_id_from, make_images, outcomes
 
 pytestmark = pytest.mark.integration
+TINY = "tiny-random"  # the worker's own ranker (names.TINY)
 SAM_STAGES = {"sam", "encode", "decode", "filters"}
 
 
@@ -128,14 +129,29 @@ def test_a_ranker_trained_through_the_queue_is_named_by_its_job_and_rankers_stay
     (["IMAGE", "-p", "x", "--clip", "job:20990101-000000-abcdef"], "no job '20990101-000000-abcdef' in store"),
     (["IMAGE", "-p", "x", "--clip", "job:{first}"], "names a segment job: a ranker comes from a train job"),
     (["--from-job", "{first}", "--threshold", "0.1", "--threshold", "0.2"], "thresholds"),
+    (["IMAGE", "-p", "x", "--clip", "FOLDER"], "holds no ranker (expected config.json"),  # a folder of images
 ])
 def test_bad_requests_are_one_line_and_submit_nothing(worker, client, first, tmp_path, args, words):
     (image,) = make_images(tmp_path, 1, seed=82)
     before = len(client.jobs(limit=1000))
-    args = [a.replace("{first}", first).replace("IMAGE", str(image)) for a in args]
+    args = [a.replace("{first}", first).replace("IMAGE", str(image)).replace("FOLDER", str(tmp_path)) for a in args]
     line = one_line(invoke_cli(["submit", "segment", *args], worker["env"]))
     assert words in line, line
     assert len(client.jobs(limit=1000)) == before
+
+
+def test_a_ranker_name_wins_over_a_folder_called_so(worker, client, first, tmp_path, monkeypatch):
+    """``--clip tiny-random`` run where a folder of that name is (a dataset, say): the name, as the worker loads
+    it; nothing of the folder is uploaded as a ranker."""
+    make_images(tmp_path / TINY, 2, seed=83)
+    monkeypatch.chdir(tmp_path)
+    rankers_before = set(client.store.list("rankers"))
+    proc = invoke_cli(["submit", "segment", "--from-job", first, "--clip", TINY], worker["env"])
+    assert proc.exit_code == 0, proc.stdout + proc.stderr
+    job = job_id_from(proc.stdout)
+    assert client.status(job).manifest.spec["clip"] == TINY
+    assert client.wait(job, timeout_s=120, poll_s=0.2).counts == all_done(3)
+    assert set(client.store.list("rankers")) == rankers_before
 
 
 def test_a_ranker_gone_from_the_store_fails_its_images_for_good_naming_it(worker, client, first, tmp_path):
