@@ -1,4 +1,5 @@
-"""A rich progress bar for a job of any kind: done / failed / running / queued / waiting, rate and ETA."""
+"""A job's progress, of any kind: done / failed / running / queued / waiting, rate and ETA — a rich progress bar
+on a terminal, plain lines in a log (stderr redirected: a batch script's ``slip wait``, CI)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from jobs.model import UNITS
 from jobs.status import JobStatus
+
+LOG_EVERY_S = 30.0  # a log's progress line at most this often (seconds)
 
 
 class JobProgress:
@@ -47,12 +50,49 @@ class JobProgress:
             return f"{finished / age:.2f} {unit}/s overall" if age > 0 else ""
         return f"-- {unit}/s"
 
+    def eta_s(self, status: JobStatus, finished: int) -> float | None:
+        """Seconds left at the rate seen while following (None before any unit finished)."""
+        elapsed, seen = time.monotonic() - self.start, finished - (self.first or 0)
+        return (status.manifest.total - finished) * elapsed / seen if seen > 0 and elapsed > 0.5 else None
+
+
+class LogProgress(JobProgress):
+    """The same figures as plain lines, for a log: the first read, then a line at most every ``every_s`` seconds
+    while something changes, and the last read (a job that finished)."""
+
+    def __init__(self, console: Console, job_id: str, notes: Callable[[], str] | None = None, *,
+                 every_s: float = LOG_EVERY_S) -> None:
+        self.console, self.job_id, self.every_s = console, job_id, every_s
+        self.start, self.first, self.notes = time.monotonic(), None, notes
+        self.last: tuple[float, tuple] | None = None  # (when, counts) of the last line written
+
+    def __call__(self, status: JobStatus) -> None:
+        c = status.counts
+        finished = c["done"] + c["failed"] + c["lost"]
+        if self.first is None:
+            self.first = finished
+        now, counts = time.monotonic(), tuple(sorted(c.items()))
+        due = self.last is None or status.finished or (now - self.last[0] >= self.every_s and counts != self.last[1])
+        if not due:
+            return
+        self.last = (now, counts)
+        eta = self.eta_s(status, finished)
+        notes = self.notes() if self.notes and not status.finished else ""
+        line = (f"{self.job_id} {finished}/{status.manifest.total}: {c['done']} done, {c['failed']} failed, "
+                f"{c['running']} running, {c['queued'] + c['waiting']} queued, {self.rate(status, finished)}"
+                f"{'' if status.finished or eta is None else f', ETA {eta:.0f} s'}{f'; {notes}' if notes else ''}")
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
 
 @contextmanager
 def job_progress(job_id: str, *, console: Console | None = None,
                  notes: Callable[[], str] | None = None) -> Iterator[JobProgress]:
-    """A live progress bar on stderr while the block runs."""
+    """A live progress bar on stderr while the block runs; plain lines (:class:`LogProgress`) when stderr is not a
+    terminal, where a bar would be drawn once, squeezed to 80 columns."""
     console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield LogProgress(console, job_id, notes)
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

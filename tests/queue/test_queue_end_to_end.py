@@ -53,7 +53,8 @@ def batch(worker, tmp_path_factory) -> dict:
     proc = run_cli(["submit", "segment", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--wait",
                     "--render", "--batch-size", "2", "--max-in-flight", "3", *TINY_CLI_ARGS], worker["env"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"folder": folder, "paths": paths, "job": job_id_from(proc.stdout), "stdout": proc.stdout}
+    return {"folder": folder, "paths": paths, "job": job_id_from(proc.stdout), "stdout": proc.stdout,
+            "stderr": proc.stderr}
 
 
 def store_root(worker) -> Path:
@@ -93,6 +94,20 @@ def test_health_reports_the_models_by_digest_loaded_in_the_pool_process(worker):
     assert health["memory"]["rss_bytes"] > 10_000_000 and health["threads"] >= 1
     assert health["pid"] != worker["process"].pid, "models must load in the forked pool process, not the parent"
     assert set(health["queues"]) >= {"gpu", "cpu"} and health["instance"]
+
+
+def test_progress_in_a_log_is_plain_lines(batch):
+    """stderr is a pipe here, as in a batch script's log: the progress is plain lines (no bar squeezed to 80
+    columns), finished units never going back, the last one the finished job."""
+    import re
+
+    line = re.compile(rf"^{batch['job']} (\d+)/{IMAGES}: (\d+) done, (\d+) failed, (\d+) running, (\d+) queued, "
+                      rf"(-- img/s|[\d.]+ img/s( overall)?)(, ETA \d+ s)?$")
+    found = [m for m in map(line.match, batch["stderr"].splitlines()) if m]
+    assert found, batch["stderr"]
+    finished = [int(m.group(1)) for m in found]
+    assert finished == sorted(finished) and finished[-1] == IMAGES and int(found[-1].group(2)) == IMAGES
+    assert found[-1].group(8) is None and "━" not in batch["stderr"]  # no ETA once finished; no bar
 
 
 def test_every_result_is_present_and_valid(batch, client, worker):
