@@ -96,6 +96,7 @@ def _worker_init(sender=None, **_) -> None:
             os.write(2, f"error: this worker cannot start: {problem}\n".encode())
             os._exit(EXIT_CANNOT_START)  # before any fork: nothing to clean up
         _preimport_model_code()
+        _quiet_model_loading()
 
 
 def _worker_ready(sender=None, **_) -> None:
@@ -185,6 +186,14 @@ def _preimport_model_code() -> None:
     for name in ("torch", "segment_anything", "transformers", "slip.pipeline", "slip.proposers.loading",
                  "slip.rankers.loading", "slip.engines.build", "worker.processing"):
         importlib.import_module(name)
+
+
+def _quiet_model_loading() -> None:
+    """No weight-loading progress bars in the worker's log: transformers draws one per model load (a ranker loaded
+    on demand included), which Celery's log shows as WARNING lines. Its public switch, set before the fork."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _wait_main_ready(holder: ResourceHolder, timeout_s: float = 60.0) -> None:

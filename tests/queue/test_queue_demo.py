@@ -75,6 +75,8 @@ def test_demo_with_the_bundled_pair_segments_what_it_is_asked_for(redis_alive, t
     assert "models used: SAM synth, ranker synth" in proc.stdout
     assert "trained only on the synthetic world" in proc.stdout and "slip weights fetch vit_b" in proc.stdout
     assert "trained only on the synthetic world" in (out / "gallery" / "index.html").read_text()
+    log = (out / "worker.log").read_text()
+    assert "models loaded: True" in log and "Loading weights" not in log  # no progress bars in a worker's log
     coco = COCO(str(out / "results.coco.json"))
     categories = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     ious = []
