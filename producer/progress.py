@@ -18,12 +18,11 @@ LOG_EVERY_S = 30.0  # a log's progress line at most this often (seconds)
 
 
 class JobProgress:
-    """Call it with each :class:`JobStatus` read; shows the counts, the rate units finish at, and ``notes()``
-    (what running units report, e.g. a training epoch)."""
+    """Call it with each :class:`JobStatus` read: the counts, the rate units finish at and ``notes()`` (what
+    running units report, e.g. a training epoch) go to :meth:`show` — a bar here, lines in :class:`LogProgress`."""
 
-    def __init__(self, progress: Progress, job_id: str, notes: Callable[[], str] | None = None) -> None:
-        self.progress = progress
-        self.task = progress.add_task(job_id, total=None, done=0, failed=0, running=0, queued=0, rate="", notes="")
+    def __init__(self, job_id: str, notes: Callable[[], str] | None = None) -> None:
+        self.job_id = job_id
         self.start = time.monotonic()
         self.first: int | None = None  # units finished when following started
         self.notes = notes
@@ -33,10 +32,13 @@ class JobProgress:
         finished = c["done"] + c["failed"] + c["lost"]
         if self.first is None:
             self.first = finished
-        notes = self.notes() if self.notes and not status.finished else ""
-        self.progress.update(self.task, total=status.manifest.total, completed=finished, done=c["done"],
-                             failed=c["failed"], running=c["running"], queued=c["queued"] + c["waiting"],
-                             rate=self.rate(status, finished), notes=notes)
+        self.show(status, finished)
+
+    def show(self, status: JobStatus, finished: int) -> None:
+        raise NotImplementedError
+
+    def note(self, status: JobStatus) -> str:
+        return self.notes() if self.notes and not status.finished else ""
 
     def rate(self, status: JobStatus, finished: int) -> str:
         """Units per second seen while following; for a job that finished before the first look, its whole
@@ -56,28 +58,38 @@ class JobProgress:
         return (status.manifest.total - finished) * elapsed / seen if seen > 0 and elapsed > 0.5 else None
 
 
+class BarProgress(JobProgress):
+    """A rich progress bar (a terminal)."""
+
+    def __init__(self, progress: Progress, job_id: str, notes: Callable[[], str] | None = None) -> None:
+        super().__init__(job_id, notes)
+        self.progress = progress
+        self.task = progress.add_task(job_id, total=None, done=0, failed=0, running=0, queued=0, rate="", notes="")
+
+    def show(self, status: JobStatus, finished: int) -> None:
+        c = status.counts
+        self.progress.update(self.task, total=status.manifest.total, completed=finished, done=c["done"],
+                             failed=c["failed"], running=c["running"], queued=c["queued"] + c["waiting"],
+                             rate=self.rate(status, finished), notes=self.note(status))
+
+
 class LogProgress(JobProgress):
-    """The same figures as plain lines, for a log: the first read, then a line at most every ``every_s`` seconds
-    while something changes, and the last read (a job that finished)."""
+    """Plain lines (a log): the first read, then a line at most every ``every_s`` seconds while the counts change,
+    and the last read (a job that finished)."""
 
     def __init__(self, console: Console, job_id: str, notes: Callable[[], str] | None = None, *,
                  every_s: float = LOG_EVERY_S) -> None:
-        self.console, self.job_id, self.every_s = console, job_id, every_s
-        self.start, self.first, self.notes = time.monotonic(), None, notes
+        super().__init__(job_id, notes)
+        self.console, self.every_s = console, every_s
         self.last: tuple[float, tuple] | None = None  # (when, counts) of the last line written
 
-    def __call__(self, status: JobStatus) -> None:
-        c = status.counts
-        finished = c["done"] + c["failed"] + c["lost"]
-        if self.first is None:
-            self.first = finished
-        now, counts = time.monotonic(), tuple(sorted(c.items()))
-        due = self.last is None or status.finished or (now - self.last[0] >= self.every_s and counts != self.last[1])
-        if not due:
+    def show(self, status: JobStatus, finished: int) -> None:
+        c, now = status.counts, time.monotonic()
+        counts = tuple(sorted(c.items()))
+        if not (self.last is None or status.finished or (now - self.last[0] >= self.every_s and counts != self.last[1])):
             return
         self.last = (now, counts)
-        eta = self.eta_s(status, finished)
-        notes = self.notes() if self.notes and not status.finished else ""
+        eta, notes = self.eta_s(status, finished), self.note(status)
         line = (f"{self.job_id} {finished}/{status.manifest.total}: {c['done']} done, {c['failed']} failed, "
                 f"{c['running']} running, {c['queued'] + c['waiting']} queued, {self.rate(status, finished)}"
                 f"{'' if status.finished or eta is None else f', ETA {eta:.0f} s'}{f'; {notes}' if notes else ''}")
@@ -107,4 +119,4 @@ def job_progress(job_id: str, *, console: Console | None = None,
         TextColumn("{task.fields[notes]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        yield JobProgress(progress, job_id, notes)
+        yield BarProgress(progress, job_id, notes)
