@@ -32,9 +32,10 @@ from producer.exports_cvat import runs_mask
 from producer.exports_items import ExportItem, image_size
 from producer.exports_labelstudio import brush_mask
 from slip.errors import DatasetError
-from slip.review import ReviewedImage, ReviewedObject, rle_of, write_labels
+from slip.review import REVIEW_FILE, ReviewedImage, ReviewedObject, read_labels, rle_of, write_labels
 
 SOURCES = ("label-studio", "cvat", "coco")
+REVIEW_LABELS = "labels"  # the labels folder inside a `slip review` folder
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,21 @@ def import_labels(export: Path, *, source: str, out: Path, job: JobImages, heldo
     write_labels(out, reviewed, prompts=job.prompts, image=image, proposals=proposals, source=source,
                  export=str(export), job=job.job, unreviewed=parsed.unreviewed, heldout_fraction=heldout, seed=seed)
     return out, len(reviewed), parsed.unreviewed
+
+
+def reviewed_before(folders: Iterable[Path]) -> frozenset[str]:
+    """The names of the images reviewed in earlier rounds: each folder a ``slip review`` folder (its
+    ``labels/``) or a ``slip labels import`` folder; both splits count. One DatasetError line for a folder that is
+    neither."""
+    names: set[str] = set()
+    for folder in map(Path, folders):
+        labels = folder / REVIEW_LABELS if (folder / REVIEW_LABELS / REVIEW_FILE).is_file() else folder
+        if not (labels / REVIEW_FILE).is_file():
+            raise DatasetError(f"{folder} holds no earlier review: expected a `slip review` folder "
+                               f"({folder / REVIEW_LABELS / REVIEW_FILE}) or a `slip labels import` folder "
+                               f"({folder / REVIEW_FILE})")
+        names.update(item["name"] for item in read_labels(labels).items)
+    return frozenset(names)
 
 
 def _check(export: Path, parsed: Parsed, job: JobImages) -> list[ReviewedImage]:

@@ -6,6 +6,7 @@
                        [--heldout 0.2] [--seed 0]
     slip labels calibrate LABELS --ranker SPEC [--write]        (the threshold, on the reviewed images)
     slip review JOB --out DIR [--limit 50] [--format label-studio|cvat] [--image-base URL]      (1. export)
+                [--skip-reviewed EARLIER_DIR ...]              (a later round: leave out what was reviewed)
     slip review JOB --out DIR --corrections EXPORT [--from label-studio] [--ranker SPEC]
                 [--no-reanswer | --requery PATH ...]                                           (2. learn)
 
@@ -24,8 +25,9 @@ before that; ``--requery PATH ...`` (the paths the job was submitted with) submi
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
 
@@ -139,46 +141,62 @@ def review(
     requery: Optional[List[str]] = typer.Option(None, "--requery", help="Re-answer from these paths instead (the "
                                                 "files the job was submitted with; repeat)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (fine-tuning and scoring)."),
+    skip_reviewed: Optional[List[Path]] = typer.Option(None, "--skip-reviewed", help="Export: leave out the images "
+                                                       "reviewed in an earlier round (its review folder, or the labels "
+                                                       "folder in it; repeat)."),
 ) -> None:
     """The review loop: export the most doubtful images; after review, learn from the corrections."""
     with queue_errors():
         if corrections is None:
-            _export(job, out, limit=limit, format=format, image_base=image_base)
+            _export(job, out, limit=limit, format=format, image_base=image_base, skip=skip_reviewed or ())
         else:
             _learn(job, out, corrections=corrections, source=source, ranker=ranker, heldout=heldout, epochs=epochs,
                    reanswer=reanswer, requery=requery, device=device)
 
 
-def _export(job: str, out: Path, *, limit: int, format: str, image_base: str) -> None:
+def _export(job: str, out: Path, *, limit: int, format: str, image_base: str, skip: Sequence[Path]) -> None:
     from producer.doubt import ordered
     from producer.exports_cvat import write_cvat
     from producer.exports_items import Tally
     from producer.exports_labelstudio import config_path, write_label_studio
+    from producer.labels import reviewed_before
     from producer.results_cli import open_job
 
-    source = open_job(job)
-    items = ordered(source.items, order="doubt", limit=limit, prompts=source.prompts)
+    if format not in ("label-studio", "cvat"):
+        fail(f"unknown --format {format!r}: use label-studio or cvat")
+    before = reviewed_before(skip)  # a wrong folder is one line before the job is read
+    source, left_out = open_job(job), Counter()
+
+    def unreviewed(items):
+        for item in items:
+            left_out[item.name in before] += 1
+            if item.name not in before:
+                yield item
+
+    items = ordered(unreviewed(source.items), order="doubt", limit=limit, prompts=source.prompts)
     tally = Tally()
     if format == "label-studio":
         path = out / "review.label-studio.json"
         write_label_studio(items, out=path, prompts=source.prompts, job_id=job, tally=tally, image_base=image_base)
-        typer.echo(f"wrote the {tally.written} most doubtful images of job {job} to {path}: create a Label Studio "
-                   f"project with {config_path(path)}, import the tasks, review them, export the project as JSON, "
-                   f"then: slip review {job} --out {out} --corrections EXPORT.json")
-    elif format == "cvat":
+        then = (f"create a Label Studio project with {config_path(path)}, import the tasks, review them, export the "
+                f"project as JSON, then: slip review {job} --out {out} --corrections EXPORT.json")
+    else:
         path = out / "review.cvat.xml"
         write_cvat(items, out=path, prompts=source.prompts, job_id=job, tally=tally)
-        typer.echo(f"wrote the {tally.written} most doubtful images of job {job} to {path}: upload it to a CVAT task "
-                   f"of those images (CVAT 1.1), review, export as 'CVAT for images 1.1', then: slip review {job} "
-                   f"--out {out} --corrections EXPORT.xml --from cvat")
-    else:
-        fail(f"unknown --format {format!r}: use label-studio or cvat")
+        then = (f"upload it to a CVAT task of those images (CVAT 1.1), review, export as 'CVAT for images 1.1', then: "
+                f"slip review {job} --out {out} --corrections EXPORT.xml --from cvat")
+    skipped = f" ({left_out[True]} reviewed before left out)" if before else ""
+    typer.echo(f"wrote the {tally.written} most doubtful images of job {job}{skipped} to {path}: {then}")
+    if before and not left_out[True]:
+        typer.echo(f"warning: none of the {len(before)} images reviewed in {', '.join(map(str, skip))} is an image of "
+                   f"job {job}: is that the right review?", err=True)
 
 
 def _learn(job: str, out: Path, *, corrections: Path, source: str, ranker: Optional[str], heldout: float,
            epochs: Optional[int], reanswer: bool, requery: Optional[List[str]], device: str) -> None:
     from dataclasses import replace
 
+    from producer.labels import REVIEW_LABELS
     from producer.labels import import_labels as run_import
     from slip.calibrate import save_calibration
     from slip.rankers.loading import load_ranker
@@ -188,7 +206,7 @@ def _learn(job: str, out: Path, *, corrections: Path, source: str, ranker: Optio
     client = client_from_env()
     spec = _spec(client, job)
     current = _loadable(client, ranker or spec.clip, job)
-    labels_dir, reviewed, _ = run_import(corrections, source=source, out=out / "labels",
+    labels_dir, reviewed, _ = run_import(corrections, source=source, out=out / REVIEW_LABELS,
                                          job=_job_images(job, None, None), heldout=heldout)
     labels = read_labels(labels_dir)
     split = "heldout" if labels.split("heldout") else "train"

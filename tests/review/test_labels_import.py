@@ -209,3 +209,35 @@ def test_out_folder_not_empty_is_refused(review_job, tmp_path):
     result = run(export, "--from", "coco", "--out", out, "--images", review_job.root,
                  *[a for p in review_job.prompts for a in ("-p", p)])
     assert result.exit_code == 2 and "is not empty" in result.output and (out / "keep.txt").read_text() == "mine"
+
+
+def test_reviewed_before_names_both_splits_from_a_review_folder_or_its_labels(review_job, tmp_path):
+    """``slip review --skip-reviewed``: the images an earlier round reviewed, train and held-out alike."""
+    from producer.labels import reviewed_before
+
+    export = tmp_path / "truth.coco.json"
+    coco_export(review_job, export, names={})
+    labels = tmp_path / "round1" / "labels"
+    result = run(export, "--from", "coco", "--out", labels, "--images", review_job.root, "--heldout", "0.4",
+                 *[a for p in review_job.prompts for a in ("-p", p)])
+    assert result.exit_code == 0, result.output
+    names = {i["name"] for i in read_labels(labels).items}
+    assert len(names) == 5 and {i["split"] for i in read_labels(labels).items} == {"train", "heldout"}
+    assert reviewed_before([tmp_path / "round1"]) == reviewed_before([labels]) == names
+    assert reviewed_before([]) == frozenset()
+
+
+def test_bad_skip_reviewed_folder_without_a_review(tmp_path):
+    """A folder that holds no earlier review is one line naming it, before the job is even read (no such job
+    here, no store either)."""
+    from producer.cli import build_app
+
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        result = CliRunner().invoke(build_app(), ["review", "20990101-000000-abcdef", "--out", str(tmp_path / "out"),
+                                                  "--skip-reviewed", str(folder)],
+                                    env={"SLIP_STORE": str(tmp_path / "no-store")})
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and line.startswith(f"error: {folder} holds no earlier review"), line
+        assert not (tmp_path / "out").exists() and not (tmp_path / "no-store").exists()

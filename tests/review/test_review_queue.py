@@ -108,4 +108,22 @@ def test_review_loop_through_the_queue(tmp_path):
         assert np.array_equal([s["segmentation"]["counts"] for s in doc["segments"]],
                               [s["segmentation"]["counts"] for s in old[name]["segments"]])
     assert all(p.read_bytes() == data for p, data in old_files.items()), "the old results stay as they were"
+    # 3. the next round, on the re-answered job: the most doubtful of the images nobody reviewed yet
+    round2 = run_cli(["review", second, "--out", str(tmp_path / "round2"), "--limit", "6", "--skip-reviewed", str(out)],
+                     env)
+    assert round2.returncode == 0, round2.stdout + round2.stderr
+    assert "(6 reviewed before left out)" in round2.stdout and "warning" not in round2.stderr
+    names = [t["data"]["slip_name"] for t in json.loads((tmp_path / "round2" / "review.label-studio.json").read_text())]
+    assert len(names) == len(truth["images"]) - 6 == 3
+    assert set(names).isdisjoint(t["data"]["slip_name"] for t in tasks)
+    # a review of other images: nothing to leave out, said in a warning
+    foreign = json.loads((out / "labels" / "review.json").read_text())
+    foreign["items"] = [{**i, "name": f"elsewhere/{i['name']}"} for i in foreign["items"]]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "review.json").write_text(json.dumps(foreign))
+    other = run_cli(["review", second, "--out", str(tmp_path / "round2b"), "--limit", "6", "--skip-reviewed",
+                     str(tmp_path / "foreign")], env)
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert f"warning: none of the 6 images reviewed in {tmp_path / 'foreign'} is an image of job {second}" in other.stderr
+    assert len(json.loads((tmp_path / "round2b" / "review.label-studio.json").read_text())) == 6
     flush(DB)
