@@ -147,6 +147,8 @@ def review(
 ) -> None:
     """The review loop: export the most doubtful images; after review, learn from the corrections."""
     with queue_errors():
+        if corrections is not None and skip_reviewed:
+            fail("--skip-reviewed leaves images out of an export: give it without --corrections")
         if corrections is None:
             _export(job, out, limit=limit, format=format, image_base=image_base, skip=skip_reviewed or ())
         else:

@@ -241,3 +241,16 @@ def test_bad_skip_reviewed_folder_without_a_review(tmp_path):
         line = result.output.strip()
         assert "\n" not in line and line.startswith(f"error: {folder} holds no earlier review"), line
         assert not (tmp_path / "out").exists() and not (tmp_path / "no-store").exists()
+
+
+def test_bad_skip_reviewed_with_corrections(tmp_path):
+    """--skip-reviewed shapes an export; with --corrections (learning) it would mean nothing: one line."""
+    from producer.cli import build_app
+
+    (tmp_path / "export.json").write_text("[]")
+    result = CliRunner().invoke(build_app(), ["review", "20990101-000000-abcdef", "--out", str(tmp_path / "out"),
+                                              "--corrections", str(tmp_path / "export.json"), "--skip-reviewed",
+                                              str(tmp_path)], env={"SLIP_STORE": str(tmp_path / "no-store")})
+    assert result.exit_code == 2 and result.output.strip() == ("error: --skip-reviewed leaves images out of an export: "
+                                                               "give it without --corrections"), result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "no-store").exists()
