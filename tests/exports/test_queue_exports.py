@@ -19,7 +19,7 @@ from queue_helpers import job_id_from, queue_env, require_redis, run_cli, start_
 from ultralytics_check import load_in_ultralytics  # noqa: E402
 
 pytestmark = pytest.mark.integration
-DB = 9
+DB = 8  # this module's own Redis db (test_queue_train_sam uses 9)
 CLASSES = 3
 
 

@@ -17,7 +17,7 @@ from bad_weights import WORDS, write_bad_checkpoints
 from queue_helpers import flush, queue_env, run_cli, start_worker
 
 pytestmark = pytest.mark.integration
-DEMO_DB = 12  # no other worker listens here, so the demo's own worker takes every task
+DEMO_DB = 7  # no other worker listens here (test_queue_training uses 12), so the demo's own worker takes every task
 BAD_MODELS_DB = 4  # workers that must never start serving
 
 
