@@ -94,7 +94,7 @@ def collect_probes(ranker: Ranker, source: CompositeSource, composites: Iterable
                    absent_fraction: float = 0.5, proposer: Proposer | None = None, seed: int = 0,
                    progress: bool = False) -> list[Probe]:
     """Query every composite with its 4 present classes and with absent ones (plain argmax)."""
-    from tqdm.auto import tqdm
+    from slip.bars import progress_bar
 
     from slip.evaluate import TextCache, evaluate_composite
 
@@ -102,7 +102,7 @@ def collect_probes(ranker: Ranker, source: CompositeSource, composites: Iterable
     captions = source.folder.captions
     texts = TextCache(ranker)
     probes: list[Probe] = []
-    for composite in tqdm(composites, desc="calibrate", unit="composite", disable=not progress):
+    for composite in progress_bar(composites, desc="calibrate", unit="composite", enabled=progress):
         absent = absent_prompts(composite, captions, count, seed=seed)
         done = evaluate_composite(composite, ranker, proposer=proposer, texts=texts, absent=absent)
         probes += [Probe(True, r.score, r.correct) for r in done.results if r.mode == "plain"]
@@ -114,14 +114,14 @@ def collect_engine_probes(engine, source: CompositeSource, composites: Iterable[
                           absent_fraction: float = 0.5, seed: int = 0, progress: bool = False) -> list[Probe]:
     """The probes of an engine that answers prompts itself (``slip.engines.build.build_engine``, built without a
     threshold): each query's best segment and its score, the same queries as :func:`collect_probes`."""
-    from tqdm.auto import tqdm
+    from slip.bars import progress_bar
 
     from slip.evaluate import score_choice, truth_rule
 
     count = absent_per_composite(absent_fraction)
     captions = source.folder.captions
     probes: list[Probe] = []
-    for composite in tqdm(composites, desc="calibrate", unit="composite", disable=not progress):
+    for composite in progress_bar(composites, desc="calibrate", unit="composite", enabled=progress):
         absent = absent_prompts(composite, captions, count, seed=seed)
         result = engine(composite.image, tuple(composite.prompts) + absent)
         masks = result.proposals.segments.masks.cpu().numpy()

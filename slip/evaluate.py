@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from slip.bars import progress_bar
 
 from slip.crops import CropConfig, crop_segments
 from slip.data.composites import Composite, CompositeSource, heldout_records, oracle_segments
@@ -208,7 +208,7 @@ def evaluate(ranker: Ranker, composites: Iterable[Composite], *, proposer: Propo
     """
     texts = TextCache(ranker)
     results: list[QueryResult] = []
-    for composite in tqdm(composites, desc="evaluate", unit="composite", disable=not progress):
+    for composite in progress_bar(composites, desc="evaluate", unit="composite", enabled=progress):
         done = evaluate_composite(composite, ranker, proposer=proposer, crop=crop, oracle_seed=oracle_seed, texts=texts,
                                   judge=judge)
         results.extend(done.results)

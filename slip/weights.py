@@ -254,12 +254,10 @@ def _download(url: str, out, *, progress: bool, label: str) -> str:
 
 
 def _progress_bar(total: int | None, label: str, *, enabled: bool):
-    from tqdm import tqdm
+    from slip.bars import progress_bar
 
-    return tqdm(
-        total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-        disable=not enabled, file=sys.stderr,
-    )
+    return progress_bar(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, enabled=enabled,
+                        file=sys.stderr)
 
 
 # --- Hugging Face CLIP snapshots ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from slip.bars import progress_bar
 
 from slip.data.dataset import CaptionDataset
 from slip.data.folder import scan_folder, split_records
@@ -48,7 +48,7 @@ class JudgeConfig:
     seed: int = 0  # initialisation, shuffling and augmentation
     split_seed: int = 0  # the 80/20 split (use the ranker's, so the judge never saw the test images)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on stderr, on a terminal only (slip.bars)
 
 
 class Judge:
@@ -109,7 +109,7 @@ def train_judge(dataset: str | Path, out: str | Path, *, config: JudgeConfig = J
     for epoch in range(1, config.epochs + 1):
         data.set_epoch(epoch)
         model.train()
-        for pixels, labels in tqdm(loader, desc=f"judge epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False):
+        for pixels, labels in progress_bar(loader, desc=f"judge epoch {epoch}/{config.epochs}", enabled=config.progress, leave=False):
             loss = F.cross_entropy(judge.logits(pixels), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from tqdm.auto import tqdm
+from slip.bars import progress_bar
 
 from slip.data.dataset import CaptionDataset, caption_tokens
 from slip.data.folder import LabelledFolder, scan_folder, split_records
@@ -64,7 +64,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     max_steps_per_epoch: int | None = None  # cap on steps per epoch (smoke tests); None = the whole split
-    progress: bool = True  # tqdm progress bars on stderr
+    progress: bool = True  # progress bars on stderr, on a terminal only (slip.bars)
     save_initial: bool = False  # also save the untrained starting point to OUT/initial (a baseline to evaluate)
 
     def __post_init__(self) -> None:
@@ -201,7 +201,7 @@ def _run_epoch(trainee: Trainee, loader: DataLoader, tokens, device, optimizer, 
     ids, mask = tokens
     total, count = 0.0, 0
     steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
-    bar = tqdm(total=steps, desc=desc, unit="batch", disable=not config.progress, leave=False)
+    bar = progress_bar(total=steps, desc=desc, unit="batch", enabled=config.progress, leave=False)
     for step, (pixels, labels) in enumerate(loader):
         if step >= steps:
             break

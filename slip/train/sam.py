@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
-from tqdm.auto import tqdm
+from slip.bars import progress_bar
 
 from slip.data.folder import scan_folder, split_records
 from slip.device import resolve_device
@@ -112,7 +112,7 @@ class SamTrainConfig:
     bf16: bool = False  # forward passes under bfloat16 autocast (~1.7x faster on CPUs with AVX512-BF16 or
     # AMX and on recent GPUs; slower where bf16 is emulated); weights and losses stay float32
     half: bool = False  # save weights as fp16 (half the size; loading casts back to fp32)
-    progress: bool = True  # tqdm progress bar on stderr
+    progress: bool = True  # a progress bar on stderr, on a terminal only (slip.bars)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_images < 1 or self.prompts_per_image < 1:
@@ -317,7 +317,7 @@ def _run_epoch(sam: Sam, bank: InstanceBank, scenes: SceneConfig, optimizer, sch
     rng = np.random.default_rng([config.seed, epoch])
     totals = {"train_loss": 0.0, "mask_loss": 0.0, "iou_loss": 0.0}
     done = 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+    bar = progress_bar(range(steps), desc=f"epoch {epoch}/{config.epochs}", enabled=config.progress, leave=False)
     for _ in bar:
         batch = _batch(bank, scenes, config, rng)
         if batch is None:

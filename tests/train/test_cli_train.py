@@ -50,6 +50,18 @@ def test_synth_train_evaluate_report(tmp_path):
     assert "<h2>Gallery</h2>" in report.read_text()
 
 
+def test_training_in_a_log_writes_no_progress_bars(tmp_path, synth_dir):
+    """The real entry point with stderr a pipe (a batch script's log): the epochs' bars stay off, the result is
+    printed as ever."""
+    done = subprocess.run([sys.executable, "-m", "producer", "train-ranker", str(synth_dir), "--out", str(tmp_path / "r"),
+                           "--image-backbone", "test_resnet", "--text-encoder", "tiny-random", "--image-size", "32",
+                           "--proj-dim", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+                           "--random-image", "--random-text"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "best validation loss" in done.stdout
+    assert "batch" not in done.stderr and "\r" not in done.stderr and "epoch 1/2" not in done.stderr, done.stderr
+
+
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
     app = _app()
     done = runner.invoke(app, ["data", "synth", "--classes", "99", "--out", str(tmp_path / "x")])
