@@ -25,7 +25,6 @@ before that; ``--requery PATH ...`` (the paths the job was submitted with) submi
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -167,12 +166,14 @@ def _export(job: str, out: Path, *, limit: int, format: str, image_base: str, sk
     if format not in ("label-studio", "cvat"):
         fail(f"unknown --format {format!r}: use label-studio or cvat")
     before = reviewed_before(skip)  # a wrong folder is one line before the job is read
-    source, left_out = open_job(job), Counter()
+    source, left_out = open_job(job), 0
 
     def unreviewed(items):
+        nonlocal left_out
         for item in items:
-            left_out[item.name in before] += 1
-            if item.name not in before:
+            if item.name in before:
+                left_out += 1
+            else:
                 yield item
 
     items = ordered(unreviewed(source.items), order="doubt", limit=limit, prompts=source.prompts)
@@ -187,9 +188,9 @@ def _export(job: str, out: Path, *, limit: int, format: str, image_base: str, sk
         write_cvat(items, out=path, prompts=source.prompts, job_id=job, tally=tally)
         then = (f"upload it to a CVAT task of those images (CVAT 1.1), review, export as 'CVAT for images 1.1', then: "
                 f"slip review {job} --out {out} --corrections EXPORT.xml --from cvat")
-    skipped = f" ({left_out[True]} reviewed before left out)" if before else ""
+    skipped = f" ({left_out} reviewed before left out)" if before else ""
     typer.echo(f"wrote the {tally.written} most doubtful images of job {job}{skipped} to {path}: {then}")
-    if before and not left_out[True]:
+    if before and not left_out:
         typer.echo(f"warning: none of the {len(before)} images reviewed in {', '.join(map(str, skip))} is an image of "
                    f"job {job}: is that the right review?", err=True)
 

@@ -95,7 +95,6 @@ def collect_probes(ranker: Ranker, source: CompositeSource, composites: Iterable
                    progress: bool = False) -> list[Probe]:
     """Query every composite with its 4 present classes and with absent ones (plain argmax)."""
     from slip.bars import progress_bar
-
     from slip.evaluate import TextCache, evaluate_composite
 
     count = absent_per_composite(absent_fraction)
@@ -115,7 +114,6 @@ def collect_engine_probes(engine, source: CompositeSource, composites: Iterable[
     """The probes of an engine that answers prompts itself (``slip.engines.build.build_engine``, built without a
     threshold): each query's best segment and its score, the same queries as :func:`collect_probes`."""
     from slip.bars import progress_bar
-
     from slip.evaluate import score_choice, truth_rule
 
     count = absent_per_composite(absent_fraction)

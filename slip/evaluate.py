@@ -35,8 +35,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from slip.bars import progress_bar
 
+from slip.bars import progress_bar
 from slip.crops import CropConfig, crop_segments
 from slip.data.composites import Composite, CompositeSource, heldout_records, oracle_segments
 from slip.data.dataset import maskset_from_masks

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from slip.bars import progress_bar
 
+from slip.bars import progress_bar
 from slip.data.dataset import CaptionDataset
 from slip.data.folder import scan_folder, split_records
 from slip.device import resolve_device

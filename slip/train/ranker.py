@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from slip.bars import progress_bar
 
+from slip.bars import progress_bar
 from slip.data.dataset import CaptionDataset, caption_tokens
 from slip.data.folder import LabelledFolder, scan_folder, split_records
 from slip.device import resolve_device

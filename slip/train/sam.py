@@ -32,8 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
-from slip.bars import progress_bar
 
+from slip.bars import progress_bar
 from slip.data.folder import scan_folder, split_records
 from slip.device import resolve_device
 from slip.errors import ConfigError, DatasetError
