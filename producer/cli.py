@@ -8,8 +8,12 @@ where it runs. Every error a user can cause ends as one line on stderr and a non
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
+from slip.bars import library_bars_follow
 from slip.cli.app import add_library_commands
 
 HELP = "SLIP (SAM + CLIP): segment objects in images from a text prompt, locally or on a queue of GPU workers."
@@ -39,7 +43,8 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    """Console entry point ``slip``."""
+    """Console entry point ``slip``. In a log (stderr not a terminal) no library draws a progress bar."""
+    library_bars_follow(sys.stderr, os.environ)
     build_app()()
 
 

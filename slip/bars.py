@@ -6,7 +6,9 @@ script, CI, a worker's log) a bar would write a run of carriage-returned updates
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, MutableMapping, TextIO
+
+HF_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's switch, read by transformers when it is imported
 
 
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **options: Any):
@@ -15,3 +17,11 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **op
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=None if enabled else True, **options)
+
+
+def library_bars_follow(stream: TextIO, environ: MutableMapping[str, str]) -> None:
+    """The same rule for the bars libraries draw themselves (transformers' "Loading weights" per model, the hub's
+    downloads): off when ``stream`` is not a terminal, through their documented switch in ``environ`` (a value the
+    user set stays). Call it at a process's edge, before transformers is imported."""
+    if not stream.isatty():
+        environ.setdefault(HF_BARS_OFF, "1")

@@ -138,6 +138,7 @@ class Truth:
     prompts: tuple[str, ...]  # category names, in category order
     category_ids: tuple[int, ...]  # COCO category id of each prompt
     images: tuple[tuple[int, Path], ...]  # (COCO image id, file) of every image evaluated
+    groups: tuple[str, ...] = ()  # categories not queried: group names (see :func:`group_categories`)
 
 
 def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, prompts: Sequence[str] | None = None,
@@ -149,7 +150,8 @@ def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, promp
     data = _read_truth(path)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     by_name = {c["name"]: c["id"] for c in categories}
-    wanted = list(prompts) if prompts else list(by_name)
+    groups = () if prompts else group_categories(data)
+    wanted = list(prompts) if prompts else [n for n in by_name if n not in groups]
     matched = [p for p in wanted if p in by_name]
     if not matched:
         raise ConfigError(f"{path}: its categories ({', '.join(list(by_name)[:8]) or 'none'}) match none of the "
@@ -167,7 +169,16 @@ def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, promp
     coco = _quiet(COCO)
     coco.dataset = data
     _quiet(coco.createIndex)
-    return Truth(coco, tuple(matched), tuple(by_name[p] for p in matched), tuple(pairs))
+    return Truth(coco, tuple(matched), tuple(by_name[p] for p in matched), tuple(pairs), groups)
+
+
+def group_categories(data: dict) -> tuple[str, ...]:
+    """Categories of a COCO file that name a group of the others rather than an object: no annotation has one,
+    and it is the ``supercategory`` of another category. Roboflow's exports carry one (id 0, the dataset's name,
+    the supercategory of every class); queried as a prompt on every image it would only add false positives."""
+    used = {a.get("category_id") for a in data["annotations"]}
+    parents = {c.get("supercategory") for c in data["categories"] if c.get("supercategory") != c["name"]}
+    return tuple(c["name"] for c in data["categories"] if c["id"] not in used and c["name"] in parents)
 
 
 def _read_truth(path: Path) -> dict:

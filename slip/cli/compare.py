@@ -60,6 +60,10 @@ def compare(
         files = expand_paths(images)
         labelled = load_truth(truth, files, relative_names(files), prompts=prompt, sample=sample, seed=seed)
         typer.echo(f"{len(labelled.images)} images, {len(labelled.prompts)} prompts, {len(checked)} configurations")
+        if labelled.groups:
+            typer.echo(f"not queried: {', '.join(map(repr, labelled.groups))}, the supercategory of other categories "
+                       "and of no annotation (a group's name, as Roboflow exports the dataset's); --prompt NAME "
+                       "queries it")
         if queue:
             from producer.common import client_from_env, queue_errors
             from slip.compare_queue import run_queue_comparison

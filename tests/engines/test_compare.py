@@ -108,3 +108,37 @@ def test_a_bad_truth_file_is_one_line(dataset, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     if case == "no-matching-category":
         assert "match none of the prompts" in lines[0] and "giraffe" in lines[0]
+
+
+def roboflow_truth(dataset, path):
+    """The synth truth as Roboflow exports it: a category 0 named after the dataset, the supercategory of every
+    class, used by no annotation."""
+    data = json.loads((dataset / "instances.coco.json").read_text())
+    data["categories"] = [{"id": 0, "name": "shapes-xyz", "supercategory": "none"}] + [
+        {**c, "supercategory": "shapes-xyz"} for c in data["categories"]]
+    path.write_text(json.dumps(data))
+    return [c["name"] for c in data["categories"][1:]]
+
+
+def test_a_roboflow_dataset_category_is_not_a_prompt(dataset, tmp_path):
+    from slip.compare import load_truth
+    from slip.inputs import expand_paths, relative_names
+
+    classes = roboflow_truth(dataset, tmp_path / "_annotations.coco.json")
+    files = expand_paths([str(dataset)])
+    truth = load_truth(tmp_path / "_annotations.coco.json", files, relative_names(files))
+    assert list(truth.prompts) == classes and truth.groups == ("shapes-xyz",)
+    asked = load_truth(tmp_path / "_annotations.coco.json", files, relative_names(files), prompts=["shapes-xyz"])
+    assert asked.prompts == ("shapes-xyz",) and asked.groups == ()  # named, it is queried
+    plain = load_truth(dataset / "instances.coco.json", files, relative_names(files))
+    assert list(plain.prompts) == classes and plain.groups == ()  # "shape", the classes' supercategory, is no category
+
+
+def test_compare_says_which_category_it_does_not_query(dataset, tmp_path):
+    classes = roboflow_truth(dataset, tmp_path / "_annotations.coco.json")
+    result = run(str(dataset), "--truth", str(tmp_path / "_annotations.coco.json"), "--config", SYNTH,
+                 "--out", str(tmp_path / "out"), "--examples", "0")
+    assert result.exit_code == 0, result.output
+    assert "6 images, 3 prompts" in result.output and "not queried: 'shapes-xyz'" in result.output, result.output
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert report["prompts"] == classes, report["prompts"]
