@@ -294,6 +294,8 @@ class CocoTruth:
     def __init__(self, path: Path) -> None:
         from pycocotools.coco import COCO
 
+        from slip.data.coco_truth import truth_shape
+
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 self.coco = COCO(str(path))
@@ -303,6 +305,10 @@ class CocoTruth:
             raise DatasetError(f"cannot read the ground truth {path}: {e.strerror or e}") from e
         except (ValueError, KeyError, TypeError, AssertionError) as e:
             raise DatasetError(f"{path} is not a COCO annotation file: {type(e).__name__}: {e}") from e
+        shape, boxed = truth_shape(path, self.coco.dataset.get("annotations", []))
+        if shape == "box":
+            raise DatasetError(f"{path}: {boxed} annotations have a box and no segmentation: the gallery judges masks; "
+                               "`slip compare` scores answers against boxes")
 
     def __call__(self, name: str) -> dict[str, np.ndarray] | None:
         image_id = self.ids.get(name)

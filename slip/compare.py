@@ -8,15 +8,18 @@ Each candidate is a named SPEC (``--config NAME=SPEC``), a comma list of ``key=v
 Keys (:data:`SPEC_KEYS`): the model settings ``engine``, ``sam``, ``clip``, ``dtype``; the request options
 ``propose``, ``threshold``, ``instances``, ``filters``, ``points_per_side``, ``pred_iou_thresh``,
 ``stability_score_thresh``. Ground truth is a COCO instances file (``slip data synth --coco`` writes one; image
-``file_name`` relative to the images' common folder); its category names are the prompts.
+``file_name`` relative to the images' common folder); its category names are the prompts. A truth of boxes only
+(a detection dataset: some annotation has a ``bbox`` and no segmentation) is scored on boxes: each answer by its
+mask's bounding box, COCO ``bbox`` AP, box IoU for the matches.
 
 Per configuration (:class:`ConfigScore`):
 
-* **AP, AP50** — pycocotools ``COCOeval`` (segm) over each prompt's top :data:`DETECTIONS_PER_PROMPT` candidate
-  segments, scored by the engine's score for that prompt;
+* **AP, AP50** — pycocotools ``COCOeval`` (segm; bbox for a truth of boxes) over each prompt's top
+  :data:`DETECTIONS_PER_PROMPT` candidate segments, scored by the engine's score for that prompt;
 * **presence-aware F1** — the engine's own answers (its threshold, ``instances``) against the truth, every
   prompt on every image: an answer for a category the image lacks is a false positive, a missed object a false
-  negative (mask IoU >= 0.5 matches); plus the share of (image, prompt) pairs whose "here / not here" is right;
+  negative (mask IoU >= 0.5 matches, box IoU for a truth of boxes); plus the share of (image, prompt) pairs
+  whose "here / not here" is right;
 * **seconds per image** p50 / p90 on this machine (after one untimed warm-up image), and the projected wall
   time of ``job_size`` images on ``workers`` such workers.
 
@@ -36,7 +39,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
+from slip.data.coco_truth import group_categories, truth_shape
 from slip.errors import ConfigError, DatasetError
 
 SPEC_KEYS = {  # key -> where it goes
@@ -45,7 +50,7 @@ SPEC_KEYS = {  # key -> where it goes
     "points_per_side": "options", "pred_iou_thresh": "options", "stability_score_thresh": "options",
 }
 DETECTIONS_PER_PROMPT = 20  # candidates per prompt and image submitted to COCOeval
-MATCH_IOU = 0.5  # an answer matches a true object at this mask IoU
+MATCH_IOU = 0.5  # an answer matches a true object at this IoU (of masks, or of boxes for a truth of boxes)
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,8 @@ class ConfigScore:
 
     name: str
     spec: str
-    ap: float | None  # COCO segm AP @ IoU .50:.95
-    ap50: float | None  # COCO segm AP @ IoU .50
+    ap: float | None  # COCO AP @ IoU .50:.95 (segm; bbox for a truth of boxes)
+    ap50: float | None  # COCO AP @ IoU .50
     f1: float  # presence-aware F1 of the answers
     precision: float
     recall: float
@@ -139,6 +144,23 @@ class Truth:
     category_ids: tuple[int, ...]  # COCO category id of each prompt
     images: tuple[tuple[int, Path], ...]  # (COCO image id, file) of every image evaluated
     groups: tuple[str, ...] = ()  # categories not queried: group names (see :func:`group_categories`)
+    shape: str = "mask"  # what the truth outlines: "mask" (segmentations) or "box" (boxes only, see truth_shape)
+    boxed: int = 0  # annotations of the selected images with a box and no segmentation
+
+    def regions(self, image_id: int, category: int) -> list:
+        """The image's true objects of ``category`` as COCO regions: RLEs, or ``[x, y, w, h]`` boxes."""
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], catIds=[category]))
+        return [self.coco.annToRLE(a) if self.shape == "mask" else a["bbox"] for a in anns]
+
+    def outline(self, ann: dict) -> np.ndarray:
+        """One annotation as an ``(H, W) bool`` mask to draw: its segmentation, or its box filled."""
+        if self.shape == "mask":
+            return self.coco.annToMask(ann).astype(bool)
+        image = self.coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        mask = np.zeros((int(image["height"]), int(image["width"])), bool)
+        mask[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
+        return mask
 
 
 def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, prompts: Sequence[str] | None = None,
@@ -164,21 +186,17 @@ def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, promp
     if sample is not None and sample < len(pairs):
         pairs = sorted(random.Random(seed).sample(pairs, sample))
     kept = {i for i, _ in pairs}
+    annotations = [a for a in data["annotations"] if a.get("image_id") in kept]
+    shape, boxed = truth_shape(path, annotations)
     data = {**data, "images": [i for i in data["images"] if i["id"] in kept],
-            "annotations": [a for a in data["annotations"] if a["image_id"] in kept]}
+            "annotations": [{"iscrowd": 0, **a} for a in annotations]}
     coco = _quiet(COCO)
     coco.dataset = data
     _quiet(coco.createIndex)
-    return Truth(coco, tuple(matched), tuple(by_name[p] for p in matched), tuple(pairs), groups)
-
-
-def group_categories(data: dict) -> tuple[str, ...]:
-    """Categories of a COCO file that name a group of the others rather than an object: no annotation has one,
-    and it is the ``supercategory`` of another category. Roboflow's exports carry one (id 0, the dataset's name,
-    the supercategory of every class); queried as a prompt on every image it would only add false positives."""
-    used = {a.get("category_id") for a in data["annotations"]}
-    parents = {c.get("supercategory") for c in data["categories"] if c.get("supercategory") != c["name"]}
-    return tuple(c["name"] for c in data["categories"] if c["id"] not in used and c["name"] in parents)
+    for ann in coco.anns.values():  # COCOeval reads every annotation's area; exports without one exist
+        ann.setdefault("area", float(mask_utils.area(coco.annToRLE(ann))) if shape == "mask"
+                       else float(ann["bbox"][2] * ann["bbox"][3]))
+    return Truth(coco, tuple(matched), tuple(by_name[p] for p in matched), tuple(pairs), groups, shape, boxed)
 
 
 def _read_truth(path: Path) -> dict:
@@ -228,7 +246,7 @@ def score_answers(answers, truth: Truth, *, job_size: int, workers: int, name: s
     spread = {truth.images[(i * count) // examples][0] for i in range(min(examples, count))}
     for image_id, result, took in answers:
         seconds.append(took)
-        detections += _detections(result, image_id, truth.category_ids, positive_only)
+        detections += _detections(result, image_id, truth, positive_only)
         _tally(result, truth, image_id, tally)
         if image_id in spread:
             shown[image_id] = _example(result, truth, image_id)
@@ -247,29 +265,33 @@ def score_answers(answers, truth: Truth, *, job_size: int, workers: int, name: s
     return score, shown
 
 
-def _detections(result, image_id: int, category_ids: Sequence[int], positive_only: bool) -> list[dict]:
-    """Each prompt's top candidates as COCO results (RLE, score)."""
-    from slip.outputs import encode_rle
-
-    masks = result.proposals.segments.masks
+def _detections(result, image_id: int, truth: Truth, positive_only: bool) -> list[dict]:
+    """Each prompt's top candidates as COCO results (RLE, or the mask's box for a truth of boxes; score)."""
+    key = "segmentation" if truth.shape == "mask" else "bbox"
     out = []
-    for p, category in enumerate(category_ids):
+    for p, category in enumerate(truth.category_ids):
         column = result.similarity[:, p]
         order = torch.argsort(column, descending=True, stable=True)[:DETECTIONS_PER_PROMPT].tolist()
         chosen = [i for i in order if not positive_only or column[i] > 0]
-        for i, rle in zip(chosen, encode_rle(masks[chosen]) if chosen else []):
-            out.append({"image_id": image_id, "category_id": category, "segmentation": rle, "score": float(column[i])})
+        for i, region in zip(chosen, _regions(result, chosen, truth.shape)):
+            out.append({"image_id": image_id, "category_id": category, key: region, "score": float(column[i])})
     return out
+
+
+def _regions(result, indices: Sequence[int], shape: str) -> list:
+    """Segments ``indices`` of a result as COCO regions: RLEs, or ``[x, y, w, h]`` boxes (``shape`` "box")."""
+    from slip.outputs import encode_rle
+
+    rles = encode_rle(result.proposals.segments.masks[list(indices)]) if len(indices) else []
+    return rles if shape == "mask" else [[float(v) for v in mask_utils.toBbox(r)] for r in rles]
 
 
 def _tally(result, truth: Truth, image_id: int, tally: dict) -> None:
     """Add one image's presence-aware counts: every prompt's answers against its true objects."""
-    masks = result.proposals.segments.masks.cpu().numpy()
     for match, category in zip(result.matches, truth.category_ids):
-        true = [truth.coco.annToMask(a).astype(bool)
-                for a in truth.coco.loadAnns(truth.coco.getAnnIds(imgIds=[image_id], catIds=[category]))]
-        answers = [masks[i] for i, _ in match.instances]
-        hits = _greedy_matches(answers, true)
+        true = truth.regions(image_id, category)
+        answers = _regions(result, [i for i, _ in match.instances], truth.shape)
+        hits = _greedy_matches(mask_utils.iou(answers, true, [0] * len(true)) if answers and true else None)
         tally["tp"] += hits
         tally["fp"] += len(answers) - hits
         tally["fn"] += len(true) - hits
@@ -277,31 +299,28 @@ def _tally(result, truth: Truth, image_id: int, tally: dict) -> None:
         tally["presence_right"] += int(bool(answers) == bool(true))
 
 
-def _greedy_matches(answers: list[np.ndarray], true: list[np.ndarray]) -> int:
-    """Answers (best first) matched one-to-one to true masks at IoU >= MATCH_IOU."""
-    free, hits = list(range(len(true))), 0
-    for a in answers:
-        ious = [(_iou(a, true[j]), j) for j in free]
-        best = max(ious, default=(0.0, -1))
-        if best[0] >= MATCH_IOU:
-            free.remove(best[1])
+def _greedy_matches(ious: np.ndarray | None) -> int:
+    """Answers (rows, best first) matched one-to-one to true objects (columns) at IoU >= MATCH_IOU."""
+    if ious is None:
+        return 0
+    free, hits = set(range(ious.shape[1])), 0
+    for row in np.asarray(ious):
+        best = max(sorted(free), key=lambda j: row[j], default=None)
+        if best is not None and row[best] >= MATCH_IOU:
+            free.remove(best)
             hits += 1
     return hits
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def _coco_ap(truth: Truth, detections: list[dict]) -> tuple[float, float]:
-    """COCO segm AP and AP50 over the truth's images and prompts (0 without any detection)."""
+    """COCO AP and AP50 (segm; bbox for a truth of boxes) over the truth's images and prompts (0 without any
+    detection)."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
         return 0.0, 0.0
     results = _quiet(truth.coco.loadRes, detections)
-    evaluator = COCOeval(truth.coco, results, "segm")
+    evaluator = COCOeval(truth.coco, results, "segm" if truth.shape == "mask" else "bbox")
     evaluator.params.imgIds = [i for i, _ in truth.images]
     evaluator.params.catIds = list(truth.category_ids)
     for step in (evaluator.evaluate, evaluator.accumulate, evaluator.summarize):

@@ -3,6 +3,7 @@
 ``compare.json``::
 
     {"format": "slip-compare", "version": 1, "created": ISO time, "command": [...], "truth": path,
+     "scored_on": "masks" | "boxes" (a truth of boxes only),
      "prompts": [...], "images": N, "job_size": N, "workers": N, "machine": {...},
      "configs": [ConfigScore fields...]}
 
@@ -47,7 +48,9 @@ def write_report(out: Path, scores: Sequence, truth, shown: dict, *, truth_path:
     (out / EXAMPLES).mkdir(parents=True, exist_ok=True)
     record = {
         "format": "slip-compare", "version": 1, "created": utc_now(), "command": list(command),
-        "truth": str(truth_path), "prompts": list(truth.prompts), "images": len(truth.images), "job_size": job_size,
+        "truth": str(truth_path), "scored_on": {"mask": "masks", "box": "boxes"}[truth.shape],
+        "prompts": list(truth.prompts),
+        "images": len(truth.images), "job_size": job_size,
         "workers": workers, "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                                         "python": platform.python_version()},
         "configs": [score_record(s) for s in scores],
@@ -73,7 +76,7 @@ def _example_rows(out: Path, truth, shown: dict) -> list[list[tuple[str, str]]]:
         anns = truth.coco.loadAnns(truth.coco.getAnnIds(imgIds=[image_id]))
         true = np.zeros(image.shape[:2], bool)
         for ann in anns[:1]:
-            true |= truth.coco.annToMask(ann).astype(bool)
+            true |= truth.outline(ann)
         name = truth.coco.cats[anns[0]["category_id"]]["name"] if anns else "(no object)"
         cells = [(_save(out, f"{image_id}_truth.png", overlay_image(image, true, f"truth: {name}")), f"truth: {name}")]
         for config, answers in shown.items():
@@ -111,7 +114,8 @@ def _page(record: dict, rows: list) -> str:
         for row in rows)
     prompts = ", ".join(html.escape(p) for p in record["prompts"])
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>slip compare</title><style>{STYLE}</style>"
-            f"</head><body><h1>slip compare</h1><p>{record['images']} images, prompts: {prompts}. Projected hours: "
+            f"</head><body><h1>slip compare</h1><p>{record['images']} images, prompts: {prompts}; scored on "
+            f"{record['scored_on']}. Projected hours: "
             f"{record['job_size']} images on {record['workers']} workers at the p50 of this machine.</p>"
             f"<table><tr><th>config</th><th>spec</th>{head}</tr>{''.join(body)}</table>"
             f"<h2>Examples</h2>{figures}</body></html>")

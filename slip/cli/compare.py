@@ -64,6 +64,9 @@ def compare(
             typer.echo(f"not queried: {', '.join(map(repr, labelled.groups))}, the supercategory of other categories "
                        "and of no annotation (a group's name, as Roboflow exports the dataset's); --prompt NAME "
                        "queries it")
+        if labelled.shape == "box":
+            typer.echo(f"the truth has boxes only ({labelled.boxed} annotations without a segmentation): scored on "
+                       "boxes, each answer by its mask's bounding box (COCO bbox AP, box IoU)")
         if queue:
             from producer.common import client_from_env, queue_errors
             from slip.compare_queue import run_queue_comparison

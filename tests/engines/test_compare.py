@@ -142,3 +142,78 @@ def test_compare_says_which_category_it_does_not_query(dataset, tmp_path):
     assert "6 images, 3 prompts" in result.output and "not queried: 'shapes-xyz'" in result.output, result.output
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert report["prompts"] == classes, report["prompts"]
+
+
+def boxes_only(dataset, path, *, keep_masks: int = 0):
+    """The synth truth as a detection dataset exports it: boxes, empty segmentations (but the first
+    ``keep_masks`` annotations')."""
+    data = json.loads((dataset / "instances.coco.json").read_text())
+    for ann in data["annotations"][keep_masks:]:
+        ann["segmentation"] = []
+    path.write_text(json.dumps(data))
+    return len(data["annotations"]) - keep_masks
+
+
+def oracle_answers(truth):
+    """Each image answered with its true objects (every prompt's own, similarity 1 for it and 0 for the others):
+    the answers a perfect engine gives, for a golden score."""
+    import torch
+
+    from slip.types import MaskSet, Match, Proposals, SlipResult
+
+    for image_id, _ in truth.images:
+        anns = truth.coco.loadAnns(truth.coco.getAnnIds(imgIds=[image_id]))
+        info = truth.coco.imgs[image_id]
+        masks = torch.from_numpy(np.stack([truth.coco.annToMask(a).astype(bool) for a in anns]))
+        n = len(anns)
+        segments = MaskSet(masks=masks, boxes=torch.zeros(n, 4), predicted_iou=torch.ones(n),
+                           stability_score=torch.ones(n), point_coords=torch.zeros(n, 2), crop_boxes=torch.zeros(n, 4))
+        similarity = torch.tensor([[float(a["category_id"] == c) for c in truth.category_ids] for a in anns])
+        matches = tuple(Match(prompt=p, best=None, threshold=0.5, top_k=(),
+                              instances=tuple((i, 1.0) for i, a in enumerate(anns) if a["category_id"] == c))
+                        for p, c in zip(truth.prompts, truth.category_ids))
+        yield image_id, SlipResult((info["height"], info["width"]), Proposals(segments, (), n), similarity, matches), 0.1
+
+
+@pytest.mark.parametrize("shape", ["mask", "box"])
+def test_perfect_answers_score_one_on_masks_and_on_boxes(dataset, tmp_path, shape):
+    from slip.compare import load_truth, score_answers
+    from slip.inputs import expand_paths, relative_names
+
+    truth_file = dataset / "instances.coco.json"
+    if shape == "box":
+        boxes_only(dataset, truth_file := tmp_path / "boxes.json")
+    files = expand_paths([str(dataset)])
+    truth = load_truth(truth_file, files, relative_names(files))
+    assert truth.shape == shape
+    masks = load_truth(dataset / "instances.coco.json", files, relative_names(files))  # the answers: true masks
+    score, _ = score_answers(oracle_answers(masks), truth, job_size=10, workers=1, name="oracle", spec="-",
+                             positive_only=False)
+    assert score.ap == pytest.approx(1.0) and score.ap50 == pytest.approx(1.0), score
+    assert score.f1 == 1.0 and score.presence_accuracy == 1.0 and score.counts["pairs"] == 18, score
+
+
+def test_a_truth_of_boxes_is_scored_on_boxes(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIP_THREADS", "1")
+    boxed = boxes_only(dataset, tmp_path / "boxes.json", keep_masks=1)  # a mixed file: boxes for all but one
+    out = tmp_path / "out"
+    result = run(str(dataset), "--truth", str(tmp_path / "boxes.json"), "--config", SYNTH, "--out", str(out),
+                 "--examples", "1")
+    assert result.exit_code == 0, result.output
+    assert f"boxes only ({boxed} annotations without a segmentation): scored on boxes" in result.output
+    report = json.loads((out / "compare.json").read_text())
+    assert report["scored_on"] == "boxes" and report["configs"][0]["ap50"] >= 0.5, report
+    assert "scored on boxes" in (out / "index.html").read_text()
+
+
+def test_an_annotation_with_neither_mask_nor_box_is_one_line(dataset, tmp_path):
+    data = json.loads((dataset / "instances.coco.json").read_text())
+    data["annotations"][2].update(segmentation=[], bbox=[])
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    result = run(str(dataset), "--truth", str(tmp_path / "bad.json"), "--config", SYNTH, "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    ann = data["annotations"][2]
+    assert lines == [f"error: {tmp_path / 'bad.json'}: annotation {ann['id']} (image {ann['image_id']}) has neither a "
+                     "segmentation nor a bbox [x, y, width, height]"], result.output
+    assert not (tmp_path / "o").exists()

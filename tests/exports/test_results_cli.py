@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import typer
@@ -110,6 +111,14 @@ def test_gallery_command_with_truth(job, synth_run, tmp_path):
     assert "objects present:" in page and "correctly not found" in page
     _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "none.json")),
                     "cannot read the ground truth")
+    data = json.loads(synth_run.truth.read_text())  # a detection dataset: boxes, no segmentations
+    for ann in data["annotations"]:
+        ann["segmentation"] = []
+    (tmp_path / "boxes.json").write_text(json.dumps(data))
+    shutil.rmtree(out)
+    _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "boxes.json")),
+                    f"{len(data['annotations'])} annotations have a box and no segmentation: the gallery judges masks")
+    assert not out.exists()
 
 
 def test_a_real_job_that_has_not_run_yet(synth_run, tmp_path, monkeypatch):
