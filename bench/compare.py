@@ -36,7 +36,7 @@ def main() -> None:
     from slip.compare import check_candidates, load_truth, parse_config, run_comparison
     from slip.compare_page import write_report
     from slip.data.synth import COCO_FILE, generate_dataset
-    from slip.inputs import expand_paths, relative_names
+    from slip.inputs import expand_paths
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=5)
@@ -56,7 +56,7 @@ def main() -> None:
                                 coco=True)
         checked = check_candidates([parse_config(c) for c in args.config or CONFIGS], device="cpu", cache_dir=None)
         files = expand_paths([str(data)])
-        truth = load_truth(data / COCO_FILE, files, relative_names(files))
+        truth = load_truth(data / COCO_FILE, files)
         scores, shown = run_comparison(checked, truth, job_size=args.job_size, workers=args.workers)
         page_dir = args.out.with_suffix("")
         report, page = write_report(page_dir, scores, truth, shown, truth_path=data / COCO_FILE,

@@ -7,8 +7,9 @@ Each candidate is a named SPEC (``--config NAME=SPEC``), a comma list of ``key=v
 
 Keys (:data:`SPEC_KEYS`): the model settings ``engine``, ``sam``, ``clip``, ``dtype``; the request options
 ``propose``, ``threshold``, ``instances``, ``filters``, ``points_per_side``, ``pred_iou_thresh``,
-``stability_score_thresh``. Ground truth is a COCO instances file (``slip data synth --coco`` writes one; image
-``file_name`` relative to the images' common folder); its category names are the prompts. A truth of boxes only
+``stability_score_thresh``. Ground truth is a COCO instances file (``slip data synth --coco`` writes one; an
+image is the truth's whose ``file_name`` ends its path, however the tool wrote it:
+:func:`slip.data.coco_truth.match_files`); its category names are the prompts. A truth of boxes only
 (a detection dataset: some annotation has a ``bbox`` and no segmentation) is scored on boxes: each answer by its
 mask's bounding box, COCO ``bbox`` AP, box IoU for the matches.
 
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from slip.data.coco_truth import group_categories, truth_shape
+from slip.data.coco_truth import group_categories, match_files, truth_shape
 from slip.errors import ConfigError, DatasetError
 
 SPEC_KEYS = {  # key -> where it goes
@@ -163,10 +164,10 @@ class Truth:
         return mask
 
 
-def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, prompts: Sequence[str] | None = None,
+def load_truth(path: Path, files: Sequence[Path], *, prompts: Sequence[str] | None = None,
                sample: int | None = None, seed: int = 0) -> Truth:
-    """The truth for the image ``files`` (``names``: their paths relative to their common folder, as the truth's
-    ``file_name``s are written); DatasetError / ConfigError in one line for an unusable file."""
+    """The truth for the image ``files`` (each matched to the truth image whose ``file_name`` ends its path:
+    :func:`slip.data.coco_truth.match_files`); DatasetError / ConfigError in one line for an unusable file."""
     from pycocotools.coco import COCO
 
     data = _read_truth(path)
@@ -178,11 +179,14 @@ def load_truth(path: Path, files: Sequence[Path], names: Sequence[str], *, promp
     if not matched:
         raise ConfigError(f"{path}: its categories ({', '.join(list(by_name)[:8]) or 'none'}) match none of the "
                           f"prompts ({', '.join(wanted[:8]) or 'none'}): the categories are the prompts")
-    known = {img["file_name"]: img["id"] for img in data["images"]}
-    pairs = [(known[n], f) for n, f in zip(names, files) if n in known]
+    images = data["images"]
+    found = match_files([str(img.get("file_name", "")) for img in images],
+                        [str(Path(f).absolute()) for f in files])
+    pairs = [(images[i]["id"], files[j]) for i, j in sorted(found.items(), key=lambda m: m[1])]
     if not pairs:
-        raise DatasetError(f"{path}: none of the {len(files)} images given is in the truth file (file_name is read "
-                           f"relative to the images' common folder, e.g. {next(iter(known), '?')!r})")
+        example = images[0].get("file_name") if images else "?"
+        raise DatasetError(f"{path}: none of the {len(files)} images given is in the truth file (a file_name must "
+                           f"end an image's path, e.g. {example!r})")
     if sample is not None and sample < len(pairs):
         pairs = sorted(random.Random(seed).sample(pairs, sample))
     kept = {i for i, _ in pairs}

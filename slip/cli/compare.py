@@ -23,8 +23,8 @@ from slip.settings import ModelSettings, model_flag
 
 
 def compare(
-    images: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns; their "
-                                       "paths relative to their common folder are the truth's file_names."),
+    images: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns; each is "
+                                       "the truth's image whose file_name ends its path."),
     truth: Path = typer.Option(..., "--truth", help="COCO instances file (categories = prompts), e.g. the "
                                "instances.coco.json of `slip data synth --coco`."),
     config: List[str] = typer.Option(..., "--config", help="NAME=SPEC, repeat per candidate; SPEC like "
@@ -47,7 +47,7 @@ def compare(
     """Compare engine configurations on labelled images: AP, AP50, presence-aware F1, seconds per image."""
     from slip.compare import check_candidates, load_truth, parse_config, run_comparison
     from slip.compare_page import write_report
-    from slip.inputs import expand_paths, relative_names
+    from slip.inputs import expand_paths
 
     with user_errors():
         settings = ModelSettings.from_env(os.environ, ("device", "cache_dir", "threads"), device=device)
@@ -58,7 +58,7 @@ def compare(
         checked = check_candidates([parse_config(c) for c in config], device=settings.device,
                                    cache_dir=settings.cache_dir)
         files = expand_paths(images)
-        labelled = load_truth(truth, files, relative_names(files), prompts=prompt, sample=sample, seed=seed)
+        labelled = load_truth(truth, files, prompts=prompt, sample=sample, seed=seed)
         typer.echo(f"{len(labelled.images)} images, {len(labelled.prompts)} prompts, {len(checked)} configurations")
         if labelled.groups:
             typer.echo(f"not queried: {', '.join(map(repr, labelled.groups))}, the supercategory of other categories "

@@ -122,15 +122,15 @@ def roboflow_truth(dataset, path):
 
 def test_a_roboflow_dataset_category_is_not_a_prompt(dataset, tmp_path):
     from slip.compare import load_truth
-    from slip.inputs import expand_paths, relative_names
+    from slip.inputs import expand_paths
 
     classes = roboflow_truth(dataset, tmp_path / "_annotations.coco.json")
     files = expand_paths([str(dataset)])
-    truth = load_truth(tmp_path / "_annotations.coco.json", files, relative_names(files))
+    truth = load_truth(tmp_path / "_annotations.coco.json", files)
     assert list(truth.prompts) == classes and truth.groups == ("shapes-xyz",)
-    asked = load_truth(tmp_path / "_annotations.coco.json", files, relative_names(files), prompts=["shapes-xyz"])
+    asked = load_truth(tmp_path / "_annotations.coco.json", files, prompts=["shapes-xyz"])
     assert asked.prompts == ("shapes-xyz",) and asked.groups == ()  # named, it is queried
-    plain = load_truth(dataset / "instances.coco.json", files, relative_names(files))
+    plain = load_truth(dataset / "instances.coco.json", files)
     assert list(plain.prompts) == classes and plain.groups == ()  # "shape", the classes' supercategory, is no category
 
 
@@ -178,15 +178,15 @@ def oracle_answers(truth):
 @pytest.mark.parametrize("shape", ["mask", "box"])
 def test_perfect_answers_score_one_on_masks_and_on_boxes(dataset, tmp_path, shape):
     from slip.compare import load_truth, score_answers
-    from slip.inputs import expand_paths, relative_names
+    from slip.inputs import expand_paths
 
     truth_file = dataset / "instances.coco.json"
     if shape == "box":
         boxes_only(dataset, truth_file := tmp_path / "boxes.json")
     files = expand_paths([str(dataset)])
-    truth = load_truth(truth_file, files, relative_names(files))
+    truth = load_truth(truth_file, files)
     assert truth.shape == shape
-    masks = load_truth(dataset / "instances.coco.json", files, relative_names(files))  # the answers: true masks
+    masks = load_truth(dataset / "instances.coco.json", files)  # the answers: true masks
     score, _ = score_answers(oracle_answers(masks), truth, job_size=10, workers=1, name="oracle", spec="-",
                              positive_only=False)
     assert score.ap == pytest.approx(1.0) and score.ap50 == pytest.approx(1.0), score
@@ -217,3 +217,21 @@ def test_an_annotation_with_neither_mask_nor_box_is_one_line(dataset, tmp_path):
     assert lines == [f"error: {tmp_path / 'bad.json'}: annotation {ann['id']} (image {ann['image_id']}) has neither a "
                      "segmentation nor a bbox [x, y, width, height]"], result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_label_studio_coco_export_matches_its_images(dataset, tmp_path):
+    """Label Studio's COCO export: every image in images/, named <hash>-<upload name>, file_name "images/..."."""
+    import shutil
+
+    data = json.loads((dataset / "instances.coco.json").read_text())
+    (tmp_path / "export" / "images").mkdir(parents=True)
+    for k, image in enumerate(data["images"]):
+        name = f"{k:08x}-{image['file_name'].replace('/', '_')}"
+        shutil.copy(dataset / image["file_name"], tmp_path / "export" / "images" / name)
+        image["file_name"] = f"images/{name}"
+    (tmp_path / "export" / "result.json").write_text(json.dumps(data))
+    for images in ("export", "export/images"):
+        result = run(str(tmp_path / images), "--truth", str(tmp_path / "export" / "result.json"), "--config", SYNTH,
+                     "--out", str(tmp_path / "out"), "--examples", "0")
+        assert result.exit_code == 0, result.output
+        assert f"{len(data['images'])} images, 3 prompts" in result.output, result.output
