@@ -172,7 +172,8 @@ def oracle_answers(truth):
         matches = tuple(Match(prompt=p, best=None, threshold=0.5, top_k=(),
                               instances=tuple((i, 1.0) for i, a in enumerate(anns) if a["category_id"] == c))
                         for p, c in zip(truth.prompts, truth.category_ids))
-        yield image_id, SlipResult((info["height"], info["width"]), Proposals(segments, (), n), similarity, matches), 0.1
+        result = SlipResult((info["height"], info["width"]), Proposals(segments, (), n), similarity, matches)
+        yield image_id, result, 0.1
 
 
 @pytest.mark.parametrize("shape", ["mask", "box"])
