@@ -87,7 +87,8 @@ def watch(client, job_id: str, timeout: Optional[float], *, detail: Optional[Cal
 
     client.status(job_id)  # an unknown job is one line, before any progress bar is drawn
     try:
-        with job_progress(job_id, notes=notes if detail else None) as progress:
+        with job_progress(job_id, notes=notes if detail else None,
+                          run_rate=lambda: client.job(job_id).rate) as progress:
             status = client.wait(job_id, timeout_s=timeout, on_progress=progress, on_trouble=trouble)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: job {job_id} keeps running on the cluster; follow it with `slip wait {job_id}`",

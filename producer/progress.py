@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -21,11 +20,13 @@ class JobProgress:
     """Call it with each :class:`JobStatus` read: the counts, the rate units finish at and ``notes()`` (what
     running units report, e.g. a training epoch) go to :meth:`show` — a bar here, lines in :class:`LogProgress`."""
 
-    def __init__(self, job_id: str, notes: Callable[[], str] | None = None) -> None:
+    def __init__(self, job_id: str, notes: Callable[[], str] | None = None,
+                 run_rate: Callable[[], float | None] | None = None) -> None:
         self.job_id = job_id
         self.start = time.monotonic()
         self.first: int | None = None  # units finished when following started
         self.notes = notes
+        self.run_rate = run_rate  # units per second over the job's own run (from its start to its end)
 
     def __call__(self, status: JobStatus) -> None:
         c = status.counts
@@ -41,15 +42,15 @@ class JobProgress:
         return self.notes() if self.notes and not status.finished else ""
 
     def rate(self, status: JobStatus, finished: int) -> str:
-        """Units per second seen while following; for a job that finished before the first look, its whole
-        run (from its creation)."""
+        """Units per second seen while following; for a job that finished before the first look, its run's
+        (``run_rate``: from its start to its end, not to now), or nothing."""
         unit = {"image": "img"}.get(UNITS[status.manifest.kind], UNITS[status.manifest.kind])
         elapsed = time.monotonic() - self.start
         if finished > (self.first or 0) and elapsed > 0.5:
             return f"{(finished - (self.first or 0)) / elapsed:.2f} {unit}/s"
         if status.finished:
-            age = time.time() - datetime.fromisoformat(status.manifest.created).timestamp()
-            return f"{finished / age:.2f} {unit}/s overall" if age > 0 else ""
+            rate = self.run_rate() if self.run_rate else None
+            return f"{rate:.2f} {unit}/s over its run" if rate else "finished before this look"
         return f"-- {unit}/s"
 
     def eta_s(self, status: JobStatus, finished: int) -> float | None:
@@ -61,8 +62,9 @@ class JobProgress:
 class BarProgress(JobProgress):
     """A rich progress bar (a terminal)."""
 
-    def __init__(self, progress: Progress, job_id: str, notes: Callable[[], str] | None = None) -> None:
-        super().__init__(job_id, notes)
+    def __init__(self, progress: Progress, job_id: str, notes: Callable[[], str] | None = None,
+                 run_rate: Callable[[], float | None] | None = None) -> None:
+        super().__init__(job_id, notes, run_rate)
         self.progress = progress
         self.task = progress.add_task(job_id, total=None, done=0, failed=0, running=0, queued=0, rate="", notes="")
 
@@ -77,9 +79,9 @@ class LogProgress(JobProgress):
     """Plain lines (a log): the first read, then a line at most every ``every_s`` seconds while the counts change,
     and the last read (a job that finished)."""
 
-    def __init__(self, console: Console, job_id: str, notes: Callable[[], str] | None = None, *,
-                 every_s: float = LOG_EVERY_S) -> None:
-        super().__init__(job_id, notes)
+    def __init__(self, console: Console, job_id: str, notes: Callable[[], str] | None = None,
+                 run_rate: Callable[[], float | None] | None = None, *, every_s: float = LOG_EVERY_S) -> None:
+        super().__init__(job_id, notes, run_rate)
         self.console, self.every_s = console, every_s
         self.last: tuple[float, tuple] | None = None  # (when, counts) of the last line written
 
@@ -97,13 +99,14 @@ class LogProgress(JobProgress):
 
 
 @contextmanager
-def job_progress(job_id: str, *, console: Console | None = None,
-                 notes: Callable[[], str] | None = None) -> Iterator[JobProgress]:
+def job_progress(job_id: str, *, console: Console | None = None, notes: Callable[[], str] | None = None,
+                 run_rate: Callable[[], float | None] | None = None) -> Iterator[JobProgress]:
     """A live progress bar on stderr while the block runs; plain lines (:class:`LogProgress`) when stderr is not a
-    terminal, where a bar would be drawn once, squeezed to 80 columns."""
+    terminal, where a bar would be drawn once, squeezed to 80 columns. ``run_rate`` reads the job's rate over its
+    run, for a job that finished before the first look."""
     console = console or Console(stderr=True)
     if not console.is_terminal:
-        yield LogProgress(console, job_id, notes)
+        yield LogProgress(console, job_id, notes, run_rate)
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -119,4 +122,4 @@ def job_progress(job_id: str, *, console: Console | None = None,
         TextColumn("{task.fields[notes]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        yield BarProgress(progress, job_id, notes)
+        yield BarProgress(progress, job_id, notes, run_rate)

@@ -102,12 +102,23 @@ def test_progress_in_a_log_is_plain_lines(batch):
     import re
 
     line = re.compile(rf"^{batch['job']} (\d+)/{IMAGES}: (\d+) done, (\d+) failed, (\d+) running, (\d+) queued, "
-                      rf"(-- img/s|[\d.]+ img/s( overall)?)(, ETA \d+ s)?$")
+                      rf"(-- img/s|[\d.]+ img/s( over its run)?|finished before this look)(, ETA \d+ s)?$")
     found = [m for m in map(line.match, batch["stderr"].splitlines()) if m]
     assert found, batch["stderr"]
     finished = [int(m.group(1)) for m in found]
     assert finished == sorted(finished) and finished[-1] == IMAGES and int(found[-1].group(2)) == IMAGES
     assert found[-1].group(8) is None and "━" not in batch["stderr"]  # no ETA once finished; no bar
+
+
+def test_waiting_on_a_finished_job_gives_the_rate_of_its_run(batch, client, worker):
+    """`slip wait` on a job that ended before the look: its rate over its own run (start to end), the one
+    `slip jobs` shows, not diluted by the time since it ended."""
+    time.sleep(2.0)  # idle time after the end, which the rate must not count
+    proc = run_cli(["wait", batch["job"]], worker["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = client.job(batch["job"])
+    found = re.search(rf"{batch['job']} {IMAGES}/{IMAGES}: .* ([\d.]+) img/s over its run$", proc.stderr, re.M)
+    assert found and float(found.group(1)) == pytest.approx(row.rate, abs=0.006), (proc.stderr, row)
 
 
 def test_every_result_is_present_and_valid(batch, client, worker):
