@@ -17,9 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "queue"))
 from queue_helpers import job_id_from, queue_env, require_redis, run_cli, start_worker, stop_worker, wait_worker_ready  # noqa: E402
 from ultralytics_check import load_in_ultralytics  # noqa: E402
+import redis_dbs  # noqa: E402
 
 pytestmark = pytest.mark.integration
-DB = 8  # this module's own Redis db (test_queue_train_sam uses 9)
+DB = redis_dbs.EXPORTS
 CLASSES = 3
 
 

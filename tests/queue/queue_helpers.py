@@ -34,10 +34,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import redis
 from PIL import Image
+import redis_dbs
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-SESSION_DB = 15
+SESSION_DB = redis_dbs.SESSION
 WORKER_START_S = 150.0
 # generator settings that make the tiny-random SAM return segments, fast (16 points per image)
 TINY_PARAMS = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "filters": "none"}

@@ -8,8 +8,9 @@ from queue_helpers import flush, redis_url
 
 from jobs.broker import MODEL_QUEUE, celery_app, queue_depths, sender, task_id
 from jobs.settings import Settings
+import redis_dbs
 
-PRIORITY_DB = 5  # nothing listens here: the messages stay where the sender put them
+PRIORITY_DB = redis_dbs.PRIORITY  # nothing listens here: the messages stay where the sender put them
 
 
 def test_a_chunk_sent_again_is_served_before_first_sends(tmp_path):

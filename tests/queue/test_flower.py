@@ -33,9 +33,10 @@ from queue_helpers import (
     stop_worker,
     wait_worker_ready,
 )
+import redis_dbs
 
 pytestmark = pytest.mark.integration
-FLOWER_DB = 11  # no other test's worker listens on this db
+FLOWER_DB = redis_dbs.FLOWER
 AUTH = ("ops", "s3cret-flower")
 IMAGES = 3
 

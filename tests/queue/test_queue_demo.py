@@ -15,10 +15,11 @@ from pycocotools.coco import COCO
 
 from bad_weights import WORDS, write_bad_checkpoints
 from queue_helpers import flush, queue_env, run_cli, start_worker
+import redis_dbs
 
 pytestmark = pytest.mark.integration
-DEMO_DB = 7  # no other worker listens here (test_queue_training uses 12), so the demo's own worker takes every task
-BAD_MODELS_DB = 4  # workers that must never start serving
+DEMO_DB = redis_dbs.DEMO  # no other worker listens here, so the demo's own worker takes every task
+BAD_MODELS_DB = redis_dbs.BAD_MODELS  # workers that must never start serving
 
 
 def celery_processes_named(name: str) -> list[int]:

@@ -32,8 +32,9 @@ from worker.resources import load_resources
 from worker.tasks import run_chunk
 
 from queue_helpers import REPO, TINY_PARAMS, client_for, flush, items_of, make_images, outcomes, queue_env, records
+import redis_dbs
 
-DB = 14
+DB = redis_dbs.FAILURE_POLICY
 
 
 @pytest.fixture()

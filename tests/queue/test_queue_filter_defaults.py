@@ -24,8 +24,9 @@ from worker.proposals import proposals_key
 from worker.resources import load_resources
 
 from queue_helpers import invoke_cli, items_of, make_images, queue_env
+import redis_dbs
 
-DB = 14  # process_item needs no Redis; the settings need a broker URL (this folder's failure-policy db)
+DB = redis_dbs.FAILURE_POLICY  # process_item needs no Redis; the settings need a broker URL
 # a 2x2 point grid with no score thresholds: the tiny-random SAM returns masks, fast
 GENERATOR = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
 KEEP_LARGEST = "containment:drop_largest=false"

@@ -20,8 +20,9 @@ from worker.proposals import proposals_key
 from worker.resources import load_resources
 
 from queue_helpers import items_of, make_images, queue_env
+import redis_dbs
 
-DB = 14  # process_item needs no Redis; the settings need a broker URL (this folder's failure-policy db)
+DB = redis_dbs.FAILURE_POLICY  # process_item needs no Redis; the settings need a broker URL
 # a 2x2 point grid with no score thresholds: the tiny-random SAM returns masks, fast
 GENERATOR_FIELDS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
 RECOMMENDED = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}

@@ -16,8 +16,9 @@ import time
 import pytest
 
 from queue_helpers import flush, redis_url
+import redis_dbs
 
-DB = 11
+DB = redis_dbs.REAPER
 PROMPT = "a red box"
 
 

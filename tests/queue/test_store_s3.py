@@ -16,6 +16,7 @@ import pytest
 from s3_server import S3Server, count_s3_requests
 from jobs.errors import InvalidKeyError, ObjectNotFoundError, StoreError
 from jobs.store import Store
+import redis_dbs
 
 FAST = {"retries": 3, "backoff_s": 0.05, "max_backoff_s": 0.2}  # 4 attempts, 0.35 s of pauses at most
 
@@ -209,7 +210,7 @@ def test_permanent_errors_are_not_retried(s3):
 
 # --- a real job on S3 ---------------------------------------------------------------------------------------
 
-QUEUE_DB = 10  # docs/CONTRACTS.md: the store's S3 queue run
+QUEUE_DB = redis_dbs.S3_QUEUE
 
 
 @pytest.mark.integration

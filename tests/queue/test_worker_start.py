@@ -12,9 +12,10 @@ import time
 import pytest
 
 from queue_helpers import REPO, flush, node_name, queue_env, run_cli, start_worker, stop_worker
+import redis_dbs
 
 pytestmark = pytest.mark.integration
-DB = 10
+DB = redis_dbs.WORKER_START
 
 
 def test_a_second_worker_app_connects_no_handler_twice():

@@ -19,9 +19,10 @@ from queue_helpers import (client_for, flush, job_id_from, queue_env, require_re
                            stop_worker, wait_worker_ready)
 
 from producer.exports_labelstudio import brush_rle  # noqa: E402
+import redis_dbs  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-DB = 3
+DB = redis_dbs.REVIEW
 IMAGES = "data/*/?????.png"  # relative to the work folder: the *.mask.png files are not images
 
 

@@ -29,8 +29,9 @@ from queue_helpers import (  # noqa: E402
 from slip.data.synth import generate_dataset, render_object  # noqa: E402
 from slip.sam import SAM_ARCHS, load_sam  # noqa: E402
 from slip.train.sam import arch_of  # noqa: E402
+import redis_dbs  # noqa: E402
 
-DB = 9  # this module's own Redis db (queue tests use 10, 11, 13-15, test_queue_training 12)
+DB = redis_dbs.TRAIN_SAM
 FAST = ["--epochs", "2", "--scenes-per-epoch", "8", "--batch-images", "4", "--prompts-per-image", "4",
         "--val-scenes", "4", "--val-fraction", "0.25"]
 pytestmark = pytest.mark.integration

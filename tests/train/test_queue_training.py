@@ -23,8 +23,9 @@ from slip.data.synth import generate_dataset  # noqa: E402
 from slip.evaluate import evaluate_rankers  # noqa: E402
 from slip.rankers.dual_encoder import DualEncoderRanker  # noqa: E402
 from slip.rankers.loading import load_ranker  # noqa: E402
+import redis_dbs  # noqa: E402
 
-DB = 12  # this module's own Redis db (the queue tests use 13-15)
+DB = redis_dbs.TRAINING
 pytestmark = pytest.mark.integration
 
 
