@@ -10,7 +10,8 @@ Sources (``--from``):
   reviewed; its ``mask`` and ``polygon`` shapes are the objects (boxes, points, tags are ignored).
 * ``coco`` — a COCO instances file (RLE or polygon segmentations); every image in it is reviewed.
 
-Every object's label must be one of the job's prompts and every image one of the job's items (by name),
+Every object's label must be one of the job's prompts and every image one of the job's items (by name, or by the
+end of its name that no other item shares: a tool that kept only the file name, or put its own folder in front),
 with the job's image size. The whole export is checked before anything is written: a malformed, foreign
 or mismatched export, or one with no reviewed item, is one :class:`DatasetError` line naming the file
 and the problem, and nothing is imported.
@@ -32,6 +33,7 @@ from producer.exports_cvat import runs_mask
 from producer.exports_items import ExportItem, image_size
 from producer.exports_labelstudio import brush_mask
 from slip.errors import DatasetError
+from slip.inputs import match_files, name_parts
 from slip.review import REVIEW_FILE, ReviewedImage, ReviewedObject, read_labels, rle_of, write_labels
 
 SOURCES = ("label-studio", "cvat", "coco")
@@ -55,13 +57,15 @@ class JobImages:
     prompts: tuple[str, ...]
     items: Callable[[], Iterable[ExportItem]]  # every item of the job (or the folder), streamed
 
-    def collect(self, names: set[str]) -> dict[str, ExportItem]:
-        """The items named in ``names`` (one pass over the job)."""
-        found = {}
-        for item in self.items():
-            if item.name in names:
-                found[item.name] = item
-        return found
+    def match(self, names: Sequence[str]) -> dict[str, ExportItem]:
+        """``{name: item}`` for each of an export's image ``names`` that names an item of the job: its own name,
+        or a tail of it that no other item shares (a tool that dropped the folders, or put its own in front:
+        :func:`slip.inputs.match_files`). One pass over the job, keeping the items whose file name is one of
+        the names'."""
+        wanted = {name_parts(n)[-1:] for n in names}
+        candidates = [item for item in self.items() if name_parts(item.name)[-1:] in wanted]
+        found = match_files(list(names), [c.name for c in candidates])
+        return {names[i]: candidates[j] for i, j in found.items()}
 
 
 def import_labels(export: Path, *, source: str, out: Path, job: JobImages, heldout: float = 0.2,
@@ -72,8 +76,7 @@ def import_labels(export: Path, *, source: str, out: Path, job: JobImages, heldo
     parsed = parse_export(export, source)
     if not parsed.images:
         raise DatasetError(f"{export}: no reviewed item ({parsed.unreviewed} not reviewed): nothing to import")
-    reviewed = _check(export, parsed, job)
-    by_name = job.collect({r.name for r in reviewed})
+    reviewed, by_name = _check(export, parsed, job)
 
     def image(r: ReviewedImage) -> bytes:
         item = by_name[r.name]
@@ -105,8 +108,9 @@ def reviewed_before(folders: Iterable[Path]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _check(export: Path, parsed: Parsed, job: JobImages) -> list[ReviewedImage]:
-    """Every label a prompt, every image an item of the job with its size; the reviewed images."""
+def _check(export: Path, parsed: Parsed, job: JobImages) -> tuple[list[ReviewedImage], dict[str, ExportItem]]:
+    """Every label a prompt, every image an item of the job with its size; the reviewed images (named as in the
+    job) and their items by that name."""
     prompts = set(job.prompts)
     for image in parsed.images:
         for label, _ in image["objects"]:
@@ -117,7 +121,7 @@ def _check(export: Path, parsed: Parsed, job: JobImages) -> list[ReviewedImage]:
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise DatasetError(f"{export}: image {twice!r} is reviewed twice in the export")
-    items = job.collect(set(names))
+    items = job.match(names)
     missing = [i for i in parsed.images if i["name"] not in items]
     if missing:
         raise DatasetError(f"{export}: {len(missing)} reviewed image(s) are not in {_what(job)}, e.g. "
@@ -125,6 +129,7 @@ def _check(export: Path, parsed: Parsed, job: JobImages) -> list[ReviewedImage]:
     reviewed = []
     for image in parsed.images:
         item = items[image["name"]]
+        image["name"] = item.name  # the job's name for it, whatever the tool called it
         size = image_size(item.doc) if item.state == "done" and item.doc is not None else _read_size(export, item)
         if image["height"] == 0:  # a reviewed task that kept no object and carries no size
             image["height"], image["width"] = size
@@ -134,7 +139,7 @@ def _check(export: Path, parsed: Parsed, job: JobImages) -> list[ReviewedImage]:
         objects = tuple(ReviewedObject(label, rle_of(mask)) for label, mask in image["objects"])
         reviewed.append(ReviewedImage(image["name"], item.index, image["height"], image["width"], objects,
                                       image.get("annotator"), image.get("updated_at")))
-    return reviewed
+    return reviewed, {item.name: item for item in items.values()}
 
 
 def _read_size(export: Path, item: ExportItem) -> tuple[int, int]:

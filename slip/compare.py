@@ -9,7 +9,7 @@ Keys (:data:`SPEC_KEYS`): the model settings ``engine``, ``sam``, ``clip``, ``dt
 ``propose``, ``threshold``, ``instances``, ``filters``, ``points_per_side``, ``pred_iou_thresh``,
 ``stability_score_thresh``. Ground truth is a COCO instances file (``slip data synth --coco`` writes one; an
 image is the truth's whose ``file_name`` ends its path, however the tool wrote it:
-:func:`slip.data.coco_truth.match_files`); its category names are the prompts. A truth of boxes only
+:func:`slip.inputs.match_files`); its category names are the prompts. A truth of boxes only
 (a detection dataset: some annotation has a ``bbox`` and no segmentation) is scored on boxes: each answer by its
 mask's bounding box, COCO ``bbox`` AP, box IoU for the matches.
 
@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from slip.data.coco_truth import group_categories, match_files, truth_shape
+from slip.data.coco_truth import group_categories, truth_shape
+from slip.inputs import match_files
 from slip.errors import ConfigError, DatasetError
 
 SPEC_KEYS = {  # key -> where it goes
@@ -167,7 +168,7 @@ class Truth:
 def load_truth(path: Path, files: Sequence[Path], *, prompts: Sequence[str] | None = None,
                sample: int | None = None, seed: int = 0) -> Truth:
     """The truth for the image ``files`` (each matched to the truth image whose ``file_name`` ends its path:
-    :func:`slip.data.coco_truth.match_files`); DatasetError / ConfigError in one line for an unusable file."""
+    :func:`slip.inputs.match_files`); DatasetError / ConfigError in one line for an unusable file."""
     from pycocotools.coco import COCO
 
     data = _read_truth(path)

@@ -7,6 +7,8 @@ exports carry ``cats/a.jpg`` rather than one machine's absolute path. Names come
 never from where a symbolic link points: a link in a submitted folder to a file elsewhere is named as the
 link (its bytes are the target's); links to folders are not followed. Output folders derived from those
 names stay inside the output directory whatever the file is called (``...png``, ``..``, odd characters).
+Names other tools wrote for the same images (a COCO truth's ``file_name``, a labelling tool's export) are
+matched to these by their ends (:func:`match_files`).
 """
 
 from __future__ import annotations
@@ -91,3 +93,37 @@ def _safe_part(part: str) -> str:
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def match_files(file_names: Sequence[str], paths: Sequence[str]) -> dict[int, int]:
+    """Which of ``paths`` each of ``file_names`` names (a COCO truth's, a labelling tool's image names):
+    ``{file_name index: path index}``.
+
+    Tools write ``file_name`` their own way: relative to the image folder (``circle/00000.png``), with the
+    export's folder in front (Label Studio: ``images/<hash>-photo.jpg``), as the server's path
+    (``/data/upload/1/<hash>-photo.jpg``), with backslashes. A name matches the one path that ends with its last
+    ``k`` parts, trying its whole length first and then shorter tails; a tail that two names or two paths share
+    matches nothing at that length, and a path matched once is not matched again."""
+    names = [name_parts(n) for n in file_names]
+    files = [name_parts(p) for p in paths]
+    matched: dict[int, int] = {}
+    claimed: set[int] = set()
+    for k in range(max(map(len, names), default=0), 0, -1):
+        tails: dict[tuple[str, ...], list[int]] = {}
+        for j, parts in enumerate(files):
+            if j not in claimed and len(parts) >= k:
+                tails.setdefault(parts[-k:], []).append(j)
+        wanted: dict[tuple[str, ...], list[int]] = {}
+        for i, parts in enumerate(names):
+            if i not in matched and len(parts) >= k:
+                wanted.setdefault(parts[-k:], []).append(i)
+        for tail, (i, *others) in wanted.items():
+            if not others and len(tails.get(tail, ())) == 1:
+                matched[i] = tails[tail][0]
+                claimed.add(tails[tail][0])
+    return matched
+
+
+def name_parts(name: str) -> tuple[str, ...]:
+    """A file name or path as its parts (``/`` or ``\\`` separated; empty and ``.`` parts dropped)."""
+    return tuple(p for p in str(name).replace("\\", "/").split("/") if p not in ("", "."))

@@ -42,34 +42,3 @@ def _has_box(ann: dict) -> bool:
     box = ann.get("bbox")
     return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
 
-
-def match_files(file_names: Sequence[str], paths: Sequence[str]) -> dict[int, int]:
-    """Which of ``paths`` each truth ``file_name`` names: ``{file_name index: path index}``.
-
-    Tools write ``file_name`` their own way: relative to the image folder (``circle/00000.png``), with the
-    export's folder in front (Label Studio: ``images/<hash>-photo.jpg``), as the server's path
-    (``/data/upload/1/<hash>-photo.jpg``), with backslashes. A name matches the one path that ends with its last
-    ``k`` parts, trying its whole length first and then shorter tails; a tail that two names or two paths share
-    matches nothing at that length, and a path matched once is not matched again."""
-    names = [_parts(n) for n in file_names]
-    files = [_parts(p) for p in paths]
-    matched: dict[int, int] = {}
-    claimed: set[int] = set()
-    for k in range(max(map(len, names), default=0), 0, -1):
-        tails: dict[tuple[str, ...], list[int]] = {}
-        for j, parts in enumerate(files):
-            if j not in claimed and len(parts) >= k:
-                tails.setdefault(parts[-k:], []).append(j)
-        wanted: dict[tuple[str, ...], list[int]] = {}
-        for i, parts in enumerate(names):
-            if i not in matched and len(parts) >= k:
-                wanted.setdefault(parts[-k:], []).append(i)
-        for tail, (i, *others) in wanted.items():
-            if not others and len(tails.get(tail, ())) == 1:
-                matched[i] = tails[tail][0]
-                claimed.add(tails[tail][0])
-    return matched
-
-
-def _parts(name: str) -> tuple[str, ...]:
-    return tuple(p for p in str(name).replace("\\", "/").split("/") if p not in ("", "."))

@@ -114,6 +114,45 @@ def test_cvat_review_imports_edited_masks(review_job, tmp_path):
     assert all(np.array_equal(truth[p], m) for p, m in ours.items())
 
 
+def nested_job(review_job, root: Path, folders: list[str]):
+    """The review job's images filed into class folders (``folders[k]/img_k.png``), as a folder job."""
+    import shutil
+
+    for k, item in enumerate(review_job.items[:len(folders)]):
+        (root / folders[k]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(review_job.root / item.name, root / folders[k] / item.name)
+    return root
+
+
+def test_images_named_as_the_tool_wrote_them_are_the_jobs(review_job, tmp_path):
+    """A tool that kept only the file name (the job's are in class folders), or put its own folder or a server
+    path in front: each image is the job's item whose name ends so; the labels use the job's names."""
+    folders = ["circles", "squares", "circles", "stars", "stars"]
+    root = nested_job(review_job, tmp_path / "job", folders)
+    export = tmp_path / "truth.json"
+    written = dict(zip([i.name for i in review_job.items], ["img_0.png", "images/img_1.png",
+                                                            "C:\\export\\circles\\img_2.png", "/data/upload/3/img_3.png",
+                                                            "stars/img_4.png"]))
+    coco_export(review_job, export, names=written)
+    result = run(export, "--from", "coco", "--out", tmp_path / "labels", "--images", root,
+                 *[a for p in review_job.prompts for a in ("-p", p)])
+    assert result.exit_code == 0, result.output
+    names = sorted(i["name"] for i in read_labels(tmp_path / "labels").items)
+    assert names == sorted(f"{f}/img_{k}.png" for k, f in enumerate(folders)), names
+
+
+def test_bad_a_file_name_two_images_of_the_job_end_with(review_job, tmp_path):
+    root = nested_job(review_job, tmp_path / "job", ["circles", "squares", "stars", "stars", "stars"])
+    (root / "squares" / "img_0.png").write_bytes((root / "circles" / "img_0.png").read_bytes())  # img_0.png twice
+    export = tmp_path / "truth.json"
+    coco_export(review_job, export)  # file names without folders
+    out = tmp_path / "labels"
+    result = run(export, "--from", "coco", "--out", out, "--images", root,
+                 *[a for p in review_job.prompts for a in ("-p", p)])
+    assert result.exit_code == 2 and "1 reviewed image(s) are not in the image folder" in result.output, result.output
+    assert "'img_0.png'" in result.output and not out.exists()
+
+
 def coco_export(job, path: Path, *, names=None, label=None) -> None:
     from slip.review import rle_of
 

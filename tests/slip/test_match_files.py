@@ -1,11 +1,11 @@
 """Matching a COCO truth's ``file_name``s to image paths, however a labelling tool wrote them
-(``slip.data.coco_truth.match_files``)."""
+(``slip.inputs.match_files``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from slip.data.coco_truth import match_files
+from slip.inputs import match_files
 
 PATHS = ["/e/images/abc-x.png", "/e/images/def-y.png", "/e/c/z.png", "/e/1/dup.png", "/e/2/dup.png", "/e/b/cat.png",
          "/e/circle/00000.png", "/e/square/00000.png"]
