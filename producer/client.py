@@ -325,6 +325,10 @@ class QueueClient:
                              image=lambda key=item.image_key: self.store.get_bytes(key),
                              image_file=self.store.path(item.image_key) if self.store.local else None)
 
+    def item_names(self, job_id: str) -> list[str]:
+        """Every image's name in the job, in index order (the manifest's pages only: no result read)."""
+        return [item.name for item in iter_items(self.store, load_manifest(self.store, job_id))]
+
     def _names(self, manifest: JobManifest, indices: set[int]) -> dict[int, str]:
         names = {}
         for item in iter_items(self.store, manifest):

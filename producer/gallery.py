@@ -310,6 +310,15 @@ class CocoTruth:
             raise DatasetError(f"{path}: {boxed} annotations have a box and no segmentation: the gallery judges masks; "
                                "`slip compare` scores answers against boxes")
 
+    def bind(self, names: Sequence[str]) -> "CocoTruth":
+        """Key the truth's images by the job's item ``names`` (its ``file_name``s as the labelling tool wrote
+        them, matched by their ends: :func:`slip.inputs.match_files`); returns self."""
+        from slip.inputs import match_files
+
+        file_names = list(self.ids)
+        self.ids = {names[j]: self.ids[file_names[i]] for i, j in match_files(file_names, list(names)).items()}
+        return self
+
     def __call__(self, name: str) -> dict[str, np.ndarray] | None:
         image_id = self.ids.get(name)
         if image_id is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import typer
 
@@ -44,6 +44,7 @@ class JobExport:
     prompts: tuple[str, ...]  # the job's prompts, in order (categories / classes)
     models: str  # e.g. "SAM vit_b, ranker openai/clip-vit-base-patch32"
     items: Iterable  # producer.exports.ExportItem, streamed from the ledger
+    names: Callable[[], list[str]]  # every item's name, in index order, without reading results
 
 
 def open_job(job_id: str, *, client=None) -> JobExport:
@@ -56,7 +57,8 @@ def open_job(job_id: str, *, client=None) -> JobExport:
     spec = manifest.spec
     if manifest.kind != "segment" or not spec.get("prompts"):
         raise ConfigError(f"job {job_id} is a {manifest.kind} job: results and galleries are of segment jobs")
-    return JobExport(job_id, tuple(spec["prompts"]), _models(spec), client.export_items(job_id))
+    return JobExport(job_id, tuple(spec["prompts"]), _models(spec), client.export_items(job_id),
+                     lambda: client.item_names(job_id))
 
 
 def _models(spec: dict) -> str:
@@ -107,7 +109,8 @@ def results(
         items = ordered(source.items, order=order, limit=limit, prompts=source.prompts)
         summary = write_export(
             items, format=format, out=out, prompts=source.prompts, job_id=source.job_id,
-            image_ids=None if ids is None else ids.image_ids, category_ids=None if ids is None else ids.category_ids,
+            image_ids=None if ids is None else ids.for_items(source.names()),
+            category_ids=None if ids is None else ids.category_ids,
             images="copy" if copy_images else "link" if link_images else None, val_fraction=val_fraction,
             seed=seed, min_score=min_score, image_base=image_base, shape=shape)
     _report(summary)
@@ -126,8 +129,8 @@ def gallery(
 
     out = out or Path(f"gallery-{job}")
     with queue_errors():
-        judge = coco_truth(truth) if truth is not None else None
         source = open_job(job)
+        judge = coco_truth(truth).bind(source.names()) if truth is not None else None
         from producer.doubt import ordered  # the review loop's order (issue 18)
 
         items = ordered(source.items, order=order, prompts=source.prompts,  # doubt: a bounded heap of the limit

@@ -25,7 +25,8 @@ app.command("gallery")(gallery)
 def job(synth_run, monkeypatch) -> JobExport:
     """The job as the ledger would hand it over (QueueClient.export_items is the lead's; until it lands the
     command reads these real results)."""
-    source = JobExport("20260101-000000-abcdef", synth_run.prompts, "SAM synth, ranker synth", synth_run.items)
+    source = JobExport("20260101-000000-abcdef", synth_run.prompts, "SAM synth, ranker synth", synth_run.items,
+                       lambda: [i.name for i in synth_run.items])
     monkeypatch.setattr(results_cli, "open_job", lambda job_id: source if job_id == source.job_id else None)
     return source
 
@@ -59,6 +60,40 @@ def test_results_for_cocoeval_with_the_ground_truth_ids(job, synth_run, tmp_path
         dt = COCO(str(synth_run.truth)).loadRes(str(out))
     gt_ids = {i["file_name"]: i["id"] for i in json.loads(synth_run.truth.read_text())["images"]}
     assert {a["image_id"] for a in dt.anns.values()} == set(gt_ids.values())
+
+
+def label_studio_truth(synth_run, path):
+    """The synth truth as labelling tools write it: the export's images/ folder in front, or (odd ids) only the
+    file name, which every class folder of the synth set shares."""
+    data = json.loads(synth_run.truth.read_text())
+    for image in data["images"]:
+        image["file_name"] = image["file_name"].split("/")[-1] if image["id"] % 2 else "images/" + image["file_name"]
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_a_truth_written_as_a_labelling_tool_writes_it_keeps_its_ids(job, synth_run, tmp_path):
+    """file_names with the export's folder in front, some without the class folder: the ids go to the images
+    whose names end so; a file name that several images end with matches none of them."""
+    data = label_studio_truth(synth_run, tmp_path / "gt.json")
+    out = tmp_path / "dt.json"
+    run = _run("results", job.job_id, "-f", "coco-results", "-o", str(out),
+               "--image-ids-from", str(tmp_path / "gt.json"))
+    assert run.exit_code == 0, run.output
+    names = [i.name for i in synth_run.items if i.state == "done"]
+    expected = {}
+    for image in data["images"]:
+        tail = image["file_name"].removeprefix("images/")
+        owners = [n for n in names if n == tail or n.endswith("/" + tail)]  # the synth items all match a name
+        if len(owners) == 1:
+            expected[owners[0]] = image["id"]
+    assert 0 < len(expected) < len(data["images"])  # basenames shared by two class folders match nothing
+    written = {a["image_id"] for a in json.loads(out.read_text())}
+    assert written == set(expected.values()), (written, expected)
+    page = tmp_path / "g"
+    run = _run("gallery", job.job_id, "--out", str(page), "--truth", str(tmp_path / "gt.json"))
+    assert run.exit_code == 0, run.output
+    assert "objects present:" in (page / "index.html").read_text()
 
 
 def test_results_user_errors_are_one_line(job, synth_run, tmp_path):
