@@ -38,6 +38,8 @@ from slip.weights import HUB_ID
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 SYNTH_SPEC = names.SYNTH
 DUAL_ENCODER_ARCH = "slip-dual-encoder"  # config.json "architecture" of our own dual encoder
+BUILT = {TINY_SPEC: (build_tiny_clip, HFClipRanker), TINY_SIGLIP: (build_tiny_siglip, SiglipRanker)}  # seeded toys
+BUNDLED = {SYNTH_SPEC: "synth-clip"}  # name -> its folder in the package (slip.weights.bundled_path)
 
 
 @dataclass(frozen=True)
@@ -69,18 +71,15 @@ def load_ranker_bundle(
                           f"or {TINY_SPEC}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if spec == TINY_SPEC:
-        model, tokenizer = build_tiny_clip()
-        ref = ModelRef(spec=spec, arch=TINY_SPEC, sha256=tensors_sha256(model.state_dict()))
-        return RankerBundle(HFClipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
-    if spec == TINY_SIGLIP:
-        model, tokenizer = build_tiny_siglip()
-        ref = ModelRef(spec=spec, arch=TINY_SIGLIP, sha256=tensors_sha256(model.state_dict()))
-        return RankerBundle(SiglipRanker(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
+    if spec in BUILT:
+        build, ranker_class = BUILT[spec]
+        model, tokenizer = build()
+        ref = ModelRef(spec=spec, arch=spec, sha256=tensors_sha256(model.state_dict()))
+        return RankerBundle(ranker_class(model, tokenizer, spec=spec, device=dev, dtype=torch_dtype), ref, None)
     directory = _resolve_spec(spec, cache_dir)
     ranker, arch = _load_directory(directory, device=dev, dtype=torch_dtype, spec=spec)
     ranker.spec = spec
-    arch = "synth-clip" if spec == SYNTH_SPEC else arch
+    arch = BUNDLED.get(spec, arch)
     ref = ModelRef(spec=spec, arch=arch, sha256=directory_sha256(directory, cache_dir=cache_dir))
     return RankerBundle(ranker, ref, read_threshold(directory, ranker_sha256=ref.sha256))
 
@@ -100,8 +99,8 @@ def _resolve_spec(spec: str, cache_dir: Path | None) -> Path:
     """The directory behind a non-tiny spec string."""
     from slip.weights import bundled_path, clip_path
 
-    if spec == SYNTH_SPEC:
-        return bundled_path("synth-clip")
+    if spec in BUNDLED:
+        return bundled_path(BUNDLED[spec])
     open_clip_dir = open_clip_directory(spec, cache_dir)
     if open_clip_dir is not None:
         return open_clip_dir

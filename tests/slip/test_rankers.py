@@ -194,3 +194,17 @@ def test_a_threshold_calibrated_for_other_weights_is_refused(tiny, saved, tmp_pa
     save_hf_clip(model, tokenizer, saved)
     with pytest.raises(ConfigError, match="calibrated for other weights"):
         load_ranker_bundle(str(saved), device="cpu", cache_dir=tmp_path)
+
+
+def test_every_ranker_name_loads_by_its_name(tmp_path, monkeypatch):
+    """Each name of slip.names.RANKER_NAMES (the ones that win over a folder of that name at submit) is one the
+    loader serves by name: run from a folder holding an empty folder of each name, each loads as itself."""
+    from slip import names
+    from slip.rankers.loading import load_ranker_bundle
+
+    monkeypatch.chdir(tmp_path)
+    for name in names.RANKER_NAMES:
+        (tmp_path / name).mkdir()
+        bundle = load_ranker_bundle(name, device="cpu")
+        assert bundle.ref.spec == name and bundle.ref.arch in (name, "synth-clip"), bundle.ref
+        assert len(bundle.ref.sha256) == 64
