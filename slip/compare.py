@@ -43,8 +43,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from slip.data.coco_truth import group_categories, truth_shape
-from slip.inputs import match_files
 from slip.errors import ConfigError, DatasetError
+from slip.inputs import match_files
 
 SPEC_KEYS = {  # key -> where it goes
     "engine": "models", "sam": "models", "clip": "models", "dtype": "models",
@@ -198,7 +198,9 @@ def load_truth(path: Path, files: Sequence[Path], *, prompts: Sequence[str] | No
     coco = _quiet(COCO)
     coco.dataset = data
     _quiet(coco.createIndex)
-    for ann in coco.anns.values():  # COCOeval reads every annotation's area; exports without one exist
+    for ann in coco.anns.values():  # COCOeval reads every annotation's area (and bbox); exports without them exist
+        if shape == "box" and "bbox" not in ann:  # a masked annotation in a box truth: its mask's box
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(coco.annToRLE(ann))]
         ann.setdefault("area", float(mask_utils.area(coco.annToRLE(ann))) if shape == "mask"
                        else float(ann["bbox"][2] * ann["bbox"][3]))
     return Truth(coco, tuple(matched), tuple(by_name[p] for p in matched), tuple(pairs), groups, shape, boxed)

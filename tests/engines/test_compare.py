@@ -146,10 +146,12 @@ def test_compare_says_which_category_it_does_not_query(dataset, tmp_path):
 
 def boxes_only(dataset, path, *, keep_masks: int = 0):
     """The synth truth as a detection dataset exports it: boxes, empty segmentations (but the first
-    ``keep_masks`` annotations')."""
+    ``keep_masks`` annotations', which keep a mask and no box)."""
     data = json.loads((dataset / "instances.coco.json").read_text())
     for ann in data["annotations"][keep_masks:]:
         ann["segmentation"] = []
+    for ann in data["annotations"][:keep_masks]:
+        del ann["bbox"]
     path.write_text(json.dumps(data))
     return len(data["annotations"]) - keep_masks
 
