@@ -110,10 +110,11 @@ def test_a_bad_truth_file_is_one_line(dataset, tmp_path, case):
         assert "match none of the prompts" in lines[0] and "giraffe" in lines[0]
 
 
-def roboflow_truth(dataset, path):
-    """The synth truth as Roboflow exports it: a category 0 named after the dataset, the supercategory of every
-    class, used by no annotation."""
-    data = json.loads((dataset / "instances.coco.json").read_text())
+def roboflow_truth(source, path):
+    """A truth (the synth set's, or its folder's) as Roboflow exports it: a category 0 named after the dataset,
+    the supercategory of every class, used by no annotation."""
+    source = source / "instances.coco.json" if source.is_dir() else source
+    data = json.loads(source.read_text())
     data["categories"] = [{"id": 0, "name": "shapes-xyz", "supercategory": "none"}] + [
         {**c, "supercategory": "shapes-xyz"} for c in data["categories"]]
     path.write_text(json.dumps(data))
@@ -132,16 +133,6 @@ def test_a_roboflow_dataset_category_is_not_a_prompt(dataset, tmp_path):
     assert asked.prompts == ("shapes-xyz",) and asked.groups == ()  # named, it is queried
     plain = load_truth(dataset / "instances.coco.json", files)
     assert list(plain.prompts) == classes and plain.groups == ()  # "shape", the classes' supercategory, is no category
-
-
-def test_compare_says_which_category_it_does_not_query(dataset, tmp_path):
-    classes = roboflow_truth(dataset, tmp_path / "_annotations.coco.json")
-    result = run(str(dataset), "--truth", str(tmp_path / "_annotations.coco.json"), "--config", SYNTH,
-                 "--out", str(tmp_path / "out"), "--examples", "0")
-    assert result.exit_code == 0, result.output
-    assert "6 images, 3 prompts" in result.output and "not queried: 'shapes-xyz'" in result.output, result.output
-    report = json.loads((tmp_path / "out" / "compare.json").read_text())
-    assert report["prompts"] == classes, report["prompts"]
 
 
 def boxes_only(dataset, path, *, keep_masks: int = 0):
@@ -196,16 +187,21 @@ def test_perfect_answers_score_one_on_masks_and_on_boxes(dataset, tmp_path, shap
     assert score.f1 == 1.0 and score.presence_accuracy == 1.0 and score.counts["pairs"] == 18, score
 
 
-def test_a_truth_of_boxes_is_scored_on_boxes(dataset, tmp_path, monkeypatch):
+def test_a_roboflow_detection_export_is_scored_on_boxes_without_its_group(dataset, tmp_path, monkeypatch):
+    """Roboflow's object-detection export through the command: its category 0 not queried, boxes for all but
+    one annotation (which keeps a mask and no box), each said on the command line, in compare.json, on the page."""
     monkeypatch.setenv("SLIP_THREADS", "1")
-    boxed = boxes_only(dataset, tmp_path / "boxes.json", keep_masks=1)  # a mixed file: boxes for all but one
+    boxed = boxes_only(dataset, tmp_path / "boxes.json", keep_masks=1)
+    classes = roboflow_truth(tmp_path / "boxes.json", tmp_path / "_annotations.coco.json")
     out = tmp_path / "out"
-    result = run(str(dataset), "--truth", str(tmp_path / "boxes.json"), "--config", SYNTH, "--out", str(out),
-                 "--examples", "1")
+    result = run(str(dataset), "--truth", str(tmp_path / "_annotations.coco.json"), "--config", SYNTH,
+                 "--out", str(out), "--examples", "1")
     assert result.exit_code == 0, result.output
+    assert "6 images, 3 prompts" in result.output and "not queried: 'shapes-xyz'" in result.output, result.output
     assert f"boxes only ({boxed} annotations without a segmentation): scored on boxes" in result.output
     report = json.loads((out / "compare.json").read_text())
-    assert report["scored_on"] == "boxes" and report["configs"][0]["ap50"] >= 0.5, report
+    assert report["prompts"] == classes and report["scored_on"] == "boxes", report
+    assert report["configs"][0]["ap50"] >= 0.5, report["configs"]
     assert "scored on boxes" in (out / "index.html").read_text()
 
 
@@ -223,8 +219,12 @@ def test_an_annotation_with_neither_mask_nor_box_is_one_line(dataset, tmp_path):
 
 
 def test_a_label_studio_coco_export_matches_its_images(dataset, tmp_path):
-    """Label Studio's COCO export: every image in images/, named <hash>-<upload name>, file_name "images/..."."""
+    """Label Studio's COCO export: every image in images/, named <hash>-<upload name>, file_name "images/...":
+    matched whether the export's folder or its images/ folder is given."""
     import shutil
+
+    from slip.compare import load_truth
+    from slip.inputs import expand_paths
 
     data = json.loads((dataset / "instances.coco.json").read_text())
     (tmp_path / "export" / "images").mkdir(parents=True)
@@ -234,7 +234,6 @@ def test_a_label_studio_coco_export_matches_its_images(dataset, tmp_path):
         image["file_name"] = f"images/{name}"
     (tmp_path / "export" / "result.json").write_text(json.dumps(data))
     for images in ("export", "export/images"):
-        result = run(str(tmp_path / images), "--truth", str(tmp_path / "export" / "result.json"), "--config", SYNTH,
-                     "--out", str(tmp_path / "out"), "--examples", "0")
-        assert result.exit_code == 0, result.output
-        assert f"{len(data['images'])} images, 3 prompts" in result.output, result.output
+        truth = load_truth(tmp_path / "export" / "result.json", expand_paths([str(tmp_path / images)]))
+        found = {image_id: path.name for image_id, path in truth.images}
+        assert found == {i["id"]: i["file_name"].removeprefix("images/") for i in data["images"]}, found
