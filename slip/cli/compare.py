@@ -25,7 +25,8 @@ from slip.settings import ModelSettings, model_flag
 def compare(
     images: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns; each is "
                                        "the truth's image whose file_name ends its path."),
-    truth: Path = typer.Option(..., "--truth", help="COCO instances file (categories = prompts), e.g. the "
+    truth: Path = typer.Option(..., "--truth", help="COCO instances file (categories = prompts; masks, or boxes "
+                               "for detection labels), e.g. a labelling tool's COCO export or the "
                                "instances.coco.json of `slip data synth --coco`."),
     config: List[str] = typer.Option(..., "--config", help="NAME=SPEC, repeat per candidate; SPEC like "
                                      "sam=vit_b,clip=openai/clip-vit-base-patch32 or engine=sam3,sam=facebook/sam3 "
