@@ -11,8 +11,8 @@ zoom). A segment chosen by several prompts is outlined once in all their colours
 label naming each prompt in its colour. Below the picture, per prompt, the scores of its instances,
 "not found" for an explicit empty answer (with the best score and the threshold), and, when ``truth``
 knows the image, a mark: for an object that is there, hit (IoU of the union of the chosen masks with the
-true mask > 0.5) or miss; for an absent one, correctly not found or wrongly found. Failed images show
-their reason. The summary (counts; hits on present objects and correct "not found" on absent ones,
+true mask > 0.5; of their boxes with the true boxes, for a truth of boxes) or miss; for an absent one,
+correctly not found or wrongly found. Failed images show their reason. The summary (counts; hits on present objects and correct "not found" on absent ones,
 reported apart) is written last but shown first.
 
 ``truth(name) -> {prompt: (H, W) bool mask} | None`` (None: nothing known about that image; a prompt
@@ -77,10 +77,12 @@ def write_gallery(
     title: str,
     note: str,
     truth: Truth | None = None,
+    truth_boxes: bool = False,
     limit: int | None = None,
 ) -> Path:
     """Write ``OUT/index.html`` and ``OUT/thumbs/`` (module docstring) for the first ``limit`` done or
-    failed items (all when None); returns the page's path. Raises :class:`InputError` when ``out``
+    failed items (all when None); returns the page's path. ``truth_boxes``: the truth's masks are filled boxes
+    (detection labels), so each answer is judged by its instances' boxes. Raises :class:`InputError` when ``out``
     cannot be written, :class:`DatasetError` for a malformed result."""
     out, counts = Path(out), Counter()
     page = out / "index.html"
@@ -89,7 +91,7 @@ def write_gallery(
         with atomic_file(page) as f:
             f.write(_head(title, note, job_id, prompts))
             for item in _shown(items, limit, counts):
-                f.write(_card(item, out=out, prompts=prompts, truth=truth, counts=counts))
+                f.write(_card(item, out=out, prompts=prompts, truth=truth, boxes=truth_boxes, counts=counts))
             f.write(f"</main>\n{_summary(counts, limit)}\n</body></html>\n")
     except OSError as e:
         raise InputError(f"cannot write the gallery {e.filename or out}: {e.strerror or e}") from e
@@ -141,7 +143,8 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%"
 
 
-def _card(item: ExportItem, *, out: Path, prompts: Sequence[str], truth: Truth | None, counts: Counter) -> str:
+def _card(item: ExportItem, *, out: Path, prompts: Sequence[str], truth: Truth | None, boxes: bool,
+          counts: Counter) -> str:
     thumb, problem = _thumbnail(item, out)
     name = f'<div class="name">{html.escape(item.name)}</div>'
     if item.state == FAILED:
@@ -154,7 +157,7 @@ def _card(item: ExportItem, *, out: Path, prompts: Sequence[str], truth: Truth |
     size = image_size(doc)
     found = answers(doc, prompts, name=item.name)
     expected = truth(item.name) if truth is not None else None
-    lines = [_answer_line(a, _judge(a, expected, size, counts)) for a in found]
+    lines = [_answer_line(a, _judge(a, expected, size, counts, boxes=boxes)) for a in found]
     counts["asked"] += len(found)
     counts["found"] += sum(bool(a.instances) for a in found)
     answered = {a.prompt for a in found}
@@ -186,8 +189,12 @@ def _answer_line(answer: Answer, mark: str) -> str:
             f"{html.escape(answer.prompt)}</b> {result}{mark}</li>")
 
 
-def _judge(answer: Answer, expected: Mapping[str, np.ndarray] | None, size: tuple[int, int], counts: Counter) -> str:
-    """The hit / miss mark of one answer ("" when the truth does not know it)."""
+def _judge(answer: Answer, expected: Mapping[str, np.ndarray] | None, size: tuple[int, int], counts: Counter, *,
+           boxes: bool = False) -> str:
+    """The hit / miss mark of one answer ("" when the truth does not know it); with ``boxes``, the answer's
+    instances count as their filled boxes (a truth of boxes)."""
+    from slip.data.coco_truth import box_mask
+
     if expected is None or answer.prompt not in expected:
         return ""
     true = np.asarray(expected[answer.prompt], bool)
@@ -195,7 +202,7 @@ def _judge(answer: Answer, expected: Mapping[str, np.ndarray] | None, size: tupl
         return f' <span class="miss">? truth is {true.shape[1]}x{true.shape[0]}, result {size[1]}x{size[0]}</span>'
     chosen = np.zeros(size, bool)
     for inst in answer.instances:
-        chosen |= inst.mask()
+        chosen |= box_mask(inst.bbox(), *size) if boxes else inst.mask()
     if not true.any():  # absent: right when nothing was chosen
         hit = not chosen.any()
         counts["absent"] += 1
@@ -289,7 +296,8 @@ def _thumbnail(item: ExportItem, out: Path) -> tuple[str | None, str | None]:
 
 class CocoTruth:
     """``truth(name)`` from a COCO ground-truth file: images by ``file_name``, prompts = category names;
-    every category of a known image gets a mask (all False when it has no annotation there)."""
+    every category of a known image gets a mask (all False when it has no annotation there). A truth of boxes
+    (``shape`` "box": some annotation has a bbox and no segmentation) gives each object's box, filled."""
 
     def __init__(self, path: Path) -> None:
         from pycocotools.coco import COCO
@@ -305,10 +313,7 @@ class CocoTruth:
             raise DatasetError(f"cannot read the ground truth {path}: {e.strerror or e}") from e
         except (ValueError, KeyError, TypeError, AssertionError) as e:
             raise DatasetError(f"{path} is not a COCO annotation file: {type(e).__name__}: {e}") from e
-        shape, boxed = truth_shape(path, self.coco.dataset.get("annotations", []))
-        if shape == "box":
-            raise DatasetError(f"{path}: {boxed} annotations have a box and no segmentation: the gallery judges masks; "
-                               "`slip compare` scores answers against boxes")
+        self.shape, self.boxed = truth_shape(path, self.coco.dataset.get("annotations", []))
 
     def bind(self, names: Sequence[str]) -> "CocoTruth":
         """Key the truth's images by the job's item ``names`` (its ``file_name``s as the labelling tool wrote
@@ -324,10 +329,22 @@ class CocoTruth:
         if image_id is None:
             return None
         info = self.coco.imgs[image_id]
-        masks = {n: np.zeros((int(info["height"]), int(info["width"])), bool) for n in self.names.values()}
+        height, width = int(info["height"]), int(info["width"])
+        masks = {n: np.zeros((height, width), bool) for n in self.names.values()}
         for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
-            masks[self.names[ann["category_id"]]] |= self.coco.annToMask(ann).astype(bool)
+            masks[self.names[ann["category_id"]]] |= self._region(ann, height, width)
         return masks
+
+    def _region(self, ann: dict, height: int, width: int) -> np.ndarray:
+        """An annotation's mask; for a truth of boxes, its box (a mask's own box where it has no bbox)."""
+        from pycocotools import mask as mask_utils
+
+        from slip.data.coco_truth import box_mask
+
+        if self.shape == "mask":
+            return self.coco.annToMask(ann).astype(bool)
+        box = ann.get("bbox") or [float(v) for v in mask_utils.toBbox(self.coco.annToRLE(ann))]
+        return box_mask(box, height, width)
 
 
 def coco_truth(path: Path) -> CocoTruth:

@@ -121,7 +121,8 @@ def gallery(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: gallery-JOB)."),
     limit: int = typer.Option(DEFAULT_GALLERY_LIMIT, "--limit", "-n", min=1, help="Show at most this many images."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="COCO ground-truth file (category name = prompt): "
-                                         "mark each answer hit or miss (IoU > 0.5)."),
+                                         "mark each answer hit or miss (IoU > 0.5; of boxes, for detection "
+                                         "labels)."),
     order: str = typer.Option("job", "--order", help=ORDER_HELP),
 ) -> None:
     """Write an HTML gallery of a job: thumbnails with each prompt's masks outlined, scores, failures."""
@@ -135,8 +136,10 @@ def gallery(
 
         items = ordered(source.items, order=order, prompts=source.prompts,  # doubt: a bounded heap of the limit
                         limit=limit if order == "doubt" else None)
+        boxes = judge is not None and judge.shape == "box"
+        note = f"Models: {source.models}." + (" Judged on boxes: the truth has boxes only." if boxes else "")
         page = write_gallery(items, out=out, prompts=source.prompts, job_id=source.job_id,
-                             title=f"SLIP job {source.job_id}", note=f"Models: {source.models}.", truth=judge,
+                             title=f"SLIP job {source.job_id}", note=note, truth=judge, truth_boxes=boxes,
                              limit=limit)
     typer.echo(f"wrote {page} (open it in a browser; thumbnails in {out / 'thumbs'})")
 

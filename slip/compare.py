@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from slip.data.coco_truth import group_categories, truth_shape
+from slip.data.coco_truth import box_mask, group_categories, truth_shape
 from slip.errors import ConfigError, DatasetError
 from slip.inputs import match_files
 
@@ -159,10 +159,7 @@ class Truth:
         if self.shape == "mask":
             return self.coco.annToMask(ann).astype(bool)
         image = self.coco.imgs[ann["image_id"]]
-        x, y, w, h = ann["bbox"]
-        mask = np.zeros((int(image["height"]), int(image["width"])), bool)
-        mask[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
-        return mask
+        return box_mask(ann["bbox"], image["height"], image["width"])
 
 
 def load_truth(path: Path, files: Sequence[Path], *, prompts: Sequence[str] | None = None,

@@ -1,11 +1,13 @@
 """Rules for reading a user's COCO instances file as ground truth (``slip compare``, the gallery's hit / miss):
-which categories are prompts, and whether the objects are outlined by masks or by boxes only. Plain dicts in,
-no pycocotools or torch."""
+which categories are prompts, whether the objects are outlined by masks or by boxes only, and a box as pixels.
+Plain dicts in, no pycocotools or torch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from slip.errors import DatasetError
 
@@ -42,3 +44,11 @@ def _has_box(ann: dict) -> bool:
     box = ann.get("bbox")
     return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
 
+
+
+def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
+    """A COCO box ``[x, y, w, h]`` (pixels) as an ``(height, width) bool`` mask: every pixel it touches."""
+    x, y, w, h = box
+    mask = np.zeros((int(height), int(width)), bool)
+    mask[max(0, int(y)):int(np.ceil(y + h)), max(0, int(x)):int(np.ceil(x + w))] = True
+    return mask

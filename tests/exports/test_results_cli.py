@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 
 import pytest
 import typer
@@ -146,14 +145,33 @@ def test_gallery_command_with_truth(job, synth_run, tmp_path):
     assert "objects present:" in page and "correctly not found" in page
     _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "none.json")),
                     "cannot read the ground truth")
-    data = json.loads(synth_run.truth.read_text())  # a detection dataset: boxes, no segmentations
+
+
+def test_gallery_judges_answers_by_their_boxes_against_a_truth_of_boxes(job, synth_run, tmp_path):
+    """Detection labels (boxes, no segmentations): each answer's box against the true box, the IoU on the page
+    the boxes' (pycocotools' box IoU, computed here on its own)."""
+    from pycocotools import mask as mask_utils
+
+    data = json.loads(synth_run.truth.read_text())
     for ann in data["annotations"]:
         ann["segmentation"] = []
     (tmp_path / "boxes.json").write_text(json.dumps(data))
-    shutil.rmtree(out)
-    _one_line_error(_run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "boxes.json")),
-                    f"{len(data['annotations'])} annotations have a box and no segmentation: the gallery judges masks")
-    assert not out.exists()
+    out = tmp_path / "g"
+    run = _run("gallery", job.job_id, "--out", str(out), "--truth", str(tmp_path / "boxes.json"), "--limit", "4")
+    assert run.exit_code == 0, run.output
+    page = (out / "index.html").read_text()
+    assert "Judged on boxes: the truth has boxes only." in page and "objects present:" in page
+    ids = {i["file_name"]: i["id"] for i in data["images"]}
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    checked = 0
+    for item in [i for i in synth_run.items if i.state == "done"][:4]:
+        true = {names[a["category_id"]]: a["bbox"] for a in data["annotations"] if a["image_id"] == ids[item.name]}
+        for answer in answers(item.doc, job.prompts):
+            if answer.prompt in true and len(answer.instances) == 1:  # one answer, one true box: the boxes' IoU
+                iou = mask_utils.iou([answer.instances[0].bbox()], [true[answer.prompt]], [0])[0][0]
+                assert f"IoU {iou:.2f}" in page, (item.name, answer.prompt, iou)
+                checked += 1
+    assert checked >= 3
 
 
 def test_a_real_job_that_has_not_run_yet(synth_run, tmp_path, monkeypatch):
