@@ -12,8 +12,8 @@ label naming each prompt in its colour. Below the picture, per prompt, the score
 "not found" for an explicit empty answer (with the best score and the threshold), and, when ``truth``
 knows the image, a mark: for an object that is there, hit (IoU of the union of the chosen masks with the
 true mask > 0.5; of their boxes with the true boxes, for a truth of boxes) or miss; for an absent one,
-correctly not found or wrongly found. Failed images show their reason. The summary (counts; hits on present objects and correct "not found" on absent ones,
-reported apart) is written last but shown first.
+correctly not found or wrongly found. Failed images show their reason. The summary (counts; hits on present
+objects and correct "not found" on absent ones, reported apart) is written last but shown first.
 
 ``truth(name) -> {prompt: (H, W) bool mask} | None`` (None: nothing known about that image; a prompt
 missing from the dict: not judged; an all-False mask: the object is absent). :func:`coco_truth` reads
