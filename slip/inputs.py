@@ -24,6 +24,7 @@ from slip.errors import InputError
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"})
 GLOB_CHARS = frozenset("*?[")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+UPLOAD_PREFIX = re.compile(r"[0-9a-f]{8}-(.+)")  # Label Studio's name for an uploaded file: 8 hex digits, "-", its name
 
 
 def is_image_name(path: Path) -> bool:
@@ -100,21 +101,30 @@ def match_files(file_names: Sequence[str], paths: Sequence[str]) -> dict[int, in
     ``{file_name index: path index}``.
 
     Tools write ``file_name`` their own way: relative to the image folder (``circle/00000.png``), with the
-    export's folder in front (Label Studio: ``images/<hash>-photo.jpg``), as the server's path
-    (``/data/upload/1/<hash>-photo.jpg``), with backslashes. A name matches the one path that ends with its last
+    export's folder in front (Label Studio: ``images/photo.jpg``), as the server's path
+    (``/data/upload/1/photo.jpg``), with backslashes. A name matches the one path that ends with its last
     ``k`` parts, trying its whole length first and then shorter tails; a tail that two names or two paths share
-    matches nothing at that length, and a path matched once is not matched again."""
+    matches nothing at that length, and a path matched once is not matched again. A name still unmatched whose
+    file name carries Label Studio's upload prefix (:data:`UPLOAD_PREFIX`: ``1a2b3c4d-photo.jpg`` for an
+    uploaded ``photo.jpg``) is tried again without it, against the paths left."""
     names = [name_parts(n) for n in file_names]
     files = [name_parts(p) for p in paths]
+    matched = _match_tails(dict(enumerate(names)), files, set())
+    uploaded = {i: parts[:-1] + (found.group(1),) for i, parts in enumerate(names)
+                if i not in matched and parts and (found := UPLOAD_PREFIX.fullmatch(parts[-1]))}
+    return {**matched, **_match_tails(uploaded, files, set(matched.values()))}
+
+
+def _match_tails(names: dict[int, tuple[str, ...]], files: list[tuple[str, ...]], claimed: set[int]) -> dict[int, int]:
+    """:func:`match_files`' rule: ``names`` (index -> parts) to the ``files`` not yet ``claimed``."""
     matched: dict[int, int] = {}
-    claimed: set[int] = set()
-    for k in range(max(map(len, names), default=0), 0, -1):
+    for k in range(max(map(len, names.values()), default=0), 0, -1):
         tails: dict[tuple[str, ...], list[int]] = {}
         for j, parts in enumerate(files):
             if j not in claimed and len(parts) >= k:
                 tails.setdefault(parts[-k:], []).append(j)
         wanted: dict[tuple[str, ...], list[int]] = {}
-        for i, parts in enumerate(names):
+        for i, parts in names.items():
             if i not in matched and len(parts) >= k:
                 wanted.setdefault(parts[-k:], []).append(i)
         for tail, (i, *others) in wanted.items():

@@ -21,6 +21,8 @@ PATHS = ["/e/images/abc-x.png", "/e/images/def-y.png", "/e/c/z.png", "/e/1/dup.p
     ("00000.png", None),  # likewise, in two class folders
     ("elsewhere/abc-x.png", "/e/images/abc-x.png"),  # the longest tail that names one path
     ("missing.png", None),
+    ("images/0f1e2d3c-abc-x.png", "/e/images/abc-x.png"),  # Label Studio's prefix on an uploaded file, dropped
+    ("images/0f1e2d3g-abc-x.png", None),  # not 8 hex digits: a name like any other
 ])
 def test_a_file_name_matches_the_one_path_it_ends(name, path):
     found = match_files([name], PATHS)
@@ -35,3 +37,9 @@ def test_names_sharing_a_tail_match_only_by_a_longer_one():
 def test_a_path_is_matched_once():
     names = ["images/abc-x.png", "other/abc-x.png"]  # the first takes the path by its whole length
     assert match_files(names, PATHS) == {0: PATHS.index("/e/images/abc-x.png")}
+
+
+def test_a_name_with_the_upload_prefix_matches_a_path_that_has_it_first():
+    paths = ["/e/media/0f1e2d3c-cat.png", "/e/originals/cat.png"]
+    assert match_files(["0f1e2d3c-cat.png"], paths) == {0: 0}
+    assert match_files(["0f1e2d3c-cat.png"], paths[1:]) == {0: 0}  # without it, the uploaded file's own name
