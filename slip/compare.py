@@ -221,12 +221,13 @@ def run_candidate(engine, truth: Truth, *, job_size: int, workers: int, name: st
                   positive_only: bool, examples: int = 0) -> tuple[ConfigScore, dict]:
     """Run one built engine over the truth's images; its score and ``examples`` example answers, images spread
     over the list (``{image id: (mask of the answer to the first true category, caption)}``)."""
+    from slip.bars import progress_bar
     from slip.images import load_image
 
     prompts = list(truth.prompts)
 
-    def answers():
-        for k, (image_id, file) in enumerate(truth.images):
+    def answers():  # a bar per configuration on a terminal (a real-size candidate takes seconds an image on CPU)
+        for k, (image_id, file) in enumerate(progress_bar(truth.images, desc=name, unit="image", leave=False)):
             image = load_image(file)
             if k == 0:
                 engine(image, prompts)  # warm-up: lazy initialisation, caches, allocator

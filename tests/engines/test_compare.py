@@ -198,6 +198,7 @@ def test_a_roboflow_detection_export_is_scored_on_boxes_without_its_group(datase
                  "--out", str(out), "--examples", "1")
     assert result.exit_code == 0, result.output
     assert "6 images, 3 prompts" in result.output and "not queried: 'shapes-xyz'" in result.output, result.output
+    assert "image/s" not in result.output and "/6 [" not in result.output  # the per-image bar: on terminals only
     assert f"boxes only ({boxed} annotations without a segmentation): scored on boxes" in result.output
     report = json.loads((out / "compare.json").read_text())
     assert report["prompts"] == classes and report["scored_on"] == "boxes", report
