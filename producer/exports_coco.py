@@ -14,9 +14,10 @@ Every instance of every prompt is an annotation; only images that are done appea
 
     [{"image_id", "category_id", "segmentation": RLE, "bbox": toBbox(RLE), "score"}, ...]
 
-Ids are the ground truth's when given (:func:`read_coco_ids`: images by ``file_name``, matched to the item names
-by :meth:`CocoIds.for_items`; categories by ``name`` = prompt), else as in ``coco``. Both files are written as
-the items come: the annotations of ``coco`` go to a spool file and are appended after the images array.
+Ids are the ground truth's when given (:func:`read_coco_ids`: images by ``file_name``, which the caller keys by
+the item names with :func:`slip.inputs.keyed_by_names`; categories by ``name`` = prompt), else as in ``coco``.
+Both files are written as the items come: the annotations of ``coco`` go to a spool file and are appended after
+the images array.
 """
 
 from __future__ import annotations
@@ -39,14 +40,6 @@ class CocoIds:
 
     image_ids: dict[str, int]  # file_name -> image id
     category_ids: dict[str, int]  # category name -> category id
-
-    def for_items(self, names: Sequence[str]) -> dict[str, int]:
-        """``{item name: image id}`` for the job's items ``names`` that a ``file_name`` names, however the
-        labelling tool wrote it (:func:`slip.inputs.match_files`: its end, if no other name shares it)."""
-        from slip.inputs import match_files
-
-        file_names = list(self.image_ids)
-        return {names[j]: self.image_ids[file_names[i]] for i, j in match_files(file_names, names).items()}
 
 
 def read_coco_ids(path: Path) -> CocoIds:

@@ -317,11 +317,10 @@ class CocoTruth:
 
     def bind(self, names: Sequence[str]) -> "CocoTruth":
         """Key the truth's images by the job's item ``names`` (its ``file_name``s as the labelling tool wrote
-        them, matched by their ends: :func:`slip.inputs.match_files`); returns self."""
-        from slip.inputs import match_files
+        them, matched by their ends: :func:`slip.inputs.keyed_by_names`); returns self."""
+        from slip.inputs import keyed_by_names
 
-        file_names = list(self.ids)
-        self.ids = {names[j]: self.ids[file_names[i]] for i, j in match_files(file_names, list(names)).items()}
+        self.ids = keyed_by_names(self.ids, list(names))
         return self
 
     def __call__(self, name: str) -> dict[str, np.ndarray] | None:

@@ -96,6 +96,7 @@ def results(
 ) -> None:
     """Write a job's results as COCO, COCO results, JSON Lines, a YOLO dataset or polygons."""
     from producer.exports import FORMATS, read_coco_ids, write_export  # numpy and OpenCV: only when exporting
+    from slip.inputs import keyed_by_names
 
     if format not in FORMATS:
         fail(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
@@ -109,7 +110,7 @@ def results(
         items = ordered(source.items, order=order, limit=limit, prompts=source.prompts)
         summary = write_export(
             items, format=format, out=out, prompts=source.prompts, job_id=source.job_id,
-            image_ids=None if ids is None else ids.for_items(source.names()),
+            image_ids=None if ids is None else keyed_by_names(ids.image_ids, source.names()),
             category_ids=None if ids is None else ids.category_ids,
             images="copy" if copy_images else "link" if link_images else None, val_fraction=val_fraction,
             seed=seed, min_score=min_score, image_base=image_base, shape=shape)

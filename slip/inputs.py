@@ -17,13 +17,14 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence, TypeVar
 
 from slip.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"})
 GLOB_CHARS = frozenset("*?[")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+T = TypeVar("T")
 UPLOAD_PREFIX = re.compile(r"[0-9a-f]{8}-(.+)")  # Label Studio's name for an uploaded file: 8 hex digits, "-", its name
 
 
@@ -113,6 +114,13 @@ def match_files(file_names: Sequence[str], paths: Sequence[str]) -> dict[int, in
     uploaded = {i: parts[:-1] + (found.group(1),) for i, parts in enumerate(names)
                 if i not in matched and parts and (found := UPLOAD_PREFIX.fullmatch(parts[-1]))}
     return {**matched, **_match_tails(uploaded, files, set(matched.values()))}
+
+
+def keyed_by_names(by_file_name: Mapping[str, T], names: Sequence[str]) -> dict[str, T]:
+    """``by_file_name`` (values under another tool's file names, e.g. a COCO truth's image ids) under the ``names``
+    each file name matches (:func:`match_files`); file names that match none are left out."""
+    file_names = list(by_file_name)
+    return {names[j]: by_file_name[file_names[i]] for i, j in match_files(file_names, names).items()}
 
 
 def _match_tails(names: dict[int, tuple[str, ...]], files: list[tuple[str, ...]], claimed: set[int]) -> dict[int, int]:
